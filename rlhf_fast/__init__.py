@@ -1,0 +1,41 @@
+"""rlhf_fast: fused kernels for RLHF training (log-probs, GAE, divergences, quantized matmuls) and a lean PPO loop.
+
+    import rlhf_fast as rf
+    advantages, returns = rf.gae(rewards, values, mask, gamma=1.0, lam=0.95)
+
+Every op takes ``backend=`` ("auto", "triton", "cuda", "cpu", "torch"); see rlhf_fast.backend.
+"""
+from __future__ import annotations
+
+import warnings
+
+from . import backend
+from .backend import BackendUnavailable
+
+__version__ = "0.1.0"
+
+if backend.compiled() is None:
+    warnings.warn(f"rlhf_fast: {backend.compiled_error()}. Only the torch and triton backends are available; "
+                  f"reinstall with `pip install --no-build-isolation -e .` to build the C++/CUDA kernels.",
+                  RuntimeWarning, stacklevel=2)
+
+from . import _ops  # noqa: E402,F401  (fake kernels and autograd of the compiled ops)
+from .advantages import (  # noqa: E402
+    gae,
+    gae_packed,
+    grpo_advantages,
+    masked_mean,
+    masked_whiten,
+    rloo_advantages,
+)
+
+__all__ = [
+    "BackendUnavailable",
+    "backend",
+    "gae",
+    "gae_packed",
+    "grpo_advantages",
+    "masked_mean",
+    "masked_whiten",
+    "rloo_advantages",
+]

@@ -1,0 +1,96 @@
+"""Fake (meta) kernels and autograd for the rlhf_fast ops, in one place.
+
+Compiled ops live under torch.ops.rlhf_fast (csrc/registration.cpp); Triton ops under torch.ops.rlhf_fast_triton
+share their schemas and register the same backward through `register_triton_autograd`.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import backend
+
+# ---------------------------------------------------------------- advantages
+
+
+def _gae_fake(rewards, values, mask, last_value, cu_seqlens, gamma, lam):
+    out = rewards.new_empty(rewards.shape, dtype=torch.float32)
+    return out, torch.empty_like(out)
+
+
+def _gae_setup_context(ctx, inputs, output):
+    rewards, values, mask, last_value, cu_seqlens, gamma, lam = inputs
+    ctx.save_for_backward(mask, cu_seqlens)
+    ctx.gamma, ctx.lam = gamma, lam
+    ctx.dtypes = rewards.dtype, values.dtype
+    ctx.has_last_value = last_value is not None
+
+
+def gae_backward(gae_op, ctx, grad_advantages, grad_returns):
+    """Backward of packed GAE through the forward kernel itself.
+
+    returns = A + V, so A receives g = gA + gR. A_t = sum over later valid k of (g*l)^n delta_k, hence
+    g_delta_k = sum over earlier valid t of (g*l)^n g_t: the same recurrence run forward in time, which is the
+    forward kernel on the reversed tokens with values = 0, gamma' = gamma*lam, lam' = 1.
+    delta_t = r_t + gamma V_next(t) - V_t gives g_r = g_delta, g_V_t = gR_t - g_delta_t + gamma g_delta_prev(t)
+    (prev(t): the valid token whose successor is t), g_last_value = gamma g_delta at each segment's last valid token.
+    """
+    mask, cu_seqlens = ctx.saved_tensors
+    gamma = ctx.gamma
+    n = grad_advantages.numel()
+    upstream = (grad_advantages + grad_returns).float().flip(0)
+    flipped_mask = mask.flip(0) if mask is not None else None
+    grad_delta, _ = gae_op(upstream, torch.zeros_like(upstream), flipped_mask, None, n - cu_seqlens.flip(0),
+                           gamma * ctx.lam, 1.0)
+    grad_delta = grad_delta.flip(0)
+    grad_rewards = grad_values = grad_last_value = None
+    if ctx.needs_input_grad[0]:
+        grad_rewards = grad_delta.to(ctx.dtypes[0])
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
+        position = torch.arange(n, device=grad_delta.device)
+        valid = mask if mask is not None else torch.ones(n, dtype=torch.bool, device=grad_delta.device)
+        latest_valid = torch.where(valid, position, torch.full_like(position, -1)).cummax(0).values
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        if ctx.needs_input_grad[1]:
+            segment_start = torch.repeat_interleave(cu_seqlens[:-1], lengths, output_size=n)
+            prev = torch.cat([latest_valid.new_full((1,), -1), latest_valid[:-1]])
+            has_prev = valid & (prev >= segment_start)
+            from_prev = torch.where(has_prev, grad_delta[prev.clamp(min=0)], torch.zeros_like(grad_delta))
+            own = torch.where(valid, grad_returns.float() - grad_delta, torch.zeros_like(grad_delta))
+            grad_values = (own + gamma * from_prev).to(ctx.dtypes[1])
+        if ctx.needs_input_grad[3]:
+            last = latest_valid[(cu_seqlens[1:] - 1).clamp(min=0)] if n else cu_seqlens.new_full(lengths.shape, -1)
+            has_last = (lengths > 0) & (last >= cu_seqlens[:-1])
+            grad_last_value = torch.where(has_last, gamma * grad_delta[last.clamp(min=0)] if n else 0.0,
+                                          torch.zeros(lengths.shape, device=grad_delta.device))
+    return grad_rewards, grad_values, None, grad_last_value, None, None, None
+
+
+def _group_advantages_fake(scores, group_size, norm_std, leave_one_out, eps):
+    return scores.new_empty(scores.shape, dtype=torch.float32)
+
+
+def _masked_moments_fake(x, mask):
+    return x.new_empty((3,), dtype=torch.float64)
+
+
+# ---------------------------------------------------------------- registration
+
+
+def _register_compiled() -> None:
+    torch.library.register_fake("rlhf_fast::gae")(_gae_fake)
+    torch.library.register_fake("rlhf_fast::group_advantages")(_group_advantages_fake)
+    torch.library.register_fake("rlhf_fast::masked_moments")(_masked_moments_fake)
+    torch.library.register_autograd(
+        "rlhf_fast::gae", lambda ctx, ga, gr: gae_backward(torch.ops.rlhf_fast.gae, ctx, ga, gr),
+        setup_context=_gae_setup_context)
+
+
+def register_triton_autograd(module) -> None:
+    """Called by the Triton family modules once their triton_ops exist."""
+    if hasattr(module, "gae"):
+        module.gae.register_autograd(lambda ctx, ga, gr: gae_backward(module.gae, ctx, ga, gr),
+                                     setup_context=_gae_setup_context)
+
+
+if backend.compiled() is not None:
+    _register_compiled()
