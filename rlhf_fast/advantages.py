@@ -60,13 +60,12 @@ def gae(rewards, values, mask=None, *, gamma=1.0, lam=0.95, last_value=None, bac
             raise ValueError(f"last_value must have shape {tuple(lead)} (one value per row), "
                              f"got {tuple(last_value.shape)}")
     name = _backend.select("gae", backend, rewards.device)
-    if name == "torch":
-        steps = rewards.shape[-1]
-        adv, ret = reference.gae(rewards.reshape(-1, steps), values.reshape(-1, steps),
-                                 None if mask is None else mask.reshape(-1, steps), gamma=gamma, lam=lam,
-                                 last_value=None if last_value is None else last_value.reshape(-1))
-        return adv.reshape(rewards.shape), ret.reshape(rewards.shape)
     rows, steps = math.prod(lead), rewards.shape[-1]
+    if name == "torch":
+        adv, ret = reference.gae(rewards.reshape(rows, steps), values.reshape(rows, steps),
+                                 None if mask is None else mask.reshape(rows, steps), gamma=gamma, lam=lam,
+                                 last_value=None if last_value is None else last_value.reshape(rows))
+        return adv.reshape(rewards.shape), ret.reshape(rewards.shape)
     cu_seqlens = torch.arange(rows + 1, device=rewards.device, dtype=torch.long) * steps
     adv, ret = _packed_gae(rewards.reshape(-1), values.reshape(-1), None if mask is None else mask.reshape(-1),
                            None if last_value is None else last_value.reshape(-1), cu_seqlens, gamma, lam, name)
