@@ -7,6 +7,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "../advantages_common.h"
+
 #include <cmath>
 #include <limits>
 
@@ -84,25 +86,7 @@ at::Tensor group_advantages_cpu(const at::Tensor& scores, int64_t group_size, bo
     const scalar_t* s = scores.data_ptr<scalar_t>();
     at::parallel_for(0, groups, 64, [&](int64_t g_begin, int64_t g_end) {
       for (int64_t g = g_begin; g < g_end; ++g) {
-        const scalar_t* x = s + g * group_size;
-        double sum = 0;
-        for (int64_t i = 0; i < group_size; ++i) sum += static_cast<double>(x[i]);
-        const double mean = sum / group_size;
-        double scale = 1.0;
-        if (leave_one_out) {
-          // s_i - mean of the others = (s_i - mean) * n / (n - 1); a group of one has no baseline: 0.
-          scale = group_size > 1 ? static_cast<double>(group_size) / (group_size - 1) : 0.0;
-        } else if (norm_std) {
-          double sq = 0;
-          for (int64_t i = 0; i < group_size; ++i) {
-            const double d = static_cast<double>(x[i]) - mean;
-            sq += d * d;
-          }
-          const double std = group_size > 1 ? std::sqrt(sq / (group_size - 1)) : 0.0;
-          scale = 1.0 / (std + eps);
-        }
-        for (int64_t i = 0; i < group_size; ++i)
-          o[g * group_size + i] = static_cast<float>((static_cast<double>(x[i]) - mean) * scale);
+        group_advantages_row(s + g * group_size, group_size, norm_std, leave_one_out, eps, o + g * group_size);
       }
     });
   });

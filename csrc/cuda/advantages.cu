@@ -13,6 +13,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "../advantages_common.h"
+
 namespace rlhf_fast {
 namespace {
 
@@ -169,24 +171,7 @@ __global__ void group_advantages_kernel(const scalar_t* __restrict__ scores, int
                                         bool norm_std, bool leave_one_out, double eps, float* __restrict__ out) {
   const int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (g >= groups) return;
-  const scalar_t* x = scores + g * group_size;
-  double sum = 0;
-  for (int64_t i = 0; i < group_size; ++i) sum += static_cast<double>(x[i]);
-  const double mean = sum / group_size;
-  double scale = 1.0;
-  if (leave_one_out) {
-    scale = group_size > 1 ? static_cast<double>(group_size) / (group_size - 1) : 0.0;
-  } else if (norm_std) {
-    double sq = 0;
-    for (int64_t i = 0; i < group_size; ++i) {
-      const double d = static_cast<double>(x[i]) - mean;
-      sq += d * d;
-    }
-    const double std = group_size > 1 ? sqrt(sq / (group_size - 1)) : 0.0;
-    scale = 1.0 / (std + eps);
-  }
-  for (int64_t i = 0; i < group_size; ++i)
-    out[g * group_size + i] = static_cast<float>((static_cast<double>(x[i]) - mean) * scale);
+  group_advantages_row(scores + g * group_size, group_size, norm_std, leave_one_out, eps, out + g * group_size);
 }
 
 at::Tensor group_advantages_cuda(const at::Tensor& scores, int64_t group_size, bool norm_std, bool leave_one_out,
