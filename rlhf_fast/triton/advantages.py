@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-GAE_BLOCK = 1024
+GAE_MAX_BLOCK = 1024
 MOMENTS_BLOCK = 4096
 
 
@@ -67,10 +67,13 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, 
     returns = torch.empty_like(advantages)
     segments = cu_seqlens.numel() - 1
     if segments > 0 and rewards.numel() > 0:
+        # Tile = the mean segment length rounded up to a power of two (known without a device sync), capped;
+        # longer segments loop over several tiles.
+        block = min(GAE_MAX_BLOCK, max(16, triton.next_power_of_2(triton.cdiv(rewards.numel(), segments))))
         wrap_triton(_gae_kernel)[(segments,)](
             rewards, values, mask if mask is not None else rewards, last_value if last_value is not None else rewards,
             cu_seqlens, advantages, returns, gamma, gamma * lam,
-            HAS_MASK=mask is not None, HAS_LAST_VALUE=last_value is not None, BLOCK=GAE_BLOCK)
+            HAS_MASK=mask is not None, HAS_LAST_VALUE=last_value is not None, BLOCK=block)
     return advantages, returns
 
 
