@@ -14,7 +14,7 @@ python -m rlhf_fast.cli info | tee "$out/info.txt"
 python -m pytest -q -x ${1:+-k "$1"} 2>&1 | tee "$out/tests.log"
 if command -v compute-sanitizer >/dev/null 2>&1; then
   for family in tests/test_*.py; do
-    compute-sanitizer --tool memcheck --error-exitcode 9 python -m pytest -q -m gpu "$family" \
+    compute-sanitizer --tool memcheck --error-exitcode 9 python -m pytest -q -k "cuda or triton or gpu" "$family" \
       > "$out/memcheck_$(basename "$family" .py).log" 2>&1
     echo "memcheck $family: exit $?" | tee -a "$out/memcheck_summary.txt"
   done
