@@ -1,0 +1,150 @@
+"""Triton kernels of the log-prob family, registered as torch.library triton_ops (rlhf_fast_triton::*).
+
+Same contracts as torch.ops.rlhf_fast.logprobs_forward / logprobs_backward / logprobs_backward_
+(csrc/registration.cpp). One program per row loops over the vocab in BLOCK chunks. The forward keeps an online
+(max, sum 2^(v - max), sum 2^(v - max) (v - max)) with v = x log2(e) / T, rebased when a chunk raises the max,
+so the row is read once; lse = ln2 (max + log2 s), entropy = ln2 (log2 s - t / s). The backward reads the row
+once more and writes d(logits) = -p (g_lp + g_H (log p + H)) / T (+ g_lp / T at the label) in the logits' dtype.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+MAX_BLOCK = 4096
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _forward_kernel(logits, labels, logp, entropy, lse, inner, stride_outer, stride_inner, vocab, inv_t,
+                    ignore_index, HAS_LABELS: tl.constexpr, BLOCK: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64)
+    row = logits + (r // inner) * stride_outer + (r % inner) * stride_inner
+    scale = inv_t * 1.4426950408889634
+    m = tl.full([], float("-inf"), tl.float32)
+    s = tl.zeros([], tl.float32)
+    t = tl.zeros([], tl.float32)
+    for start in range(0, vocab, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        x = tl.load(row + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
+        v = x * scale
+        new_m = tl.maximum(m, tl.max(v, axis=0))
+        d = tl.where(s > 0, m - new_m, 0.0)  # rebase the running sums onto the new max (none while s == 0)
+        e = tl.exp2(d)
+        t = e * (t + s * d)
+        s = s * e
+        m = new_m
+        u = v - m
+        p = tl.where(x == float("-inf"), 0.0, tl.exp2(u))
+        s += tl.sum(p, axis=0)
+        t += tl.sum(p * tl.where(p > 0, u, 0.0), axis=0)  # p = 0 terms (x = -inf) add 0, not nan
+    log2_s = tl.log2(s)
+    row_lse = 0.6931471805599453 * (m + log2_s)
+    tl.store(lse + r, row_lse)
+    tl.store(entropy + r, 0.6931471805599453 * (log2_s - t / s))
+    if HAS_LABELS:
+        label = tl.load(labels + r)
+        in_row = (label >= 0) & (label < vocab)
+        x_label = tl.load(row + label, mask=in_row, other=0.0).to(tl.float32)
+        # out-of-range labels are rejected by the caller; never read past the row
+        out = tl.where(in_row, x_label * inv_t - row_lse, float("nan"))
+        tl.store(logp + r, tl.where(label == ignore_index, 0.0, out))
+
+
+@triton.jit
+def _backward_kernel(logits, grad, labels, lse, entropy, grad_logp, grad_entropy, inner, stride_outer, stride_inner,
+                     grad_stride_outer, grad_stride_inner, vocab, inv_t, ignore_index, HAS_GRAD_LOGP: tl.constexpr,
+                     HAS_GRAD_ENTROPY: tl.constexpr, BLOCK: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64)
+    outer, within = r // inner, r % inner
+    row = logits + outer * stride_outer + within * stride_inner
+    grad_row = grad + outer * grad_stride_outer + within * grad_stride_inner
+    scale = inv_t * 1.4426950408889634
+    lse2 = tl.load(lse + r) * 1.4426950408889634
+    alpha = 0.0
+    label = -1
+    if HAS_GRAD_LOGP:
+        raw = tl.load(labels + r)
+        counted = raw != ignore_index  # a label outside [0, V) has no one-hot term (a vocab slice)
+        alpha = tl.where(counted, tl.load(grad_logp + r) * inv_t, 0.0)
+        label = tl.where(counted & (raw >= 0) & (raw < vocab), raw, -1)
+    beta = 0.0
+    row_entropy = 0.0
+    if HAS_GRAD_ENTROPY:
+        beta = tl.load(grad_entropy + r) * inv_t
+        row_entropy = tl.load(entropy + r)
+    for start in range(0, vocab, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        inside = cols < vocab
+        x = tl.load(row + cols, mask=inside, other=0.0).to(tl.float32)
+        u2 = x * scale - lse2
+        p = tl.exp2(u2)
+        log_p = tl.where(p > 0, u2 * 0.6931471805599453, 0.0)  # p = 0 (x = -inf): gradient 0, not nan
+        g = -p * (alpha + beta * (log_p + row_entropy))
+        g = tl.where(cols == label, g + alpha, g)
+        tl.store(grad_row + cols, g.to(grad.dtype.element_ty), mask=inside)
+
+
+def _block(vocab: int) -> int:
+    return min(MAX_BLOCK, triton.next_power_of_2(vocab))
+
+
+@triton_op("rlhf_fast_triton::logprobs_forward", mutates_args=())
+def logprobs_forward(logits: torch.Tensor, labels: torch.Tensor | None, temperature: float,
+                     ignore_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits (A, B, V), last dim contiguous; labels (A, B) int64 or None -> (logp, entropy, lse) fp32."""
+    rows = logits.shape[:2]
+    logp = torch.empty(rows if labels is not None else (0,), dtype=torch.float32, device=logits.device)
+    entropy = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    lse = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    count = rows[0] * rows[1]
+    if count > 0:
+        vocab = logits.shape[2]
+        wrap_triton(_forward_kernel)[(count,)](
+            logits, labels if labels is not None else lse, logp, entropy, lse, max(1, rows[1]), logits.stride(0),
+            logits.stride(1), vocab, 1.0 / temperature, ignore_index, HAS_LABELS=labels is not None,
+            BLOCK=_block(vocab), num_warps=8)
+    return logp, entropy, lse
+
+
+def _launch_backward(grad_logp, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index, grad):
+    rows = logits.shape[0] * logits.shape[1]
+    if rows == 0:
+        return
+    has_grad_logp = grad_logp is not None and labels is not None
+    vocab = logits.shape[2]
+    wrap_triton(_backward_kernel)[(rows,)](
+        logits, grad, labels if labels is not None else lse, lse, entropy,
+        grad_logp if has_grad_logp else lse, grad_entropy if grad_entropy is not None else lse,
+        max(1, logits.shape[1]), logits.stride(0), logits.stride(1), grad.stride(0), grad.stride(1), vocab,
+        1.0 / temperature, ignore_index, HAS_GRAD_LOGP=has_grad_logp, HAS_GRAD_ENTROPY=grad_entropy is not None,
+        BLOCK=_block(vocab), num_warps=8)
+
+
+@triton_op("rlhf_fast_triton::logprobs_backward", mutates_args=())
+def logprobs_backward(grad_logp: torch.Tensor | None, grad_entropy: torch.Tensor | None, logits: torch.Tensor,
+                      labels: torch.Tensor | None, lse: torch.Tensor, entropy: torch.Tensor, temperature: float,
+                      ignore_index: int) -> torch.Tensor:
+    """d(logits) (A, B, V) contiguous in the logits' dtype."""
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    _launch_backward(grad_logp, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index, grad)
+    return grad
+
+
+@triton_op("rlhf_fast_triton::logprobs_backward_", mutates_args=("logits",))
+def logprobs_backward_(grad_logp: torch.Tensor | None, grad_entropy: torch.Tensor | None, logits: torch.Tensor,
+                       labels: torch.Tensor | None, lse: torch.Tensor, entropy: torch.Tensor, temperature: float,
+                       ignore_index: int) -> None:
+    """d(logits) written over the logits (their strides kept)."""
+    _launch_backward(grad_logp, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index, logits)
+
+
+def _register_autograd():
+    from .._ops import register_triton_autograd
+    register_triton_autograd(__import__(__name__, fromlist=["logprobs_forward"]))
+
+
+_register_autograd()
