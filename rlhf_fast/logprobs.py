@@ -19,7 +19,7 @@ from . import backend as _backend
 from . import reference
 
 # linear_logprobs holds one (tokens x vocab-chunk) block of logits at a time, at most this many bytes.
-LINEAR_CHUNK_BYTES = 256 * 2**20
+LINEAR_CHUNK_BYTES = 128 * 2**20
 # Labels of a vocab slice are shifted into (-V, V); this marks ignored positions among them.
 _SLICE_IGNORE = -(2**62)
 
@@ -199,6 +199,7 @@ class _LinearLogprobs(torch.autograd.Function):
             label_logit = torch.where(inside, logp[0] + lse[0], label_logit)
             chunk_lse.append(lse[0])
             chunk_mean.append(lse[0] - ent[0])
+            del logits  # before the next chunk is allocated: one chunk alive at a time
         chunk_lse = torch.stack(chunk_lse)
         lse = torch.logsumexp(chunk_lse, dim=0)
         weights = torch.exp(chunk_lse - lse)
@@ -230,6 +231,7 @@ class _LinearLogprobs(torch.autograd.Function):
                 torch.mm(grad_logits.t(), hidden, out=grad_weight[start:end])
             if need_bias:
                 grad_bias[start:end] = grad_logits.sum(0, dtype=torch.float32)
+            del logits, grad_logits
         if grad_hidden is not None:
             grad_hidden = grad_hidden.to(hidden.dtype)
         return grad_hidden, grad_weight, grad_bias, None, None, None, None
