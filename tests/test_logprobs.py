@@ -33,7 +33,7 @@ def _reference(logits, labels, temperature=1.0):
 
 
 @pytest.mark.parametrize("device,name", PAIRS)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_forward_matches_float64_reference(device, name, dtype, temperature):
     logits, labels = _case((2, 3), _vocab(name), dtype, device)
@@ -68,13 +68,13 @@ def _reference_grad(logits, labels, g_lp, g_h, temperature=1.0, dtype=torch.floa
 
 
 @pytest.mark.parametrize("device,name", PAIRS)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
 def test_backward_matches_autograd_of_reference(device, name, dtype):
     logits, labels = _case((2, 5), _vocab(name), dtype, device)
     grad, g_lp, g_h = _backward(logits, labels, name, temperature=0.7)
     expected = _reference_grad(logits, labels, g_lp, g_h, temperature=0.7)
     assert grad.dtype == dtype
-    if dtype == torch.float32:
+    if dtype in (torch.float32, torch.float64):
         torch.testing.assert_close(grad.double(), expected, rtol=1e-4, atol=1e-6)
         return
     # Low precision: no worse than eager autograd run in that dtype (log_softmax + gather + entropy in bf16/fp16).
