@@ -35,13 +35,15 @@ def _peer_logprobs(device):
 
 
 def _backward_of(fn, x, upstream):
-    """fwd+bwd provider: fn(x) -> outputs, backward with per-token upstream gradients; returns (outputs, grad)."""
+    """fwd+bwd provider: fn(x) -> outputs, backward with per-token upstream gradients; returns (outputs, grad).
+    The gradient is detached from x before returning, so no call frees the previous call's (which would hide
+    the new one from the peak-memory count)."""
     def run():
-        x.grad = None
         out = fn(x)
         outs = out if isinstance(out, tuple) else (out,)
         torch.autograd.backward(outs, upstream[:len(outs)])
-        return tuple(o.detach() for o in outs), x.grad
+        grad, x.grad = x.grad, None
+        return tuple(o.detach() for o in outs), grad
     return run
 
 
@@ -109,9 +111,9 @@ def _linear_cases(tokens, hidden_size, vocab, dtype, device):
 
     def with_grads(fn):
         def run():
-            w.grad = None
             out, grad_h = _backward_of(lambda t: fn(t, w), h, upstream)()
-            return out, grad_h, w.grad
+            grad_w, w.grad = w.grad, None
+            return out, grad_h, grad_w
         return run
 
     both = {"eager": with_grads(eager), "compile": with_grads(compiled(eager))}
