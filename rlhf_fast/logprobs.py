@@ -171,6 +171,10 @@ def _vocab_chunks(tokens, vocab, itemsize):
     return [(start, min(vocab, start + chunk)) for start in range(0, vocab, chunk)]
 
 
+def _last_dim_contiguous(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def _slice_labels(labels, ignore_index, start):
     """Labels relative to the vocab slice starting at `start` (outside the slice: no one-hot term)."""
     return torch.where(labels == ignore_index, torch.full_like(labels, _SLICE_IGNORE), labels - start)
@@ -180,33 +184,43 @@ def _slice_logits(hidden, weight, bias, start, end):
     return torch.nn.functional.linear(hidden, weight[start:end], None if bias is None else bias[start:end])
 
 
+def _chunked_linear_forward(hidden, weight, bias, labels, temperature, ignore_index, chunks, ops):
+    """(logp, entropy, lse) (tokens,) fp32 from one vocab chunk of logits at a time, merged exactly: lse over the
+    chunks' lse, entropy = lse - sum_c e^(lse_c - lse) E_c[z] with E_c[z] = lse_c - H_c."""
+    chunk_lse, chunk_mean = [], []
+    label_logit = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    for start, end in chunks:
+        logits = _slice_logits(hidden, weight, bias, start, end)
+        local = _slice_labels(labels, ignore_index, start)
+        logp, ent, lse = ops.logprobs_forward(logits[None], local[None], temperature, _SLICE_IGNORE)
+        inside = (local >= 0) & (local < end - start)
+        label_logit = torch.where(inside, logp[0] + lse[0], label_logit)
+        chunk_lse.append(lse[0])
+        chunk_mean.append(lse[0] - ent[0])
+        del logits  # before the next chunk is allocated: one chunk alive at a time
+    chunk_lse = torch.stack(chunk_lse)
+    lse = torch.logsumexp(chunk_lse, dim=0)
+    entropy = lse - (torch.exp(chunk_lse - lse) * torch.stack(chunk_mean)).sum(0)
+    logp = torch.where(labels == ignore_index, torch.zeros_like(lse), label_logit - lse)
+    return logp, entropy, lse
+
+
 class _LinearLogprobs(torch.autograd.Function):
-    """linear_logprobs over (tokens, H) x (V, H) in vocab chunks; the backward recomputes each chunk's logits."""
+    """linear_logprobs over (tokens, H) x (V, H): forward fused (Triton) or in vocab chunks; the backward
+    recomputes each chunk's logits."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, name):
-        ops = _kernels(name)
-        tokens = hidden.shape[0]
-        chunks = _vocab_chunks(tokens, weight.shape[0], hidden.element_size())
-        ignored = labels == ignore_index
-        chunk_lse, chunk_mean = [], []  # per chunk: its lse, and its E[z] = lse_c - H_c
-        label_logit = torch.zeros(tokens, dtype=torch.float32, device=hidden.device)
-        for start, end in chunks:
-            logits = _slice_logits(hidden, weight, bias, start, end)
-            local = _slice_labels(labels, ignore_index, start)
-            logp, ent, lse = ops.logprobs_forward(logits[None], local[None], temperature, _SLICE_IGNORE)
-            inside = (local >= 0) & (local < end - start)
-            label_logit = torch.where(inside, logp[0] + lse[0], label_logit)
-            chunk_lse.append(lse[0])
-            chunk_mean.append(lse[0] - ent[0])
-            del logits  # before the next chunk is allocated: one chunk alive at a time
-        chunk_lse = torch.stack(chunk_lse)
-        lse = torch.logsumexp(chunk_lse, dim=0)
-        weights = torch.exp(chunk_lse - lse)
-        entropy = lse - (weights * torch.stack(chunk_mean)).sum(0)
-        logp = torch.where(ignored, torch.zeros_like(lse), label_logit - lse)
+        ctx.chunks = _vocab_chunks(hidden.shape[0], weight.shape[0], hidden.element_size())
+        if name == "triton" and hidden.dtype != torch.float64:
+            # Tiled matmul with the log-sum-exp / entropy epilogue: the logits never reach memory.
+            logp, entropy, lse = _kernels(name).linear_logprobs_forward(
+                _last_dim_contiguous(hidden), _last_dim_contiguous(weight), bias, labels, temperature, ignore_index)
+        else:
+            logp, entropy, lse = _chunked_linear_forward(hidden, weight, bias, labels, temperature, ignore_index,
+                                                         ctx.chunks, _kernels(name))
         ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
-        ctx.temperature, ctx.ignore_index, ctx.name, ctx.chunks = temperature, ignore_index, name, chunks
+        ctx.temperature, ctx.ignore_index, ctx.name = temperature, ignore_index, name
         ctx.set_materialize_grads(False)
         return logp, entropy
 

@@ -142,6 +142,91 @@ def logprobs_backward_(grad_logp: torch.Tensor | None, grad_entropy: torch.Tenso
     _launch_backward(grad_logp, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index, logits)
 
 
+@triton.jit
+def _linear_forward_kernel(hidden, weight, bias, labels, partial, label_logit, tokens, vocab, hidden_size,
+                           stride_hidden, stride_weight, inv_t, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+                           DOT_FP32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                           BLOCK_H: tl.constexpr):
+    """One (BLOCK_N tokens x BLOCK_V vocab) tile of the logits, never stored: its rows' (max, sum e^(z - max),
+    sum e^(z - max) (z - max)) go to partial[tile, :, row], and the label's logit where it falls in the tile."""
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    ks = tl.arange(0, BLOCK_H)
+    row_ok = rows < tokens
+    col_ok = cols < vocab
+    acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+    for k in range(0, hidden_size, BLOCK_H):
+        k_ok = (k + ks) < hidden_size
+        a = tl.load(hidden + rows[:, None].to(tl.int64) * stride_hidden + (k + ks)[None, :],
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(weight + cols[None, :].to(tl.int64) * stride_weight + (k + ks)[:, None],
+                    mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        if DOT_FP32:  # exact products of 16-bit inputs; for the interpreter, whose 16-bit tl.dot is wrong
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    # Rounded to the inputs' dtype as an lm_head's output is (the backward recomputes them that way too).
+    z = acc.to(hidden.dtype.element_ty).to(tl.float32) * inv_t
+    z = tl.where(col_ok[None, :], z, float("-inf"))  # the ragged last vocab tile contributes nothing
+    m = tl.max(z, axis=1)
+    u = z - m[:, None]
+    p = tl.exp2(u * 1.4426950408889634)
+    s = tl.sum(p, axis=1)
+    t = tl.sum(p * tl.where(p > 0, u, 0.0), axis=1)
+    out = partial + pid_v.to(tl.int64) * 3 * tokens + rows
+    tl.store(out, m, mask=row_ok)
+    tl.store(out + tokens, s, mask=row_ok)
+    tl.store(out + 2 * tokens, t, mask=row_ok)
+    label = tl.load(labels + rows, mask=row_ok, other=-1)
+    hit = cols[None, :] == label[:, None]
+    in_tile = row_ok & (label >= pid_v * BLOCK_V) & (label < pid_v * BLOCK_V + BLOCK_V) & (label < vocab)
+    tl.store(label_logit + rows, tl.sum(tl.where(hit, z, 0.0), axis=1), mask=in_tile)
+
+
+def _linear_blocks(hidden: torch.Tensor) -> tuple[int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages): a common Hopper bf16 matmul tile on the GPU, small
+    tiles under the interpreter (which runs them in Python). Untuned: no GPU measurement yet."""
+    if hidden.device.type != "cuda":
+        return 16, 64, 16, 4, 1
+    return 128, 128, 64, 8, 3
+
+
+@triton_op("rlhf_fast_triton::linear_logprobs_forward", mutates_args=())
+def linear_logprobs_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                            labels: torch.Tensor, temperature: float,
+                            ignore_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """hidden (N, H), weight (V, H) with contiguous last dims, bias (V,) or None, labels (N,) int64 ->
+    (logp, entropy, lse) (N,) fp32 of softmax((hidden @ weight.T + bias) / T), the logits never stored.
+    float32 / bfloat16 / float16 only (float32 dots in full precision)."""
+    tokens, hidden_size = hidden.shape
+    vocab = weight.shape[0]
+    block_n, block_v, block_h, warps, stages = _linear_blocks(hidden)
+    interpreted = hidden.device.type != "cuda"
+    tiles = triton.cdiv(vocab, block_v)
+    partial = torch.empty((tiles, 3, tokens), dtype=torch.float32, device=hidden.device)
+    label_logit = torch.zeros(tokens, dtype=torch.float32, device=hidden.device)
+    if tokens > 0:
+        wrap_triton(_linear_forward_kernel)[(triton.cdiv(tokens, block_n), tiles)](
+            hidden, weight, bias if bias is not None else hidden, labels, partial, label_logit, tokens, vocab,
+            hidden_size, hidden.stride(0), weight.stride(0), 1.0 / temperature, HAS_BIAS=bias is not None,
+            PRECISION="ieee" if hidden.dtype == torch.float32 or interpreted else "tf32",
+            DOT_FP32=interpreted, BLOCK_N=block_n, BLOCK_V=block_v,
+            BLOCK_H=block_h, num_warps=warps, num_stages=stages)
+    tile_max, tile_sum, tile_weighted = partial.unbind(1)
+    top = tile_max.max(dim=0).values
+    scale = torch.exp(tile_max - top)
+    total = (tile_sum * scale).sum(0)
+    weighted = (scale * (tile_weighted + tile_sum * (tile_max - top))).sum(0)
+    lse = top + torch.log(total)
+    entropy = torch.log(total) - weighted / total
+    logp = torch.where(labels == ignore_index, torch.zeros_like(lse), label_logit - lse)
+    return logp, entropy, lse
+
+
 def _register_autograd():
     from .._ops import register_triton_autograd
     register_triton_autograd(__import__(__name__, fromlist=["logprobs_forward"]))
