@@ -110,6 +110,27 @@ def logprobs_backward(backward_op, ctx, grad_logp, grad_entropy, grad_lse):
     return grad, None, None, None
 
 
+def register_logprobs_triton_autograd(module) -> None:
+    """Called by rlhf_fast.triton.logprobs once its triton_ops exist."""
+    module.logprobs_forward.register_autograd(
+        lambda ctx, *grads: logprobs_backward(module.logprobs_backward, ctx, *grads),
+        setup_context=_logprobs_setup_context)
+
+
+def _register_logprobs_compiled() -> None:
+    torch.library.register_fake("rlhf_fast::logprobs_forward")(_logprobs_forward_fake)
+    torch.library.register_fake("rlhf_fast::logprobs_backward")(_logprobs_backward_fake)
+    torch.library.register_fake("rlhf_fast::logprobs_backward_")(_logprobs_backward_inplace_fake)
+    torch.library.register_autograd(
+        "rlhf_fast::logprobs_forward",
+        lambda ctx, *grads: logprobs_backward(torch.ops.rlhf_fast.logprobs_backward, ctx, *grads),
+        setup_context=_logprobs_setup_context)
+
+
+if backend.compiled() is not None:
+    _register_logprobs_compiled()
+
+
 # ---------------------------------------------------------------- registration
 
 
@@ -120,13 +141,6 @@ def _register_compiled() -> None:
     torch.library.register_autograd(
         "rlhf_fast::gae", lambda ctx, ga, gr: gae_backward(torch.ops.rlhf_fast.gae, ctx, ga, gr),
         setup_context=_gae_setup_context)
-    torch.library.register_fake("rlhf_fast::logprobs_forward")(_logprobs_forward_fake)
-    torch.library.register_fake("rlhf_fast::logprobs_backward")(_logprobs_backward_fake)
-    torch.library.register_fake("rlhf_fast::logprobs_backward_")(_logprobs_backward_inplace_fake)
-    torch.library.register_autograd(
-        "rlhf_fast::logprobs_forward",
-        lambda ctx, *grads: logprobs_backward(torch.ops.rlhf_fast.logprobs_backward, ctx, *grads),
-        setup_context=_logprobs_setup_context)
 
 
 def register_triton_autograd(module) -> None:
@@ -134,17 +148,6 @@ def register_triton_autograd(module) -> None:
     if hasattr(module, "gae"):
         module.gae.register_autograd(lambda ctx, ga, gr: gae_backward(module.gae, ctx, ga, gr),
                                      setup_context=_gae_setup_context)
-    if hasattr(module, "logprobs_forward"):
-        module.logprobs_forward.register_autograd(
-            lambda ctx, *grads: logprobs_backward(module.logprobs_backward, ctx, *grads),
-            setup_context=_logprobs_setup_context)
-    torch.library.register_fake("rlhf_fast::logprobs_forward")(_logprobs_forward_fake)
-    torch.library.register_fake("rlhf_fast::logprobs_backward")(_logprobs_backward_fake)
-    torch.library.register_fake("rlhf_fast::logprobs_backward_")(_logprobs_backward_inplace_fake)
-    torch.library.register_autograd(
-        "rlhf_fast::logprobs_forward",
-        lambda ctx, *grads: logprobs_backward(torch.ops.rlhf_fast.logprobs_backward, ctx, *grads),
-        setup_context=_logprobs_setup_context)
 
 
 if backend.compiled() is not None:

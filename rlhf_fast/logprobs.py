@@ -233,19 +233,19 @@ class _LinearLogprobs(torch.autograd.Function):
         grad_weight = torch.empty_like(weight) if need_weight else None
         grad_bias = torch.empty_like(bias) if need_bias else None
         rows = lambda t: None if t is None else t[None]  # noqa: E731
+        ops = _kernels(ctx.name)
         for start, end in ctx.chunks:
-            logits = _slice_logits(hidden, weight, bias, start, end)
-            local = _slice_labels(labels, ctx.ignore_index, start)
-            _kernels(ctx.name).logprobs_backward_(rows(grad_logp), rows(grad_entropy), logits[None], local[None], lse[None],
-                                                  entropy[None], ctx.temperature, _SLICE_IGNORE)
-            grad_logits = logits  # d(logits) of this vocab slice, written over its logits
+            grad_logits = _slice_logits(hidden, weight, bias, start, end)  # the slice's logits, then their gradient
+            ops.logprobs_backward_(rows(grad_logp), rows(grad_entropy), grad_logits[None],
+                                   _slice_labels(labels, ctx.ignore_index, start)[None], lse[None], entropy[None],
+                                   ctx.temperature, _SLICE_IGNORE)
             if need_hidden:
                 grad_hidden += grad_logits @ weight[start:end]
             if need_weight:
                 torch.mm(grad_logits.t(), hidden, out=grad_weight[start:end])
             if need_bias:
                 grad_bias[start:end] = grad_logits.sum(0, dtype=torch.float32)
-            del logits, grad_logits
+            del grad_logits  # before the next chunk is allocated
         if grad_hidden is not None:
             grad_hidden = grad_hidden.to(hidden.dtype)
         return grad_hidden, grad_weight, grad_bias, None, None, None, None
@@ -258,8 +258,10 @@ def linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, ignor
     hidden: (..., H), weight: (V, H) (an lm_head's), bias: (V,) or None, all one float dtype; labels: (...) int.
     Returns logp (...) float32, or (logp, entropy). Forward and backward walk the vocab in chunks of at most
     LINEAR_CHUNK_BYTES of logits (tokens x chunk, in the inputs' dtype, as an lm_head would produce them);
-    the chunks' log-sum-exps and entropies merge exactly. Gradients flow to hidden, weight and bias; the
-    backward recomputes each chunk's logits. The `torch` backend is the eager reference (full logits).
+    the chunks' log-sum-exps and entropies merge exactly. On the Triton backend the forward is one fused kernel
+    instead (tiled matmul with the log-sum-exp epilogue; float64 inputs take the chunked path). Gradients flow
+    to hidden, weight and bias; the backward recomputes each chunk's logits. The `torch` backend is the eager
+    reference (full logits).
     """
     check.floating("hidden", hidden)
     check.floating("weight", weight)

@@ -109,6 +109,7 @@ __global__ void __launch_bounds__(kThreads)
     absorb(acc, v);
   }
   const P* packed = reinterpret_cast<const P*>(row + head);
+#pragma unroll 4  // lets several 16-byte loads per thread be in flight
   for (int64_t k = threadIdx.x; k < packs; k += kThreads) {
     const P pack = packed[k];
     float v[P::kSize];
@@ -174,15 +175,20 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t packs = same_alignment ? (vocab - head) / P::kSize : 0;
   const int64_t tail = same_alignment ? head + packs * P::kSize : 0;
   if (same_alignment) {
-    for (int64_t i = threadIdx.x; i < head; i += kThreads) grad_row[i] = static_cast<scalar_t>(f(row[i], i));
+    for (int64_t i = threadIdx.x; i < head; i += kThreads) {
+      grad_row[i] = static_cast<scalar_t>(f(static_cast<float>(row[i]), i));
+    }
     const P* in = reinterpret_cast<const P*>(row + head);
     P* out = reinterpret_cast<P*>(grad_row + head);
+#pragma unroll 4
     for (int64_t k = threadIdx.x; k < packs; k += kThreads) {
       const P pack = in[k];
       P result;
       const int64_t first = head + k * P::kSize;
 #pragma unroll
-      for (int i = 0; i < P::kSize; ++i) result.v[i] = static_cast<scalar_t>(f(static_cast<float>(pack.v[i]), first + i));
+      for (int i = 0; i < P::kSize; ++i) {
+        result.v[i] = static_cast<scalar_t>(f(static_cast<float>(pack.v[i]), first + i));
+      }
       out[k] = result;
     }
   }

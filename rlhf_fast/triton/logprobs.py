@@ -228,8 +228,8 @@ def linear_logprobs_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: to
 
 
 def _register_autograd():
-    from .._ops import register_triton_autograd
-    register_triton_autograd(__import__(__name__, fromlist=["logprobs_forward"]))
+    from .._ops import register_logprobs_triton_autograd
+    register_logprobs_triton_autograd(__import__(__name__, fromlist=["logprobs_forward"]))
 
 
 _register_autograd()
