@@ -27,8 +27,12 @@ def _peer_logprobs(device):
     found, missing = {}, {}
     if device.type == "cuda" and importlib.util.find_spec("liger_kernel") is not None:
         from liger_kernel.transformers.functional import liger_cross_entropy
-        found["liger"] = lambda logits, labels: -liger_cross_entropy(
-            logits.flatten(0, -2), labels.flatten(), reduction="none").float().view(labels.shape)
+
+        def liger(logits, labels):
+            out = liger_cross_entropy(logits.flatten(0, -2), labels.flatten(), reduction="none")
+            loss = getattr(out, "loss", out[0] if isinstance(out, tuple) else out)  # its return type varies by version
+            return -loss.float().view(labels.shape)
+        found["liger"] = liger
     else:
         missing["liger"] = "liger-kernel not installed" if device.type == "cuda" else "GPU only"
     return found, missing
