@@ -81,7 +81,7 @@ def _as_rows(logits):
         else:
             groups.append([size, stride])
     if len(groups) > 2:
-        return logits.reshape(1, -1, logits.shape[-1])
+        return logits.reshape(1, math.prod(logits.shape[:-1]), logits.shape[-1])
     sizes = [g[0] for g in groups]
     sizes = [1] * (2 - len(sizes)) + sizes
     return logits.reshape(sizes[0], sizes[1], logits.shape[-1])
