@@ -355,6 +355,20 @@ def test_gpu_compile_and_linear(name):
     got = rf.linear_logprobs(hidden, weight, labels, backend=name)
     exp = ref.linear_logprobs(hidden.double(), weight.double(), labels)
     torch.testing.assert_close(got.double(), exp, rtol=3e-2, atol=3e-2)
+    # ragged everywhere: tokens, hidden size and vocab off the tile sizes, with a bias and gradients
+    hidden = torch.randn(77, 200, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    weight = (torch.randn(50257, 200, device="cuda") * 0.1).to(torch.bfloat16).requires_grad_()
+    bias = torch.randn(50257, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    labels = torch.randint(0, 50257, (77,), device="cuda")
+    logp, ent = rf.linear_logprobs(hidden, weight, labels, bias=bias, return_entropy=True, backend=name)
+    (logp.sum() + ent.sum()).backward()
+    leaves = [t.detach().double().requires_grad_() for t in (hidden, weight, bias)]
+    exp_logp, exp_ent = ref.linear_logprobs(leaves[0], leaves[1], labels, bias=leaves[2], return_entropy=True)
+    (exp_logp.sum() + exp_ent.sum()).backward()
+    torch.testing.assert_close(logp.double(), exp_logp, rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(ent.double(), exp_ent, rtol=3e-2, atol=3e-2)
+    for got_leaf, exp_leaf in zip((hidden, weight, bias), leaves):
+        torch.testing.assert_close(got_leaf.grad.double(), exp_leaf.grad, rtol=3e-2, atol=3e-2)
 
 
 def test_per_row_loop_reference_agrees():
