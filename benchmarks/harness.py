@@ -129,11 +129,14 @@ def _peak_mb(fn, device: torch.device) -> float:
     from torch.profiler import ProfilerActivity, profile
     with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    # Each event's self memory is what it allocated net of what it freed; replayed in time order, the running
-    # sum peaks where the most bytes were live.
+    # Every allocation and free is a "[memory]" record with its own timestamp; replayed in time order, the
+    # running sum peaks where the most bytes were live. (The per-op self memory of prof.events() is net per op
+    # and places frees made inside a parent op, such as an autograd.Function dropping a temporary, at the
+    # parent's start, before the allocations they undo.)
+    records = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     live = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        live += event.self_cpu_memory_usage
+    for record in sorted(records, key=lambda e: e.start_ns()):
+        live += record.nbytes()
         peak = max(peak, live)
     return peak / 2**20
 

@@ -23,6 +23,22 @@ TORCH_LIBRARY(rlhf_fast, m) {
   m.def("group_advantages(Tensor scores, int group_size, bool norm_std, bool leave_one_out, float eps) -> Tensor");
   // (count, sum, sum of squares) of the masked entries, float64, shape (3,).
   m.def("masked_moments(Tensor x, Tensor? mask) -> Tensor");
+
+  // ---- logprobs (fused log-softmax + gather + entropy) ----
+  // logits (A, B, V) with a contiguous last dim and any strides on A and B (so logits[:, :-1] of a (B, T, V)
+  // tensor needs no copy); labels (A, B) int64 contiguous, or None for the entropy alone.
+  // Returns logp (A, B) fp32 ((0,) without labels; 0 where the label is ignore_index), the entropy (A, B)
+  // fp32 and the per-row log-sum-exp of logits / temperature (A, B) fp32, which the backward needs.
+  m.def("logprobs_forward(Tensor logits, Tensor? labels, float temperature, int ignore_index) "
+        "-> (Tensor logp, Tensor entropy, Tensor lse)");
+  // d(logits) (A, B, V) contiguous, in the logits' dtype, for upstream gradients grad_logp / grad_entropy
+  // (A, B) fp32 contiguous (either may be None). A label outside [0, V) other than ignore_index adds no one-hot
+  // term (only -p g_lp / T): that is how a slice of the vocab is differentiated (linear_logprobs).
+  m.def("logprobs_backward(Tensor? grad_logp, Tensor? grad_entropy, Tensor logits, Tensor? labels, Tensor lse, "
+        "Tensor entropy, float temperature, int ignore_index) -> Tensor");
+  // The same gradient written over the logits (their strides kept): the logits are destroyed.
+  m.def("logprobs_backward_(Tensor? grad_logp, Tensor? grad_entropy, Tensor(a!) logits, Tensor? labels, "
+        "Tensor lse, Tensor entropy, float temperature, int ignore_index) -> ()");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {

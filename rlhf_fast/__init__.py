@@ -28,6 +28,8 @@ from .advantages import (  # noqa: E402
     masked_whiten,
     rloo_advantages,
 )
+# ---------------------------------------------------------------- logprobs
+from .logprobs import entropy, linear_logprobs, logprobs  # noqa: E402
 
 __all__ = [
     "BackendUnavailable",
@@ -38,4 +40,8 @@ __all__ = [
     "masked_mean",
     "masked_whiten",
     "rloo_advantages",
+    # logprobs
+    "entropy",
+    "linear_logprobs",
+    "logprobs",
 ]

@@ -73,6 +73,64 @@ def _masked_moments_fake(x, mask):
     return x.new_empty((3,), dtype=torch.float64)
 
 
+# ---------------------------------------------------------------- logprobs
+
+
+def _logprobs_forward_fake(logits, labels, temperature, ignore_index):
+    rows = logits.shape[:2]
+    logp = logits.new_empty(rows if labels is not None else (0,), dtype=torch.float32)
+    return logp, logits.new_empty(rows, dtype=torch.float32), logits.new_empty(rows, dtype=torch.float32)
+
+
+def _logprobs_backward_fake(grad_logp, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+def _logprobs_backward_inplace_fake(grad_logp, grad_entropy, logits, labels, lse, entropy, temperature,
+                                    ignore_index):
+    return None
+
+
+def _logprobs_setup_context(ctx, inputs, output):
+    logits, labels, temperature, ignore_index = inputs
+    _, entropy, lse = output
+    ctx.save_for_backward(logits, labels, lse, entropy)
+    ctx.temperature, ctx.ignore_index = temperature, ignore_index
+    ctx.set_materialize_grads(False)
+
+
+def logprobs_backward(backward_op, ctx, grad_logp, grad_entropy, grad_lse):
+    """d(logits) from the saved lse and entropy, one pass over the logits (grad_lse: lse is an internal output)."""
+    logits, labels, lse, entropy = ctx.saved_tensors
+    grad_logp = None if grad_logp is None or labels is None else grad_logp.float().contiguous()
+    grad_entropy = None if grad_entropy is None else grad_entropy.float().contiguous()
+    if grad_logp is None and grad_entropy is None:
+        return None, None, None, None
+    grad = backward_op(grad_logp, grad_entropy, logits, labels, lse, entropy, ctx.temperature, ctx.ignore_index)
+    return grad, None, None, None
+
+
+def register_logprobs_triton_autograd(module) -> None:
+    """Called by rlhf_fast.triton.logprobs once its triton_ops exist."""
+    module.logprobs_forward.register_autograd(
+        lambda ctx, *grads: logprobs_backward(module.logprobs_backward, ctx, *grads),
+        setup_context=_logprobs_setup_context)
+
+
+def _register_logprobs_compiled() -> None:
+    torch.library.register_fake("rlhf_fast::logprobs_forward")(_logprobs_forward_fake)
+    torch.library.register_fake("rlhf_fast::logprobs_backward")(_logprobs_backward_fake)
+    torch.library.register_fake("rlhf_fast::logprobs_backward_")(_logprobs_backward_inplace_fake)
+    torch.library.register_autograd(
+        "rlhf_fast::logprobs_forward",
+        lambda ctx, *grads: logprobs_backward(torch.ops.rlhf_fast.logprobs_backward, ctx, *grads),
+        setup_context=_logprobs_setup_context)
+
+
+if backend.compiled() is not None:
+    _register_logprobs_compiled()
+
+
 # ---------------------------------------------------------------- registration
 
 

@@ -125,3 +125,48 @@ def masked_whiten(x, mask=None, *, shift_mean=True, eps=1e-8):
     mean, var = masked_mean(x, mask), masked_var(x, mask)
     whitened = (x.to(dtype) - mean) * torch.rsqrt(var + eps)
     return whitened if shift_mean else whitened + mean
+
+
+# ---------------------------------------------------------------- logprobs
+
+
+def _entropy_of(log_probs):
+    """-sum p log p over the last dim; p = 0 entries (logits of -inf) contribute 0, also to the gradient."""
+    p = log_probs.exp()
+    return -(p * log_probs.masked_fill(p == 0, 0)).sum(-1)
+
+
+def logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False):
+    """log softmax(logits / temperature) at `labels`: logits (..., V), labels (...) int -> (...) [, entropy (...)].
+
+    Positions whose label is ignore_index get log-prob 0 (and no gradient); the entropy is computed at every
+    position. Computed in float32, or float64 for float64 logits (the test reference).
+    """
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    log_probs = torch.log_softmax(logits.to(dtype) / temperature, dim=-1)
+    ignored = labels == ignore_index
+    safe = torch.where(ignored, torch.zeros_like(labels), labels).long()
+    logp = log_probs.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    logp = torch.where(ignored, torch.zeros_like(logp), logp)
+    return (logp, _entropy_of(log_probs)) if return_entropy else logp
+
+
+def entropy(logits, *, temperature=1.0):
+    """Entropy of softmax(logits / temperature) over the last dim: (..., V) -> (...)."""
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    return _entropy_of(torch.log_softmax(logits.to(dtype) / temperature, dim=-1))
+
+
+def linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, ignore_index=-100, return_entropy=False):
+    """`logprobs` of the lm_head logits hidden @ weight.T + bias (computed in the inputs' dtype, as eager does):
+    hidden (..., H), weight (V, H), bias (V,) or None, labels (...)."""
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    return logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy)
+
+
+def logprobs_per_row_loop(logits, labels):
+    """The memory-bounding loop of TRL's selective_log_softmax / OpenRLHF: one batch row (T, V) at a time in
+    float32, so only one row's log-softmax is alive. logits (B, T, V), labels (B, T) -> (B, T) float32."""
+    rows = [torch.log_softmax(row.float(), dim=-1).gather(-1, row_labels.unsqueeze(-1)).squeeze(-1)
+            for row, row_labels in zip(logits, labels)]
+    return torch.stack(rows) if rows else logits.new_zeros(labels.shape, dtype=torch.float32)

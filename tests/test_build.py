@@ -47,3 +47,13 @@ def test_package_imports_without_compiled_library():
     env = {**os.environ, "RLHF_FAST_BACKEND": "auto"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_logprobs_ops_registered_and_kernels_compiled_in():
+    assert backend.compiled() is not None, backend.compiled_error()
+    for op in ("logprobs_forward", "logprobs_backward", "logprobs_backward_"):
+        assert hasattr(torch.ops.rlhf_fast, op)
+    if os.environ.get("RLHF_FAST_EXPECT_CUDA") == "1":
+        library = Path(backend.compiled().__file__).read_bytes()
+        for kernel in (b"logprobs_forward_kernel", b"logprobs_backward_kernel"):
+            assert kernel in library, f"{kernel.decode()} missing from the compiled library"

@@ -1,0 +1,235 @@
+"""Triton kernels of the log-prob family, registered as torch.library triton_ops (rlhf_fast_triton::*).
+
+Same contracts as torch.ops.rlhf_fast.logprobs_forward / logprobs_backward / logprobs_backward_
+(csrc/registration.cpp). One program per row loops over the vocab in BLOCK chunks. The forward keeps an online
+(max, sum 2^(v - max), sum 2^(v - max) (v - max)) with v = x log2(e) / T, rebased when a chunk raises the max,
+so the row is read once; lse = ln2 (max + log2 s), entropy = ln2 (log2 s - t / s). The backward reads the row
+once more and writes d(logits) = -p (g_lp + g_H (log p + H)) / T (+ g_lp / T at the label) in the logits' dtype.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+MAX_BLOCK = 4096
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _forward_kernel(logits, labels, logp, entropy, lse, inner, stride_outer, stride_inner, vocab, inv_t,
+                    ignore_index, HAS_LABELS: tl.constexpr, BLOCK: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64)
+    row = logits + (r // inner) * stride_outer + (r % inner) * stride_inner
+    scale = inv_t * 1.4426950408889634
+    m = tl.full([], float("-inf"), tl.float32)
+    s = tl.zeros([], tl.float32)
+    t = tl.zeros([], tl.float32)
+    for start in range(0, vocab, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        x = tl.load(row + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
+        v = x * scale
+        new_m = tl.maximum(m, tl.max(v, axis=0))
+        d = tl.where(s > 0, m - new_m, 0.0)  # rebase the running sums onto the new max (none while s == 0)
+        e = tl.exp2(d)
+        t = e * (t + s * d)
+        s = s * e
+        m = new_m
+        u = v - m
+        p = tl.where(x == float("-inf"), 0.0, tl.exp2(u))
+        s += tl.sum(p, axis=0)
+        t += tl.sum(p * tl.where(p > 0, u, 0.0), axis=0)  # p = 0 terms (x = -inf) add 0, not nan
+    log2_s = tl.log2(s)
+    row_lse = 0.6931471805599453 * (m + log2_s)
+    tl.store(lse + r, row_lse)
+    tl.store(entropy + r, 0.6931471805599453 * (log2_s - t / s))
+    if HAS_LABELS:
+        label = tl.load(labels + r)
+        in_row = (label >= 0) & (label < vocab)
+        x_label = tl.load(row + label, mask=in_row, other=0.0).to(tl.float32)
+        # out-of-range labels are rejected by the caller; never read past the row
+        out = tl.where(in_row, x_label * inv_t - row_lse, float("nan"))
+        tl.store(logp + r, tl.where(label == ignore_index, 0.0, out))
+
+
+@triton.jit
+def _backward_kernel(logits, grad, labels, lse, entropy, grad_logp, grad_entropy, inner, stride_outer, stride_inner,
+                     grad_stride_outer, grad_stride_inner, vocab, inv_t, ignore_index, HAS_GRAD_LOGP: tl.constexpr,
+                     HAS_GRAD_ENTROPY: tl.constexpr, BLOCK: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64)
+    outer, within = r // inner, r % inner
+    row = logits + outer * stride_outer + within * stride_inner
+    grad_row = grad + outer * grad_stride_outer + within * grad_stride_inner
+    scale = inv_t * 1.4426950408889634
+    lse2 = tl.load(lse + r) * 1.4426950408889634
+    alpha = 0.0
+    label = -1
+    if HAS_GRAD_LOGP:
+        raw = tl.load(labels + r)
+        counted = raw != ignore_index  # a label outside [0, V) has no one-hot term (a vocab slice)
+        alpha = tl.where(counted, tl.load(grad_logp + r) * inv_t, 0.0)
+        label = tl.where(counted & (raw >= 0) & (raw < vocab), raw, -1)
+    beta = 0.0
+    row_entropy = 0.0
+    if HAS_GRAD_ENTROPY:
+        beta = tl.load(grad_entropy + r) * inv_t
+        row_entropy = tl.load(entropy + r)
+    for start in range(0, vocab, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        inside = cols < vocab
+        x = tl.load(row + cols, mask=inside, other=0.0).to(tl.float32)
+        u2 = x * scale - lse2
+        p = tl.exp2(u2)
+        log_p = tl.where(p > 0, u2 * 0.6931471805599453, 0.0)  # p = 0 (x = -inf): gradient 0, not nan
+        g = -p * (alpha + beta * (log_p + row_entropy))
+        g = tl.where(cols == label, g + alpha, g)
+        tl.store(grad_row + cols, g.to(grad.dtype.element_ty), mask=inside)
+
+
+def _block(vocab: int) -> int:
+    return min(MAX_BLOCK, triton.next_power_of_2(vocab))
+
+
+@triton_op("rlhf_fast_triton::logprobs_forward", mutates_args=())
+def logprobs_forward(logits: torch.Tensor, labels: torch.Tensor | None, temperature: float,
+                     ignore_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits (A, B, V), last dim contiguous; labels (A, B) int64 or None -> (logp, entropy, lse) fp32."""
+    rows = logits.shape[:2]
+    logp = torch.empty(rows if labels is not None else (0,), dtype=torch.float32, device=logits.device)
+    entropy = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    lse = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    count = rows[0] * rows[1]
+    if count > 0:
+        vocab = logits.shape[2]
+        wrap_triton(_forward_kernel)[(count,)](
+            logits, labels if labels is not None else lse, logp, entropy, lse, max(1, rows[1]), logits.stride(0),
+            logits.stride(1), vocab, 1.0 / temperature, ignore_index, HAS_LABELS=labels is not None,
+            BLOCK=_block(vocab), num_warps=8)
+    return logp, entropy, lse
+
+
+def _launch_backward(grad_logp, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index, grad):
+    rows = logits.shape[0] * logits.shape[1]
+    if rows == 0:
+        return
+    has_grad_logp = grad_logp is not None and labels is not None
+    vocab = logits.shape[2]
+    wrap_triton(_backward_kernel)[(rows,)](
+        logits, grad, labels if labels is not None else lse, lse, entropy,
+        grad_logp if has_grad_logp else lse, grad_entropy if grad_entropy is not None else lse,
+        max(1, logits.shape[1]), logits.stride(0), logits.stride(1), grad.stride(0), grad.stride(1), vocab,
+        1.0 / temperature, ignore_index, HAS_GRAD_LOGP=has_grad_logp, HAS_GRAD_ENTROPY=grad_entropy is not None,
+        BLOCK=_block(vocab), num_warps=8)
+
+
+@triton_op("rlhf_fast_triton::logprobs_backward", mutates_args=())
+def logprobs_backward(grad_logp: torch.Tensor | None, grad_entropy: torch.Tensor | None, logits: torch.Tensor,
+                      labels: torch.Tensor | None, lse: torch.Tensor, entropy: torch.Tensor, temperature: float,
+                      ignore_index: int) -> torch.Tensor:
+    """d(logits) (A, B, V) contiguous in the logits' dtype."""
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    _launch_backward(grad_logp, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index, grad)
+    return grad
+
+
+@triton_op("rlhf_fast_triton::logprobs_backward_", mutates_args=("logits",))
+def logprobs_backward_(grad_logp: torch.Tensor | None, grad_entropy: torch.Tensor | None, logits: torch.Tensor,
+                       labels: torch.Tensor | None, lse: torch.Tensor, entropy: torch.Tensor, temperature: float,
+                       ignore_index: int) -> None:
+    """d(logits) written over the logits (their strides kept)."""
+    _launch_backward(grad_logp, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index, logits)
+
+
+@triton.jit
+def _linear_forward_kernel(hidden, weight, bias, labels, partial, label_logit, tokens, vocab, hidden_size,
+                           stride_hidden, stride_weight, inv_t, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+                           DOT_FP32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                           BLOCK_H: tl.constexpr):
+    """One (BLOCK_N tokens x BLOCK_V vocab) tile of the logits, never stored: its rows' (max, sum e^(z - max),
+    sum e^(z - max) (z - max)) go to partial[tile, :, row], and the label's logit where it falls in the tile."""
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    ks = tl.arange(0, BLOCK_H)
+    row_ok = rows < tokens
+    col_ok = cols < vocab
+    acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+    for k in range(0, hidden_size, BLOCK_H):
+        k_ok = (k + ks) < hidden_size
+        a = tl.load(hidden + rows[:, None].to(tl.int64) * stride_hidden + (k + ks)[None, :],
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(weight + cols[None, :].to(tl.int64) * stride_weight + (k + ks)[:, None],
+                    mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        if DOT_FP32:  # exact products of 16-bit inputs; for the interpreter, whose 16-bit tl.dot is wrong
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    # Rounded to the inputs' dtype as an lm_head's output is (the backward recomputes them that way too).
+    z = acc.to(hidden.dtype.element_ty).to(tl.float32) * inv_t
+    z = tl.where(col_ok[None, :], z, float("-inf"))  # the ragged last vocab tile contributes nothing
+    m = tl.max(z, axis=1)
+    u = z - m[:, None]
+    p = tl.exp2(u * 1.4426950408889634)
+    s = tl.sum(p, axis=1)
+    t = tl.sum(p * tl.where(p > 0, u, 0.0), axis=1)
+    out = partial + pid_v.to(tl.int64) * 3 * tokens + rows
+    tl.store(out, m, mask=row_ok)
+    tl.store(out + tokens, s, mask=row_ok)
+    tl.store(out + 2 * tokens, t, mask=row_ok)
+    label = tl.load(labels + rows, mask=row_ok, other=-1)
+    hit = cols[None, :] == label[:, None]
+    in_tile = row_ok & (label >= pid_v * BLOCK_V) & (label < pid_v * BLOCK_V + BLOCK_V) & (label < vocab)
+    tl.store(label_logit + rows, tl.sum(tl.where(hit, z, 0.0), axis=1), mask=in_tile)
+
+
+def _linear_blocks(hidden: torch.Tensor) -> tuple[int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages): a common Hopper bf16 matmul tile on the GPU, small
+    tiles under the interpreter (which runs them in Python). Untuned: no GPU measurement yet."""
+    if hidden.device.type != "cuda":
+        return 16, 64, 16, 4, 1
+    return 128, 128, 64, 8, 3
+
+
+@triton_op("rlhf_fast_triton::linear_logprobs_forward", mutates_args=())
+def linear_logprobs_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                            labels: torch.Tensor, temperature: float,
+                            ignore_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """hidden (N, H), weight (V, H) with contiguous last dims, bias (V,) or None, labels (N,) int64 ->
+    (logp, entropy, lse) (N,) fp32 of softmax((hidden @ weight.T + bias) / T), the logits never stored.
+    float32 / bfloat16 / float16 only (float32 dots in full precision)."""
+    tokens, hidden_size = hidden.shape
+    vocab = weight.shape[0]
+    block_n, block_v, block_h, warps, stages = _linear_blocks(hidden)
+    interpreted = hidden.device.type != "cuda"
+    tiles = triton.cdiv(vocab, block_v)
+    partial = torch.empty((tiles, 3, tokens), dtype=torch.float32, device=hidden.device)
+    label_logit = torch.zeros(tokens, dtype=torch.float32, device=hidden.device)
+    if tokens > 0:
+        wrap_triton(_linear_forward_kernel)[(triton.cdiv(tokens, block_n), tiles)](
+            hidden, weight, bias if bias is not None else hidden, labels, partial, label_logit, tokens, vocab,
+            hidden_size, hidden.stride(0), weight.stride(0), 1.0 / temperature, HAS_BIAS=bias is not None,
+            PRECISION="ieee" if hidden.dtype == torch.float32 or interpreted else "tf32",
+            DOT_FP32=interpreted, BLOCK_N=block_n, BLOCK_V=block_v,
+            BLOCK_H=block_h, num_warps=warps, num_stages=stages)
+    tile_max, tile_sum, tile_weighted = partial.unbind(1)
+    top = tile_max.max(dim=0).values
+    scale = torch.exp(tile_max - top)
+    total = (tile_sum * scale).sum(0)
+    weighted = (scale * (tile_weighted + tile_sum * (tile_max - top))).sum(0)
+    lse = top + torch.log(total)
+    entropy = torch.log(total) - weighted / total
+    logp = torch.where(labels == ignore_index, torch.zeros_like(lse), label_logit - lse)
+    return logp, entropy, lse
+
+
+def _register_autograd():
+    from .._ops import register_logprobs_triton_autograd
+    register_logprobs_triton_autograd(__import__(__name__, fromlist=["logprobs_forward"]))
+
+
+_register_autograd()

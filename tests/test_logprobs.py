@@ -1,0 +1,383 @@
+import importlib
+
+import pytest
+import torch
+
+import rlhf_fast as rf
+from rlhf_fast import reference as ref
+
+from conftest import HAS_CUDA, device_backend_pairs
+
+lp_module = importlib.import_module("rlhf_fast.logprobs")  # the package attribute `logprobs` is the function
+PAIRS = device_backend_pairs()
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# The Triton interpreter runs every program in Python: keep its vocabularies and row counts small.
+SMALL_VOCAB = {"triton": 257}
+# Outputs are fp32 math on the same rounded inputs the float64 reference sees, whatever the input dtype.
+OUT_TOL = dict(rtol=1e-4, atol=1e-4)
+
+
+def _vocab(name, default=1003):
+    return SMALL_VOCAB.get(name, default)
+
+
+def _case(shape, vocab, dtype, device, ignore_frac=0.25):
+    logits = (torch.randn(*shape, vocab, device=device) * 3).to(dtype)
+    labels = torch.randint(0, vocab, shape, device=device)
+    labels[torch.rand(shape, device=device) < ignore_frac] = -100
+    return logits, labels
+
+
+def _reference(logits, labels, temperature=1.0):
+    return ref.logprobs(logits.double(), labels, temperature=temperature, return_entropy=True)
+
+
+@pytest.mark.parametrize("device,name", PAIRS)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_forward_matches_float64_reference(device, name, dtype, temperature):
+    logits, labels = _case((2, 3), _vocab(name), dtype, device)
+    logp, ent = rf.logprobs(logits, labels, temperature=temperature, return_entropy=True, backend=name)
+    exp_logp, exp_ent = _reference(logits, labels, temperature)
+    assert logp.dtype == torch.float32 and ent.dtype == torch.float32 and logp.shape == (2, 3)
+    torch.testing.assert_close(logp.double(), exp_logp, **OUT_TOL)
+    torch.testing.assert_close(ent.double(), exp_ent, **OUT_TOL)
+    assert (logp[labels == -100] == 0).all()
+    alone = rf.logprobs(logits, labels, temperature=temperature, backend=name)
+    torch.testing.assert_close(alone, logp)
+    torch.testing.assert_close(rf.entropy(logits, temperature=temperature, backend=name), ent)
+
+
+def _backward(logits, labels, name, temperature=1.0, inplace=False, with_entropy=True):
+    x = logits.clone().requires_grad_()
+    g_lp = torch.randn(labels.shape, device=logits.device)
+    g_h = torch.randn(labels.shape, device=logits.device)
+    logp, ent = rf.logprobs(x * 1 if inplace else x, labels, temperature=temperature, return_entropy=True,
+                            inplace_backward=inplace, backend=name)
+    outputs, grads = ((logp, ent), (g_lp, g_h)) if with_entropy else ((logp,), (g_lp,))
+    torch.autograd.backward(outputs, grads)
+    return x.grad, g_lp, g_h
+
+
+def _reference_grad(logits, labels, g_lp, g_h, temperature=1.0, dtype=torch.float64, with_entropy=True):
+    x = logits.detach().to(dtype).requires_grad_()
+    logp, ent = ref.logprobs(x, labels, temperature=temperature, return_entropy=True)
+    loss = (logp * g_lp.to(dtype)).sum() + ((ent * g_h.to(dtype)).sum() if with_entropy else 0)
+    loss.backward()
+    return x.grad
+
+
+@pytest.mark.parametrize("device,name", PAIRS)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+def test_backward_matches_autograd_of_reference(device, name, dtype):
+    logits, labels = _case((2, 5), _vocab(name), dtype, device)
+    grad, g_lp, g_h = _backward(logits, labels, name, temperature=0.7)
+    expected = _reference_grad(logits, labels, g_lp, g_h, temperature=0.7)
+    assert grad.dtype == dtype
+    if dtype in (torch.float32, torch.float64):
+        torch.testing.assert_close(grad.double(), expected, rtol=1e-4, atol=1e-6)
+        return
+    # Low precision: no worse than eager autograd run in that dtype (log_softmax + gather + entropy in bf16/fp16).
+    x = logits.detach().clone().requires_grad_()
+    log_probs = torch.log_softmax(x / 0.7, dim=-1)
+    safe = labels.clamp(min=0)
+    eager_logp = torch.where(labels == -100, 0, log_probs.gather(-1, safe[..., None])[..., 0])
+    eager_ent = -(log_probs.exp() * log_probs).sum(-1)
+    ((eager_logp.float() * g_lp).sum() + (eager_ent.float() * g_h).sum()).backward()
+    ours = (grad.double() - expected).norm()
+    eager = (x.grad.double() - expected).norm()
+    assert ours <= 1.0 * eager, (ours, eager)
+
+
+@pytest.mark.parametrize("device,name", PAIRS)
+def test_backward_logp_only_and_ignored_rows_get_no_logp_gradient(device, name):
+    logits, labels = _case((3, 4), _vocab(name), torch.float32, device, ignore_frac=0.5)
+    grad, g_lp, g_h = _backward(logits, labels, name, with_entropy=False)
+    expected = _reference_grad(logits, labels, g_lp, g_h, with_entropy=False)
+    torch.testing.assert_close(grad.double(), expected, rtol=1e-4, atol=1e-6)
+    assert (grad[labels == -100] == 0).all()
+
+
+@pytest.mark.parametrize("device,name", PAIRS)
+def test_fully_ignored_batch(device, name):
+    logits, _ = _case((2, 3), _vocab(name), torch.float32, device)
+    labels = torch.full((2, 3), -1, dtype=torch.long, device=device)
+    x = logits.clone().requires_grad_()
+    logp, ent = rf.logprobs(x, labels, ignore_index=-1, return_entropy=True, backend=name)
+    assert (logp == 0).all()
+    torch.testing.assert_close(ent.double(), ref.entropy(logits.double()), **OUT_TOL)
+    logp.sum().backward()
+    assert (x.grad == 0).all()
+
+
+@pytest.mark.parametrize("device,name", PAIRS)
+def test_inplace_backward_overwrites_logits_with_their_gradient(device, name):
+    logits, labels = _case((2, 4), _vocab(name), torch.bfloat16, device)
+    expected, g_lp, g_h = _backward(logits, labels, name)
+    hidden = logits.clone().requires_grad_()
+    buffer = hidden * 1  # the logits buffer the backward writes into
+    logp, ent = rf.logprobs(buffer, labels, return_entropy=True, inplace_backward=True, backend=name)
+    torch.autograd.backward((logp, ent), (g_lp, g_h))
+    torch.testing.assert_close(hidden.grad, expected, rtol=0, atol=0)
+    if name != "torch":  # the eager reference keeps its own gradient buffer
+        torch.testing.assert_close(buffer.detach(), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device,name", PAIRS)
+def test_noncontiguous_rows_are_read_in_place(device, name):
+    vocab = _vocab(name)
+    big = (torch.randn(3, 6, vocab, device=device) * 2).requires_grad_()
+    logits = big[:, :-1]
+    labels = torch.randint(0, vocab, (3, 5), device=device)
+    rows = lp_module._as_rows(logits)
+    assert rows.data_ptr() == big.data_ptr() and rows.shape == (3, 5, vocab)
+    logp, ent = rf.logprobs(logits, labels, return_entropy=True, backend=name)
+    exp_logp, exp_ent = _reference(logits.detach(), labels)
+    torch.testing.assert_close(logp.double(), exp_logp, **OUT_TOL)
+    torch.testing.assert_close(ent.double(), exp_ent, **OUT_TOL)
+    (logp.sum() + ent.sum()).backward()
+    expected = _reference_grad(logits, labels, torch.ones(3, 5), torch.ones(3, 5))
+    torch.testing.assert_close(big.grad[:, :-1].double(), expected, rtol=1e-4, atol=1e-6)
+    assert (big.grad[:, -1] == 0).all()
+    # a transposed batch, a strided vocab (copied) and four leading dims
+    for view in (big.detach().transpose(0, 1), big.detach()[..., ::2], big.detach().reshape(3, 2, 3, 1, vocab)):
+        view_labels = torch.randint(0, view.shape[-1], view.shape[:-1], device=device)
+        got = rf.logprobs(view, view_labels, backend=name)
+        torch.testing.assert_close(got.double(), _reference(view, view_labels)[0], **OUT_TOL)
+
+
+def test_row_folding():
+    x = torch.randn(4, 5, 6, 7)
+    assert lp_module._as_rows(x).shape == (1, 120, 7)
+    assert lp_module._as_rows(x[:, 1:]).shape == (4, 24, 7)
+    assert lp_module._as_rows(x[:, 1:]).data_ptr() == x[:, 1:].data_ptr()
+    assert lp_module._as_rows(x[:, :, 1:]).shape == (20, 5, 7)
+    assert lp_module._as_rows(x[1:, 1:, 1:]).shape == (1, 60, 7)  # three strided groups: copied
+    assert lp_module._as_rows(torch.randn(7)).shape == (1, 1, 7)
+
+
+@pytest.mark.parametrize("device,name", PAIRS)
+def test_empty_inputs(device, name):
+    vocab = _vocab(name)
+    for shape in ((0,), (2, 0)):
+        x = torch.randn(*shape, vocab, device=device, requires_grad=True)
+        labels = torch.zeros(shape, dtype=torch.long, device=device)
+        logp, ent = rf.logprobs(x, labels, return_entropy=True, backend=name)
+        assert logp.shape == shape and ent.shape == shape
+        (logp.sum() + ent.sum()).backward()
+        assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("device,name", PAIRS)
+def test_masked_vocab_entries(device, name):
+    logits, labels = _case((4,), _vocab(name), torch.float32, device, ignore_frac=0)
+    logits[:, 5:40] = float("-inf")
+    labels = labels.clamp(min=40)
+    logp, ent = rf.logprobs(logits, labels, return_entropy=True, backend=name)
+    exp_logp, exp_ent = _reference(logits, labels)
+    torch.testing.assert_close(logp.double(), exp_logp, **OUT_TOL)
+    torch.testing.assert_close(ent.double(), exp_ent, **OUT_TOL)
+    x = logits.clone().requires_grad_()
+    out_logp, out_ent = rf.logprobs(x, labels, return_entropy=True, backend=name)
+    (out_logp.sum() + out_ent.sum()).backward()
+    assert torch.isfinite(x.grad).all() and (x.grad[:, 5:40] == 0).all()
+
+
+def test_large_vocab_cpu():
+    logits, labels = _case((6,), 50257, torch.bfloat16, "cpu")
+    logp, ent = rf.logprobs(logits, labels, return_entropy=True, backend="cpu")
+    exp_logp, exp_ent = _reference(logits, labels)
+    torch.testing.assert_close(logp.double(), exp_logp, **OUT_TOL)
+    torch.testing.assert_close(ent.double(), exp_ent, **OUT_TOL)
+    grad, g_lp, g_h = _backward(logits.float(), labels, "cpu")
+    expected = _reference_grad(logits.float(), labels, g_lp, g_h)
+    torch.testing.assert_close(grad.double(), expected, rtol=1e-4, atol=1e-7)
+
+
+def test_bad_input_names_the_argument():
+    x, y = torch.randn(2, 3, 11), torch.randint(0, 11, (2, 3))
+    with pytest.raises(ValueError, match="labels"):
+        rf.logprobs(x, torch.randint(0, 11, (2, 4)))
+    with pytest.raises(TypeError, match="labels"):
+        rf.logprobs(x, y.float())
+    with pytest.raises(TypeError, match="logits"):
+        rf.logprobs(x.long(), y)
+    with pytest.raises(ValueError, match="labels"):
+        rf.logprobs(x, torch.full((2, 3), 11))
+    with pytest.raises(ValueError, match="labels"):
+        rf.logprobs(x, torch.full((2, 3), -3), backend="torch")
+    with pytest.raises(ValueError, match="temperature"):
+        rf.logprobs(x, y, temperature=0.0)
+    with pytest.raises(ValueError, match="logits"):
+        rf.logprobs(torch.randn(2, 0), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="logits"):
+        rf.entropy(torch.tensor(1.0))
+    with pytest.raises(ValueError, match="backend"):
+        rf.logprobs(x, y, backend="tpu")
+    with pytest.raises(ValueError, match="weight"):
+        rf.linear_logprobs(torch.randn(2, 4), torch.randn(11, 5), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(TypeError, match="weight"):
+        rf.linear_logprobs(torch.randn(2, 4), torch.randn(11, 4, dtype=torch.float64), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="bias"):
+        rf.linear_logprobs(torch.randn(2, 4), torch.randn(11, 4), torch.zeros(2, dtype=torch.long),
+                           bias=torch.randn(10))
+    with pytest.raises(ValueError, match="labels"):
+        rf.linear_logprobs(torch.randn(2, 4), torch.randn(11, 4), torch.full((2,), 11))
+
+
+def test_int32_labels_and_auto_backend():
+    x, y = torch.randn(5, 77), torch.randint(0, 77, (5,), dtype=torch.int32)
+    torch.testing.assert_close(rf.logprobs(x, y).double(), ref.logprobs(x.double(), y), **OUT_TOL)
+
+
+@pytest.mark.parametrize("device,name", PAIRS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_logprobs_matches_reference(device, name, dtype, with_bias, monkeypatch):
+    # 2 x 3 tokens x 1003 vocab in chunks of 128 columns: 8 chunks, the last one ragged
+    monkeypatch.setattr(lp_module, "LINEAR_CHUNK_BYTES", 128 * 6 * torch.tensor([], dtype=dtype).element_size())
+    hidden = torch.randn(2, 3, 40, device=device).to(dtype).requires_grad_()
+    weight = (torch.randn(1003, 40, device=device) * 0.3).to(dtype).requires_grad_()
+    bias = torch.randn(1003, device=device).to(dtype).requires_grad_() if with_bias else None
+    labels = torch.randint(0, 1003, (2, 3), device=device)
+    labels[0, 1] = -100
+    logp, ent = rf.linear_logprobs(hidden, weight, labels, bias=bias, temperature=0.9, return_entropy=True,
+                                   backend=name)
+    g_lp, g_h = torch.randn(2, 3, device=device), torch.randn(2, 3, device=device)
+    torch.autograd.backward((logp, ent), (g_lp, g_h))
+
+    leaves = [t.detach().double().requires_grad_() for t in (hidden, weight) + ((bias,) if with_bias else ())]
+    exp_logp, exp_ent = ref.linear_logprobs(leaves[0], leaves[1], labels, bias=leaves[2] if with_bias else None,
+                                            temperature=0.9, return_entropy=True)
+    torch.autograd.backward((exp_logp, exp_ent), (g_lp.double(), g_h.double()))
+    # low precision: the logits of each chunk are rounded to the inputs' dtype, as an lm_head's output is
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    assert logp.dtype == torch.float32 and logp.shape == (2, 3) and logp[0, 1] == 0
+    torch.testing.assert_close(logp.double(), exp_logp, **tol)
+    torch.testing.assert_close(ent.double(), exp_ent, **tol)
+    for got, exp in zip((hidden, weight) + ((bias,) if with_bias else ()), leaves):
+        assert got.grad.dtype == dtype
+        torch.testing.assert_close(got.grad.double(), exp.grad, **tol)
+
+
+@pytest.mark.parametrize("device,name", PAIRS)
+def test_linear_logprobs_empty_and_chunking(device, name):
+    hidden = torch.zeros(0, 8, device=device, requires_grad=True)
+    weight = torch.randn(20, 8, device=device, requires_grad=True)
+    logp = rf.linear_logprobs(hidden, weight, torch.zeros(0, dtype=torch.long, device=device), backend=name)
+    logp.sum().backward()
+    assert logp.shape == (0,) and weight.grad.shape == weight.shape and (weight.grad == 0).all()
+    assert lp_module._vocab_chunks(16384, 151936, 2)[0] == (0, 4096)
+    assert lp_module._vocab_chunks(4, 1003, 2) == [(0, 1003)]
+
+
+@pytest.mark.skipif(rf.backend.compiled() is None, reason="compiled library not built")
+def test_opcheck_compiled_ops():
+    logits = torch.randn(2, 3, 37)
+    labels = torch.randint(0, 37, (2, 3))
+    labels[0, 0] = -100
+    strided = torch.randn(2, 4, 37)[:, 1:]
+    for args in [(logits, labels, 1.0, -100), (logits.bfloat16(), labels, 0.7, -100), (logits, None, 1.0, -100),
+                 (strided, labels, 1.3, -100)]:
+        torch.library.opcheck(torch.ops.rlhf_fast.logprobs_forward.default, args)
+    torch.library.opcheck(torch.ops.rlhf_fast.logprobs_forward.default,
+                          (logits.clone().requires_grad_(), labels, 0.8, -100))
+    _, entropy, lse = torch.ops.rlhf_fast.logprobs_forward(logits, labels, 1.0, -100)
+    grads = (torch.randn(2, 3), torch.randn(2, 3))
+    torch.library.opcheck(torch.ops.rlhf_fast.logprobs_backward.default,
+                          (*grads, logits, labels, lse, entropy, 1.0, -100))
+    torch.library.opcheck(torch.ops.rlhf_fast.logprobs_backward.default,
+                          (None, grads[1], logits, None, lse, entropy, 1.0, -100))
+    torch.library.opcheck(torch.ops.rlhf_fast.logprobs_backward_.default,
+                          (*grads, logits.clone(), labels, lse, entropy, 1.0, -100))
+
+
+@pytest.mark.skipif(rf.backend.compiled() is None, reason="compiled library not built")
+def test_torch_compile_fullgraph_cpu():
+    def step(logits, labels, hidden, weight):
+        logp, ent = rf.logprobs(logits[:, :-1], labels, temperature=0.8, return_entropy=True, backend="cpu")
+        lin = rf.linear_logprobs(hidden, weight, labels, backend="cpu")
+        return logp, ent, rf.entropy(logits, backend="cpu"), lin
+
+    logits = torch.randn(2, 6, 50)
+    labels = torch.randint(0, 50, (2, 5))
+    hidden, weight = torch.randn(2, 5, 16), torch.randn(50, 16)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for got, exp in zip(compiled(logits, labels, hidden, weight), step(logits, labels, hidden, weight)):
+        torch.testing.assert_close(got, exp)
+    x = logits.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    logp, ent, full, lin = compiled(x, labels, hidden, w)
+    (logp.sum() + ent.sum() + full.sum() + lin.sum()).backward()
+    x_ref = logits.clone().requires_grad_()
+    w_ref = weight.clone().requires_grad_()
+    logp, ent, full, lin = step(x_ref, labels, hidden, w_ref)
+    (logp.sum() + ent.sum() + full.sum() + lin.sum()).backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(w.grad, w_ref.grad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_large_vocab(name, dtype):
+    big = (torch.randn(4, 17, 151936, device="cuda") * 3).to(dtype)
+    logits = big[:, :-1]  # strided rows, and odd row offsets for the 16-byte packs
+    labels = torch.randint(0, 151936, (4, 16), device="cuda")
+    labels[1, 3:] = -100
+    logp, ent = rf.logprobs(logits, labels, temperature=0.9, return_entropy=True, backend=name)
+    exp_logp, exp_ent = _reference(logits, labels, 0.9)
+    torch.testing.assert_close(logp.double(), exp_logp, **OUT_TOL)
+    torch.testing.assert_close(ent.double(), exp_ent, **OUT_TOL)
+    grad, g_lp, g_h = _backward(logits, labels, name, temperature=0.9)
+    expected = _reference_grad(logits, labels, g_lp, g_h, temperature=0.9)
+    tol = dict(rtol=1e-4, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-5)
+    torch.testing.assert_close(grad.double(), expected, **tol)
+    odd = torch.randn(5, 50257, device="cuda").to(dtype)[:, 1:]  # every row misaligned differently
+    odd_labels = torch.randint(0, 50256, (5,), device="cuda")
+    torch.testing.assert_close(rf.logprobs(odd, odd_labels, backend=name).double(), _reference(odd, odd_labels)[0],
+                               **OUT_TOL)
+    grad, g_lp, g_h = _backward(odd, odd_labels, name, inplace=True)
+    torch.testing.assert_close(grad.double(), _reference_grad(odd, odd_labels, g_lp, g_h), **tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["cuda", "triton"])
+def test_gpu_compile_and_linear(name):
+    logits = torch.randn(8, 32000, device="cuda", dtype=torch.bfloat16)
+    labels = torch.randint(0, 32000, (8,), device="cuda")
+    compiled = torch.compile(lambda x, y: rf.logprobs(x, y, return_entropy=True, backend=name), fullgraph=True)
+    for got, exp in zip(compiled(logits, labels), _reference(logits, labels)):
+        torch.testing.assert_close(got.double(), exp, **OUT_TOL)
+    hidden = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(151936, 256, device="cuda", dtype=torch.bfloat16) * 0.05
+    labels = torch.randint(0, 151936, (64,), device="cuda")
+    got = rf.linear_logprobs(hidden, weight, labels, backend=name)
+    exp = ref.linear_logprobs(hidden.double(), weight.double(), labels)
+    torch.testing.assert_close(got.double(), exp, rtol=3e-2, atol=3e-2)
+    # ragged everywhere: tokens, hidden size and vocab off the tile sizes, with a bias and gradients
+    hidden = torch.randn(77, 200, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    weight = (torch.randn(50257, 200, device="cuda") * 0.1).to(torch.bfloat16).requires_grad_()
+    bias = torch.randn(50257, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    labels = torch.randint(0, 50257, (77,), device="cuda")
+    logp, ent = rf.linear_logprobs(hidden, weight, labels, bias=bias, return_entropy=True, backend=name)
+    (logp.sum() + ent.sum()).backward()
+    leaves = [t.detach().double().requires_grad_() for t in (hidden, weight, bias)]
+    exp_logp, exp_ent = ref.linear_logprobs(leaves[0], leaves[1], labels, bias=leaves[2], return_entropy=True)
+    (exp_logp.sum() + exp_ent.sum()).backward()
+    torch.testing.assert_close(logp.double(), exp_logp, rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(ent.double(), exp_ent, rtol=3e-2, atol=3e-2)
+    for got_leaf, exp_leaf in zip((hidden, weight, bias), leaves):
+        torch.testing.assert_close(got_leaf.grad.double(), exp_leaf.grad, rtol=3e-2, atol=3e-2)
+
+
+def test_per_row_loop_reference_agrees():
+    logits, labels = _case((3, 4), 101, torch.bfloat16, "cpu", ignore_frac=0)
+    torch.testing.assert_close(ref.logprobs_per_row_loop(logits, labels), ref.logprobs(logits, labels))
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_cuda_labels_out_of_range_raise():
+    x = torch.randn(2, 11, device="cuda")
+    with pytest.raises(ValueError, match="labels"):
+        rf.logprobs(x, torch.tensor([3, 11], device="cuda"), backend="cuda")
