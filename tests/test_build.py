@@ -47,3 +47,15 @@ def test_package_imports_without_compiled_library():
     env = {**os.environ, "RLHF_FAST_BACKEND": "auto"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_losses_ops_registered_and_kernels_compiled_in():
+    assert backend.compiled() is not None, backend.compiled_error()
+    for op in ("kl_penalty", "kl_penalty_backward", "ppo_policy_loss", "ppo_policy_loss_backward", "ppo_value_loss",
+               "ppo_value_loss_backward"):
+        assert hasattr(torch.ops.rlhf_fast, op)
+    if os.environ.get("RLHF_FAST_EXPECT_CUDA") == "1":
+        library = Path(backend.compiled().__file__).read_bytes()
+        for kernel in (b"kl_penalty_kernel", b"kl_penalty_backward_kernel", b"loss_forward_kernel",
+                       b"loss_backward_kernel"):
+            assert kernel in library, f"{kernel.decode()} missing from the compiled library"
