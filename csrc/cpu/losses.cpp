@@ -1,6 +1,7 @@
 // CPU kernels of the losses family: the elementwise KL penalty (forward and backward) and the fused PPO policy
 // and value losses. A PPO loss is one pass over the tokens: per-token loss, clip decision and statistics, then
-// the masked aggregation. Rows are grouped into chunks of about kChunkTokens tokens; each chunk's running sums
+// the masked aggregation; the per-token loops are branch-free and vectorised (omp simd, a polynomial exp).
+// Rows are grouped into chunks of about kChunkTokens tokens; each chunk's running sums
 // go to its own slot and the slots are added in order afterwards, so the result does not depend on the
 // number of threads. The backward is one more pass writing d loss / d input.
 #include <ATen/ATen.h>
@@ -37,6 +38,7 @@ at::Tensor kl_penalty_cpu(const at::Tensor& logp, const at::Tensor& ref_logp, c1
     const scalar_t* b = ref_logp.data_ptr<scalar_t>();
     dispatch_kl_kind(k, [&](auto tag) {
       at::parallel_for(0, logp.numel(), kElementGrain, [&](int64_t begin, int64_t end) {
+        _Pragma("omp simd")  // inside the dispatch macro's argument, where #pragma cannot stand
         for (int64_t i = begin; i < end; ++i)
           o[i] = kl_value<decltype(tag)::value>(static_cast<float>(a[i]), static_cast<float>(b[i]));
       });
@@ -60,6 +62,7 @@ at::Tensor kl_penalty_backward_cpu(const at::Tensor& grad, const at::Tensor& log
     scalar_t* o = out.data_ptr<scalar_t>();
     dispatch_kl_kind(k, [&](auto tag) {
       at::parallel_for(0, logp.numel(), kElementGrain, [&](int64_t begin, int64_t end) {
+        _Pragma("omp simd")  // inside the dispatch macro's argument, where #pragma cannot stand
         for (int64_t i = begin; i < end; ++i)
           o[i] = static_cast<scalar_t>(g[i] * kl_grad<decltype(tag)::value>(static_cast<float>(a[i]),
                                                                              static_cast<float>(b[i])));
@@ -87,6 +90,27 @@ LossInputs check_loss_inputs(const char* op, const at::Tensor& a, const char* a_
   return {a.size(0), a.size(1), mask.has_value() ? mask->data_ptr<bool>() : nullptr};
 }
 
+// (loss sum, valid tokens, clipped, -log-ratio sum, ratio sum) of one row. Branch-free so that it vectorises:
+// every token is evaluated and masked ones (which may hold inf/nan) are dropped by a select, never multiplied.
+template <bool kHasMask, typename scalar_t, typename Math>
+std::array<float, 5> row_sums(const scalar_t* a, const scalar_t* b, const scalar_t* c, const bool* mask,
+                              int64_t steps, const Math& math) {
+  float loss = 0.f, valid = 0.f, clipped = 0.f, neg_log_ratio = 0.f, ratio = 0.f;
+#pragma omp simd reduction(+ : loss, valid, clipped, neg_log_ratio, ratio)
+  for (int64_t t = 0; t < steps; ++t) {
+    bool take = true;
+    if constexpr (kHasMask) take = reinterpret_cast<const uint8_t*>(mask)[t] != 0;
+    const TokenLoss token =
+        math.eval(static_cast<float>(a[t]), static_cast<float>(b[t]), static_cast<float>(c[t]), nullptr);
+    loss += take ? token.loss : 0.f;
+    valid += take ? 1.f : 0.f;
+    clipped += take & token.clipped ? 1.f : 0.f;
+    neg_log_ratio += take ? token.neg_log_ratio : 0.f;
+    ratio += take ? token.ratio : 0.f;
+  }
+  return {loss, valid, clipped, neg_log_ratio, ratio};
+}
+
 template <typename scalar_t, typename Math>
 void loss_forward(const LossInputs& in, const scalar_t* a, const scalar_t* b, const scalar_t* c, const Math& math,
                   Agg agg, float* loss, float* stats) {
@@ -98,19 +122,15 @@ void loss_forward(const LossInputs& in, const scalar_t* a, const scalar_t* b, co
       std::array<double, kTotals> acc{};
       const int64_t row_end = std::min(in.rows, (chunk + 1) * rows_per_chunk);
       for (int64_t row = chunk * rows_per_chunk; row < row_end; ++row) {
-        double row_sum = 0, row_valid = 0;
-        for (int64_t t = row * in.steps; t < (row + 1) * in.steps; ++t) {
-          if (in.mask && !in.mask[t]) continue;  // a branch, not a multiply: masked entries may hold inf/nan
-          const TokenLoss token =
-              math.eval(static_cast<float>(a[t]), static_cast<float>(b[t]), static_cast<float>(c[t]), nullptr);
-          row_sum += token.loss;
-          row_valid += 1;
-          acc[kClipped] += token.clipped;
-          acc[kNegLogRatio] += token.neg_log_ratio;
-          acc[kRatio] += token.ratio;
-        }
+        const int64_t begin = row * in.steps;
+        const auto sums = in.mask ? row_sums<true>(a + begin, b + begin, c + begin, in.mask + begin, in.steps, math)
+                                  : row_sums<false>(a + begin, b + begin, c + begin, nullptr, in.steps, math);
+        const double row_sum = sums[0], row_valid = sums[1];
         acc[kLossSum] += row_sum;
         acc[kValidTokens] += row_valid;
+        acc[kClipped] += sums[2];
+        acc[kNegLogRatio] += sums[3];
+        acc[kRatio] += sums[4];
         if (row_valid > 0) {
           acc[kRowMeanSum] += row_sum / row_valid;
           acc[kValidRows] += 1;
@@ -136,14 +156,16 @@ void loss_backward(const LossInputs& in, const scalar_t* a, const scalar_t* b, c
       float row_valid = static_cast<float>(in.steps);
       if (in.mask && agg == Agg::SeqMeanTokenMean) {
         row_valid = 0;
-        for (int64_t t = begin; t < end; ++t) row_valid += in.mask[t];
+#pragma omp simd reduction(+ : row_valid)
+        for (int64_t t = begin; t < end; ++t) row_valid += in.mask[t] ? 1.f : 0.f;
       }
       const float w = scale * row_weight(agg, row_valid);
+      const bool* mask = in.mask;
+#pragma omp simd
       for (int64_t t = begin; t < end; ++t) {
         float d = 0.f;
-        if (!in.mask || in.mask[t])
-          math.eval(static_cast<float>(a[t]), static_cast<float>(b[t]), static_cast<float>(c[t]), &d);
-        grad[t] = static_cast<scalar_t>(w * d);
+        math.eval(static_cast<float>(a[t]), static_cast<float>(b[t]), static_cast<float>(c[t]), &d);
+        grad[t] = static_cast<scalar_t>(!mask || mask[t] ? w * d : 0.f);
       }
     }
   });

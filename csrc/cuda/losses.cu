@@ -4,12 +4,14 @@
 // threads (a warp per row for short rows, the whole block per row for long ones), accumulates the per-token
 // loss, clip decisions and statistics in registers, reduces them per block into a partial slot, and the last
 // block to finish (atomic counter, threadfence) adds the partials in block order and writes the loss and stats:
-// deterministic for a given grid. The backward recomputes the per-token math and writes d loss / d input, scaled
+// deterministic for a given grid. Parallelism is over rows: a single very long row runs on one block. The backward recomputes the per-token math and writes d loss / d input, scaled
 // by the normalisers the forward left in `stats` (no host sync).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <cuda_runtime.h>
 #include <torch/library.h>
 
 #include "../losses_common.h"
@@ -148,16 +150,21 @@ __global__ void __launch_bounds__(kThreads) loss_forward_kernel(
     float sum = 0.f, valid = 0.f;
     if (row < rows) {
       const int64_t base = row * steps;
+#pragma unroll 4
       for (int64_t t = thread_in_row; t < steps; t += W) {
+        // Every load is issued before the mask is known (independent loads overlap their latency); masked
+        // tokens, which may hold inf/nan, are then left out by a select, never multiplied in.
         const int64_t i = base + t;
-        if (mask != nullptr && !mask[i]) continue;  // a branch: masked entries may hold inf/nan
+        const bool ok = mask == nullptr || mask[i];
         const TokenLoss token =
             math.eval(static_cast<float>(a[i]), static_cast<float>(b[i]), static_cast<float>(c[i]), nullptr);
-        sum += token.loss;
-        valid += 1.f;
-        acc[kClipped] += token.clipped ? 1.f : 0.f;
-        acc[kNegLogRatio] += token.neg_log_ratio;
-        acc[kRatio] += token.ratio;
+        if (ok) {
+          sum += token.loss;
+          valid += 1.f;
+          acc[kClipped] += token.clipped ? 1.f : 0.f;
+          acc[kNegLogRatio] += token.neg_log_ratio;
+          acc[kRatio] += token.ratio;
+        }
       }
     }
     acc[kLossSum] += sum;
@@ -228,12 +235,13 @@ __global__ void __launch_bounds__(kThreads) loss_backward_kernel(
     }
     if (row >= rows) continue;
     const float w = scale * row_weight(agg, row_valid);
+#pragma unroll 4
     for (int64_t t = thread_in_row; t < steps; t += W) {
       const int64_t i = base + t;
+      const bool ok = mask == nullptr || mask[i];
       float d = 0.f;
-      if (mask == nullptr || mask[i])
-        math.eval(static_cast<float>(a[i]), static_cast<float>(b[i]), static_cast<float>(c[i]), &d);
-      grad[i] = static_cast<scalar_t>(w * d);
+      math.eval(static_cast<float>(a[i]), static_cast<float>(b[i]), static_cast<float>(c[i]), &d);
+      grad[i] = static_cast<scalar_t>(ok ? w * d : 0.f);
     }
   }
 }
@@ -275,16 +283,18 @@ std::tuple<at::Tensor, at::Tensor> loss_forward_cuda(const char* op, const at::T
   auto stats = at::empty({kStats}, a.options().dtype(at::kFloat));
   const int W = shape.steps >= kLongRow ? kThreads : 32;
   const unsigned blocks = row_blocks(shape.rows, W);
-  auto partial = at::empty({static_cast<int64_t>(blocks), kTotals}, a.options().dtype(at::kFloat));
-  auto blocks_done = at::zeros({1}, a.options().dtype(at::kInt));
+  // Workspace: the blocks' partial slots, then the completion counter (zeroed by a 4-byte memset, no kernel).
+  auto workspace = at::empty({static_cast<int64_t>(blocks) * kTotals + 1}, a.options().dtype(at::kFloat));
+  float* partial = workspace.data_ptr<float>();
+  unsigned* blocks_done = reinterpret_cast<unsigned*>(partial + static_cast<int64_t>(blocks) * kTotals);
   const bool* m = mask.has_value() ? mask->data_ptr<bool>() : nullptr;
   auto stream = at::cuda::getCurrentCUDAStream();
+  C10_CUDA_CHECK(cudaMemsetAsync(blocks_done, 0, sizeof(unsigned), stream));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "ppo_loss_forward_cuda", [&] {
     auto launch = [&](auto kernel) {
       kernel<<<blocks, kThreads, 0, stream>>>(
           a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(), m, shape.rows, shape.steps, math,
-          mode, partial.data_ptr<float>(), reinterpret_cast<unsigned*>(blocks_done.data_ptr<int>()),
-          loss.data_ptr<float>(), stats.data_ptr<float>());
+          mode, partial, blocks_done, loss.data_ptr<float>(), stats.data_ptr<float>());
     };
     if (W == kThreads)
       launch(loss_forward_kernel<scalar_t, Math, kThreads>);
