@@ -17,11 +17,30 @@
 #define RLHF_FAST_HOST_DEVICE
 #endif
 
+// The KL estimators must inline into the elementwise loops (GCC otherwise keeps k3_value as a call and the loop
+// does not vectorise). Forcing it on the PPO per-token math instead stops GCC vectorising those loops.
+#ifdef __CUDACC__
+#define RLHF_FAST_TOKEN_FN __host__ __device__ __forceinline__
+#else
+#define RLHF_FAST_TOKEN_FN inline __attribute__((always_inline))
+#endif
+
 namespace rlhf_fast {
 namespace losses {
 
 // Branch-free helpers, so that the CPU loops vectorise (under `omp simd`) and the GPU code has no divergence.
-RLHF_FAST_HOST_DEVICE inline float clampf(float x, float lo, float hi) { return x < lo ? lo : (x > hi ? hi : x); }
+// c ? a : b. On the host as an integer blend: GCC turns float ternaries into branches, which mispredict on
+// random data and keep the loops from vectorising.
+RLHF_FAST_HOST_DEVICE inline float select(bool c, float a, float b) {
+#ifdef __CUDA_ARCH__
+  return c ? a : b;
+#else
+  const uint32_t keep = 0u - static_cast<uint32_t>(c);
+  return std::bit_cast<float>((std::bit_cast<uint32_t>(a) & keep) | (std::bit_cast<uint32_t>(b) & ~keep));
+#endif
+}
+
+RLHF_FAST_HOST_DEVICE inline float clampf(float x, float lo, float hi) { return select(x < lo, lo, select(x > hi, hi, x)); }
 
 // exp(x) for |x| <= 20, the only range used here (every argument is clamped first). On the device: the hardware
 // exp. On the host: range reduction x = n ln2 + r, |r| <= ln2/2, and a degree-7 polynomial for exp(r) (Cephes'
@@ -76,16 +95,16 @@ constexpr float kLogRatioClamp = 20.f;  // verl: the log-ratio is clamped to +-2
 constexpr float kK3Clamp = 10.f;        // verl: the k3 estimate is clamped to +-10
 
 // k3 (low_var_kl) as verl writes it: d = clamp(ref - logp, +-20); clamp(exp(d) - d - 1, +-10).
-RLHF_FAST_HOST_DEVICE inline float k3_value(float logp, float ref) {
+RLHF_FAST_TOKEN_FN float k3_value(float logp, float ref) {
   const float d = clampf(ref - logp, -kLogRatioClamp, kLogRatioClamp);
   return clampf(exp_small(d) - d - 1.f, -kK3Clamp, kK3Clamp);
 }
 
 template <KlKind K>
-RLHF_FAST_HOST_DEVICE inline float kl_value(float logp, float ref) {
+RLHF_FAST_TOKEN_FN float kl_value(float logp, float ref) {
   const float diff = logp - ref;
   if constexpr (K == KlKind::K1 || K == KlKind::K1Plus) return diff;
-  if constexpr (K == KlKind::Abs) return diff < 0.f ? -diff : diff;
+  if constexpr (K == KlKind::Abs) return select(diff < 0.f, -diff, diff);
   if constexpr (K == KlKind::K2) return 0.5f * diff * diff;
   if constexpr (K == KlKind::K3 || K == KlKind::K3Plus) return k3_value(logp, ref);
   return 0.f;
@@ -94,10 +113,10 @@ RLHF_FAST_HOST_DEVICE inline float kl_value(float logp, float ref) {
 // d kl / d logp; d kl / d ref is its negative for every kind (each depends on logp - ref only).
 // The "+" kinds are straight-through: the value of k1 / k3 with the gradient of k2.
 template <KlKind K>
-RLHF_FAST_HOST_DEVICE inline float kl_grad(float logp, float ref) {
+RLHF_FAST_TOKEN_FN float kl_grad(float logp, float ref) {
   const float diff = logp - ref;
   if constexpr (K == KlKind::K1) return 1.f;
-  if constexpr (K == KlKind::Abs) return diff > 0.f ? 1.f : (diff < 0.f ? -1.f : 0.f);
+  if constexpr (K == KlKind::Abs) return select(diff > 0.f, 1.f, select(diff < 0.f, -1.f, 0.f));
   if constexpr (K == KlKind::K2 || K == KlKind::K1Plus || K == KlKind::K3Plus) return diff;
   if constexpr (K == KlKind::K3) {
     // Each clamp passes the gradient inside its closed range, as torch.clamp does; d/dlogp = -d/dd.
@@ -106,7 +125,7 @@ RLHF_FAST_HOST_DEVICE inline float kl_grad(float logp, float ref) {
     const float e = exp_small(clamped);
     const float value = e - clamped - 1.f;
     const bool passes = (value <= kK3Clamp) & (value >= -kK3Clamp) & (d >= -kLogRatioClamp) & (d <= kLogRatioClamp);
-    return passes ? 1.f - e : 0.f;
+    return select(passes, 1.f - e, 0.f);
   }
   return 0.f;
 }
@@ -198,14 +217,14 @@ struct PolicyMath {
     const float unclipped = -adv * ratio;
     const float clipped = -adv * clampf(ratio, 1.f - clip_low, 1.f + clip_high);
     const bool clip_active = clipped > unclipped;  // then ratio lies outside the clip range: no gradient
-    const float pg = clip_active ? clipped : unclipped;
+    const float pg = select(clip_active, clipped, unclipped);
     const float dual_bound = -adv * dual_clip;
     const bool dual_active = has_dual_clip & (adv < 0.f) & (pg > dual_bound);
     if (grad) {
       const bool in_clamp = (log_ratio >= -kLogRatioClamp) & (log_ratio <= kLogRatioClamp);
-      *grad = (!clip_active) & (!dual_active) & in_clamp ? unclipped : 0.f;  // d(-A r)/dlogp = -A r
+      *grad = select((!clip_active) & (!dual_active) & in_clamp, unclipped, 0.f);  // d(-A r)/dlogp = -A r
     }
-    return {dual_active ? dual_bound : pg, clip_active, -clamped, ratio};
+    return {select(dual_active, dual_bound, pg), clip_active, -clamped, ratio};
   }
 };
 
@@ -219,8 +238,8 @@ struct ValueMath {
     const float clipped_err = clampf(value, old_value - clip, old_value + clip) - ret;
     const float unclipped = err * err, clipped = clipped_err * clipped_err;
     const bool clip_active = clipped > unclipped;  // then V lies outside old +- clip: no gradient
-    if (grad) *grad = clip_active ? 0.f : err;
-    return {0.5f * (clip_active ? clipped : unclipped), clip_active, 0.f, 0.f};
+    if (grad) *grad = select(clip_active, 0.f, err);
+    return {0.5f * select(clip_active, clipped, unclipped), clip_active, 0.f, 0.f};
   }
 };
 
