@@ -104,7 +104,7 @@ def _as_rows(x):
 def ppo_policy_loss(logp, old_logp, advantages, mask=None, *, clip_low=0.2, clip_high=0.2, dual_clip=None,
                     agg="token-mean", backend=None):
     """Clipped PPO policy loss, fused: one kernel forward (per-token loss, clip decisions, statistics and the
-    masked aggregation) and one backward.
+    masked aggregation; on Triton a second one-program kernel adds the tiles' partials) and one backward.
 
     logp, old_logp, advantages, mask: (..., T). ratio = exp(clamp(logp - old_logp, ±20)) (the clamp, as in verl,
     keeps exp finite); pg = max(-A·ratio, -A·clamp(ratio, 1 - clip_low, 1 + clip_high)); with dual_clip c > 1,
