@@ -270,6 +270,22 @@ def test_ppo_losses_awkward_shapes(device, name, shape):
 
 
 @pytest.mark.parametrize("device,name", PAIRS)
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_ppo_policy_loss_many_short_rows(device, name, agg):
+    # more tiles than one pass of each backend's final reduction (Triton finalize block, CPU chunks, CUDA grid)
+    logp, old_logp, advantages = _policy_inputs((20000, 3), device, torch.float32)
+    mask = _mask((20000, 3), device)
+    x = logp.clone().requires_grad_()
+    got = rf.ppo_policy_loss(x, old_logp, advantages, mask, agg=agg, backend=name)
+    got[0].backward()
+    x64 = logp.double().requires_grad_()
+    expected = ref.ppo_policy_loss(x64, old_logp.double(), advantages.double(), mask, agg=agg)
+    expected[0].backward()
+    _check_loss(got, expected, torch.float32)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("device,name", PAIRS)
 def test_ppo_losses_noncontiguous_leading_dims_and_no_grad_to_constants(device, name):
     big = [t.transpose(0, 1) for t in _policy_inputs((30, 4, 3), device, torch.float32)]
     logp, old_logp, advantages = (t[..., ::2] for t in big)  # (4, 30, 2) views

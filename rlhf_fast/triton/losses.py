@@ -15,7 +15,7 @@ from torch.library import triton_op, wrap_triton
 
 ELEMENTWISE_BLOCK = 1024
 TILE = 1024  # elements per program step of the PPO kernels
-FINALIZE_BLOCK = 1024
+FINALIZE_BLOCK = 256  # the finalize program holds BLOCK x 8 float64 accumulators
 TOTALS = 8  # partial slot: loss sum, row-mean sum, valid tokens, valid rows, clipped, -log-ratio, ratio, (pad)
 STATS = 5  # clipfrac, approx_kl, ratio_mean, valid tokens, valid rows
 
