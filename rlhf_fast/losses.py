@@ -98,6 +98,8 @@ def _loss_inputs(names, tensors, mask):
 
 
 def _as_rows(x):
+    if x.dim() == 2 and x.is_contiguous():
+        return x
     return x.reshape(x.shape[:-1].numel(), x.shape[-1]).contiguous()
 
 
@@ -130,8 +132,8 @@ def ppo_policy_loss(logp, old_logp, advantages, mask=None, *, clip_low=0.2, clip
     loss, stats = _kernels(name).ppo_policy_loss(
         _as_rows(logp), _as_rows(old_logp), _as_rows(advantages), None if mask is None else _as_rows(mask),
         clip_low, clip_high, dual_clip, agg)
-    stats = stats.detach()
-    return loss, {"clipfrac": stats[0], "approx_kl": stats[1], "ratio_mean": stats[2]}
+    clipfrac, approx_kl, ratio_mean, _, _ = stats.detach().unbind()
+    return loss, {"clipfrac": clipfrac, "approx_kl": approx_kl, "ratio_mean": ratio_mean}
 
 
 def ppo_value_loss(values, old_values, returns, mask=None, *, clip=0.2, agg="token-mean", backend=None):
@@ -150,4 +152,4 @@ def ppo_value_loss(values, old_values, returns, mask=None, *, clip=0.2, agg="tok
     loss, stats = _kernels(name).ppo_value_loss(
         _as_rows(values), _as_rows(old_values), _as_rows(returns), None if mask is None else _as_rows(mask), clip,
         agg)
-    return loss, {"clipfrac": stats.detach()[0]}
+    return loss, {"clipfrac": stats.detach().unbind()[0]}
