@@ -40,7 +40,10 @@ RLHF_FAST_HOST_DEVICE inline float select(bool c, float a, float b) {
 #endif
 }
 
-RLHF_FAST_HOST_DEVICE inline float clampf(float x, float lo, float hi) { return select(x < lo, lo, select(x > hi, hi, x)); }
+// clamp that keeps a nan (as torch.clamp does).
+RLHF_FAST_HOST_DEVICE inline float clampf(float x, float lo, float hi) {
+  return select(x < lo, lo, select(x > hi, hi, x));
+}
 
 // exp(x) for |x| <= 20, the only range used here (every argument is clamped first). On the device: the hardware
 // exp. On the host: range reduction x = n ln2 + r, |r| <= ln2/2, and a degree-7 polynomial for exp(r) (Cephes'
@@ -49,8 +52,9 @@ RLHF_FAST_HOST_DEVICE inline float exp_small(float x) {
 #ifdef __CUDA_ARCH__
   return expf(x);
 #else
-  constexpr float kRound = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
-  const float n = (x * 1.44269504088896341f + kRound) - kRound;
+  constexpr float kRound = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer, held in the low mantissa bits
+  const float shifted = x * 1.44269504088896341f + kRound;
+  const float n = shifted - kRound;
   const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -59,7 +63,8 @@ RLHF_FAST_HOST_DEVICE inline float exp_small(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.f;
-  const int32_t scale = (static_cast<int32_t>(n) + 127) << 23;  // 2^n, n in [-29, 29]
+  // 2^n from the integer in shifted's mantissa (no float-to-int conversion: defined even for a nan input).
+  const uint32_t scale = (std::bit_cast<uint32_t>(shifted) - std::bit_cast<uint32_t>(kRound) + 127u) << 23;
   return p * std::bit_cast<float>(scale);
 #endif
 }

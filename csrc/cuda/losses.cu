@@ -4,8 +4,9 @@
 // threads (a warp per row for short rows, the whole block per row for long ones), accumulates the per-token
 // loss, clip decisions and statistics in registers, reduces them per block into a partial slot, and the last
 // block to finish (atomic counter, threadfence) adds the partials in block order and writes the loss and stats:
-// deterministic for a given grid. Parallelism is over rows: a single very long row runs on one block. The backward recomputes the per-token math and writes d loss / d input, scaled
-// by the normalisers the forward left in `stats` (no host sync).
+// deterministic for a given grid. The completion counter is zeroed by a 4-byte memset, not a kernel. The
+// backward recomputes the per-token math and writes d loss / d input, scaled by the normalisers the forward
+// left in `stats` (no host sync). Parallelism is over rows: a single very long row runs on one block.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
