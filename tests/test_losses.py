@@ -251,6 +251,17 @@ def test_ppo_losses_ignore_garbage_under_the_mask(device, name, agg):
 
 
 @pytest.mark.parametrize("device,name", PAIRS)
+def test_nan_at_a_valid_token_is_not_hidden(device, name):
+    logp, old_logp, advantages = _policy_inputs((3, 20), device, torch.float32)
+    logp[1, 4] = float("nan")
+    mask = torch.ones(3, 20, dtype=torch.bool, device=device)
+    assert torch.isnan(rf.ppo_policy_loss(logp, old_logp, advantages, mask, backend=name)[0])
+    assert torch.isnan(rf.ppo_value_loss(logp, old_logp, advantages, mask, backend=name)[0])
+    for kind in ("k1", "k3"):
+        assert torch.isnan(rf.kl_penalty(logp, old_logp, kind, backend=name)[1, 4])
+
+
+@pytest.mark.parametrize("device,name", PAIRS)
 @pytest.mark.parametrize("shape", [(1, 1), (3, 1), (1, 600), (2, 3, 40), (0, 7), (3, 0), (5,)])
 def test_ppo_losses_awkward_shapes(device, name, shape):
     logp, old_logp, advantages = _policy_inputs(shape, device, torch.float32)

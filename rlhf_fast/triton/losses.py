@@ -30,8 +30,14 @@ def _code(table, label, value):
 
 
 @triton.jit
+def _clamp(x, lo, hi):
+    # nan stays nan, as in torch.clamp (tl.minimum / tl.maximum would drop it)
+    return tl.where(x < lo, lo, tl.where(x > hi, hi, x))
+
+
+@triton.jit
 def _k3_parts(logp, ref):
-    d = tl.minimum(tl.maximum(ref - logp, -20.0), 20.0)
+    d = _clamp(ref - logp, -20.0, 20.0)
     value = tl.exp(d) - d - 1.0
     return d, value
 
@@ -45,7 +51,7 @@ def _kl_value(logp, ref, KIND: tl.constexpr):
         out = 0.5 * diff * diff
     elif KIND == 3 or KIND == 5:
         _, value = _k3_parts(logp, ref)
-        out = tl.minimum(tl.maximum(value, -10.0), 10.0)
+        out = _clamp(value, -10.0, 10.0)
     else:  # k1, k1+
         out = diff
     return out
@@ -118,10 +124,10 @@ def _token_loss(x, y, z, p0, p1, p2, IS_POLICY: tl.constexpr, HAS_DUAL: tl.const
     (p0, p1, p2) = (clip_low, clip_high, dual_clip). Value: (values, old_values, returns), p0 = clip."""
     if IS_POLICY:
         log_ratio = x - y
-        clamped = tl.minimum(tl.maximum(log_ratio, -20.0), 20.0)
+        clamped = _clamp(log_ratio, -20.0, 20.0)
         ratio = tl.exp(clamped)
         unclipped = -z * ratio
-        clipped = -z * tl.minimum(tl.maximum(ratio, 1.0 - p0), 1.0 + p1)
+        clipped = -z * _clamp(ratio, 1.0 - p0, 1.0 + p1)
         clip_active = clipped > unclipped  # then the ratio lies outside the clip range: no gradient
         loss = tl.where(clip_active, clipped, unclipped)
         from_ratio = (clipped <= unclipped) & (log_ratio >= -20.0) & (log_ratio <= 20.0)
@@ -133,7 +139,7 @@ def _token_loss(x, y, z, p0, p1, p2, IS_POLICY: tl.constexpr, HAS_DUAL: tl.const
         neg_log_ratio = -clamped
     else:
         err = x - z
-        clipped_err = tl.minimum(tl.maximum(x, y - p0), y + p0) - z
+        clipped_err = _clamp(x, y - p0, y + p0) - z
         unclipped_sq = err * err
         clipped_sq = clipped_err * clipped_err
         clip_active = clipped_sq > unclipped_sq  # then V lies outside old +- clip: no gradient
