@@ -251,6 +251,20 @@ def test_ppo_losses_ignore_garbage_under_the_mask(device, name, agg):
 
 
 @pytest.mark.parametrize("device,name", PAIRS)
+def test_ppo_policy_loss_mixed_dtypes(device, name):
+    logp, old_logp, advantages = _policy_inputs((4, 30), device, torch.float32)
+    x = logp.to(torch.bfloat16).requires_grad_()
+    loss, _ = rf.ppo_policy_loss(x, old_logp, advantages.half(), agg="seq-mean-token-sum", backend=name)
+    loss.backward()
+    x64 = x.detach().double().requires_grad_()
+    exp_loss, _ = ref.ppo_policy_loss(x64, old_logp.double(), advantages.half().double(), agg="seq-mean-token-sum")
+    exp_loss.backward()
+    torch.testing.assert_close(loss.double(), exp_loss, rtol=1e-5, atol=1e-6)
+    assert x.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(x.grad.double(), x64.grad, **_grad_tol(torch.bfloat16))
+
+
+@pytest.mark.parametrize("device,name", PAIRS)
 def test_nan_at_a_valid_token_is_not_hidden(device, name):
     logp, old_logp, advantages = _policy_inputs((3, 20), device, torch.float32)
     logp[1, 4] = float("nan")
