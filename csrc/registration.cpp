@@ -39,6 +39,23 @@ TORCH_LIBRARY(rlhf_fast, m) {
   // The same gradient written over the logits (their strides kept): the logits are destroyed.
   m.def("logprobs_backward_(Tensor? grad_logp, Tensor? grad_entropy, Tensor(a!) logits, Tensor? labels, "
         "Tensor lse, Tensor entropy, float temperature, int ignore_index) -> ()");
+  // ---- losses (KL penalty, fused PPO policy / value losses) ----
+  // Elementwise KL estimator of logp against ref_logp (same shape and dtype) -> fp32; kind: k1, abs, k2/mse,
+  // k3/low_var_kl, k1+, k3+. The backward gives d/dlogp in logp's dtype (d/dref_logp is its negative).
+  m.def("kl_penalty(Tensor logp, Tensor ref_logp, str kind) -> Tensor");
+  m.def("kl_penalty_backward(Tensor grad, Tensor logp, Tensor ref_logp, str kind) -> Tensor");
+  // PPO losses over (rows, steps) inputs of one dtype: fp32 0-dim loss and fp32 stats (5,) = (clipfrac,
+  // approx_kl, ratio_mean, valid tokens, valid rows). agg: token-mean, seq-mean-token-sum,
+  // seq-mean-token-mean, seq-mean-token-sum-norm. The backwards take the forward's stats and give the gradient
+  // of the first input (logp / values) in its dtype.
+  m.def("ppo_policy_loss(Tensor logp, Tensor old_logp, Tensor advantages, Tensor? mask, float clip_low, "
+        "float clip_high, float? dual_clip, str agg) -> (Tensor loss, Tensor stats)");
+  m.def("ppo_policy_loss_backward(Tensor grad_loss, Tensor logp, Tensor old_logp, Tensor advantages, "
+        "Tensor? mask, Tensor stats, float clip_low, float clip_high, float? dual_clip, str agg) -> Tensor");
+  m.def("ppo_value_loss(Tensor values, Tensor old_values, Tensor returns, Tensor? mask, float clip, str agg) "
+        "-> (Tensor loss, Tensor stats)");
+  m.def("ppo_value_loss_backward(Tensor grad_loss, Tensor values, Tensor old_values, Tensor returns, "
+        "Tensor? mask, Tensor stats, float clip, str agg) -> Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {

@@ -45,3 +45,8 @@ __all__ = [
     "linear_logprobs",
     "logprobs",
 ]
+
+# ---------------------------------------------------------------- losses
+from .losses import agg_loss, kl_penalty, masked_sum, ppo_policy_loss, ppo_value_loss  # noqa: E402
+
+__all__ += ["agg_loss", "kl_penalty", "masked_sum", "ppo_policy_loss", "ppo_value_loss"]

@@ -152,3 +152,79 @@ def register_triton_autograd(module) -> None:
 
 if backend.compiled() is not None:
     _register_compiled()
+
+# ---------------------------------------------------------------- losses
+
+
+def _kl_penalty_fake(logp, ref_logp, kind):
+    return logp.new_empty(logp.shape, dtype=torch.float32)
+
+
+def _kl_penalty_backward_fake(grad, logp, ref_logp, kind):
+    return torch.empty_like(logp)
+
+
+def _kl_penalty_setup_context(ctx, inputs, output):
+    logp, ref_logp, kind = inputs
+    ctx.save_for_backward(logp, ref_logp)
+    ctx.kind = kind
+
+
+def kl_penalty_backward(backward_op, ctx, grad):
+    """Every kind depends on logp - ref_logp only, so d/dref_logp = -d/dlogp: one kernel gives both."""
+    logp, ref_logp = ctx.saved_tensors
+    grad_logp = backward_op(grad.float().contiguous(), logp, ref_logp, ctx.kind)
+    return (grad_logp if ctx.needs_input_grad[0] else None,
+            -grad_logp if ctx.needs_input_grad[1] else None, None)
+
+
+def _ppo_loss_fake(a, b, c, mask, *params):
+    return a.new_empty((), dtype=torch.float32), a.new_empty((5,), dtype=torch.float32)
+
+
+def _ppo_loss_backward_fake(grad_loss, a, *rest):
+    return torch.empty_like(a)
+
+
+def _ppo_loss_setup_context(ctx, inputs, output):
+    a, b, c, mask, *params = inputs
+    ctx.save_for_backward(a, b, c, mask, output[1])
+    ctx.params = params
+
+
+def ppo_loss_backward(backward_op, ctx, grad_loss, grad_stats):
+    """Gradient of the first input only (logp / values); the others are detached by contract. The stats are not
+    differentiable: their gradient is ignored."""
+    a, b, c, mask, stats = ctx.saved_tensors
+    grad = backward_op(grad_loss.float().reshape(()).contiguous(), a, b, c, mask, stats, *ctx.params)
+    return (grad,) + (None,) * (3 + len(ctx.params))
+
+
+def _register_losses_compiled() -> None:
+    ops = torch.ops.rlhf_fast
+    torch.library.register_fake("rlhf_fast::kl_penalty")(_kl_penalty_fake)
+    torch.library.register_fake("rlhf_fast::kl_penalty_backward")(_kl_penalty_backward_fake)
+    torch.library.register_autograd("rlhf_fast::kl_penalty",
+                                    lambda ctx, g: kl_penalty_backward(ops.kl_penalty_backward, ctx, g),
+                                    setup_context=_kl_penalty_setup_context)
+    for op in ("ppo_policy_loss", "ppo_value_loss"):
+        backward_op = getattr(ops, f"{op}_backward")
+        torch.library.register_fake(f"rlhf_fast::{op}")(_ppo_loss_fake)
+        torch.library.register_fake(f"rlhf_fast::{op}_backward")(_ppo_loss_backward_fake)
+        torch.library.register_autograd(
+            f"rlhf_fast::{op}", lambda ctx, gl, gs, backward_op=backward_op: ppo_loss_backward(backward_op, ctx, gl, gs),
+            setup_context=_ppo_loss_setup_context)
+
+
+def register_losses_triton_autograd(module) -> None:
+    """Called by rlhf_fast.triton.losses once its triton_ops exist."""
+    module.kl_penalty.register_autograd(lambda ctx, g: kl_penalty_backward(module.kl_penalty_backward, ctx, g),
+                                        setup_context=_kl_penalty_setup_context)
+    for op, backward_op in ((module.ppo_policy_loss, module.ppo_policy_loss_backward),
+                            (module.ppo_value_loss, module.ppo_value_loss_backward)):
+        op.register_autograd(lambda ctx, gl, gs, backward_op=backward_op: ppo_loss_backward(backward_op, ctx, gl, gs),
+                             setup_context=_ppo_loss_setup_context)
+
+
+if backend.compiled() is not None:
+    _register_losses_compiled()

@@ -170,3 +170,111 @@ def logprobs_per_row_loop(logits, labels):
     rows = [torch.log_softmax(row.float(), dim=-1).gather(-1, row_labels.unsqueeze(-1)).squeeze(-1)
             for row, row_labels in zip(logits, labels)]
     return torch.stack(rows) if rows else logits.new_zeros(labels.shape, dtype=torch.float32)
+# ---------------------------------------------------------------- losses
+
+KL_KINDS = {"k1": "k1", "abs": "abs", "k2": "k2", "mse": "k2", "k3": "k3", "low_var_kl": "k3", "k1+": "k1+",
+            "k3+": "k3+"}
+AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+def _at_least_float32(*tensors):
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return [t.to(dtype) for t in tensors]
+
+
+def kl_penalty(logp, ref_logp, kind="k1"):
+    """Per-token KL estimator of the policy against the reference model, as verl writes it.
+
+    k1: logp - ref; abs: |logp - ref|; k2 (mse): ½(logp - ref)²; k3 (low_var_kl): with d = clamp(ref - logp, ±20),
+    clamp(exp(d) - d - 1, ±10). "k1+" / "k3+": the value of k1 / k3 with the gradient of k2 (straight-through).
+    """
+    kind = KL_KINDS[kind]
+    logp, ref_logp = _at_least_float32(logp, ref_logp)
+    if kind.endswith("+"):
+        value = kl_penalty(logp, ref_logp, kind[:-1])
+        surrogate = 0.5 * (logp - ref_logp).square()
+        return surrogate - surrogate.detach() + value.detach()
+    if kind == "k1":
+        return logp - ref_logp
+    if kind == "abs":
+        return (logp - ref_logp).abs()
+    if kind == "k2":
+        return 0.5 * (logp - ref_logp).square()
+    kl = torch.clamp(ref_logp - logp, min=-20.0, max=20.0)
+    return torch.clamp(kl.exp() - kl - 1, min=-10.0, max=10.0)
+
+
+def masked_sum(x, mask=None, dim=None):
+    """Sum of x over the entries where mask is nonzero (masked entries are ignored even when inf/nan)."""
+    (x,) = _at_least_float32(x)
+    if mask is not None:
+        x = torch.where(mask.bool(), x, torch.zeros_like(x))
+    return x.sum() if dim is None else x.sum(dim=dim)
+
+
+def agg_loss(loss, mask=None, mode="token-mean"):
+    """Aggregates a per-token loss (..., T) to a scalar, as verl's agg_loss.
+
+    token-mean: Σ(loss·m) / Σm. seq-mean-token-sum: mean over rows of Σ_t loss·m. seq-mean-token-mean: mean over
+    the rows that have a valid token of Σ_t loss·m / Σ_t m (rows with none are left out). seq-mean-token-sum-norm:
+    Σ(loss·m) / (rows × T). Nothing valid (or nothing at all) gives 0.
+    """
+    (loss,) = _at_least_float32(loss)
+    valid = torch.ones_like(loss, dtype=torch.bool) if mask is None else mask.bool()
+    rows, steps = loss.shape[:-1].numel(), loss.shape[-1]
+    loss, valid = loss.reshape(rows, steps), valid.reshape(rows, steps)
+    row_sums = masked_sum(loss, valid, dim=-1)
+    if mode == "token-mean":
+        return row_sums.sum() / valid.sum().clamp(min=1)
+    if mode == "seq-mean-token-sum":
+        return row_sums.sum() / max(rows, 1)
+    if mode == "seq-mean-token-mean":
+        counts = valid.sum(-1)
+        has_tokens = counts > 0
+        row_means = torch.where(has_tokens, row_sums / counts.clamp(min=1), torch.zeros_like(row_sums))
+        return row_means.sum() / has_tokens.sum().clamp(min=1)
+    if mode == "seq-mean-token-sum-norm":
+        return row_sums.sum() / max(rows * steps, 1)
+    raise ValueError(f"mode must be one of {AGG_MODES}, got {mode!r}")
+
+
+def ppo_policy_loss(logp, old_logp, advantages, mask=None, *, clip_low=0.2, clip_high=0.2, dual_clip=None,
+                    agg="token-mean"):
+    """Clipped PPO policy loss as verl's compute_policy_loss; returns (loss, stats).
+
+    ratio = exp(clamp(logp - old_logp, ±20)); pg = max(-A·ratio, -A·clamp(ratio, 1 - clip_low, 1 + clip_high)); with
+    dual_clip c, where A < 0: min(pg, -A·c). stats: clipfrac (valid tokens where the clipped term is larger),
+    approx_kl (masked mean of old_logp - logp, log-ratio clamped), ratio_mean; all masked means over valid tokens.
+    """
+    logp, old_logp, advantages = _at_least_float32(logp, old_logp, advantages)
+    negative_approx_kl = torch.clamp(logp - old_logp, min=-20.0, max=20.0)
+    ratio = torch.exp(negative_approx_kl)
+    pg_losses1 = -advantages * ratio
+    pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    pg_losses = torch.maximum(pg_losses1, pg_losses2)
+    if dual_clip is not None:
+        pg_losses3 = -advantages * dual_clip
+        pg_losses = torch.where(advantages < 0, torch.minimum(pg_losses, pg_losses3), pg_losses)
+    loss = agg_loss(pg_losses, mask, agg)
+    with torch.no_grad():
+        stats = {"clipfrac": agg_loss(torch.gt(pg_losses2, pg_losses1).to(logp.dtype), mask),
+                 "approx_kl": agg_loss(-negative_approx_kl, mask),
+                 "ratio_mean": agg_loss(ratio, mask)}
+    return loss, stats
+
+
+def ppo_value_loss(values, old_values, returns, mask=None, *, clip=0.2, agg="token-mean"):
+    """Clipped value loss as verl's compute_value_loss: 0.5·agg(max((V-R)², (clamp(V, old±clip) - R)²)).
+
+    stats: clipfrac (valid tokens where the clipped term is larger).
+    """
+    values, old_values, returns = _at_least_float32(values, old_values, returns)
+    clipped_values = torch.clamp(values, old_values - clip, old_values + clip)
+    vf_losses1 = (values - returns) ** 2
+    vf_losses2 = (clipped_values - returns) ** 2
+    loss = agg_loss(0.5 * torch.maximum(vf_losses1, vf_losses2), mask, agg)
+    with torch.no_grad():
+        stats = {"clipfrac": agg_loss(torch.gt(vf_losses2, vf_losses1).to(values.dtype), mask)}
+    return loss, stats

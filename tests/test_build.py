@@ -10,18 +10,32 @@ import torch
 from rlhf_fast import backend
 
 
-def test_compiled_library_loads_and_registers_ops():
+# Per family: the ops registered under torch.ops.rlhf_fast, and CUDA kernel symbols that must be in the library.
+FAMILIES = {
+    "advantages": (("gae", "group_advantages", "masked_moments"),
+                   (b"gae_kernel", b"masked_moments_kernel", b"group_advantages_kernel")),
+    "logprobs": (("logprobs_forward", "logprobs_backward", "logprobs_backward_"),
+                 (b"logprobs_forward_kernel", b"logprobs_backward_kernel")),
+    "losses": (("kl_penalty", "kl_penalty_backward", "ppo_policy_loss", "ppo_policy_loss_backward", "ppo_value_loss",
+                "ppo_value_loss_backward"),
+               (b"kl_penalty_kernel", b"kl_penalty_backward_kernel", b"loss_forward_kernel", b"loss_backward_kernel")),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_compiled_library_registers_ops(family):
     assert backend.compiled() is not None, backend.compiled_error()
-    for op in ("gae", "group_advantages", "masked_moments"):
-        assert hasattr(torch.ops.rlhf_fast, op)
+    for op in FAMILIES[family][0]:
+        assert hasattr(torch.ops.rlhf_fast, op), f"torch.ops.rlhf_fast.{op} is not registered"
 
 
 @pytest.mark.skipif(os.environ.get("RLHF_FAST_EXPECT_CUDA") != "1",
                     reason="set RLHF_FAST_EXPECT_CUDA=1 where nvcc and a CUDA torch are present (CI does)")
-def test_cuda_sources_compiled_in():
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_cuda_sources_compiled_in(family):
     assert backend.cuda_compiled(), "rlhf_fast._C was built without csrc/cuda/*.cu"
     library = Path(backend.compiled().__file__).read_bytes()
-    for kernel in (b"gae_kernel", b"masked_moments_kernel", b"group_advantages_kernel"):
+    for kernel in FAMILIES[family][1]:
         assert kernel in library, f"{kernel.decode()} missing from the compiled library"
 
 
@@ -47,13 +61,3 @@ def test_package_imports_without_compiled_library():
     env = {**os.environ, "RLHF_FAST_BACKEND": "auto"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
-
-
-def test_logprobs_ops_registered_and_kernels_compiled_in():
-    assert backend.compiled() is not None, backend.compiled_error()
-    for op in ("logprobs_forward", "logprobs_backward", "logprobs_backward_"):
-        assert hasattr(torch.ops.rlhf_fast, op)
-    if os.environ.get("RLHF_FAST_EXPECT_CUDA") == "1":
-        library = Path(backend.compiled().__file__).read_bytes()
-        for kernel in (b"logprobs_forward_kernel", b"logprobs_backward_kernel"):
-            assert kernel in library, f"{kernel.decode()} missing from the compiled library"

@@ -1,0 +1,252 @@
+// Per-token math of the losses family, shared by the CPU and CUDA kernels (host and device), so that every
+// backend computes the same values, clip decisions and gradients.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <type_traits>
+#ifndef __CUDA_ARCH__
+#include <bit>
+#endif
+
+#include <c10/util/Exception.h>
+
+#ifdef __CUDACC__
+#define RLHF_FAST_HOST_DEVICE __host__ __device__
+#else
+#define RLHF_FAST_HOST_DEVICE
+#endif
+
+// The KL estimators must inline into the elementwise loops (GCC otherwise keeps k3_value as a call and the loop
+// does not vectorise). Forcing it on the PPO per-token math instead stops GCC vectorising those loops.
+#ifdef __CUDACC__
+#define RLHF_FAST_TOKEN_FN __host__ __device__ __forceinline__
+#else
+#define RLHF_FAST_TOKEN_FN inline __attribute__((always_inline))
+#endif
+
+namespace rlhf_fast {
+namespace losses {
+
+// Branch-free helpers, so that the CPU loops vectorise (under `omp simd`) and the GPU code has no divergence.
+// c ? a : b. On the host as an integer blend: GCC turns float ternaries into branches, which mispredict on
+// random data and keep the loops from vectorising.
+RLHF_FAST_HOST_DEVICE inline float select(bool c, float a, float b) {
+#ifdef __CUDA_ARCH__
+  return c ? a : b;
+#else
+  const uint32_t keep = 0u - static_cast<uint32_t>(c);
+  return std::bit_cast<float>((std::bit_cast<uint32_t>(a) & keep) | (std::bit_cast<uint32_t>(b) & ~keep));
+#endif
+}
+
+// clamp that keeps a nan (as torch.clamp does).
+RLHF_FAST_HOST_DEVICE inline float clampf(float x, float lo, float hi) {
+  return select(x < lo, lo, select(x > hi, hi, x));
+}
+
+// exp(x) for |x| <= 20, the only range used here (every argument is clamped first). On the device: the hardware
+// exp. On the host: range reduction x = n ln2 + r, |r| <= ln2/2, and a degree-7 polynomial for exp(r) (Cephes'
+// coefficients, about 1 ulp) -- glibc's expf is a scalar call that keeps the loops from vectorising.
+RLHF_FAST_HOST_DEVICE inline float exp_small(float x) {
+#ifdef __CUDA_ARCH__
+  return expf(x);
+#else
+  constexpr float kRound = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer, held in the low mantissa bits
+  const float shifted = x * 1.44269504088896341f + kRound;
+  const float n = shifted - kRound;
+  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  // 2^n from the integer in shifted's mantissa (no float-to-int conversion: defined even for a nan input).
+  const uint32_t scale = (std::bit_cast<uint32_t>(shifted) - std::bit_cast<uint32_t>(kRound) + 127u) << 23;
+  return p * std::bit_cast<float>(scale);
+#endif
+}
+
+// ---- kl_penalty ----
+
+enum class KlKind : int { K1, Abs, K2, K3, K1Plus, K3Plus };
+
+inline KlKind parse_kl_kind(const std::string& kind) {
+  if (kind == "k1") return KlKind::K1;
+  if (kind == "abs") return KlKind::Abs;
+  if (kind == "k2" || kind == "mse") return KlKind::K2;
+  if (kind == "k3" || kind == "low_var_kl") return KlKind::K3;
+  if (kind == "k1+") return KlKind::K1Plus;
+  if (kind == "k3+") return KlKind::K3Plus;
+  TORCH_CHECK(false, "kl_penalty: unknown kind '", kind, "' (k1, abs, k2/mse, k3/low_var_kl, k1+, k3+)");
+}
+
+// Calls f(std::integral_constant<KlKind, K>{}) so the per-element loop is compiled once per kind.
+template <typename F>
+inline void dispatch_kl_kind(KlKind kind, F&& f) {
+  switch (kind) {
+    case KlKind::K1: return f(std::integral_constant<KlKind, KlKind::K1>{});
+    case KlKind::Abs: return f(std::integral_constant<KlKind, KlKind::Abs>{});
+    case KlKind::K2: return f(std::integral_constant<KlKind, KlKind::K2>{});
+    case KlKind::K3: return f(std::integral_constant<KlKind, KlKind::K3>{});
+    case KlKind::K1Plus: return f(std::integral_constant<KlKind, KlKind::K1Plus>{});
+    case KlKind::K3Plus: return f(std::integral_constant<KlKind, KlKind::K3Plus>{});
+  }
+}
+
+constexpr float kLogRatioClamp = 20.f;  // verl: the log-ratio is clamped to +-20 before exp
+constexpr float kK3Clamp = 10.f;        // verl: the k3 estimate is clamped to +-10
+
+// k3 (low_var_kl) as verl writes it: d = clamp(ref - logp, +-20); clamp(exp(d) - d - 1, +-10).
+RLHF_FAST_TOKEN_FN float k3_value(float logp, float ref) {
+  const float d = clampf(ref - logp, -kLogRatioClamp, kLogRatioClamp);
+  return clampf(exp_small(d) - d - 1.f, -kK3Clamp, kK3Clamp);
+}
+
+template <KlKind K>
+RLHF_FAST_TOKEN_FN float kl_value(float logp, float ref) {
+  const float diff = logp - ref;
+  if constexpr (K == KlKind::K1 || K == KlKind::K1Plus) return diff;
+  if constexpr (K == KlKind::Abs) return select(diff < 0.f, -diff, diff);
+  if constexpr (K == KlKind::K2) return 0.5f * diff * diff;
+  if constexpr (K == KlKind::K3 || K == KlKind::K3Plus) return k3_value(logp, ref);
+  return 0.f;
+}
+
+// d kl / d logp; d kl / d ref is its negative for every kind (each depends on logp - ref only).
+// The "+" kinds are straight-through: the value of k1 / k3 with the gradient of k2.
+template <KlKind K>
+RLHF_FAST_TOKEN_FN float kl_grad(float logp, float ref) {
+  const float diff = logp - ref;
+  if constexpr (K == KlKind::K1) return 1.f;
+  if constexpr (K == KlKind::Abs) return select(diff > 0.f, 1.f, select(diff < 0.f, -1.f, 0.f));
+  if constexpr (K == KlKind::K2 || K == KlKind::K1Plus || K == KlKind::K3Plus) return diff;
+  if constexpr (K == KlKind::K3) {
+    // Each clamp passes the gradient inside its closed range, as torch.clamp does; d/dlogp = -d/dd.
+    const float d = ref - logp;
+    const float clamped = clampf(d, -kLogRatioClamp, kLogRatioClamp);
+    const float e = exp_small(clamped);
+    const float value = e - clamped - 1.f;
+    const bool passes = (value <= kK3Clamp) & (value >= -kK3Clamp) & (d >= -kLogRatioClamp) & (d <= kLogRatioClamp);
+    return select(passes, 1.f - e, 0.f);
+  }
+  return 0.f;
+}
+
+// ---- loss aggregation ----
+
+enum class Agg : int { TokenMean, SeqMeanTokenSum, SeqMeanTokenMean, SeqMeanTokenSumNorm };
+
+inline Agg parse_agg(const std::string& mode) {
+  if (mode == "token-mean") return Agg::TokenMean;
+  if (mode == "seq-mean-token-sum") return Agg::SeqMeanTokenSum;
+  if (mode == "seq-mean-token-mean") return Agg::SeqMeanTokenMean;
+  if (mode == "seq-mean-token-sum-norm") return Agg::SeqMeanTokenSumNorm;
+  TORCH_CHECK(false, "unknown agg mode '", mode,
+              "' (token-mean, seq-mean-token-sum, seq-mean-token-mean, seq-mean-token-sum-norm)");
+}
+
+// Running sums of a loss kernel over its tokens / rows, in this order in every partial buffer.
+enum Total : int {
+  kLossSum,      // sum of loss over valid tokens
+  kRowMeanSum,   // sum over rows with a valid token of (row loss sum / row valid count)
+  kValidTokens,  // number of valid tokens
+  kValidRows,    // number of rows with at least one valid token
+  kClipped,      // valid tokens where the clipped term is the active one
+  kNegLogRatio,  // sum of old_logp - logp (log-ratio clamped), policy loss only
+  kRatio,        // sum of the ratio, policy loss only
+  kTotals
+};
+
+// The kernels' second output: (clipfrac, approx_kl, ratio_mean, valid_tokens, valid_rows), fp32.
+// The last two feed the backward's normalisation without a host sync.
+constexpr int kStats = 5;
+
+template <typename acc_t>
+RLHF_FAST_HOST_DEVICE inline void finalize(const acc_t* totals, Agg agg, int64_t rows, int64_t steps, float* loss,
+                                           float* stats) {
+  const acc_t tokens = totals[kValidTokens], valid_rows = totals[kValidRows];
+  acc_t value = 0;
+  if (agg == Agg::TokenMean) {
+    value = tokens > 0 ? totals[kLossSum] / tokens : acc_t(0);
+  } else if (agg == Agg::SeqMeanTokenSum) {
+    value = rows > 0 ? totals[kLossSum] / static_cast<acc_t>(rows) : acc_t(0);
+  } else if (agg == Agg::SeqMeanTokenMean) {
+    value = valid_rows > 0 ? totals[kRowMeanSum] / valid_rows : acc_t(0);
+  } else {
+    value = rows * steps > 0 ? totals[kLossSum] / (static_cast<acc_t>(rows) * static_cast<acc_t>(steps)) : acc_t(0);
+  }
+  *loss = static_cast<float>(value);
+  const acc_t per_token = tokens > 0 ? acc_t(1) / tokens : acc_t(0);
+  stats[0] = static_cast<float>(totals[kClipped] * per_token);
+  stats[1] = static_cast<float>(totals[kNegLogRatio] * per_token);
+  stats[2] = static_cast<float>(totals[kRatio] * per_token);
+  stats[3] = static_cast<float>(tokens);
+  stats[4] = static_cast<float>(valid_rows);
+}
+
+// d loss / d (token loss) for a valid token, except seq-mean-token-mean, whose weight also divides by the
+// token's row count (see row_weight).
+RLHF_FAST_HOST_DEVICE inline float token_weight(Agg agg, int64_t rows, int64_t steps, const float* stats) {
+  if (agg == Agg::TokenMean) return stats[3] > 0.f ? 1.f / stats[3] : 0.f;
+  if (agg == Agg::SeqMeanTokenSum) return rows > 0 ? 1.f / static_cast<float>(rows) : 0.f;
+  if (agg == Agg::SeqMeanTokenMean) return stats[4] > 0.f ? 1.f / stats[4] : 0.f;
+  return rows * steps > 0 ? 1.f / (static_cast<float>(rows) * static_cast<float>(steps)) : 0.f;
+}
+
+RLHF_FAST_HOST_DEVICE inline float row_weight(Agg agg, float row_valid) {
+  return agg != Agg::SeqMeanTokenMean ? 1.f : (row_valid > 0.f ? 1.f / row_valid : 0.f);
+}
+
+// ---- per-token PPO losses ----
+
+struct TokenLoss {
+  float loss;
+  bool clipped;
+  float neg_log_ratio;
+  float ratio;
+};
+
+// pg = max(-A r, -A clamp(r, 1 - clip_low, 1 + clip_high)), r = exp(clamp(logp - old, +-20)); with a dual clip
+// c > 1, where A < 0: min(pg, -A c). Inputs (a, b, c) = (logp, old_logp, advantages); gradient to logp.
+struct PolicyMath {
+  float clip_low, clip_high, dual_clip;
+  bool has_dual_clip;
+
+  RLHF_FAST_HOST_DEVICE inline TokenLoss eval(float logp, float old_logp, float adv, float* grad) const {
+    const float log_ratio = logp - old_logp;
+    const float clamped = clampf(log_ratio, -kLogRatioClamp, kLogRatioClamp);
+    const float ratio = exp_small(clamped);
+    const float unclipped = -adv * ratio;
+    const float clipped = -adv * clampf(ratio, 1.f - clip_low, 1.f + clip_high);
+    const bool clip_active = clipped > unclipped;  // then ratio lies outside the clip range: no gradient
+    const float pg = select(clip_active, clipped, unclipped);
+    const float dual_bound = -adv * dual_clip;
+    const bool dual_active = has_dual_clip & (adv < 0.f) & (pg > dual_bound);
+    if (grad) {
+      const bool in_clamp = (log_ratio >= -kLogRatioClamp) & (log_ratio <= kLogRatioClamp);
+      *grad = select((!clip_active) & (!dual_active) & in_clamp, unclipped, 0.f);  // d(-A r)/dlogp = -A r
+    }
+    return {select(dual_active, dual_bound, pg), clip_active, -clamped, ratio};
+  }
+};
+
+// 0.5 max((V - R)^2, (clamp(V, old - clip, old + clip) - R)^2); (a, b, c) = (values, old_values, returns);
+// gradient to values.
+struct ValueMath {
+  float clip;
+
+  RLHF_FAST_HOST_DEVICE inline TokenLoss eval(float value, float old_value, float ret, float* grad) const {
+    const float err = value - ret;
+    const float clipped_err = clampf(value, old_value - clip, old_value + clip) - ret;
+    const float unclipped = err * err, clipped = clipped_err * clipped_err;
+    const bool clip_active = clipped > unclipped;  // then V lies outside old +- clip: no gradient
+    if (grad) *grad = select(clip_active, 0.f, err);
+    return {0.5f * select(clip_active, clipped, unclipped), clip_active, 0.f, 0.f};
+  }
+};
+
+}  // namespace losses
+}  // namespace rlhf_fast
