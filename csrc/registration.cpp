@@ -23,6 +23,16 @@ TORCH_LIBRARY(rlhf_fast, m) {
   m.def("group_advantages(Tensor scores, int group_size, bool norm_std, bool leave_one_out, float eps) -> Tensor");
   // (count, sum, sum of squares) of the masked entries, float64, shape (3,).
   m.def("masked_moments(Tensor x, Tensor? mask) -> Tensor");
+
+  // ---- quant (quantized matmuls: out (M, N) = x (M, K) @ W^T + bias, in x's dtype) ----
+  // x contiguous (M, K) float32/bfloat16/float16; bias float32 (N,). See rlhf_fast/quant.py for the schemes.
+  // int8 weight-only: qweight int8 (N, K), scales float32 (N,).
+  m.def("qmatmul_int8(Tensor x, Tensor qweight, Tensor scales, Tensor? bias) -> Tensor");
+  // int4 weight-only: qweight uint8 (N, K/2) (even k in the low nibble), scales float32 and zeros uint8
+  // (N, K/group_size).
+  m.def("qmatmul_int4(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size, Tensor? bias) -> Tensor");
+  // W8A8: int8 weight as qmatmul_int8, activations quantized per token inside the op, int32 accumulation.
+  m.def("qmatmul_w8a8(Tensor x, Tensor qweight, Tensor scales, Tensor? bias) -> Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {

@@ -28,6 +28,8 @@ from .advantages import (  # noqa: E402
     masked_whiten,
     rloo_advantages,
 )
+# ---------------------------------------------------------------- quant
+from .quant import QuantizedLinear, QuantizedWeight, qmatmul, quantize_model, quantize_weight  # noqa: E402
 
 __all__ = [
     "BackendUnavailable",
@@ -38,4 +40,10 @@ __all__ = [
     "masked_mean",
     "masked_whiten",
     "rloo_advantages",
+    # quant
+    "QuantizedLinear",
+    "QuantizedWeight",
+    "qmatmul",
+    "quantize_model",
+    "quantize_weight",
 ]

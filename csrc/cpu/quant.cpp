@@ -1,0 +1,228 @@
+// CPU kernels of the quant family: out (M, N) = x (M, K) @ W^T (+ bias), W quantized int8 / int4 / W8A8.
+//
+// Few rows (decode, M <= kFusedMaxRows): one fused pass over the weight, output channels split over the OpenMP
+// threads; each quantized weight row is read once, dequantized in registers and dotted with every activation
+// row (they stay in cache). Many rows: the weight is dequantized kPanel output channels at a time into a float32
+// panel that ATen's sgemm multiplies, so the GEMM runs at BLAS speed and the full dequantized weight never
+// exists. W8A8 quantizes the activations per token first; its fused path accumulates int8 x int8 products in
+// int32, its panel path multiplies the integer values in float32 sgemm (exact while |sum| < 2^24, otherwise
+// rounded like the int32 -> float32 conversion of the epilogue).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+namespace rlhf_fast {
+namespace {
+
+constexpr int64_t kFusedMaxRows = 4;
+constexpr int64_t kPanel = 256;
+
+void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& qweight, int64_t in_features,
+                  const at::Tensor& scales, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), op, ": x must be a contiguous (M, K) tensor");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              op, ": x must be float32, bfloat16 or float16");
+  TORCH_CHECK(qweight.dim() == 2 && qweight.is_contiguous(), op, ": qweight must be a contiguous 2-D tensor");
+  TORCH_CHECK(x.size(1) == in_features, op, ": x has K=", x.size(1), " but the weight has K=", in_features);
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous(), op,
+              ": scales must be contiguous float32");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == qweight.size(0) && bias->scalar_type() == at::kFloat &&
+                    bias->is_contiguous(),
+                op, ": bias must be contiguous float32 (N,)");
+  }
+}
+
+at::Tensor finish(at::Tensor out, const c10::optional<at::Tensor>& bias, const at::Tensor& x) {
+  if (bias.has_value()) out.add_(*bias);
+  return out.to(x.scalar_type());
+}
+
+// Rows n of the dequantized weight, kPanel at a time, multiplied by ATen's sgemm: out (M, N) float32.
+template <typename DequantRow>
+at::Tensor panel_matmul(const at::Tensor& x32, int64_t out_features, const DequantRow& dequant_row) {
+  const int64_t rows = x32.size(0), in_features = x32.size(1);
+  auto out = at::empty({rows, out_features}, x32.options());
+  auto panel = at::empty({std::min(kPanel, out_features), in_features}, x32.options());
+  float* p = panel.data_ptr<float>();
+  for (int64_t n0 = 0; n0 < out_features; n0 += kPanel) {
+    const int64_t count = std::min(kPanel, out_features - n0);
+    at::parallel_for(0, count, 8, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) dequant_row(n0 + r, p + r * in_features);
+    });
+    out.narrow(1, n0, count).copy_(at::mm(x32, panel.narrow(0, 0, count).t()));
+  }
+  return out;
+}
+
+// out[m, n] = scale[n] * sum_k x[m, k] * q[n, k], channels split over threads.
+void int8_fused(const float* x, int64_t rows, int64_t in_features, const int8_t* q, const float* scale,
+                int64_t out_features, float* out) {
+  at::parallel_for(0, out_features, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const int8_t* w = q + n * in_features;
+      for (int64_t m = 0; m < rows; ++m) {
+        const float* xr = x + m * in_features;
+        float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t k = 0; k < in_features; ++k) acc += xr[k] * static_cast<float>(w[k]);
+        out[m * out_features + n] = acc * scale[n];
+      }
+    }
+  });
+}
+
+at::Tensor qmatmul_int8_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                            const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(qweight.scalar_type() == at::kChar, "qmatmul_int8: qweight must be int8");
+  check_inputs("qmatmul_int8", x, qweight, qweight.size(1), scales, bias);
+  TORCH_CHECK(scales.dim() == 1 && scales.size(0) == qweight.size(0), "qmatmul_int8: scales must be (N,)");
+  const int64_t rows = x.size(0), out_features = qweight.size(0), in_features = qweight.size(1);
+  const auto x32 = x.to(at::kFloat);
+  const int8_t* q = qweight.data_ptr<int8_t>();
+  const float* s = scales.data_ptr<float>();
+  if (rows > kFusedMaxRows) {
+    auto out = panel_matmul(x32, out_features, [&](int64_t n, float* dst) {
+      const int8_t* w = q + n * in_features;
+      const float scale = s[n];
+#pragma omp simd
+      for (int64_t k = 0; k < in_features; ++k) dst[k] = static_cast<float>(w[k]) * scale;
+    });
+    return finish(out, bias, x);
+  }
+  auto out = at::empty({rows, out_features}, x32.options());
+  int8_fused(x32.data_ptr<float>(), rows, in_features, q, s, out_features, out.data_ptr<float>());
+  return finish(out, bias, x);
+}
+
+at::Tensor qmatmul_int4_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                            const at::Tensor& zeros, int64_t group_size, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(qweight.scalar_type() == at::kByte, "qmatmul_int4: qweight must be uint8 (two values per byte)");
+  const int64_t rows = x.size(0), out_features = qweight.size(0), in_features = 2 * qweight.size(1);
+  check_inputs("qmatmul_int4", x, qweight, in_features, scales, bias);
+  TORCH_CHECK(group_size >= 2 && group_size % 2 == 0 && in_features % group_size == 0,
+              "qmatmul_int4: group_size must be even and divide K");
+  const int64_t groups = in_features / group_size, half = in_features / 2, half_group = group_size / 2;
+  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == out_features && scales.size(1) == groups,
+              "qmatmul_int4: scales must be (N, K / group_size)");
+  TORCH_CHECK(zeros.scalar_type() == at::kByte && zeros.is_contiguous() && zeros.sizes() == scales.sizes(),
+              "qmatmul_int4: zeros must be contiguous uint8 shaped like scales");
+  const auto x32 = x.to(at::kFloat);
+  const uint8_t* q = qweight.data_ptr<uint8_t>();
+  const uint8_t* z = zeros.data_ptr<uint8_t>();
+  const float* s = scales.data_ptr<float>();
+  if (rows > kFusedMaxRows) {
+    auto out = panel_matmul(x32, out_features, [&](int64_t n, float* dst) {
+      for (int64_t g = 0; g < groups; ++g) {
+        const uint8_t* b = q + n * half + g * half_group;
+        const float scale = s[n * groups + g], offset = -static_cast<float>(z[n * groups + g]) * scale;
+        float* d = dst + g * group_size;
+#pragma omp simd
+        for (int64_t j = 0; j < half_group; ++j) {
+          d[2 * j] = static_cast<float>(b[j] & 0xF) * scale + offset;
+          d[2 * j + 1] = static_cast<float>(b[j] >> 4) * scale + offset;
+        }
+      }
+    });
+    return finish(out, bias, x);
+  }
+  // sum_k (q - z) s x = s (sum_k q x - z sum_k x) per group; x split into even and odd k to match the nibbles.
+  const auto pairs = x32.view({rows, half, 2});
+  const auto x_even = pairs.select(2, 0).contiguous(), x_odd = pairs.select(2, 1).contiguous();
+  const auto x_group_sum = x32.view({rows, groups, group_size}).sum(-1).contiguous();
+  const float* xe = x_even.data_ptr<float>();
+  const float* xo = x_odd.data_ptr<float>();
+  const float* xs = x_group_sum.data_ptr<float>();
+  auto out = at::empty({rows, out_features}, x32.options());
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, out_features, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      for (int64_t m = 0; m < rows; ++m) {
+        float acc = 0.f;
+        for (int64_t g = 0; g < groups; ++g) {
+          const uint8_t* b = q + n * half + g * half_group;
+          const float* e = xe + m * half + g * half_group;
+          const float* od = xo + m * half + g * half_group;
+          float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t j = 0; j < half_group; ++j) {
+            dot += e[j] * static_cast<float>(b[j] & 0xF) + od[j] * static_cast<float>(b[j] >> 4);
+          }
+          acc += s[n * groups + g] * (dot - static_cast<float>(z[n * groups + g]) * xs[m * groups + g]);
+        }
+        o[m * out_features + n] = acc;
+      }
+    }
+  });
+  return finish(out, bias, x);
+}
+
+// Per-token symmetric int8, exactly the float32 operations of reference.quantize_activations_int8.
+void quantize_rows(const float* x, int64_t rows, int64_t in_features, int8_t* q, float* scale) {
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const float* xr = x + m * in_features;
+      float amax = 0.f;
+      for (int64_t k = 0; k < in_features; ++k) amax = std::max(amax, std::fabs(xr[k]));
+      const float inv = amax > 0.f ? 127.f / amax : 0.f;
+      for (int64_t k = 0; k < in_features; ++k) {
+        q[m * in_features + k] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(xr[k] * inv))));
+      }
+      scale[m] = amax / 127.f;
+    }
+  });
+}
+
+at::Tensor qmatmul_w8a8_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                            const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(qweight.scalar_type() == at::kChar, "qmatmul_w8a8: qweight must be int8");
+  check_inputs("qmatmul_w8a8", x, qweight, qweight.size(1), scales, bias);
+  TORCH_CHECK(scales.dim() == 1 && scales.size(0) == qweight.size(0), "qmatmul_w8a8: scales must be (N,)");
+  const int64_t rows = x.size(0), out_features = qweight.size(0), in_features = qweight.size(1);
+  const auto x32 = x.to(at::kFloat);
+  auto xq = at::empty({rows, in_features}, x.options().dtype(at::kChar));
+  auto x_scale = at::empty({rows}, x32.options());
+  quantize_rows(x32.data_ptr<float>(), rows, in_features, xq.data_ptr<int8_t>(), x_scale.data_ptr<float>());
+  const int8_t* w = qweight.data_ptr<int8_t>();
+  const float* s = scales.data_ptr<float>();
+  if (rows > kFusedMaxRows) {
+    auto out = panel_matmul(xq.to(at::kFloat), out_features, [&](int64_t n, float* dst) {
+      const int8_t* row = w + n * in_features;
+#pragma omp simd
+      for (int64_t k = 0; k < in_features; ++k) dst[k] = static_cast<float>(row[k]);
+    });
+    out.mul_(x_scale.unsqueeze(1)).mul_(scales.unsqueeze(0));
+    return finish(out, bias, x);
+  }
+  auto out = at::empty({rows, out_features}, x32.options());
+  const int8_t* a = xq.data_ptr<int8_t>();
+  const float* sa = x_scale.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, out_features, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const int8_t* row = w + n * in_features;
+      for (int64_t m = 0; m < rows; ++m) {
+        const int8_t* ar = a + m * in_features;
+        int32_t acc = 0;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t k = 0; k < in_features; ++k) acc += static_cast<int32_t>(ar[k]) * static_cast<int32_t>(row[k]);
+        o[m * out_features + n] = static_cast<float>(acc) * sa[m] * s[n];
+      }
+    }
+  });
+  return finish(out, bias, x);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rlhf_fast, CPU, m) {
+  m.impl("qmatmul_int8", &qmatmul_int8_cpu);
+  m.impl("qmatmul_int4", &qmatmul_int4_cpu);
+  m.impl("qmatmul_w8a8", &qmatmul_w8a8_cpu);
+}
+
+}  // namespace rlhf_fast
