@@ -14,12 +14,50 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 namespace rlhf_fast {
 namespace {
 
 constexpr int64_t kFusedMaxRows = 4;
+constexpr int64_t kChunk = 1024;  // K elements per step of the fused path (kFusedMaxRows x 4 KB of x in L1)
 constexpr int64_t kPanel = 256;
+
+// The extension is compiled for baseline x86-64 (SSE2), where int8 -> float conversions do not vectorise well;
+// the hot loops get AVX-512 and AVX2 clones picked at load time.
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+#define RLHF_FAST_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define RLHF_FAST_SIMD_CLONES
+#endif
+
+RLHF_FAST_SIMD_CLONES float dot_f32(const float* a, const float* b, int64_t n) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t k = 0; k < n; ++k) acc += a[k] * b[k];
+  return acc;
+}
+
+RLHF_FAST_SIMD_CLONES int32_t dot_int8_int8(const int8_t* a, const int8_t* w, int64_t n) {
+  int32_t acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t k = 0; k < n; ++k) acc += static_cast<int32_t>(a[k]) * static_cast<int32_t>(w[k]);
+  return acc;
+}
+
+RLHF_FAST_SIMD_CLONES void dequantize_int8_row(const int8_t* w, float scale, float* dst, int64_t n) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<float>(w[k]) * scale;
+}
+
+// One int4 group: dst[2j] = (low(b[j]) - z) s, dst[2j+1] = (high(b[j]) - z) s.
+RLHF_FAST_SIMD_CLONES void dequantize_int4_group(const uint8_t* b, float scale, float offset, float* dst, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    dst[2 * j] = static_cast<float>(b[j] & 0xF) * scale + offset;
+    dst[2 * j + 1] = static_cast<float>(b[j] >> 4) * scale + offset;
+  }
+}
 
 void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& qweight, int64_t in_features,
                   const at::Tensor& scales, const c10::optional<at::Tensor>& bias) {
@@ -59,21 +97,26 @@ at::Tensor panel_matmul(const at::Tensor& x32, int64_t out_features, const Dequa
   return out;
 }
 
-// out[m, n] = scale[n] * sum_k x[m, k] * q[n, k], channels split over threads.
-void int8_fused(const float* x, int64_t rows, int64_t in_features, const int8_t* q, const float* scale,
-                int64_t out_features, float* out) {
+// Few rows: channels split over threads; K is walked in chunks so that the chunk of every activation row stays in
+// L1 while the thread's weight rows stream past. Each weight chunk is dequantized into a small float buffer (L1)
+// and dotted with the activation rows; the weight is read once.
+template <typename DequantSpan>
+at::Tensor fused_matmul(const at::Tensor& x32, int64_t out_features, int64_t chunk, const DequantSpan& dequant_span) {
+  const int64_t rows = x32.size(0), in_features = x32.size(1);
+  auto out = at::zeros({rows, out_features}, x32.options());
+  const float* x = x32.data_ptr<float>();
+  float* o = out.data_ptr<float>();
   at::parallel_for(0, out_features, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const int8_t* w = q + n * in_features;
-      for (int64_t m = 0; m < rows; ++m) {
-        const float* xr = x + m * in_features;
-        float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t k = 0; k < in_features; ++k) acc += xr[k] * static_cast<float>(w[k]);
-        out[m * out_features + n] = acc * scale[n];
+    std::vector<float> w(chunk);
+    for (int64_t k0 = 0; k0 < in_features; k0 += chunk) {
+      const int64_t len = std::min(chunk, in_features - k0);
+      for (int64_t n = begin; n < end; ++n) {
+        dequant_span(n, k0, len, w.data());
+        for (int64_t m = 0; m < rows; ++m) o[m * out_features + n] += dot_f32(x + m * in_features + k0, w.data(), len);
       }
     }
   });
+  return out;
 }
 
 at::Tensor qmatmul_int8_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
@@ -87,15 +130,13 @@ at::Tensor qmatmul_int8_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
   const float* s = scales.data_ptr<float>();
   if (rows > kFusedMaxRows) {
     auto out = panel_matmul(x32, out_features, [&](int64_t n, float* dst) {
-      const int8_t* w = q + n * in_features;
-      const float scale = s[n];
-#pragma omp simd
-      for (int64_t k = 0; k < in_features; ++k) dst[k] = static_cast<float>(w[k]) * scale;
+      dequantize_int8_row(q + n * in_features, s[n], dst, in_features);
     });
     return finish(out, bias, x);
   }
-  auto out = at::empty({rows, out_features}, x32.options());
-  int8_fused(x32.data_ptr<float>(), rows, in_features, q, s, out_features, out.data_ptr<float>());
+  auto out = fused_matmul(x32, out_features, kChunk, [&](int64_t n, int64_t k0, int64_t len, float* dst) {
+    dequantize_int8_row(q + n * in_features + k0, s[n], dst, len);
+  });
   return finish(out, bias, x);
 }
 
@@ -120,42 +161,17 @@ at::Tensor qmatmul_int4_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
       for (int64_t g = 0; g < groups; ++g) {
         const uint8_t* b = q + n * half + g * half_group;
         const float scale = s[n * groups + g], offset = -static_cast<float>(z[n * groups + g]) * scale;
-        float* d = dst + g * group_size;
-#pragma omp simd
-        for (int64_t j = 0; j < half_group; ++j) {
-          d[2 * j] = static_cast<float>(b[j] & 0xF) * scale + offset;
-          d[2 * j + 1] = static_cast<float>(b[j] >> 4) * scale + offset;
-        }
+        dequantize_int4_group(b, scale, offset, dst + g * group_size, half_group);
       }
     });
     return finish(out, bias, x);
   }
-  // sum_k (q - z) s x = s (sum_k q x - z sum_k x) per group; x split into even and odd k to match the nibbles.
-  const auto pairs = x32.view({rows, half, 2});
-  const auto x_even = pairs.select(2, 0).contiguous(), x_odd = pairs.select(2, 1).contiguous();
-  const auto x_group_sum = x32.view({rows, groups, group_size}).sum(-1).contiguous();
-  const float* xe = x_even.data_ptr<float>();
-  const float* xo = x_odd.data_ptr<float>();
-  const float* xs = x_group_sum.data_ptr<float>();
-  auto out = at::empty({rows, out_features}, x32.options());
-  float* o = out.data_ptr<float>();
-  at::parallel_for(0, out_features, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      for (int64_t m = 0; m < rows; ++m) {
-        float acc = 0.f;
-        for (int64_t g = 0; g < groups; ++g) {
-          const uint8_t* b = q + n * half + g * half_group;
-          const float* e = xe + m * half + g * half_group;
-          const float* od = xo + m * half + g * half_group;
-          float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t j = 0; j < half_group; ++j) {
-            dot += e[j] * static_cast<float>(b[j] & 0xF) + od[j] * static_cast<float>(b[j] >> 4);
-          }
-          acc += s[n * groups + g] * (dot - static_cast<float>(z[n * groups + g]) * xs[m * groups + g]);
-        }
-        o[m * out_features + n] = acc;
-      }
+  // chunks of whole groups
+  const int64_t chunk = std::max<int64_t>(1, kChunk / group_size) * group_size;
+  auto out = fused_matmul(x32, out_features, chunk, [&](int64_t n, int64_t k0, int64_t len, float* dst) {
+    for (int64_t g = k0 / group_size; g < (k0 + len) / group_size; ++g) {
+      const float scale = s[n * groups + g], offset = -static_cast<float>(z[n * groups + g]) * scale;
+      dequantize_int4_group(q + n * half + g * half_group, scale, offset, dst + g * group_size - k0, half_group);
     }
   });
   return finish(out, bias, x);
@@ -191,9 +207,7 @@ at::Tensor qmatmul_w8a8_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
   const float* s = scales.data_ptr<float>();
   if (rows > kFusedMaxRows) {
     auto out = panel_matmul(xq.to(at::kFloat), out_features, [&](int64_t n, float* dst) {
-      const int8_t* row = w + n * in_features;
-#pragma omp simd
-      for (int64_t k = 0; k < in_features; ++k) dst[k] = static_cast<float>(row[k]);
+      dequantize_int8_row(w + n * in_features, 1.f, dst, in_features);
     });
     out.mul_(x_scale.unsqueeze(1)).mul_(scales.unsqueeze(0));
     return finish(out, bias, x);
@@ -206,10 +220,7 @@ at::Tensor qmatmul_w8a8_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
     for (int64_t n = begin; n < end; ++n) {
       const int8_t* row = w + n * in_features;
       for (int64_t m = 0; m < rows; ++m) {
-        const int8_t* ar = a + m * in_features;
-        int32_t acc = 0;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t k = 0; k < in_features; ++k) acc += static_cast<int32_t>(ar[k]) * static_cast<int32_t>(row[k]);
+        const int32_t acc = dot_int8_int8(a + m * in_features, row, in_features);
         o[m * out_features + n] = static_cast<float>(acc) * sa[m] * s[n];
       }
     }
