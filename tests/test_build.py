@@ -59,5 +59,5 @@ def test_quant_ops_registered():
                     reason="set RLHF_FAST_EXPECT_CUDA=1 where nvcc and a CUDA torch are present (CI does)")
 def test_quant_cuda_kernels_compiled_in():
     library = Path(backend.compiled().__file__).read_bytes()
-    for kernel in (b"int8_gemv_kernel", b"int4_gemv_kernel", b"quantize_rows_kernel"):
+    for kernel in (b"int8_gemv_kernel", b"int4_gemv_kernel", b"quantize_rows_kernel", b"w8a8_epilogue_kernel"):
         assert kernel in library, f"{kernel.decode()} missing from the compiled library"

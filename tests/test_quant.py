@@ -111,6 +111,15 @@ def test_qmatmul_backward_to_x_and_bias(device, name, scheme, dtype):
     torch.testing.assert_close(bias.grad.double(), grad.to(dtype).double().sum((0, 1)), **tol)
 
 
+@pytest.mark.parametrize("device,name", PAIRS)
+@pytest.mark.parametrize("group_size", [16, 64, 192])
+def test_int4_group_sizes_smaller_and_larger_than_tiles(device, name, group_size):
+    qw = rf.quantize_weight(_weight(19, 192, device), "int4", group_size=group_size)
+    for rows in (2, 21):
+        x = torch.randn(rows, 192, device=device)
+        _assert_tight(rf.qmatmul(x, qw, backend=name), x, qw, None)
+
+
 def test_quantize_weight_layouts_and_edge_values():
     w = _weight(6, 64)
     w[0] = 0.0  # an all-zero channel
@@ -330,3 +339,21 @@ def test_gpu_unaligned_shapes_and_compile(scheme):
         x = torch.randn(3, 9, 736, device="cuda", dtype=torch.bfloat16)
         compiled = torch.compile(lambda t, name=name: rf.qmatmul(t, qw, backend=name), fullgraph=True)
         _assert_tight(compiled(x), x, qw, None)
+
+
+def test_bench_metric_rows_are_written(tmp_path):
+    import csv
+
+    from benchmarks.harness import Case, run_case, write_rows
+
+    x = torch.randn(4, 64)
+    qw = rf.quantize_weight(_weight(8, 64), "int8")
+    case = Case("qmatmul_int8", "M=4", torch.float32, "fwd",
+                {"eager": lambda: F.linear(x, qw.dequantize()), "torch": lambda: rf.qmatmul(x, qw, backend="torch")},
+                metrics={"torch": [("kl_vs_float", "nats/token", 0.25)]})
+    results = run_case(case, torch.device("cpu"), quick=True)
+    assert all(r.status == "ok" for r in results)
+    write_rows(results, torch.device("cpu"), tmp_path / "cpu.csv")
+    rows = list(csv.DictReader((tmp_path / "cpu.csv").open()))
+    kl = [r for r in rows if r["metric"] == "kl_vs_float"]
+    assert len(kl) == 1 and kl[0]["provider"] == "torch" and float(kl[0]["p50"]) == 0.25

@@ -8,7 +8,7 @@
 // Larger M: dequantize the weight and run cuBLAS (at::linear), a documented fallback; the Triton backend has
 // the tiled GEMM with the dequant in registers for that regime.
 // W8A8: a per-token activation quantisation kernel (the same float32 operations as the CPU and torch paths),
-// then the int8 x int8 -> int32 GEMM of cuBLASLt (at::_int_mm) and a float epilogue.
+// then the int8 x int8 -> int32 GEMM of cuBLASLt (at::_int_mm) and one fused epilogue pass (scales, bias, cast).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -183,6 +183,19 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_rows_kernel(const scal
   if (threadIdx.x == 0) scale[blockIdx.x] = __fdiv_rn(amax, 127.f);
 }
 
+// out[m, n] = acc[m, n] * x_scale[m] * w_scale[n] (+ bias[n]) in x's dtype: one pass over the int32 product.
+template <typename scalar_t>
+__global__ void w8a8_epilogue_kernel(const int32_t* __restrict__ acc, int64_t acc_stride,
+                                     const float* __restrict__ x_scale, const float* __restrict__ w_scale,
+                                     const float* __restrict__ bias, scalar_t* __restrict__ out, int64_t rows,
+                                     int64_t out_features) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= rows * out_features) return;
+  const int64_t m = i / out_features, n = i % out_features;
+  const float value = static_cast<float>(acc[m * acc_stride + n]) * x_scale[m] * w_scale[n];
+  out[i] = static_cast<scalar_t>(bias ? value + bias[n] : value);
+}
+
 void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& qweight, int64_t in_features,
                   const at::Tensor& scales, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), op, ": x must be a contiguous (M, K) tensor");
@@ -323,18 +336,29 @@ at::Tensor qmatmul_w8a8_cuda(const at::Tensor& x, const at::Tensor& qweight, con
         x.data_ptr<scalar_t>(), in_features, xq.data_ptr<int8_t>(), x_scale.data_ptr<float>());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  at::Tensor acc;
-  if (in_features % 8 == 0 && out_features % 8 == 0 && in_features > 16) {
-    // cuBLASLt int8 GEMM wants more than 16 rows: pad decode-sized batches with zero rows.
-    const auto lhs = rows > 16 ? xq : at::cat({xq, xq.new_zeros({17 - rows, in_features})});
-    acc = at::_int_mm(lhs, qweight.t()).narrow(0, 0, rows).to(at::kFloat);
-  } else {
+  if (in_features % 8 != 0 || out_features % 8 != 0 || in_features <= 16) {
     // Shapes cuBLASLt's int8 path refuses: the same integer products in float32 (exact while |sum| < 2^24).
-    acc = at::mm(xq.to(at::kFloat), qweight.to(at::kFloat).t());
+    auto acc = at::mm(xq.to(at::kFloat), qweight.to(at::kFloat).t());
+    acc.mul_(x_scale.unsqueeze(1)).mul_(scales.unsqueeze(0));
+    if (bias.has_value()) acc.add_(*bias);
+    return acc.to(x.scalar_type());
   }
-  acc.mul_(x_scale.unsqueeze(1)).mul_(scales.unsqueeze(0));
-  if (bias.has_value()) acc.add_(*bias);
-  return acc.to(x.scalar_type());
+  // cuBLASLt's int8 GEMM wants more than 16 rows: decode-sized batches are padded with zero rows.
+  const auto lhs = rows > 16 ? xq : at::cat({xq, xq.new_zeros({17 - rows, in_features})});
+  const auto acc = at::_int_mm(lhs, qweight.t());
+  auto out = at::empty({rows, out_features}, x.options());
+  const int64_t total = rows * out_features;
+  const int threads = 256;
+  const int64_t blocks = (total + threads - 1) / threads;
+  TORCH_CHECK(blocks <= INT32_MAX, "qmatmul_w8a8: output too large");
+  dispatch_activation(x.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    w8a8_epilogue_kernel<scalar_t><<<static_cast<unsigned>(blocks), threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        acc.data_ptr<int32_t>(), acc.stride(0), x_scale.data_ptr<float>(), scales.data_ptr<float>(),
+        bias.has_value() ? bias->data_ptr<float>() : nullptr, out.data_ptr<scalar_t>(), rows, out_features);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
 }
 
 }  // namespace
