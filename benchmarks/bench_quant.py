@@ -106,8 +106,7 @@ def _tiny_llama_case(device, quick):
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 3,
                                       num_hidden_layers=layers, num_attention_heads=hidden // 64,
-                                      num_key_value_heads=max(1, hidden // 256), max_position_embeddings=2 * steps,
-                                      initializer_range=0.05)
+                                      num_key_value_heads=max(1, hidden // 256), max_position_embeddings=2 * steps)
     model = transformers.LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
     prompt = torch.randint(0, vocab, (batch, 8), device=device)
     with torch.no_grad():

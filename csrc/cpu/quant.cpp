@@ -2,8 +2,8 @@
 //
 // Few rows (decode, M <= kFusedMaxRows): one fused pass over the weight, output channels split over the OpenMP
 // threads; each quantized weight row is read once, dequantized in registers and dotted with every activation
-// row (they stay in cache). Many rows: the weight is dequantized kPanel output channels at a time into a float32
-// panel that ATen's sgemm multiplies, so the GEMM runs at BLAS speed and the full dequantized weight never
+// row (they stay in cache). Many rows: the weight is dequantized a few hundred output channels at a time into a
+// float32 panel that ATen's sgemm multiplies, so the GEMM runs at BLAS speed and the full dequantized weight never
 // exists. W8A8 quantizes the activations per token first; its fused path accumulates int8 x int8 products in
 // int32, its panel path multiplies the integer values in float32 sgemm (exact while |sum| < 2^24, otherwise
 // rounded like the int32 -> float32 conversion of the epilogue).
@@ -21,7 +21,7 @@ namespace {
 
 constexpr int64_t kFusedMaxRows = 4;
 constexpr int64_t kChunk = 1024;  // K elements per step of the fused path (kFusedMaxRows x 4 KB of x in L1)
-constexpr int64_t kPanel = 256;
+constexpr int64_t kPanelElements = 1 << 21;  // 8 MB float32 panels for the many-rows path
 
 // The extension is compiled for baseline x86-64 (SSE2), where int8 -> float conversions do not vectorise well;
 // the hot loops get AVX-512 and AVX2 clones picked at load time.
@@ -30,6 +30,13 @@ constexpr int64_t kPanel = 256;
 #else
 #define RLHF_FAST_SIMD_CLONES
 #endif
+
+RLHF_FAST_SIMD_CLONES float dot_int8(const float* x, const int8_t* w, int64_t n) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t k = 0; k < n; ++k) acc += x[k] * static_cast<float>(w[k]);
+  return acc;
+}
 
 RLHF_FAST_SIMD_CLONES float dot_f32(const float* a, const float* b, int64_t n) {
   float acc = 0.f;
@@ -80,39 +87,42 @@ at::Tensor finish(at::Tensor out, const c10::optional<at::Tensor>& bias, const a
   return out.to(x.scalar_type());
 }
 
-// Rows n of the dequantized weight, kPanel at a time, multiplied by ATen's sgemm: out (M, N) float32.
+// Rows n of the dequantized weight, a panel of ~kPanelElements at a time, multiplied by ATen's sgemm: out (M, N)
+// float32. The dequantization runs on the calling thread: it is a few percent of the GEMM's work, and a parallel
+// region per panel costs more than that in thread hand-offs when the cores are shared.
 template <typename DequantRow>
 at::Tensor panel_matmul(const at::Tensor& x32, int64_t out_features, const DequantRow& dequant_row) {
   const int64_t rows = x32.size(0), in_features = x32.size(1);
+  const int64_t panel_rows = std::min(out_features, std::max<int64_t>(64, kPanelElements / in_features));
   auto out = at::empty({rows, out_features}, x32.options());
-  auto panel = at::empty({std::min(kPanel, out_features), in_features}, x32.options());
+  auto panel = at::empty({panel_rows, in_features}, x32.options());
   float* p = panel.data_ptr<float>();
-  for (int64_t n0 = 0; n0 < out_features; n0 += kPanel) {
-    const int64_t count = std::min(kPanel, out_features - n0);
-    at::parallel_for(0, count, 8, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) dequant_row(n0 + r, p + r * in_features);
-    });
+  for (int64_t n0 = 0; n0 < out_features; n0 += panel_rows) {
+    const int64_t count = std::min(panel_rows, out_features - n0);
+    for (int64_t r = 0; r < count; ++r) dequant_row(n0 + r, p + r * in_features);
     out.narrow(1, n0, count).copy_(at::mm(x32, panel.narrow(0, 0, count).t()));
   }
   return out;
 }
 
 // Few rows: channels split over threads; K is walked in chunks so that the chunk of every activation row stays in
-// L1 while the thread's weight rows stream past. Each weight chunk is dequantized into a small float buffer (L1)
-// and dotted with the activation rows; the weight is read once.
-template <typename DequantSpan>
-at::Tensor fused_matmul(const at::Tensor& x32, int64_t out_features, int64_t chunk, const DequantSpan& dequant_span) {
+// L1 while the thread's weight rows stream past, so the weight is read once. span_dot(n, k0, len, x_chunk, buffer,
+// fresh) returns the dot of x_chunk with columns [k0, k0 + len) of weight row n; `buffer` (chunk floats) may hold
+// that dequantized span, filled when `fresh` (the first activation row) and reused for the others.
+template <typename SpanDot>
+at::Tensor fused_matmul(const at::Tensor& x32, int64_t out_features, int64_t chunk, const SpanDot& span_dot) {
   const int64_t rows = x32.size(0), in_features = x32.size(1);
   auto out = at::zeros({rows, out_features}, x32.options());
   const float* x = x32.data_ptr<float>();
   float* o = out.data_ptr<float>();
   at::parallel_for(0, out_features, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> w(chunk);
+    std::vector<float> buffer(chunk);
     for (int64_t k0 = 0; k0 < in_features; k0 += chunk) {
       const int64_t len = std::min(chunk, in_features - k0);
       for (int64_t n = begin; n < end; ++n) {
-        dequant_span(n, k0, len, w.data());
-        for (int64_t m = 0; m < rows; ++m) o[m * out_features + n] += dot_f32(x + m * in_features + k0, w.data(), len);
+        for (int64_t m = 0; m < rows; ++m) {
+          o[m * out_features + n] += span_dot(n, k0, len, x + m * in_features + k0, buffer.data(), m == 0);
+        }
       }
     }
   });
@@ -134,9 +144,8 @@ at::Tensor qmatmul_int8_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
     });
     return finish(out, bias, x);
   }
-  auto out = fused_matmul(x32, out_features, kChunk, [&](int64_t n, int64_t k0, int64_t len, float* dst) {
-    dequantize_int8_row(q + n * in_features + k0, s[n], dst, len);
-  });
+  auto out = fused_matmul(x32, out_features, kChunk, [&](int64_t n, int64_t k0, int64_t len, const float* xc, float*,
+                                                         bool) { return dot_int8(xc, q + n * in_features + k0, len) * s[n]; });
   return finish(out, bias, x);
 }
 
@@ -168,11 +177,15 @@ at::Tensor qmatmul_int4_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
   }
   // chunks of whole groups
   const int64_t chunk = std::max<int64_t>(1, kChunk / group_size) * group_size;
-  auto out = fused_matmul(x32, out_features, chunk, [&](int64_t n, int64_t k0, int64_t len, float* dst) {
-    for (int64_t g = k0 / group_size; g < (k0 + len) / group_size; ++g) {
-      const float scale = s[n * groups + g], offset = -static_cast<float>(z[n * groups + g]) * scale;
-      dequantize_int4_group(q + n * half + g * half_group, scale, offset, dst + g * group_size - k0, half_group);
+  auto out = fused_matmul(x32, out_features, chunk, [&](int64_t n, int64_t k0, int64_t len, const float* xc,
+                                                        float* buffer, bool fresh) {
+    if (fresh) {
+      for (int64_t g = k0 / group_size; g < (k0 + len) / group_size; ++g) {
+        const float scale = s[n * groups + g], offset = -static_cast<float>(z[n * groups + g]) * scale;
+        dequantize_int4_group(q + n * half + g * half_group, scale, offset, buffer + g * group_size - k0, half_group);
+      }
     }
+    return dot_f32(xc, buffer, len);
   });
   return finish(out, bias, x);
 }
