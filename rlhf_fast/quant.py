@@ -29,6 +29,7 @@ from . import reference
 
 SCHEMES = ("int8", "int4", "w8a8")
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DECODE_ROWS = 4  # up to this many rows `auto` picks the CUDA GEMV on the GPU, beyond it AUTO_GPU["qmatmul_many_rows"]
 
 
 def _check_scheme(scheme):
@@ -181,7 +182,8 @@ def qmatmul(x, qw, bias=None, *, backend=None):
     """F.linear(x, qw.dequantize(), bias): x (..., K) float32/bfloat16/float16 -> (..., N) in x's dtype.
 
     Kernels: cpu (C++/OpenMP), triton, cuda (int8/int4 GEMV for M <= 16 rows, see csrc/cuda/quant.cu), torch
-    (dequantize, then matmul). Gradients flow to x and bias, never to the quantized weight.
+    (dequantize, then matmul). On CUDA tensors `auto` takes the cuda GEMV up to DECODE_ROWS rows and Triton
+    beyond (backend.AUTO_GPU). Gradients flow to x and bias, never to the quantized weight.
     """
     check.floating("x", x)
     if x.dtype not in ACTIVATION_DTYPES:
@@ -198,9 +200,9 @@ def qmatmul(x, qw, bias=None, *, backend=None):
         if tuple(bias.shape) != (qw.out_features,):
             raise ValueError(f"bias must have shape ({qw.out_features},), got {tuple(bias.shape)}")
     _check_frozen(qw)
-    name = _backend.select("qmatmul", backend, x.device)
     lead = x.shape[:-1]
     rows = x.reshape(-1, qw.in_features)
+    name = _backend.select("qmatmul" if rows.shape[0] <= DECODE_ROWS else "qmatmul_many_rows", backend, x.device)
     if name == "torch":
         out = reference.qmatmul(rows, qw, bias)
     else:
@@ -304,7 +306,7 @@ def quantize_model(model: nn.Module, scheme, *, skip=("lm_head",), group_size=12
     if isinstance(skip, str):
         skip = (skip,)
     targets = [(name, module) for name, module in model.named_modules()
-               if isinstance(module, nn.Linear) and not _skipped(name, skip)]
+               if name and isinstance(module, nn.Linear) and not _skipped(name, skip)]
     if scheme == "int4":
         for name, linear in targets:
             try:

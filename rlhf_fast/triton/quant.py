@@ -6,7 +6,8 @@ scale goes to the epilogue; int4: low and high nibbles minus the group zero poin
 with the even and odd columns of x) and accumulates with tl.dot in float32 (W8A8: int8 x int8 tl.dot in int32).
 Large M: a grid over (M tiles, N tiles), the epilogue applies scales and bias and writes x's dtype.
 M <= 16 (decode): the same kernel as a split-K GEMV, BLOCK_M = 16 and K split over SPLIT_K programs per N tile so
-that the weight stream keeps every SM busy; float32 partials are summed afterwards (deterministic, no atomics).
+that the weight stream keeps every SM busy; a second small kernel sums the float32 partials, adds the bias and
+casts (deterministic, no atomics).
 W8A8 quantizes the activations first with a separate small kernel (one program per row: amax, then int8 values),
 so the GEMM's inner loop streams int8 activations instead of re-reading and re-quantizing 16-bit ones per N tile.
 Block sizes are fixed, not autotuned (no GPU measurement yet); see benchmarks/NOTES.md.
@@ -23,6 +24,7 @@ from .. import backend as _backend
 INT8, INT4, W8A8 = 0, 1, 2
 GEMV_MAX_ROWS = 16
 QUANT_BLOCK = 1024
+SUM_BLOCK = 1024
 
 
 @triton.jit
@@ -125,6 +127,19 @@ def _qmatmul_kernel(x, qweight, scales, zeros, x_scale, bias, out, M, N, K, grou
     tl.store(dst, acc.to(out.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def _sum_splits_kernel(partials, bias, out, total, N, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < total
+    acc = tl.zeros([BLOCK], tl.float32)
+    for split in range(SPLIT_K):
+        acc += tl.load(partials + split * total + offs, mask=inside, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias + offs % N, mask=inside, other=0.0)
+    tl.store(out + offs, acc.to(out.dtype.element_ty), mask=inside)
+
+
 def _config(rows, in_features, out_features, scheme, device):
     """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) for an (M, K) x (K, N) problem."""
     if device.type != "cuda":  # the interpreter: small tiles (its cost is per element and per program)
@@ -158,11 +173,11 @@ def _matmul(x, qweight, scales, zeros, x_scale, bias, group_size, out_dtype, sch
         UPCAST=x.dtype == torch.bfloat16 and _backend.triton_interpret(),
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=warps, num_stages=stages)
-    if split > 1:
-        total = target.sum(0)
-        if bias is not None:
-            total += bias
-        out.copy_(total)
+    if split > 1:  # one pass: sum of the partials, bias, cast
+        total = rows * out_features
+        wrap_triton(_sum_splits_kernel)[(triton.cdiv(total, SUM_BLOCK),)](
+            target, bias if bias is not None else scales, out, total, out_features, SPLIT_K=split,
+            HAS_BIAS=bias is not None, BLOCK=SUM_BLOCK)
     return out
 
 
