@@ -20,6 +20,7 @@ namespace rlhf_fast {
 namespace {
 
 constexpr int64_t kFusedMaxRows = 4;
+constexpr int64_t kFusedBlock = 64;  // output channels per work item of the fused path
 constexpr int64_t kChunk = 1024;  // K elements per step of the fused path (kFusedMaxRows x 4 KB of x in L1)
 constexpr int64_t kPanelElements = 1 << 21;  // 8 MB float32 panels for the many-rows path
 
@@ -115,8 +116,13 @@ at::Tensor fused_matmul(const at::Tensor& x32, int64_t out_features, int64_t chu
   auto out = at::zeros({rows, out_features}, x32.options());
   const float* x = x32.data_ptr<float>();
   float* o = out.data_ptr<float>();
-  at::parallel_for(0, out_features, 16, [&](int64_t begin, int64_t end) {
+  // Blocks of kFusedBlock channels handed out dynamically: a thread that loses its core (shared machines) delays
+  // one block, not a static half of the work.
+  const int64_t blocks = (out_features + kFusedBlock - 1) / kFusedBlock;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads())
+  for (int64_t block = 0; block < blocks; ++block) {
     std::vector<float> buffer(chunk);
+    const int64_t begin = block * kFusedBlock, end = std::min(out_features, begin + kFusedBlock);
     for (int64_t k0 = 0; k0 < in_features; k0 += chunk) {
       const int64_t len = std::min(chunk, in_features - k0);
       for (int64_t n = begin; n < end; ++n) {
@@ -125,7 +131,7 @@ at::Tensor fused_matmul(const at::Tensor& x32, int64_t out_features, int64_t chu
         }
       }
     }
-  });
+  }
   return out;
 }
 
