@@ -21,7 +21,7 @@ namespace {
 
 constexpr int64_t kFusedMaxRows = 4;
 constexpr int64_t kFusedBlock = 64;  // output channels per work item of the fused path
-constexpr int64_t kChunk = 1024;  // K elements per step of the fused path (kFusedMaxRows x 4 KB of x in L1)
+constexpr int64_t kChunkFloats = 4096;  // fused path: the K-chunks of all activation rows together, 16 KB of L1
 constexpr int64_t kPanelElements = 1 << 21;  // 8 MB float32 panels for the many-rows path
 
 // The extension is compiled for baseline x86-64 (SSE2), where int8 -> float conversions do not vectorise well;
@@ -150,7 +150,8 @@ at::Tensor qmatmul_int8_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
     });
     return finish(out, bias, x);
   }
-  auto out = fused_matmul(x32, out_features, kChunk, [&](int64_t n, int64_t k0, int64_t len, const float* xc, float*,
+  const int64_t chunk = kChunkFloats / std::max<int64_t>(rows, 1);
+  auto out = fused_matmul(x32, out_features, chunk, [&](int64_t n, int64_t k0, int64_t len, const float* xc, float*,
                                                          bool) { return dot_int8(xc, q + n * in_features + k0, len) * s[n]; });
   return finish(out, bias, x);
 }
@@ -181,8 +182,8 @@ at::Tensor qmatmul_int4_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
     });
     return finish(out, bias, x);
   }
-  // chunks of whole groups
-  const int64_t chunk = std::max<int64_t>(1, kChunk / group_size) * group_size;
+  // whole groups; the dequantized buffer shares the L1 budget with the activation chunks
+  const int64_t chunk = std::max<int64_t>(1, kChunkFloats / (rows + 1) / group_size) * group_size;
   auto out = fused_matmul(x32, out_features, chunk, [&](int64_t n, int64_t k0, int64_t len, const float* xc,
                                                         float* buffer, bool fresh) {
     if (fresh) {
