@@ -247,16 +247,18 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device) if bias else None)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, scheme, *, group_size=128) -> QuantizedLinear:
-        qw = quantize_weight(linear.weight, scheme, group_size=group_size)
-        module = cls(linear.in_features, linear.out_features, scheme, bias=linear.bias is not None,
-                     group_size=group_size, device=linear.weight.device,
-                     bias_dtype=linear.bias.dtype if linear.bias is not None else torch.float32)
+    def from_linear(cls, linear: nn.Module, scheme, *, group_size=128) -> QuantizedLinear:
+        """From an nn.Linear, or a transformers Conv1D (GPT-2 style, weight stored as (in, out))."""
+        weight = linear.weight.t() if _is_conv1d(linear) else linear.weight
+        qw = quantize_weight(weight, scheme, group_size=group_size)
+        bias = linear.bias
+        module = cls(qw.in_features, qw.out_features, scheme, bias=bias is not None, group_size=group_size,
+                     device=weight.device, bias_dtype=bias.dtype if bias is not None else torch.float32)
         module.qweight, module.scales = qw.qweight, qw.scales
         if qw.zeros is not None:
             module.zeros = qw.zeros
-        if linear.bias is not None:
-            module.bias = linear.bias.detach().clone()
+        if bias is not None:
+            module.bias = bias.detach().clone()
         return module
 
     @property
@@ -292,25 +294,37 @@ class QuantizedLinear(nn.Module):
                 f"bias={self.bias is not None}")
 
 
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2 and relatives): a linear layer whose weight is stored as (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def _in_features(module: nn.Module) -> int:
+    return module.weight.shape[0] if _is_conv1d(module) else module.in_features
+
+
 def _skipped(name: str, skip) -> bool:
     parts = name.split(".")
     return any(name == s or name.startswith(s + ".") or s in parts for s in skip)
 
 
 def quantize_model(model: nn.Module, scheme, *, skip=("lm_head",), group_size=128) -> nn.Module:
-    """Replaces, in place, every nn.Linear of `model` with a QuantizedLinear, except those named in `skip`
-    (a module is skipped when its dotted name, a prefix of it, or one of its components is listed). Puts the
-    model in eval mode (it is for inference) and returns it. Every layer is checked before any is replaced.
+    """Replaces, in place, every nn.Linear (and transformers Conv1D) of `model` with a QuantizedLinear, except
+    those named in `skip` (a module is skipped when its dotted name, a prefix of it, or one of its components is
+    listed). Puts the model in eval mode (it is for inference) and returns it. Every layer is checked before any
+    is replaced; a model with nothing to quantize is an error rather than a silent no-op.
     """
     _check_scheme(scheme)
     if isinstance(skip, str):
         skip = (skip,)
     targets = [(name, module) for name, module in model.named_modules()
-               if name and isinstance(module, nn.Linear) and not _skipped(name, skip)]
+               if name and (isinstance(module, nn.Linear) or _is_conv1d(module)) and not _skipped(name, skip)]
+    if not targets:
+        raise ValueError(f"model has no nn.Linear or transformers Conv1D layer outside skip={tuple(skip)} to quantize")
     if scheme == "int4":
         for name, linear in targets:
             try:
-                _check_group_size(group_size, linear.in_features)
+                _check_group_size(group_size, _in_features(linear))
             except ValueError as exc:
                 raise ValueError(f"{name}: {exc}; or add {name!r} to skip") from None
     for name, linear in targets:

@@ -312,6 +312,21 @@ def test_quantize_model_checks_every_layer_first():
     assert isinstance(model.model.layers[0].self_attn.o_proj, QuantizedLinear)
 
 
+def test_quantize_model_gpt2_conv1d_layers():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=256, n_positions=32, n_embd=128, n_layer=2, n_head=4)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    ids = torch.randint(0, 256, (2, 12))
+    logits, _ = _log_probs(model, ids)
+    rf.quantize_model(model, "int8")
+    assert isinstance(model.transformer.h[0].attn.c_attn, QuantizedLinear)
+    assert model.transformer.h[0].mlp.c_fc.out_features == 512
+    q_logits, _ = _log_probs(model, ids)
+    assert ((q_logits - logits).norm() / logits.norm()) < 0.05
+    with pytest.raises(ValueError, match="nothing|no nn.Linear"):
+        rf.quantize_model(torch.nn.Sequential(torch.nn.ReLU()), "int8")
+
+
 # ---------------------------------------------------------------- GPU
 
 
