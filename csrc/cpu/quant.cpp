@@ -106,23 +106,29 @@ at::Tensor panel_matmul(const at::Tensor& x32, int64_t out_features, const Dequa
   return out;
 }
 
-// Few rows: channels split over threads; K is walked in chunks so that the chunk of every activation row stays in
-// L1 while the thread's weight rows stream past, so the weight is read once. span_dot(n, k0, len, x_chunk, buffer,
-// fresh) returns the dot of x_chunk with columns [k0, k0 + len) of weight row n; `buffer` (chunk floats) may hold
-// that dequantized span, filled when `fresh` (the first activation row) and reused for the others.
+// Runs fn(begin, end) over blocks of kFusedBlock output channels handed out dynamically: a thread that loses its
+// core (shared machines) delays one block, not a static share of the work.
+template <typename Fn>
+void for_channel_blocks(int64_t out_features, const Fn& fn) {
+  const int64_t blocks = (out_features + kFusedBlock - 1) / kFusedBlock;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads())
+  for (int64_t block = 0; block < blocks; ++block) {
+    fn(block * kFusedBlock, std::min(out_features, (block + 1) * kFusedBlock));
+  }
+}
+
+// Few rows: K is walked in chunks so that the chunk of every activation row stays in L1 while the block's weight
+// rows stream past, so the weight is read once. span_dot(n, k0, len, x_chunk, buffer, fresh) returns the dot of
+// x_chunk with columns [k0, k0 + len) of weight row n; `buffer` (chunk floats) may hold that dequantized span,
+// filled when `fresh` (the first activation row) and reused for the others.
 template <typename SpanDot>
 at::Tensor fused_matmul(const at::Tensor& x32, int64_t out_features, int64_t chunk, const SpanDot& span_dot) {
   const int64_t rows = x32.size(0), in_features = x32.size(1);
   auto out = at::zeros({rows, out_features}, x32.options());
   const float* x = x32.data_ptr<float>();
   float* o = out.data_ptr<float>();
-  // Blocks of kFusedBlock channels handed out dynamically: a thread that loses its core (shared machines) delays
-  // one block, not a static half of the work.
-  const int64_t blocks = (out_features + kFusedBlock - 1) / kFusedBlock;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads())
-  for (int64_t block = 0; block < blocks; ++block) {
+  for_channel_blocks(out_features, [&](int64_t begin, int64_t end) {
     std::vector<float> buffer(chunk);
-    const int64_t begin = block * kFusedBlock, end = std::min(out_features, begin + kFusedBlock);
     for (int64_t k0 = 0; k0 < in_features; k0 += chunk) {
       const int64_t len = std::min(chunk, in_features - k0);
       for (int64_t n = begin; n < end; ++n) {
@@ -131,7 +137,7 @@ at::Tensor fused_matmul(const at::Tensor& x32, int64_t out_features, int64_t chu
         }
       }
     }
-  }
+  });
   return out;
 }
 
@@ -236,7 +242,7 @@ at::Tensor qmatmul_w8a8_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
   const int8_t* a = xq.data_ptr<int8_t>();
   const float* sa = x_scale.data_ptr<float>();
   float* o = out.data_ptr<float>();
-  at::parallel_for(0, out_features, 16, [&](int64_t begin, int64_t end) {
+  for_channel_blocks(out_features, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const int8_t* row = w + n * in_features;
       for (int64_t m = 0; m < rows; ++m) {
