@@ -358,8 +358,12 @@ def test_gpu_unaligned_shapes_and_compile(scheme):
 
 def test_bench_metric_rows_are_written(tmp_path):
     import csv
+    import importlib
 
-    from benchmarks.harness import Case, run_case, write_rows
+    from rlhf_fast.cli import _benchmarks_package
+
+    harness = importlib.import_module(f"{_benchmarks_package().__name__}.harness")
+    Case, run_case, write_rows = harness.Case, harness.run_case, harness.write_rows
 
     x = torch.randn(4, 64)
     qw = rf.quantize_weight(_weight(8, 64), "int8")
