@@ -22,7 +22,7 @@ namespace {
 constexpr int64_t kFusedMaxRows = 4;
 constexpr int64_t kFusedBlock = 64;  // output channels per work item of the fused path
 constexpr int64_t kChunkFloats = 4096;  // fused path: the K-chunks of all activation rows together, 16 KB of L1
-constexpr int64_t kPanelElements = 1 << 21;  // 8 MB float32 panels for the many-rows path
+constexpr int64_t kPanelElements = 1 << 20;  // 4 MB float32 panels for the many-rows path
 
 // The extension is compiled for baseline x86-64 (SSE2), where int8 -> float conversions do not vectorise well;
 // the hot loops get AVX-512 and AVX2 clones picked at load time.
@@ -88,21 +88,25 @@ at::Tensor finish(at::Tensor out, const c10::optional<at::Tensor>& bias, const a
   return out.to(x.scalar_type());
 }
 
-// Rows n of the dequantized weight, a panel of ~kPanelElements at a time, multiplied by ATen's sgemm: out (M, N)
-// float32. The dequantization runs on the calling thread: it is a few percent of the GEMM's work, and a parallel
-// region per panel costs more than that in thread hand-offs when the cores are shared.
+// Panels of ~kPanelElements weights (a few hundred output channels) spread over the threads: each thread
+// dequantizes its panel into its own float32 buffer and multiplies it with ATen's sgemm (single-threaded inside
+// the parallel region), writing its slice of out (M, N) float32. One parallel region per call; at most one panel
+// per thread exists at a time, never the whole dequantized weight.
 template <typename DequantRow>
 at::Tensor panel_matmul(const at::Tensor& x32, int64_t out_features, const DequantRow& dequant_row) {
   const int64_t rows = x32.size(0), in_features = x32.size(1);
   const int64_t panel_rows = std::min(out_features, std::max<int64_t>(64, kPanelElements / in_features));
+  const int64_t panels = (out_features + panel_rows - 1) / panel_rows;
   auto out = at::empty({rows, out_features}, x32.options());
-  auto panel = at::empty({panel_rows, in_features}, x32.options());
-  float* p = panel.data_ptr<float>();
-  for (int64_t n0 = 0; n0 < out_features; n0 += panel_rows) {
-    const int64_t count = std::min(panel_rows, out_features - n0);
-    for (int64_t r = 0; r < count; ++r) dequant_row(n0 + r, p + r * in_features);
-    out.narrow(1, n0, count).copy_(at::mm(x32, panel.narrow(0, 0, count).t()));
-  }
+  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+    auto panel = at::empty({panel_rows, in_features}, x32.options());
+    float* p = panel.data_ptr<float>();
+    for (int64_t index = begin; index < end; ++index) {
+      const int64_t n0 = index * panel_rows, count = std::min(panel_rows, out_features - n0);
+      for (int64_t r = 0; r < count; ++r) dequant_row(n0 + r, p + r * in_features);
+      out.narrow(1, n0, count).copy_(at::mm(x32, panel.narrow(0, 0, count).t()));
+    }
+  });
   return out;
 }
 
