@@ -14,6 +14,8 @@ Block sizes are fixed, not autotuned (no GPU measurement yet); see benchmarks/NO
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -140,14 +142,19 @@ def _sum_splits_kernel(partials, bias, out, total, N, SPLIT_K: tl.constexpr, HAS
     tl.store(out + offs, acc.to(out.dtype.element_ty), mask=inside)
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index):
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _config(rows, in_features, out_features, scheme, device):
     """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) for an (M, K) x (K, N) problem."""
     if device.type != "cuda":  # the interpreter: small tiles (its cost is per element and per program)
         return 16, 32, 32, (2 if rows <= GEMV_MAX_ROWS else 1), 4, 1
     if rows <= GEMV_MAX_ROWS:
         block_n, block_k = 64, 256 if scheme == W8A8 else 128
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        split = max(1, min(triton.cdiv(in_features, block_k), triton.cdiv(4 * sms, triton.cdiv(out_features, block_n))))
+        split = max(1, min(triton.cdiv(in_features, block_k),
+                           triton.cdiv(4 * _sm_count(device.index), triton.cdiv(out_features, block_n))))
         return 16, block_n, block_k, split, 4, 4
     return 128, 128, 128 if scheme == W8A8 else 64, 1, 8, 3
 
