@@ -53,6 +53,8 @@ class Case:
     atol: float = 1e-2  # output agreement (absolute + relative) with `reference`, else with eager
     # float64 ground truth for low-precision cases, where eager's own rounding error would flag correct kernels
     reference: Callable[[], Any] | None = None
+    # provider -> [(metric, unit, value)]: measured quantities other than time (e.g. an accuracy), written as rows
+    metrics: dict[str, list[tuple[str, str, float]]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -271,6 +273,7 @@ def write_rows(results: list[Result], device: torch.device, path: Path) -> int:
             if case.flops:
                 tfs = lambda ms: case.flops / (ms * 1e-3) / 1e12  # noqa: E731
                 metrics.append(("throughput", "TFLOP/s", tfs(p50), tfs(p80), tfs(p20)))
+            metrics += [(metric, unit, value, value, value) for metric, unit, value in case.metrics.get(res.provider, [])]
             for metric, unit, v50, v20, v80 in metrics:
                 writer.writerow([case.op, res.provider, case.mode, case.shape, str(case.dtype).replace("torch.", ""),
                                  metric, unit, f"{v50:.6g}", f"{v20:.6g}", f"{v80:.6g}", device_name, torch_version,
@@ -299,7 +302,10 @@ def format_table(results: list[Result], peak_gbs: float | None) -> str:
                       f"{res.peak_mb:.1f}" if res.peak_mb is not None else "-", res.status])
     widths = [max(len(str(row[i])) for row in [header] + lines) for i in range(len(header))]
     fmt = lambda row: "  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip()  # noqa: E731
-    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(row) for row in lines])
+    extra = [f"  {res.case.op} {res.case.shape} {res.provider}: {metric} = {value:.4g} {unit}"
+             for res in results if res.status == "ok" for metric, unit, value in res.case.metrics.get(res.provider, [])]
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(row) for row in lines]
+                     + (["", "other metrics:"] + extra if extra else []))
 
 
 def run_suite(modules, device: torch.device, quick: bool, progress: Callable[[str], None] = print) -> list[Result]:

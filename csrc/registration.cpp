@@ -56,6 +56,15 @@ TORCH_LIBRARY(rlhf_fast, m) {
         "-> (Tensor loss, Tensor stats)");
   m.def("ppo_value_loss_backward(Tensor grad_loss, Tensor values, Tensor old_values, Tensor returns, "
         "Tensor? mask, Tensor stats, float clip, str agg) -> Tensor");
+  // ---- quant (quantized matmuls: out (M, N) = x (M, K) @ W^T + bias, in x's dtype) ----
+  // x contiguous (M, K) float32/bfloat16/float16; bias float32 (N,). See rlhf_fast/quant.py for the schemes.
+  // int8 weight-only: qweight int8 (N, K), scales float32 (N,).
+  m.def("qmatmul_int8(Tensor x, Tensor qweight, Tensor scales, Tensor? bias) -> Tensor");
+  // int4 weight-only: qweight uint8 (N, K/2) (even k in the low nibble), scales float32 and zeros uint8
+  // (N, K/group_size).
+  m.def("qmatmul_int4(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size, Tensor? bias) -> Tensor");
+  // W8A8: int8 weight as qmatmul_int8, activations quantized per token inside the op, int32 accumulation.
+  m.def("qmatmul_w8a8(Tensor x, Tensor qweight, Tensor scales, Tensor? bias) -> Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {

@@ -30,6 +30,8 @@ from .advantages import (  # noqa: E402
 )
 # ---------------------------------------------------------------- logprobs
 from .logprobs import entropy, linear_logprobs, logprobs  # noqa: E402
+# ---------------------------------------------------------------- quant
+from .quant import QuantizedLinear, QuantizedWeight, qmatmul, quantize_model, quantize_weight  # noqa: E402
 
 __all__ = [
     "BackendUnavailable",
@@ -44,6 +46,12 @@ __all__ = [
     "entropy",
     "linear_logprobs",
     "logprobs",
+    # quant
+    "QuantizedLinear",
+    "QuantizedWeight",
+    "qmatmul",
+    "quantize_model",
+    "quantize_weight",
 ]
 
 # ---------------------------------------------------------------- losses

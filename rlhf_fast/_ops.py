@@ -228,3 +228,54 @@ def register_losses_triton_autograd(module) -> None:
 
 if backend.compiled() is not None:
     _register_losses_compiled()
+
+# ---------------------------------------------------------------- quant
+# qmatmul_* (x (M, K), quantized weight tensors..., bias) -> (M, N) in x's dtype. Backward: the quantized weight
+# is frozen; x gets grad @ W_deq (for w8a8 the activation rounding passes the gradient through), bias grad.sum(0).
+
+
+def _qmatmul_fake(x, qweight, *args):
+    return x.new_empty((x.shape[0], qweight.shape[0]))
+
+
+def _qmatmul_setup_context(ctx, inputs, output):
+    is_int4 = len(inputs) == 6  # (x, qweight, scales, zeros, group_size, bias)
+    ctx.save_for_backward(*inputs[1:4 if is_int4 else 3])
+    ctx.group_size = inputs[4] if is_int4 else None
+    ctx.x_dtype = inputs[0].dtype
+    ctx.n_inputs = len(inputs)
+
+
+def _qmatmul_backward(ctx, grad):
+    from . import reference
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        if ctx.group_size is None:
+            qweight, scales = ctx.saved_tensors
+            weight = reference.dequantize_int8(qweight, scales)
+        else:
+            qweight, scales, zeros = ctx.saved_tensors
+            weight = reference.dequantize_int4(qweight, scales, zeros, ctx.group_size)
+        grad_x = (grad.float() @ weight).to(ctx.x_dtype)
+    if ctx.needs_input_grad[-1]:
+        grad_bias = grad.float().sum(0)
+    return (grad_x,) + (None,) * (ctx.n_inputs - 2) + (grad_bias,)
+
+
+QMATMUL_OPS = ("qmatmul_int8", "qmatmul_int4", "qmatmul_w8a8")
+
+
+def _register_quant_compiled() -> None:
+    for op in QMATMUL_OPS:
+        torch.library.register_fake(f"rlhf_fast::{op}")(_qmatmul_fake)
+        torch.library.register_autograd(f"rlhf_fast::{op}", _qmatmul_backward, setup_context=_qmatmul_setup_context)
+
+
+def register_triton_quant_autograd(module) -> None:
+    """Called by rlhf_fast.triton.quant once its triton_ops exist."""
+    for op in QMATMUL_OPS:
+        getattr(module, op).register_autograd(_qmatmul_backward, setup_context=_qmatmul_setup_context)
+
+
+if backend.compiled() is not None:
+    _register_quant_compiled()

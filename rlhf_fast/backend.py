@@ -24,6 +24,10 @@ ENV_VAR = "RLHF_FAST_BACKEND"
 # (benchmarks/results/<device>.csv) and say which run justifies each.
 DEFAULT_GPU_ORDER = ("cuda", "triton", "torch")
 AUTO_GPU: dict[str, tuple[str, ...]] = {}
+# ---- quant: qmatmul on more than 4 rows. Unmeasured, chosen from the kernels' structure: the CUDA GEMV re-reads
+# the activations from L1 for every weight chunk (L1-bound beyond ~4 rows, see benchmarks/NOTES.md) and past 16
+# rows the cuda backend dequantizes the whole weight before cuBLAS, while the Triton kernel stays fused.
+AUTO_GPU["qmatmul_many_rows"] = ("triton", "cuda", "torch")
 
 
 class BackendUnavailable(RuntimeError):

@@ -278,3 +278,54 @@ def ppo_value_loss(values, old_values, returns, mask=None, *, clip=0.2, agg="tok
     with torch.no_grad():
         stats = {"clipfrac": agg_loss(torch.gt(vf_losses2, vf_losses1).to(values.dtype), mask)}
     return loss, stats
+# ---------------------------------------------------------------- quant
+
+
+def dequantize_int8(qweight, scales, dtype=torch.float32):
+    """int8 (N, K) per-output-channel symmetric -> (N, K) `dtype`: q * scales[n]."""
+    return (qweight.to(dtype) * scales.to(dtype)[:, None])
+
+
+def unpack_int4(qweight):
+    """uint8 (N, K/2), two values per byte (even k in the low nibble) -> uint8 (N, K) values in [0, 15]."""
+    low, high = qweight & 0xF, qweight >> 4
+    return torch.stack((low, high), dim=-1).reshape(qweight.shape[0], -1)
+
+
+def dequantize_int4(qweight, scales, zeros, group_size, dtype=torch.float32):
+    """Packed uint4 (N, K/2), scales (N, K/group) float, zeros (N, K/group) uint8 -> (q - zero) * scale (N, K)."""
+    q = unpack_int4(qweight).to(dtype)
+    rows, cols = q.shape
+    grouped = q.reshape(rows, cols // group_size, group_size)
+    return ((grouped - zeros.to(dtype)[..., None]) * scales.to(dtype)[..., None]).reshape(rows, cols)
+
+
+def quantize_activations_int8(x):
+    """Dynamic per-token symmetric int8: x (M, K) -> (q int8 (M, K), scale fp32 (M,)), x ~ q * scale.
+
+    scale = amax / 127 and q = round_half_even(x * (127 / amax)), both in float32 (rows of zeros: q = 0,
+    scale = 0); every backend quantizes with exactly these float32 operations.
+    """
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1) if xf.shape[-1] else xf.new_zeros(xf.shape[:-1])
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    q = torch.round(xf * inv[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, amax / 127.0
+
+
+def qmatmul(x, qw, bias=None):
+    """F.linear(x, qw.dequantize(), bias) for x (M, K); w8a8 first quantizes x per token as the kernels do.
+
+    Computes in float64 for float64 x, else in float32, and returns x's dtype.
+    """
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    weight = qw.dequantize(compute)
+    if qw.scheme == "w8a8":
+        q, scale = quantize_activations_int8(x)
+        activations = q.to(compute) * scale.to(compute)[:, None]
+        if x.requires_grad:  # straight-through: the rounding passes the gradient unchanged, as the kernels do
+            activations = x.to(compute) + (activations - x.to(compute)).detach()
+    else:
+        activations = x.to(compute)
+    out = torch.nn.functional.linear(activations, weight, None if bias is None else bias.to(compute))
+    return out.to(x.dtype)

@@ -19,6 +19,8 @@ FAMILIES = {
     "losses": (("kl_penalty", "kl_penalty_backward", "ppo_policy_loss", "ppo_policy_loss_backward", "ppo_value_loss",
                 "ppo_value_loss_backward"),
                (b"kl_penalty_kernel", b"kl_penalty_backward_kernel", b"loss_forward_kernel", b"loss_backward_kernel")),
+    "quant": (("qmatmul_int8", "qmatmul_int4", "qmatmul_w8a8"),
+              (b"int8_gemv_kernel", b"int4_gemv_kernel", b"quantize_rows_kernel", b"w8a8_epilogue_kernel")),
 }
 
 
@@ -61,3 +63,4 @@ def test_package_imports_without_compiled_library():
     env = {**os.environ, "RLHF_FAST_BACKEND": "auto"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+

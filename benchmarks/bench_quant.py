@@ -1,0 +1,145 @@
+"""Quant family: quantized matmuls against the unquantized matmul, and a quantized tiny Llama against the float one.
+
+Providers per matmul case: `eager` = F.linear with the unquantized weight (float32 on the CPU, bfloat16 on the
+GPU), `compile` = torch.compile of the dequantize-then-matmul reference (what torchao's weight-only path relies
+on), `torch` = that reference in eager mode (dequantizes the whole weight per call), each live rlhf_fast backend,
+and torchao / bitsandbytes when installed. Every quantized provider is checked against the float32 matmul with the
+dequantized weight (the unquantized eager differs from it by the quantization error, by design).
+
+The tiny-Llama case (random init: nothing can be downloaded here) samples text from the float model, then times a
+forward of each quantized copy and records the mean per-token KL(float || quantized) on that text and the model
+memory as metric rows.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+import rlhf_fast as rf
+from rlhf_fast import reference
+
+from .harness import Case, compiled, kernel_providers
+
+SCHEMES = ("int8", "int4", "w8a8")
+GROUP_SIZE = 128
+
+
+def _peer_providers(x, w, scheme):
+    """Peer libraries' quantized linears, when installed; else the reason they were skipped."""
+    providers, skipped = {}, {}
+    for peer in ("torchao", "bitsandbytes"):
+        if importlib.util.find_spec(peer) is None:
+            skipped[peer] = f"{peer} is not installed"
+    if "torchao" not in skipped and x.device.type == "cuda":
+        try:
+            from torchao.quantization import (Int4WeightOnlyConfig, Int8DynamicActivationInt8WeightConfig,
+                                              Int8WeightOnlyConfig, quantize_)
+            config = {"int8": Int8WeightOnlyConfig(), "int4": Int4WeightOnlyConfig(group_size=GROUP_SIZE),
+                      "w8a8": Int8DynamicActivationInt8WeightConfig()}[scheme]
+            layer = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device=x.device, dtype=x.dtype)
+            layer.weight.data.copy_(w)
+            quantize_(layer, config)
+            providers["torchao"] = lambda: layer(x)
+        except Exception as exc:  # an API change in the peer must not stop the suite
+            skipped["torchao"] = f"torchao setup failed: {type(exc).__name__}: {exc}"[:120]
+    elif "torchao" not in skipped:
+        skipped["torchao"] = "benchmarked on CUDA only"
+    if "bitsandbytes" not in skipped:
+        if x.device.type == "cuda" and scheme in ("int8", "int4"):
+            try:
+                import bitsandbytes as bnb
+                if scheme == "int8":
+                    layer = bnb.nn.Linear8bitLt(w.shape[1], w.shape[0], bias=False, has_fp16_weights=False)
+                    layer.weight = bnb.nn.Int8Params(w.detach().cpu().to(x.dtype), requires_grad=False,
+                                                     has_fp16_weights=False)
+                else:
+                    layer = bnb.nn.Linear4bit(w.shape[1], w.shape[0], bias=False, compute_dtype=x.dtype,
+                                              quant_type="nf4")
+                    layer.weight = bnb.nn.Params4bit(w.detach().cpu().to(x.dtype), requires_grad=False,
+                                                     quant_type="nf4")
+                layer = layer.to(x.device)
+                providers["bitsandbytes"] = lambda: layer(x)
+            except Exception as exc:
+                skipped["bitsandbytes"] = f"bitsandbytes setup failed: {type(exc).__name__}: {exc}"[:120]
+        else:
+            skipped["bitsandbytes"] = "int8 / nf4 weight-only on CUDA only"
+    return providers, skipped
+
+
+def _matmul_case(rows, features, scheme, dtype, device, with_peers):
+    w = torch.randn(features, features, device=device) * 0.02
+    x = torch.randn(rows, features, device=device).to(dtype)
+    w_eager = w.to(dtype)
+    qw = rf.quantize_weight(w, scheme, group_size=GROUP_SIZE)
+
+    def dequantized(x):
+        return reference.qmatmul(x, qw)
+
+    providers = {"eager": lambda: F.linear(x, w_eager), "compile": lambda fn=compiled(dequantized): fn(x),
+                 "torch": lambda: rf.qmatmul(x, qw, backend="torch")}
+    providers.update(kernel_providers(device, lambda name: rf.qmatmul(x, qw, backend=name)))
+    skipped = {}
+    if with_peers:
+        peers, skipped = _peer_providers(x, w, scheme)
+        providers.update(peers)
+    moved = qw.nbytes + 2 * rows * features * x.element_size()  # the quantized weight, x and the output
+    return Case(f"qmatmul_{scheme}", f"M={rows},K={features},N={features}", dtype, "fwd", providers,
+                bytes_moved=moved, flops=2 * rows * features * features, skipped=skipped, atol=2e-2,
+                reference=lambda: reference.qmatmul(x.float(), qw))
+
+
+def _model_bytes(model):
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def _tiny_llama_case(device, quick):
+    try:
+        import transformers
+    except ImportError as exc:
+        return Case("tiny_llama_forward", "-", torch.float32, "fwd", {"eager": lambda: None},
+                    skipped={"rf-int8": f"transformers missing: {exc}"})
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    hidden, layers, vocab, batch, steps = (256, 2, 512, 2, 32) if quick else (1024, 4, 8192, 4, 128)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 3,
+                                      num_hidden_layers=layers, num_attention_heads=hidden // 64,
+                                      num_key_value_heads=max(1, hidden // 256), max_position_embeddings=2 * steps)
+    model = transformers.LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
+    prompt = torch.randint(0, vocab, (batch, 8), device=device)
+    with torch.no_grad():
+        text = model.generate(prompt, do_sample=True, top_k=0, max_new_tokens=steps - 8, min_new_tokens=steps - 8,
+                              pad_token_id=0)
+        float_logp = torch.log_softmax(model(text).logits.float(), -1)
+
+    def forward(m):
+        with torch.no_grad():
+            m(text)
+
+    providers = {"eager": lambda: forward(model)}
+    metrics = {"eager": [("model_memory", "MB", _model_bytes(model) / 2**20)]}
+    for scheme in SCHEMES:
+        quantized = rf.quantize_model(copy.deepcopy(model), scheme, group_size=GROUP_SIZE)
+        with torch.no_grad():
+            logp = torch.log_softmax(quantized(text).logits.float(), -1)
+        kl = (float_logp.exp() * (float_logp - logp)).sum(-1).mean().item()
+        providers[f"rf-{scheme}"] = lambda m=quantized: forward(m)
+        metrics[f"rf-{scheme}"] = [("kl_vs_float", "nats/token", kl),
+                                   ("model_memory", "MB", _model_bytes(quantized) / 2**20)]
+    shape = f"B={batch},T={steps},layers={layers},hidden={hidden},vocab={vocab}"
+    return Case("tiny_llama_forward", shape, dtype, "fwd", providers, metrics=metrics)
+
+
+def cases(device: torch.device, quick: bool) -> list[Case]:
+    if quick:
+        sizes = [(1, 512), (64, 512)]
+    elif device.type == "cuda":
+        sizes = [(rows, features) for features in (4096, 8192) for rows in (1, 16, 256, 8192)]
+    else:
+        sizes = [(1, 4096), (256, 4096)]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    out = [_matmul_case(rows, features, scheme, dtype, device, with_peers=not quick)
+           for rows, features in sizes for scheme in SCHEMES]
+    return out + [_tiny_llama_case(device, quick)]

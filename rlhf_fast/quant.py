@@ -1,0 +1,334 @@
+"""Quantized matmuls for frozen models (reference and reward models, rollout decoding): int8 / int4 weight-only
+and W8A8, plus the module swap that applies them to a transformers model.
+
+Schemes (``QuantizedWeight.scheme``), for a weight W (N, K) = (out_features, in_features):
+  ``int8``  per-output-channel symmetric: qweight int8 (N, K) in [-127, 127], scales fp32 (N,); W = q * s[n].
+  ``int4``  group-wise asymmetric along K: values uint4 in [0, 15] packed two per byte, qweight uint8 (N, K/2)
+            (even k in the low nibble), scales fp32 and zero points uint8 (N, K/group_size);
+            W = (q - z) * s. The range of each group includes 0, so 0 is exact.
+  ``w8a8``  the int8 weight of ``int8``, and activations quantized per token at run time (symmetric int8,
+            see reference.quantize_activations_int8); int8 x int8 products accumulate in int32 and the
+            epilogue applies s_x[m] * s_w[n] (+ bias).
+
+``qmatmul(x, qw, bias)`` has F.linear semantics for x (..., K) float32 / bfloat16 / float16 and returns x's dtype.
+It is for inference: the quantized weights never receive gradients (a float tensor of ``qw`` that requires grad
+is an error), while a gradient to x does flow, through the dequantized weight (for w8a8 the activation rounding
+is treated as the identity, a straight-through estimate). ``QuantizedLinear`` refuses to run in training mode
+with grad enabled, so training a quantized model fails loudly instead of silently leaving its linears frozen.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from . import _validate as check
+from . import backend as _backend
+from . import reference
+
+SCHEMES = ("int8", "int4", "w8a8")
+ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DECODE_ROWS = 4  # up to this many rows `auto` picks the CUDA GEMV on the GPU, beyond it AUTO_GPU["qmatmul_many_rows"]
+
+
+def _check_scheme(scheme):
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+
+
+def _check_group_size(group_size, in_features):
+    check.positive_int("group_size", group_size)
+    if group_size % 2:
+        raise ValueError(f"group_size must be even (two int4 values share a byte), got {group_size}")
+    if in_features % group_size:
+        raise ValueError(f"group_size={group_size} does not divide in_features K={in_features}; int4 groups run "
+                         f"along K, so pick a group_size that divides K (e.g. 32, 64 or 128)")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedWeight:
+    """A quantized (N, K) weight: the tensors of its scheme (see the module docstring) and how to read them."""
+
+    scheme: str
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None = None
+    group_size: int | None = None
+
+    def __post_init__(self):
+        _check_scheme(self.scheme)
+        check.tensor("qweight", self.qweight)
+        check.tensor("scales", self.scales)
+        if self.qweight.dim() != 2:
+            raise ValueError(f"qweight must be 2-D, got shape {tuple(self.qweight.shape)}")
+        if self.scales.dtype != torch.float32:
+            raise TypeError(f"scales must be float32, got {self.scales.dtype}")
+        rows = self.qweight.shape[0]
+        if self.scheme == "int4":
+            if self.qweight.dtype != torch.uint8:
+                raise TypeError(f"int4 qweight must be uint8 (two values per byte), got {self.qweight.dtype}")
+            _check_group_size(self.group_size, self.in_features)
+            groups = (rows, self.in_features // self.group_size)
+            check.tensor("zeros", self.zeros)
+            if self.zeros.dtype != torch.uint8 or tuple(self.zeros.shape) != groups:
+                raise ValueError(f"int4 zeros must be uint8 of shape {groups}, got {self.zeros.dtype} "
+                                 f"{tuple(self.zeros.shape)}")
+            if tuple(self.scales.shape) != groups:
+                raise ValueError(f"int4 scales must have shape {groups}, got {tuple(self.scales.shape)}")
+        else:
+            if self.qweight.dtype != torch.int8:
+                raise TypeError(f"{self.scheme} qweight must be int8, got {self.qweight.dtype}")
+            if self.zeros is not None or self.group_size is not None:
+                raise ValueError(f"{self.scheme} has no zero points or groups (symmetric, per output channel)")
+            if tuple(self.scales.shape) != (rows,):
+                raise ValueError(f"{self.scheme} scales must have shape ({rows},), got {tuple(self.scales.shape)}")
+        for name in ("scales", "zeros"):
+            tensor = getattr(self, name)
+            if tensor is not None and tensor.device != self.qweight.device:
+                raise ValueError(f"{name} is on {tensor.device} but qweight is on {self.qweight.device}")
+
+    @property
+    def out_features(self) -> int:
+        return self.qweight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.qweight.shape[1] * (2 if self.scheme == "int4" else 1)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.out_features, self.in_features))
+
+    @property
+    def device(self) -> torch.device:
+        return self.qweight.device
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros) if t is not None)
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        """The (N, K) weight this stands for, in `dtype` (computed in float32, or float64 for float64)."""
+        compute = torch.float64 if dtype == torch.float64 else torch.float32
+        if self.scheme == "int4":
+            weight = reference.dequantize_int4(self.qweight, self.scales, self.zeros, self.group_size, compute)
+        else:
+            weight = reference.dequantize_int8(self.qweight, self.scales, compute)
+        return weight.to(dtype)
+
+    def to(self, device) -> QuantizedWeight:
+        return dataclasses.replace(self, qweight=self.qweight.to(device), scales=self.scales.to(device),
+                                   zeros=None if self.zeros is None else self.zeros.to(device))
+
+    def state_dict(self) -> dict:
+        state = {"scheme": self.scheme, "qweight": self.qweight, "scales": self.scales}
+        if self.scheme == "int4":
+            state.update(zeros=self.zeros, group_size=self.group_size)
+        return state
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> QuantizedWeight:
+        return cls(state["scheme"], state["qweight"], state["scales"], state.get("zeros"), state.get("group_size"))
+
+
+def quantize_weight(w, scheme, *, group_size=128) -> QuantizedWeight:
+    """Quantizes a linear weight w (N, K) (any float dtype; computed in float32) with `scheme`.
+
+    group_size (int4 only) must be even and divide K. Non-finite weights are rejected.
+    """
+    check.floating("w", w)
+    _check_scheme(scheme)
+    if w.dim() != 2 or w.shape[0] == 0 or w.shape[1] == 0:
+        raise ValueError(f"w must be a non-empty 2-D (out_features, in_features) weight, got {tuple(w.shape)}")
+    w = w.detach().float()
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError("w has inf or nan entries; they cannot be quantized")
+    if scheme != "int4":
+        amax = w.abs().amax(dim=1)
+        inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+        q = torch.round(w * inv[:, None]).clamp_(-127, 127).to(torch.int8)
+        return QuantizedWeight(scheme, q.contiguous(), (amax / 127.0).contiguous())
+    rows, cols = w.shape
+    _check_group_size(group_size, cols)
+    groups = w.reshape(rows, cols // group_size, group_size)
+    low = groups.amin(dim=-1).clamp(max=0.0)
+    high = groups.amax(dim=-1).clamp(min=0.0)
+    scales = (high - low) / 15.0
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))  # an all-zero group: any scale, q = z = 0
+    zeros = torch.round(-low / scales).clamp_(0, 15)
+    q = (torch.round(groups / scales[..., None]) + zeros[..., None]).clamp_(0, 15).to(torch.uint8)
+    q = q.reshape(rows, cols // 2, 2)
+    packed = q[..., 0] | (q[..., 1] << 4)
+    return QuantizedWeight("int4", packed.contiguous(), scales.contiguous(), zeros.to(torch.uint8).contiguous(),
+                           group_size)
+
+
+def _kernels(name: str):
+    """The op namespace of a kernel backend: torch.ops.rlhf_fast (cpu, cuda) or the Triton triton_ops."""
+    if name == "triton":
+        from .triton import quant as triton_quant
+        return triton_quant
+    return torch.ops.rlhf_fast
+
+
+def _check_frozen(qw: QuantizedWeight):
+    if qw.scales.requires_grad:
+        raise ValueError("qw.scales requires grad, but quantized weights are frozen: qmatmul is for inference and "
+                         "gives no gradient to the quantized weight. Train the float weight, then quantize it")
+
+
+def qmatmul(x, qw, bias=None, *, backend=None):
+    """F.linear(x, qw.dequantize(), bias): x (..., K) float32/bfloat16/float16 -> (..., N) in x's dtype.
+
+    Kernels: cpu (C++/OpenMP), triton, cuda (int8/int4 GEMV for M <= 16 rows, see csrc/cuda/quant.cu), torch
+    (dequantize, then matmul). On CUDA tensors `auto` takes the cuda GEMV up to DECODE_ROWS rows and Triton
+    beyond (backend.AUTO_GPU). Gradients flow to x and bias, never to the quantized weight.
+    """
+    check.floating("x", x)
+    if x.dtype not in ACTIVATION_DTYPES:
+        raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
+    if not isinstance(qw, QuantizedWeight):
+        raise TypeError(f"qw must be a QuantizedWeight (from rlhf_fast.quantize_weight), got {type(qw).__name__}")
+    if x.dim() < 1 or x.shape[-1] != qw.in_features:
+        raise ValueError(f"x must have shape (..., {qw.in_features}) to match qw of shape {tuple(qw.shape)}, "
+                         f"got {tuple(x.shape)}")
+    check.same_device("x", x, "qw.qweight", qw.qweight)
+    if bias is not None:
+        check.floating("bias", bias)
+        check.same_device("bias", bias, "x", x)
+        if tuple(bias.shape) != (qw.out_features,):
+            raise ValueError(f"bias must have shape ({qw.out_features},), got {tuple(bias.shape)}")
+    _check_frozen(qw)
+    lead = x.shape[:-1]
+    rows = x.reshape(-1, qw.in_features)
+    name = _backend.select("qmatmul" if rows.shape[0] <= DECODE_ROWS else "qmatmul_many_rows", backend, x.device)
+    if name == "torch":
+        out = reference.qmatmul(rows, qw, bias)
+    else:
+        ops = _kernels(name)
+        rows = rows.contiguous()
+        bias32 = None if bias is None else bias.float().contiguous()
+        if qw.scheme == "int8":
+            out = ops.qmatmul_int8(rows, qw.qweight, qw.scales, bias32)
+        elif qw.scheme == "int4":
+            out = ops.qmatmul_int4(rows, qw.qweight, qw.scales, qw.zeros, qw.group_size, bias32)
+        else:
+            out = ops.qmatmul_w8a8(rows, qw.qweight, qw.scales, bias32)
+    return out.reshape(*lead, qw.out_features)
+
+
+class QuantizedLinear(nn.Module):
+    """Inference replacement for nn.Linear: the quantized weight (and bias) live in buffers, so .to(),
+    state_dict() and load_state_dict() carry them; the module has no parameters.
+
+    Scales stay float32 when the model is cast to another dtype (model.half(), .to(torch.bfloat16)).
+    forward raises in training mode with grad enabled: the quantized weights cannot be trained.
+    """
+
+    def __init__(self, in_features, out_features, scheme, *, bias=True, group_size=128, device=None,
+                 bias_dtype=torch.float32):
+        super().__init__()
+        _check_scheme(scheme)
+        self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
+        self.group_size = group_size if scheme == "int4" else None
+        self.backend = None  # backend= of qmatmul for this layer (None: RLHF_FAST_BACKEND or auto)
+        if scheme == "int4":
+            _check_group_size(group_size, in_features)
+            groups = in_features // group_size
+            self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8,
+                                                        device=device))
+            self.register_buffer("scales", torch.ones(out_features, groups, device=device))
+            self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=torch.uint8, device=device))
+        else:
+            self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+            self.register_buffer("scales", torch.ones(out_features, device=device))
+            self.register_buffer("zeros", None)
+        self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, scheme, *, group_size=128) -> QuantizedLinear:
+        """From an nn.Linear, or a transformers Conv1D (GPT-2 style, weight stored as (in, out))."""
+        weight = linear.weight.t() if _is_conv1d(linear) else linear.weight
+        qw = quantize_weight(weight, scheme, group_size=group_size)
+        bias = linear.bias
+        module = cls(qw.in_features, qw.out_features, scheme, bias=bias is not None, group_size=group_size,
+                     device=weight.device, bias_dtype=bias.dtype if bias is not None else torch.float32)
+        module.qweight, module.scales = qw.qweight, qw.scales
+        if qw.zeros is not None:
+            module.zeros = qw.zeros
+        if bias is not None:
+            module.bias = bias.detach().clone()
+        return module
+
+    @property
+    def quantized_weight(self) -> QuantizedWeight:
+        return QuantizedWeight(self.scheme, self.qweight, self.scales, self.zeros, self.group_size)
+
+    def forward(self, x):
+        if self.training and torch.is_grad_enabled():
+            raise RuntimeError("QuantizedLinear is inference-only: its quantized weights cannot be trained. Call "
+                               "model.eval() (gradients still flow to the inputs) or run under torch.no_grad(); to "
+                               "train, use the float model")
+        return qmatmul(x, self.quantized_weight, self.bias, backend=self.backend)
+
+    def _apply(self, fn, recurse=True):
+        # A dtype cast of the model must not round the float32 scales: keep them, moved to the new device.
+        scales = self.scales
+        super()._apply(fn, recurse)
+        if self.scales.dtype != torch.float32:
+            self.scales = scales.to(self.scales.device)
+        return self
+
+    def get_extra_state(self):
+        return {"scheme": self.scheme, "group_size": self.group_size}
+
+    def set_extra_state(self, state):
+        if state["scheme"] != self.scheme or state["group_size"] != self.group_size:
+            raise ValueError(f"state dict holds a {state['scheme']} (group_size={state['group_size']}) weight, this "
+                             f"layer is {self.scheme} (group_size={self.group_size})")
+
+    def extra_repr(self):
+        group = f", group_size={self.group_size}" if self.group_size else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}{group}, "
+                f"bias={self.bias is not None}")
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2 and relatives): a linear layer whose weight is stored as (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def _in_features(module: nn.Module) -> int:
+    return module.weight.shape[0] if _is_conv1d(module) else module.in_features
+
+
+def _skipped(name: str, skip) -> bool:
+    parts = name.split(".")
+    return any(name == s or name.startswith(s + ".") or s in parts for s in skip)
+
+
+def quantize_model(model: nn.Module, scheme, *, skip=("lm_head",), group_size=128) -> nn.Module:
+    """Replaces, in place, every nn.Linear (and transformers Conv1D) of `model` with a QuantizedLinear, except
+    those named in `skip` (a module is skipped when its dotted name, a prefix of it, or one of its components is
+    listed). Puts the model in eval mode (it is for inference) and returns it. Every layer is checked before any
+    is replaced; a model with nothing to quantize is an error rather than a silent no-op.
+    """
+    _check_scheme(scheme)
+    if isinstance(skip, str):
+        skip = (skip,)
+    targets = [(name, module) for name, module in model.named_modules()
+               if name and (isinstance(module, nn.Linear) or _is_conv1d(module)) and not _skipped(name, skip)]
+    if not targets:
+        raise ValueError(f"model has no nn.Linear or transformers Conv1D layer outside skip={tuple(skip)} to quantize")
+    if scheme == "int4":
+        for name, linear in targets:
+            try:
+                _check_group_size(group_size, _in_features(linear))
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}; or add {name!r} to skip") from None
+    for name, linear in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, QuantizedLinear.from_linear(linear, scheme, group_size=group_size))
+    return model.eval()

@@ -1,0 +1,223 @@
+"""Triton kernels of the quant family, registered as torch.library triton_ops (rlhf_fast_triton::qmatmul_*).
+
+One tiled kernel serves the three schemes. Each program owns a BLOCK_M x BLOCK_N tile of the output and walks
+its share of K: it loads the quantized weight tile, dequantizes it in registers (int8: a cast, the per-channel
+scale goes to the epilogue; int4: low and high nibbles minus the group zero point, times the group scale, dotted
+with the even and odd columns of x) and accumulates with tl.dot in float32 (W8A8: int8 x int8 tl.dot in int32).
+Large M: a grid over (M tiles, N tiles), the epilogue applies scales and bias and writes x's dtype.
+M <= 16 (decode): the same kernel as a split-K GEMV, BLOCK_M = 16 and K split over SPLIT_K programs per N tile so
+that the weight stream keeps every SM busy; a second small kernel sums the float32 partials, adds the bias and
+casts (deterministic, no atomics).
+W8A8 quantizes the activations first with a separate small kernel (one program per row: amax, then int8 values),
+so the GEMM's inner loop streams int8 activations instead of re-reading and re-quantizing 16-bit ones per N tile.
+Block sizes are fixed, not autotuned (no GPU measurement yet); see benchmarks/NOTES.md.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from .. import backend as _backend
+
+INT8, INT4, W8A8 = 0, 1, 2
+GEMV_MAX_ROWS = 16
+QUANT_BLOCK = 1024
+SUM_BLOCK = 1024
+
+
+@triton.jit
+def _round_half_even(v):
+    f = tl.floor(v)
+    diff = v - f
+    odd = f - 2.0 * tl.floor(f * 0.5)
+    return tl.where(diff > 0.5, f + 1.0, tl.where(diff < 0.5, f, f + odd))
+
+
+@triton.jit
+def _quantize_rows_kernel(x, q, scale, K, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    amax = tl.zeros([BLOCK], tl.float32)
+    for k0 in range(0, K, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        amax = tl.maximum(amax, tl.abs(tl.load(x + row * K + offs, mask=offs < K, other=0.0).to(tl.float32)))
+    top = tl.max(amax, axis=0)
+    inv = tl.where(top > 0, tl.math.div_rn(127.0, tl.maximum(top, 1e-30)), 0.0)
+    for k0 in range(0, K, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        v = tl.load(x + row * K + offs, mask=offs < K, other=0.0).to(tl.float32)
+        r = tl.minimum(tl.maximum(_round_half_even(v * inv), -127.0), 127.0)
+        tl.store(q + row * K + offs, r.to(tl.int8), mask=offs < K)
+    tl.store(scale + row, tl.math.div_rn(top, 127.0))
+
+
+@triton.jit
+def _qmatmul_kernel(x, qweight, scales, zeros, x_scale, bias, out, M, N, K, group_size, k_per_split,
+                    SCHEME: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_ALIGNED: tl.constexpr,
+                    UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # Grouped tile order: GROUP_M row tiles share each weight column tile while it is in L2.
+    pid = tl.program_id(0)
+    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * tiles_n
+    first_m = (pid // width) * GROUP_M
+    rows_in_group = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % rows_in_group
+    pid_n = (pid % width) // rows_in_group
+    split = tl.program_id(1)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok, n_ok = offs_m < M, offs_n < N
+    rows = offs_m.to(tl.int64)[:, None] * K
+    cols = offs_n.to(tl.int64)[None, :]
+    k_start = split * k_per_split
+    k_end = tl.minimum(K, k_start + k_per_split)
+    groups = K // group_size
+    if SCHEME == W8A8:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        if SCHEME == INT4:
+            offs_p = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # packed byte columns
+            p_ok = offs_p < k_end // 2
+            packed = tl.load(qweight + cols * (K // 2) + offs_p[:, None], mask=p_ok[:, None] & n_ok[None, :], other=0)
+            if GROUP_ALIGNED:  # the whole tile lies in one group
+                at = cols * groups + k0 // group_size
+                g_ok = n_ok[None, :]
+            else:
+                at = cols * groups + (2 * offs_p[:, None]) // group_size
+                g_ok = p_ok[:, None] & n_ok[None, :]
+            s = tl.load(scales + at, mask=g_ok, other=0.0)
+            zs = tl.load(zeros + at, mask=g_ok, other=0).to(tl.float32) * s
+            w_lo = (packed & 0xF).to(tl.float32) * s - zs
+            w_hi = (packed >> 4).to(tl.float32) * s - zs
+            xm = m_ok[:, None] & p_ok[None, :]
+            x_even = tl.load(x + rows + 2 * offs_p[None, :], mask=xm, other=0.0)
+            x_odd = tl.load(x + rows + 2 * offs_p[None, :] + 1, mask=xm, other=0.0)
+            if UPCAST:
+                acc += tl.dot(x_even.to(tl.float32), w_lo, input_precision=PRECISION)
+                acc += tl.dot(x_odd.to(tl.float32), w_hi, input_precision=PRECISION)
+            else:
+                acc += tl.dot(x_even, w_lo.to(x_even.dtype), input_precision=PRECISION)
+                acc += tl.dot(x_odd, w_hi.to(x_odd.dtype), input_precision=PRECISION)
+        else:
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < k_end
+            a = tl.load(x + rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0)
+            w = tl.load(qweight + cols * K + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0)
+            if SCHEME == W8A8:
+                acc += tl.dot(a, w, out_dtype=tl.int32)
+            elif UPCAST:
+                acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision=PRECISION)
+            else:
+                acc += tl.dot(a, w.to(a.dtype), input_precision=PRECISION)  # |q| <= 127: exact in 16-bit floats
+
+    if SCHEME == INT8:
+        acc = acc * tl.load(scales + offs_n, mask=n_ok, other=0.0)[None, :]
+    elif SCHEME == W8A8:
+        sx = tl.load(x_scale + offs_m, mask=m_ok, other=0.0)
+        acc = acc.to(tl.float32) * sx[:, None] * tl.load(scales + offs_n, mask=n_ok, other=0.0)[None, :]
+    if HAS_BIAS and SPLIT_K == 1:
+        acc += tl.load(bias + offs_n, mask=n_ok, other=0.0)[None, :]
+    # SPLIT_K > 1: `out` is the float32 partials buffer (SPLIT_K, M, N).
+    dst = out + split.to(tl.int64) * M * N + offs_m.to(tl.int64)[:, None] * N + cols
+    tl.store(dst, acc.to(out.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _sum_splits_kernel(partials, bias, out, total, N, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < total
+    acc = tl.zeros([BLOCK], tl.float32)
+    for split in range(SPLIT_K):
+        acc += tl.load(partials + split * total + offs, mask=inside, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias + offs % N, mask=inside, other=0.0)
+    tl.store(out + offs, acc.to(out.dtype.element_ty), mask=inside)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index):
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _config(rows, in_features, out_features, scheme, device):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) for an (M, K) x (K, N) problem."""
+    if device.type != "cuda":  # the interpreter: small tiles (its cost is per element and per program)
+        return 16, 32, 32, (2 if rows <= GEMV_MAX_ROWS else 1), 4, 1
+    if rows <= GEMV_MAX_ROWS:
+        block_n, block_k = 64, 256 if scheme == W8A8 else 128
+        split = max(1, min(triton.cdiv(in_features, block_k),
+                           triton.cdiv(4 * _sm_count(device.index), triton.cdiv(out_features, block_n))))
+        return 16, block_n, block_k, split, 4, 4
+    return 128, 128, 128 if scheme == W8A8 else 64, 1, 8, 3
+
+
+def _matmul(x, qweight, scales, zeros, x_scale, bias, group_size, out_dtype, scheme):
+    """x: (M, K) activations (int8 for W8A8, with x_scale (M,)) -> (M, N) out_dtype."""
+    rows, in_features = x.shape
+    out_features = qweight.shape[0]
+    out = torch.empty((rows, out_features), dtype=out_dtype, device=x.device)
+    if rows == 0:
+        return out
+    block_m, block_n, block_k, split, warps, stages = _config(rows, in_features, out_features, scheme, x.device)
+    k_per_split = triton.cdiv(triton.cdiv(in_features, split), block_k) * block_k  # whole BLOCK_K tiles
+    split = triton.cdiv(in_features, k_per_split)
+    target = out if split == 1 else torch.empty((split, rows, out_features), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(rows, block_m) * triton.cdiv(out_features, block_n), split)
+    wrap_triton(_qmatmul_kernel)[grid](
+        x, qweight, scales, zeros if zeros is not None else qweight, x_scale if x_scale is not None else scales,
+        bias if bias is not None else scales, target, rows, out_features, in_features, group_size, k_per_split,
+        SCHEME=scheme, HAS_BIAS=bias is not None, SPLIT_K=split,
+        GROUP_ALIGNED=scheme == INT4 and group_size % block_k == 0,
+        # the interpreter's bfloat16 tl.dot is wrong: it multiplies in float32 there instead
+        UPCAST=x.dtype == torch.bfloat16 and _backend.triton_interpret(),
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=warps, num_stages=stages)
+    if split > 1:  # one pass: sum of the partials, bias, cast
+        total = rows * out_features
+        wrap_triton(_sum_splits_kernel)[(triton.cdiv(total, SUM_BLOCK),)](
+            target, bias if bias is not None else scales, out, total, out_features, SPLIT_K=split,
+            HAS_BIAS=bias is not None, BLOCK=SUM_BLOCK)
+    return out
+
+
+@triton_op("rlhf_fast_triton::qmatmul_int8", mutates_args=())
+def qmatmul_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+    """Same contract as torch.ops.rlhf_fast.qmatmul_int8."""
+    return _matmul(x, qweight, scales, None, None, bias, 1, x.dtype, INT8)
+
+
+@triton_op("rlhf_fast_triton::qmatmul_int4", mutates_args=())
+def qmatmul_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                 group_size: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """Same contract as torch.ops.rlhf_fast.qmatmul_int4."""
+    return _matmul(x, qweight, scales, zeros, None, bias, group_size, x.dtype, INT4)
+
+
+@triton_op("rlhf_fast_triton::qmatmul_w8a8", mutates_args=())
+def qmatmul_w8a8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+    """Same contract as torch.ops.rlhf_fast.qmatmul_w8a8."""
+    rows, in_features = x.shape
+    xq = torch.empty((rows, in_features), dtype=torch.int8, device=x.device)
+    x_scale = torch.empty((rows,), dtype=torch.float32, device=x.device)
+    if rows > 0:
+        wrap_triton(_quantize_rows_kernel)[(rows,)](x, xq, x_scale, in_features,
+                                                    BLOCK=min(QUANT_BLOCK, triton.next_power_of_2(max(in_features, 16))))
+    return _matmul(xq, qweight, scales, None, x_scale, bias, 1, x.dtype, W8A8)
+
+
+def _register_autograd():
+    from .._ops import register_triton_quant_autograd
+    register_triton_quant_autograd(__import__(__name__, fromlist=["qmatmul_int8"]))
+
+
+_register_autograd()
