@@ -66,13 +66,22 @@ def setup_distributed(cfg: PPOConfig) -> tuple[Dist, torch.device]:
     device = torch.device("cuda", d.local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-    torch.set_num_threads(cfg.threads or max(1, len(os.sched_getaffinity(0)) // local_world))
+    torch.set_num_threads(cfg.threads or default_threads(cfg))
     return d, device
 
 
 class SetupError(Exception):
     """A bad flag, path or file, found before any work starts."""
+
+
+def default_threads(cfg: PPOConfig) -> int:
+    """One thread for the embedded tiny model: its matrices are too small to split, and on a busy machine extra
+    OpenMP threads spin against other processes (measured here: 2 threads ran a step 20x slower than 1 with a
+    loaded CPU). Otherwise the cores available divided among this machine's processes."""
+    if cfg.model is None:
+        return 1
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    return max(1, len(os.sched_getaffinity(0)) // local_world)
 
 
 def build_task(cfg: PPOConfig):
@@ -295,6 +304,17 @@ def plot_curves(metrics: list[dict], path: Path) -> None:
 
 def train(cfg: PPOConfig) -> dict:
     """Runs (or resumes) a training run; returns the summary written to <out>/summary.json."""
+    run = training_steps(cfg)
+    while True:
+        try:
+            next(run)
+        except StopIteration as finished:
+            return finished.value
+
+
+def training_steps(cfg: PPOConfig):
+    """The whole run as a generator: yields each PPO step's metrics row, returns the summary (so a benchmark
+    can time single steps of a real run)."""
     wall_start = time.perf_counter()
     try:
         cfg.validate()
@@ -503,7 +523,8 @@ def train(cfg: PPOConfig) -> dict:
         step_time = time.perf_counter() - step_start
         n_tokens = d.sum(mask.sum().double()).item()
         row = {"step": step, "reward_mean": raw_scores.mean().item(), "kl": seq_kl.mean().item(),
-               "entropy": ((entropy * mask).sum() / mask.sum()).item(), "response_len": mask.sum(-1).float().mean().item(),
+               "entropy": ((entropy * mask).sum() / mask.sum()).item(),
+               "response_len": mask.sum(-1).float().mean().item(),
                "policy_loss": float("nan"), "value_loss": float("nan"), "clipfrac": float("nan"),
                **{k: v / max(count, 1) for k, v in sums.items()}}
         row = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in d.mean(row).items()}
@@ -533,6 +554,7 @@ def train(cfg: PPOConfig) -> dict:
             rng = {"generator": generator.get_state(), "sample_gen": sample_gen.get_state(),
                    "torch": torch.get_rng_state()}
             save_checkpoint(checkpoint_dir, state, rng, d)
+        yield row
     if progress is not None:
         progress.close()
 
