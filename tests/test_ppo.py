@@ -157,9 +157,10 @@ def _one_update(kernels: bool):
     ent = ops.agg_loss(entropy, mask, "token-mean")
     kl = ops.agg_loss(ops.kl_penalty(logp, ref_logp, "k3"), mask, "seq-mean-token-mean")
     (pg + 0.5 * vl - 0.01 * ent + 0.1 * kl).backward()
+    pg, vl, ent, kl = pg.detach(), vl.detach(), ent.detach(), kl.detach()
     grads = [p.grad.clone() for p in [*policy.parameters(), *critic.parameters()]]
     numbers = {"pg": pg, "vl": vl, "ent": ent, "kl": kl, **stats, **{"v_" + k: v for k, v in vstats.items()}}
-    return {k: float(v) for k, v in numbers.items()}, grads, advantages
+    return {k: v.item() for k, v in numbers.items()}, grads, advantages
 
 
 def test_kernels_on_and_off_agree_on_one_update():
@@ -249,12 +250,14 @@ def test_fdpg_reverse_kl_is_the_kl_penalised_reward():
     pseudo = fdpg_pseudo_reward("rkl", scores, logp, ref, beta, log_z)
     shaped = scores - beta * (logp - ref)
     torch.testing.assert_close(pseudo - shaped, torch.full_like(pseudo, -beta * (log_z + 1)))
-    # the other divergences: pi = p (t = 1) is a fixed point with f'(1) = 1, -1, 0, 0
+    # every divergence against f'(t) written out, at t = pi / p = e^0.5 and e^-0.5
+    f_prime = {"rkl": lambda t: math.log(t) + 1, "fkl": lambda t: -1 / t,
+               "js": lambda t: math.log(2 * t / (1 + t)), "tv": lambda t: math.copysign(0.5, t - 1)}
     at_target = ref + scores / beta - log_z
-    expected = {"rkl": -1.0, "fkl": 1.0, "js": 0.0, "tv": 0.0}
-    for kind, value in expected.items():
-        got = fdpg_pseudo_reward(kind, scores, at_target, ref, beta, log_z)
-        torch.testing.assert_close(got, torch.full_like(got, beta * value), atol=1e-5, rtol=0)
+    for kind, fn in f_prime.items():
+        for log_t in (0.5, -0.5):
+            got = fdpg_pseudo_reward(kind, scores, at_target + log_t, ref, beta, log_z)
+            torch.testing.assert_close(got, torch.full_like(got, -beta * fn(math.exp(log_t))), atol=1e-5, rtol=1e-4)
 
 
 def test_running_moments_match_the_pooled_statistics():
@@ -267,6 +270,9 @@ def test_running_moments_match_the_pooled_statistics():
     pooled = torch.cat(seen).double()
     assert moments.mean == pytest.approx(pooled.mean().item())
     assert moments.std == pytest.approx(pooled.std().item())
+    constant = RunningMoments()
+    constant.update(torch.zeros(4), Dist())
+    assert constant.std > 0
 
 
 # ---------------------------------------------------------------- scale-out and learning

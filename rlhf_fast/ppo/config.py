@@ -51,7 +51,7 @@ class PPOConfig:
     eval_size: int = _opt(256, "held-out prompts for the greedy evaluation before and after training")
 
     # ---- supervised warm-up on the task's demonstrations (skipped when there are none)
-    warmup_steps: int = _opt(60, "supervised steps before RL (short on purpose: it leaves room to improve)")
+    warmup_steps: int = _opt(12, "supervised steps before RL (short on purpose: it leaves room to improve)")
     warmup_batch: int = _opt(64, "demonstrations per warm-up step")
     warmup_lr: float = _opt(3e-3, "warm-up learning rate (AdamW)")
 
@@ -61,14 +61,14 @@ class PPOConfig:
     divergence: str | None = _opt(None, "f-DPG: train towards p ~ ref * exp(r / kl_coef) with the per-sequence "
                                         "pseudo-reward -f'(pi/p); rkl equals the KL-penalised PPO reward",
                                   ["rkl", "fkl", "js", "tv"])
-    total_steps: int = _opt(120, "PPO steps (rollout + update each)")
+    total_steps: int = _opt(250, "PPO steps (rollout + update each)")
     batch_size: int = _opt(64, "prompts per step (over all processes)")
     group_size: int = _opt(1, "samples per prompt (grpo/rloo need >= 2)")
     max_new_tokens: int = _opt(8, "response length limit")
     temperature: float = _opt(1.0, "sampling temperature (log-probs use the same)")
     ppo_epochs: int = _opt(4, "passes over each rollout batch")
     minibatch_size: int = _opt(32, "sequences per optimiser step (per process)")
-    lr: float = _opt(1e-3, "policy learning rate (AdamW)")
+    lr: float = _opt(3e-4, "policy learning rate (AdamW)")
     critic_lr: float = _opt(2e-3, "critic learning rate (AdamW)")
     gamma: float = _opt(1.0, "discount")
     lam: float = _opt(0.95, "GAE lambda")

@@ -174,7 +174,8 @@ class RunningMoments:
 
     @property
     def std(self) -> float:
-        return math.sqrt(self.m2 / max(self.count - 1, 1)) if self.count > 1 else 1.0
+        """Unbiased std, floored so that identical scores normalise to 0 rather than NaN."""
+        return max(math.sqrt(self.m2 / max(self.count - 1, 1)), 1e-6) if self.count > 1 else 1.0
 
     def state_dict(self):
         return {"count": self.count, "mean": self.mean, "m2": self.m2}
