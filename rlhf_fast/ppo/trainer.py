@@ -385,7 +385,7 @@ def training_steps(cfg: PPOConfig):
         warmup_loss, warmup_time = state["warmup_loss"], state["warmup_time"]
         rng = torch.load(checkpoint_dir / f"rng_rank{d.rank}.pt", weights_only=False)
         generator.set_state(rng["generator"])
-        sample_gen.set_state(rng["sample_gen"].to(sample_gen.get_state().device))
+        sample_gen.set_state(rng["sample_gen"])
         torch.set_rng_state(rng["torch"])
         metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][:start_step]
     if d.main:
