@@ -279,11 +279,22 @@ def test_torchrun_two_processes(tmp_path):
     out = _run("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29731", "-m", "rlhf_fast.ppo",
                "--out", str(tmp_path), "--total-steps", "2", "--warmup-steps", "2", "--eval-size", "8",
                "--batch-size", "8", "--minibatch-size", "4", "--critic-warmup-steps", "0", "--no-progress",
-               "--save-every", "1", timeout=300)
+               "--save-every", "1", "--ptx-coef", "0.1", timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["world_size"] == 2 and len(_metrics(tmp_path)) == 2
     assert {p.name for p in (tmp_path / "checkpoint").iterdir()} >= {"state.pt", "rng_rank0.pt", "rng_rank1.pt"}
+
+
+@pytest.mark.gpu
+def test_cuda_run_same_with_kernels_on_and_off(tmp_path):
+    runs = {}
+    for mode in ("on", "off"):
+        train(PPOConfig(out=str(tmp_path / mode), device="cuda", kernels=mode, total_steps=3, **TINY))
+        runs[mode] = _without_timings(_metrics(tmp_path / mode))
+    for row_on, row_off in zip(runs["on"], runs["off"]):
+        for key in ("reward_mean", "kl", "policy_loss", "value_loss", "entropy"):
+            assert row_on[key] == pytest.approx(row_off[key], rel=1e-2, abs=1e-3), key
 
 
 def test_short_run_learns_the_default_task(tmp_path):
@@ -295,3 +306,35 @@ def test_short_run_learns_the_default_task(tmp_path):
     first, last = (sum(r["reward_mean"] for r in part) / len(part) for part in (rows[:10], rows[-10:]))
     assert last > first + 0.1, (first, last)
     assert summary["eval_reward_after"] > summary["eval_reward_before"] + 0.05, summary
+
+
+def _save_hf_tokenizer(folder):
+    """A character-level fast tokenizer saved like a Hub tokenizer (built here: no download)."""
+    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {tok: i for i, tok in enumerate(["<pad>", "<eos>", *"0123456789="])}
+    core = Tokenizer(tok_models.WordLevel(vocab, unk_token="<pad>"))
+    core.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>")
+    tokenizer.save_pretrained(folder)
+    return len(vocab)
+
+
+def test_local_model_reward_model_and_prompt_file(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+    vocab = _save_hf_tokenizer(tmp_path / "policy")
+    _save_hf_tokenizer(tmp_path / "rm")
+    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, pad_token_id=0, eos_token_id=1, num_labels=1)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "policy")
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"{i}{i + 1}="}) + "\n" for i in range(8)))
+    out = _run("-m", "rlhf_fast.ppo", "--out", str(tmp_path / "run"), "--model", str(tmp_path / "policy"),
+               "--reward-model", str(tmp_path / "rm"), "--prompts", str(prompts), "--total-steps", "2",
+               "--batch-size", "4", "--minibatch-size", "2", "--eval-size", "4", "--critic-warmup-steps", "0",
+               "--max-new-tokens", "4", "--no-progress")
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = _metrics(tmp_path / "run")
+    assert len(rows) == 2 and all(math.isfinite(r["policy_loss"]) for r in rows)
+    assert (tmp_path / "run" / "policy" / "tokenizer_config.json").is_file()
