@@ -28,6 +28,10 @@ TIMED_PHASES = ("generate", "score", "advantages", "update")
 # ---------------------------------------------------------------- set-up
 
 
+class SetupError(Exception):
+    """A bad flag, path or file, found before any work starts."""
+
+
 @dataclasses.dataclass
 class Dist:
     rank: int = 0
@@ -68,10 +72,6 @@ def setup_distributed(cfg: PPOConfig) -> tuple[Dist, torch.device]:
         torch.cuda.set_device(device)
     torch.set_num_threads(cfg.threads or default_threads(cfg))
     return d, device
-
-
-class SetupError(Exception):
-    """A bad flag, path or file, found before any work starts."""
 
 
 def default_threads(cfg: PPOConfig) -> int:
