@@ -37,4 +37,7 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
     default = _case(device, "default task (Llama h64 L2, B=64)")
     if quick:
         return [default]
+    if device.type == "cuda":  # ~0.47 B parameters, Qwen-sized vocabulary, 128-token responses
+        return [default, _case(device, "Llama h1024 L16 V=151936, B=64, 128 tokens", hidden_size=1024, num_layers=16,
+                               num_heads=16, vocab_size=151936, max_new_tokens=128)]
     return [default, _case(device, "Llama h256 L4, B=64", hidden_size=256, num_layers=4, num_heads=8)]

@@ -48,6 +48,8 @@ class PPOConfig:
     hidden_size: int = _opt(64, "embedded tiny Llama: hidden size (MLP is twice that)")
     num_layers: int = _opt(2, "embedded tiny Llama: decoder layers")
     num_heads: int = _opt(4, "embedded tiny Llama: attention heads")
+    vocab_size: int = _opt(0, "embedded Llama: vocabulary rows; 0: the tokenizer's; more pads the lm head to a "
+                              "real model's size (ids past the tokenizer decode to nothing), for timing")
     eval_size: int = _opt(256, "held-out prompts for the greedy evaluation before and after training")
 
     # ---- supervised warm-up on the task's demonstrations (skipped when there are none)

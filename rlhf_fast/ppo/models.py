@@ -28,14 +28,14 @@ def tiny_llama(vocab_size: int, cfg):
     from transformers import LlamaConfig, LlamaForCausalLM
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=cfg.hidden_size, intermediate_size=2 * cfg.hidden_size,
                          num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-                         num_key_value_heads=cfg.num_heads, max_position_embeddings=64, tie_word_embeddings=False,
+                         num_key_value_heads=cfg.num_heads, max_position_embeddings=4096, tie_word_embeddings=False,
                          pad_token_id=0, eos_token_id=1, bos_token_id=None)
     return LlamaForCausalLM(config)
 
 
 def load_policy(cfg, vocab_size: int):
     if cfg.model is None:
-        return tiny_llama(vocab_size, cfg)
+        return tiny_llama(max(vocab_size, cfg.vocab_size), cfg)
     from transformers import AutoModelForCausalLM
     return AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
 

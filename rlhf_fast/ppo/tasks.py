@@ -38,7 +38,7 @@ class CharTokenizer:
         return [self.index[ch] for ch in text]
 
     def decode(self, ids) -> str:
-        return "".join(self.tokens[i] for i in ids if i > self.eos_token_id)
+        return "".join(self.tokens[i] for i in ids if self.eos_token_id < i < len(self.tokens))
 
     def save(self, folder: Path) -> None:
         (Path(folder) / "char_tokenizer.json").write_text(json.dumps({"alphabet": "".join(self.tokens[2:])}))
