@@ -33,11 +33,18 @@ def tiny_llama(vocab_size: int, cfg):
     return LlamaForCausalLM(config)
 
 
+def float32_kwargs() -> dict:
+    """from_pretrained's dtype argument: `dtype` since transformers 4.56, `torch_dtype` before."""
+    import transformers
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": torch.float32}
+
+
 def load_policy(cfg, vocab_size: int):
     if cfg.model is None:
         return tiny_llama(max(vocab_size, cfg.vocab_size), cfg)
     from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(cfg.model, **float32_kwargs())
 
 
 def frozen_copy(model):
@@ -154,7 +161,7 @@ class RewardModel:
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).to(device)
+        self.model = AutoModelForSequenceClassification.from_pretrained(path, **float32_kwargs()).to(device)
         self.model.eval().requires_grad_(False)
         self.device = device
 
