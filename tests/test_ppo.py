@@ -12,7 +12,8 @@ import torch
 from rlhf_fast.ppo import PPOConfig, models, tasks, train
 from rlhf_fast.ppo.__main__ import build_parser, config_from_args
 from rlhf_fast.ppo.ops import OP_NAMES, get_ops
-from rlhf_fast.ppo.trainer import Dist, RunningMoments, encode_prompts, encode_responses, fdpg_pseudo_reward, join
+from rlhf_fast.ppo.trainer import (Dist, RunningLogZ, RunningMoments, encode_prompts, encode_responses,
+                                   fdpg_pseudo_reward, join)
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(warmup_steps=3, eval_size=8, batch_size=8, minibatch_size=4, ppo_epochs=2, critic_warmup_steps=0,
@@ -270,6 +271,16 @@ def test_running_moments_match_the_pooled_statistics():
     constant = RunningMoments()
     constant.update(torch.zeros(4), Dist())
     assert constant.std > 0
+
+
+def test_running_log_z_is_the_log_mean_weight_of_every_sample():
+    estimate, seen = RunningLogZ(), []
+    for size in (3, 7, 1):
+        log_weights = torch.randn(size) * 20 + 30  # exp() would overflow float32
+        estimate.update(log_weights, Dist())
+        seen.append(log_weights)
+    pooled = torch.cat(seen).double()
+    assert estimate.value == pytest.approx((pooled.logsumexp(0) - math.log(pooled.numel())).item())
 
 
 # ---------------------------------------------------------------- scale-out and learning

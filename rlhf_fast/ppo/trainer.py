@@ -210,14 +210,33 @@ def fdpg_pseudo_reward(kind: str, scores, seq_logp, seq_ref_logp, beta: float, l
     return -beta * f_prime
 
 
-def log_mean_exp(x: torch.Tensor, d: Dist) -> tuple[float, int]:
-    """log mean exp(x) over every process's x, and the total count."""
-    peak = x.max().double()
-    if d.world > 1:
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    stats = d.sum(torch.stack([(x.double() - peak).exp().sum(), torch.tensor(float(x.numel()),
-                                                                             dtype=torch.float64)]))
-    return (peak + stats[0].log() - stats[1].log()).item(), int(stats[1].item())
+class RunningLogZ:
+    """Importance-sampling estimate of log Z = log E_ref[exp(r / beta)] from every sample so far (all
+    processes): the mean of exp(r / beta + log ref(y) - log pi(y)) over samples y ~ pi, kept in log space."""
+
+    def __init__(self):
+        self.value, self.count = 0.0, 0
+
+    def update(self, log_weights: torch.Tensor, d: Dist) -> float:
+        peak = log_weights.max().double()
+        if d.world > 1:
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        stats = d.sum(torch.stack([(log_weights.double() - peak).exp().sum(),
+                                   torch.tensor(float(log_weights.numel()), dtype=torch.float64)]))
+        log_total = (peak + stats[0].log()).item()  # log of the sum of this batch's weights
+        n = int(stats[1].item())
+        if self.count:
+            log_total = float(torch.logaddexp(torch.tensor(log_total),
+                                              torch.tensor(self.value + math.log(self.count))))
+        self.count += n
+        self.value = log_total - math.log(self.count)
+        return self.value
+
+    def state_dict(self):
+        return {"value": self.value, "count": self.count}
+
+    def load_state_dict(self, state):
+        self.value, self.count = state["value"], state["count"]
 
 
 # ---------------------------------------------------------------- phases
@@ -370,8 +389,7 @@ def training_steps(cfg: PPOConfig):
         train_critic = DistributedDataParallel(critic, device_ids=ids) if critic is not None else None
     policy_opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
     critic_opt = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr) if critic is not None else None
-    moments, kl_coef, log_z, fdpg_baseline = RunningMoments(), cfg.kl_coef, 0.0, RunningMoments()
-    log_z_count = 0
+    moments, kl_coef, log_z_estimate, fdpg_baseline = RunningMoments(), cfg.kl_coef, RunningLogZ(), RunningMoments()
     start_step, metrics = 0, []
     if state is not None:
         policy_opt.load_state_dict(state["policy_opt"])
@@ -379,7 +397,8 @@ def training_steps(cfg: PPOConfig):
             critic_opt.load_state_dict(state["critic_opt"])
         moments.load_state_dict(state["moments"])
         fdpg_baseline.load_state_dict(state["fdpg_baseline"])
-        kl_coef, log_z, log_z_count = state["kl_coef"], state["log_z"], state["log_z_count"]
+        kl_coef = state["kl_coef"]
+        log_z_estimate.load_state_dict(state["log_z"])
         start_step = state["step"]
         eval_before, examples_before = state["eval_before"], state["examples_before"]
         warmup_loss, warmup_time = state["warmup_loss"], state["warmup_time"]
@@ -432,11 +451,7 @@ def training_steps(cfg: PPOConfig):
             seq_kl = (ops.kl_penalty(old_logp, ref_logp, "k1") * mask).sum(-1)
             if cfg.divergence is not None:
                 seq_logp, seq_ref = (old_logp * mask).sum(-1), (ref_logp * mask).sum(-1)
-                batch_log_z, n = log_mean_exp(raw_scores / kl_coef + seq_ref - seq_logp, d)
-                log_z = batch_log_z if log_z_count == 0 else float(torch.logaddexp(
-                    torch.tensor(log_z + math.log(log_z_count)), torch.tensor(batch_log_z + math.log(n)))
-                    - math.log(log_z_count + n))
-                log_z_count += n
+                log_z = log_z_estimate.update(raw_scores / kl_coef + seq_ref - seq_logp, d)
                 pseudo = fdpg_pseudo_reward(cfg.divergence, raw_scores, seq_logp, seq_ref, kl_coef, log_z)
                 baseline = fdpg_baseline.mean if fdpg_baseline.count else 0.0
                 fdpg_baseline.update(pseudo, d)
@@ -532,7 +547,7 @@ def training_steps(cfg: PPOConfig):
         row.update(step=step, kl_coef=kl_coef, epochs=epochs_done, tokens_per_s=n_tokens / step_time,
                    **{f"time_{k}": v for k, v in timings.items()}, time_step=step_time)
         if cfg.divergence is not None:
-            row["log_z"] = log_z
+            row["log_z"] = log_z_estimate.value
         metrics.append(row)
         if cfg.adaptive_kl:
             kl_coef = adaptive_kl_coef(kl_coef, row["kl"], cfg, cfg.batch_size * cfg.group_size)
@@ -549,7 +564,7 @@ def training_steps(cfg: PPOConfig):
                      "policy_opt": policy_opt.state_dict(),
                      "critic_opt": critic_opt.state_dict() if critic_opt is not None else None,
                      "moments": moments.state_dict(), "fdpg_baseline": fdpg_baseline.state_dict(),
-                     "kl_coef": kl_coef, "log_z": log_z, "log_z_count": log_z_count,
+                     "kl_coef": kl_coef, "log_z": log_z_estimate.state_dict(),
                      "eval_before": eval_before, "examples_before": examples_before,
                      "warmup_loss": warmup_loss, "warmup_time": warmup_time}
             rng = {"generator": generator.get_state(), "sample_gen": sample_gen.get_state(),
