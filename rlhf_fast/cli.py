@@ -92,6 +92,11 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from .ppo.__main__ import run
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf-fast", description="Fused kernels and a lean PPO loop for RLHF.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -104,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--results", help="folder for <device>.csv (default: benchmarks/results of the checkout)")
     bench.add_argument("--no-save", action="store_true", help="print the table only")
     bench.set_defaults(func=cmd_bench)
+    from .ppo.__main__ import build_parser as train_arguments
+    train = sub.add_parser("train", help="PPO over Hugging Face models with the fused ops; no flags: the embedded "
+                                         "digit-sorting task (CPU, a few minutes)")
+    train_arguments(train)
+    train.set_defaults(func=cmd_train)
     return parser
 
 

@@ -140,11 +140,12 @@ def ppo_value_loss(values, old_values, returns, mask=None, *, clip=0.2, agg="tok
     """Clipped value loss, fused like `ppo_policy_loss`: 0.5·agg(max((V-R)², (clamp(V, old ± clip) - R)²)).
 
     values, old_values, returns, mask: (..., T). Returns (loss, {"clipfrac"}), float32 0-dim tensors (clipfrac:
-    valid tokens where the clipped term is the larger). The gradient flows to values only.
+    valid tokens where the clipped term is the larger). clip=None turns the clipping off: 0.5·agg((V-R)²).
+    The gradient flows to values only.
     """
     (values, old_values, returns), mask = _loss_inputs(("values", "old_values", "returns"),
                                                        (values, old_values, returns), mask)
-    clip = _check_clip("clip", clip)
+    clip = math.inf if clip is None else _check_clip("clip", clip)
     agg = _check_mode("agg", agg)
     name = _backend.select("ppo_value_loss", backend, values.device)
     if name == "torch":

@@ -268,10 +268,10 @@ def ppo_policy_loss(logp, old_logp, advantages, mask=None, *, clip_low=0.2, clip
 def ppo_value_loss(values, old_values, returns, mask=None, *, clip=0.2, agg="token-mean"):
     """Clipped value loss as verl's compute_value_loss: 0.5·agg(max((V-R)², (clamp(V, old±clip) - R)²)).
 
-    stats: clipfrac (valid tokens where the clipped term is larger).
+    stats: clipfrac (valid tokens where the clipped term is larger). clip=None: no clipping.
     """
     values, old_values, returns = _at_least_float32(values, old_values, returns)
-    clipped_values = torch.clamp(values, old_values - clip, old_values + clip)
+    clipped_values = values if clip is None else torch.clamp(values, old_values - clip, old_values + clip)
     vf_losses1 = (values - returns) ** 2
     vf_losses2 = (clipped_values - returns) ** 2
     loss = agg_loss(0.5 * torch.maximum(vf_losses1, vf_losses2), mask, agg)

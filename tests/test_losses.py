@@ -210,6 +210,21 @@ def test_ppo_value_loss_matches_float64_reference(device, name, dtype, agg):
     assert 0 < expected[1]["clipfrac"] < 1
 
 
+
+@pytest.mark.parametrize("device,name", PAIRS)
+def test_ppo_value_loss_without_clipping(device, name):
+    values, old_values, returns = _policy_inputs((4, 33), device, torch.float32)
+    mask = _mask((4, 33), device)
+    v = values.clone().requires_grad_()
+    loss, stats = rf.ppo_value_loss(v, old_values, returns, mask, clip=None, backend=name)
+    loss.backward()
+    v64 = values.double().requires_grad_()
+    expected = ref.agg_loss(0.5 * (v64 - returns.double()) ** 2, mask)
+    expected.backward()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(v.grad.double(), v64.grad, rtol=1e-5, atol=1e-6)
+    assert stats["clipfrac"].item() == 0
+
 def test_reference_policy_loss_token_by_token():
     """The reference against the PPO formulas written per token with floats (dual clip active on some)."""
     logp, old_logp, adv = (t.double() for t in _policy_inputs((3, 20), "cpu", torch.float32))

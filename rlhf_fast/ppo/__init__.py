@@ -1,0 +1,14 @@
+"""The built-in PPO loop: `rlhf-fast train`, `python -m rlhf_fast.ppo`, `torchrun -m rlhf_fast.ppo`.
+
+    from rlhf_fast.ppo import PPOConfig, train
+    summary = train(PPOConfig(out="runs/sort", total_steps=50))
+"""
+from .config import PPOConfig
+from .trainer import train
+
+__all__ = ["PPOConfig", "train", "main"]
+
+
+def main(argv=None) -> int:
+    from .__main__ import main as run
+    return run(argv)

@@ -1,0 +1,158 @@
+"""Every knob of `rlhf-fast train`, one documented dataclass field each; the command line is built from it.
+
+The PPO-max switches (MOSS-RLHF, "Secrets of RLHF in Large Language Models Part I") default to the paper's
+values: reward normalisation and clipping at 10, token-level KL penalty 0.02 in the reward, advantage
+whitening, policy clip 0.2, value clip 0.2, global gradient clip 1.0, gamma 1, lambda 0.95.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+
+
+def _opt(default, help: str, choices=None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class PPOConfig:
+    # ---- run
+    out: str = _opt("runs/ppo", "output folder: metrics.jsonl, summary.json, reward_kl.png, checkpoint/, policy/")
+    resume: str | None = _opt(None, "continue the run saved in this folder (its config, overridden by the flags "
+                                    "given, e.g. a larger --total-steps)")
+    seed: int = _opt(0, "seed of the model init, prompt sampling, generation and minibatch order")
+    device: str = _opt("auto", "auto (cuda if visible), cpu or cuda", ["auto", "cpu", "cuda"])
+    threads: int = _opt(0, "torch CPU threads per process; 0: the cores available / processes per machine")
+    kernels: str = _opt("on", "on: rlhf_fast fused ops; off: the eager torch references (A/B timing)",
+                        ["on", "off"])
+    fused_head: bool = _opt(True, "with kernels on, log-probs straight from hidden states and the lm-head weight "
+                                  "(linear_logprobs, no full logits); turn off for models that rescale logits")
+    save_every: int = _opt(25, "PPO steps between checkpoints (one is always written at the end)")
+    progress: bool = _opt(True, "tqdm progress bar")
+    plot: bool = _opt(True, "write reward_kl.png at the end")
+
+    # ---- models and data
+    model: str | None = _opt(None, "local Hugging Face causal-LM folder; default: the embedded tiny Llama")
+    reward_model: str | None = _opt(None, "local sequence-classification reward model folder (score = logit 0)")
+    reward: str | None = _opt(None, "Python reward module:function(prompts, responses) -> list[float]; default: "
+                                    "the task's verifier")
+    prompts: str | None = _opt(None, "JSON-lines prompts file ({\"prompt\": ..., optional \"response\": ...}); "
+                                     "default: the embedded digit-sorting task")
+    ref_quant: str = _opt("none", "quantize the frozen reference with rlhf_fast.quantize_model",
+                          ["none", "int8", "int4", "w8a8"])
+    reward_quant: str = _opt("none", "quantize the reward model with rlhf_fast.quantize_model",
+                             ["none", "int8", "int4", "w8a8"])
+    task_length: int = _opt(6, "default task: digits per prompt")
+    hidden_size: int = _opt(64, "embedded tiny Llama: hidden size (MLP is twice that)")
+    num_layers: int = _opt(2, "embedded tiny Llama: decoder layers")
+    num_heads: int = _opt(4, "embedded tiny Llama: attention heads")
+    vocab_size: int = _opt(0, "embedded Llama: vocabulary rows; 0: the tokenizer's; more pads the lm head to a "
+                              "real model's size (ids past the tokenizer decode to nothing), for timing")
+    eval_size: int = _opt(256, "held-out prompts for the greedy evaluation before and after training")
+
+    # ---- supervised warm-up on the task's demonstrations (skipped when there are none)
+    warmup_steps: int = _opt(12, "supervised steps before RL (short on purpose: it leaves room to improve)")
+    warmup_batch: int = _opt(64, "demonstrations per warm-up step")
+    warmup_lr: float = _opt(3e-3, "warm-up learning rate (AdamW)")
+
+    # ---- RL algorithm
+    algo: str = _opt("ppo", "ppo (critic + GAE), grpo or rloo (critic-free group advantages)",
+                     ["ppo", "grpo", "rloo"])
+    divergence: str | None = _opt(None, "f-DPG: train towards p ~ ref * exp(r / kl_coef) with the per-sequence "
+                                        "pseudo-reward -f'(pi/p); rkl equals the KL-penalised PPO reward",
+                                  ["rkl", "fkl", "js", "tv"])
+    total_steps: int = _opt(250, "PPO steps (rollout + update each)")
+    batch_size: int = _opt(64, "prompts per step (over all processes)")
+    group_size: int = _opt(1, "samples per prompt (grpo/rloo need >= 2)")
+    max_new_tokens: int = _opt(8, "response length limit")
+    temperature: float = _opt(1.0, "sampling temperature (log-probs use the same)")
+    ppo_epochs: int = _opt(4, "passes over each rollout batch")
+    minibatch_size: int = _opt(32, "sequences per optimiser step (per process)")
+    lr: float = _opt(3e-4, "policy learning rate (AdamW)")
+    critic_lr: float = _opt(2e-3, "critic learning rate (AdamW)")
+    gamma: float = _opt(1.0, "discount")
+    lam: float = _opt(0.95, "GAE lambda")
+
+    # ---- PPO-max switches
+    reward_norm: bool = _opt(True, "normalise scores by running mean and std")
+    reward_clip: float = _opt(10.0, "clip normalised scores to +-this")
+    kl_coef: float = _opt(0.02, "KL coefficient (beta)")
+    kl_in_loss: bool = _opt(False, "KL as a loss term (estimator kl_estimator) instead of a token-level penalty "
+                                   "in the reward")
+    kl_estimator: str = _opt("k1", "KL estimator for the penalty or loss",
+                             ["k1", "abs", "k2", "mse", "k3", "low_var_kl", "k1+", "k3+"])
+    adaptive_kl: bool = _opt(False, "adaptive KL controller (Ziegler et al.) towards kl_target")
+    kl_target: float = _opt(0.5, "adaptive KL: target sequence KL")
+    kl_horizon: int = _opt(10000, "adaptive KL: horizon in samples")
+    whiten_advantages: bool = _opt(True, "whiten advantages over the batch")
+    clip_low: float = _opt(0.2, "policy ratio clip below 1")
+    clip_high: float = _opt(0.2, "policy ratio clip above 1")
+    dual_clip: float | None = _opt(None, "dual-clip constant c > 1 for negative advantages (e.g. 3)")
+    value_clip: float | None = _opt(0.2, "value clip around the old values")
+    vf_coef: float = _opt(0.5, "value-loss weight")
+    entropy_coef: float = _opt(0.0, "entropy bonus weight")
+    max_grad_norm: float = _opt(1.0, "global gradient-norm clip (policy and critic each)")
+    critic_warmup_steps: int = _opt(5, "steps that train only the critic before the policy moves")
+    ptx_coef: float = _opt(0.0, "PPO-ptx: weight of the supervised loss on demonstrations mixed into each update")
+    target_kl: float | None = _opt(None, "early stop the epochs of a step when approx KL(old||new) > 1.5 x this")
+    loss_agg: str = _opt("token-mean", "loss aggregation",
+                         ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+
+    def validate(self) -> None:
+        """Checks that need no files; path checks happen in the trainer before any work."""
+        if self.algo in ("grpo", "rloo") and self.group_size < 2:
+            raise ValueError(f"--algo {self.algo} needs --group-size >= 2 (it compares samples of one prompt)")
+        if self.reward is not None and self.reward_model is not None:
+            raise ValueError("give --reward or --reward-model, not both")
+        if self.dual_clip is not None and self.dual_clip <= 1:
+            raise ValueError(f"--dual-clip must be > 1, got {self.dual_clip}")
+        if self.divergence is not None and self.kl_coef <= 0:
+            raise ValueError("--divergence needs --kl-coef > 0 (it is the temperature beta of the target)")
+        for name in ("total_steps", "batch_size", "group_size", "ppo_epochs", "minibatch_size", "max_new_tokens",
+                     "save_every", "eval_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+
+
+_FIELD_TYPES = typing.get_type_hints(PPOConfig)
+
+
+def _parser_type(hint):
+    """(argparse type, optional) for int / float / str and their `| None` forms."""
+    args = typing.get_args(hint)
+    base = next(a for a in args if a is not type(None)) if args else hint
+    optional = type(None) in args
+
+    def parse(text):
+        return None if optional and text.lower() == "none" else base(text)
+    parse.__name__ = base.__name__
+    return parse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One --flag per PPOConfig field (booleans as --flag / --no-flag). Defaults are left out of the namespace
+    (argparse.SUPPRESS) so that `from_args` can tell the flags given from the defaults."""
+    for f in dataclasses.fields(PPOConfig):
+        flag = "--" + f.name.replace("_", "-")
+        hint = _FIELD_TYPES[f.name]
+        help_text = f"{f.metadata['help']} (default: {f.default})"
+        if hint is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=help_text)
+        else:
+            parser.add_argument(flag, type=_parser_type(hint), choices=f.metadata["choices"],
+                                default=argparse.SUPPRESS, help=help_text)
+
+
+def given(args: argparse.Namespace) -> dict:
+    """The config fields set on the command line."""
+    names = {f.name for f in dataclasses.fields(PPOConfig)}
+    return {k: v for k, v in vars(args).items() if k in names}
+
+
+def from_args(args: argparse.Namespace) -> PPOConfig:
+    cfg = PPOConfig(**given(args))
+    cfg.validate()
+    return cfg

@@ -1,0 +1,200 @@
+"""The four models of the loop and how they are built, loaded, run and scored.
+
+policy: an AutoModelForCausalLM (the embedded tiny Llama, or --model PATH); reference: a frozen copy of the
+policy after the warm-up; critic: a causal-LM trunk with a scalar value head (initialised from the policy's
+trunk); reward: a sequence-classification model (--reward-model PATH) or a Python function (--reward
+module:function, or the task's own verifier).
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import inspect
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import rlhf_fast as rf
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding: 0 at each row's first real token."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def tiny_llama(vocab_size: int, cfg):
+    """The embedded policy: a small Llama built from a config (no download)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=cfg.hidden_size, intermediate_size=2 * cfg.hidden_size,
+                         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                         num_key_value_heads=cfg.num_heads, max_position_embeddings=4096, tie_word_embeddings=False,
+                         pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    return LlamaForCausalLM(config)
+
+
+def float32_kwargs() -> dict:
+    """from_pretrained's dtype argument: `dtype` since transformers 4.56, `torch_dtype` before."""
+    import transformers
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": torch.float32}
+
+
+def load_policy(cfg, vocab_size: int):
+    if cfg.model is None:
+        return tiny_llama(max(vocab_size, cfg.vocab_size), cfg)
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(cfg.model, **float32_kwargs())
+
+
+def frozen_copy(model):
+    ref = copy.deepcopy(model).eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+def _cache_kwarg(model) -> str:
+    """transformers >= 5 names the KV cache argument `cache`, older releases `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@torch.no_grad()
+def generate(model, prompt_ids, prompt_mask, *, max_new_tokens, eos_token_id, pad_token_id, temperature=1.0,
+             generator=None):
+    """Samples responses with a KV cache: prompt_ids, prompt_mask (B, P) left-padded. generator=None decodes
+    greedily; otherwise tokens are drawn with torch.multinomial from softmax(logits / temperature) with that
+    generator (deterministic for a given generator state). Returns response (B, R) right-padded with
+    pad_token_id and its mask (B, R) bool, which includes the end-of-sequence token."""
+    cache_arg = _cache_kwarg(model)
+    batch = prompt_ids.shape[0]
+    attention = prompt_mask.long()
+    positions = position_ids(attention)
+    tokens, cache = prompt_ids, None
+    finished = torch.zeros(batch, dtype=torch.bool, device=prompt_ids.device)
+    out_tokens, out_mask = [], []
+    for _ in range(max_new_tokens):
+        out = model(input_ids=tokens, attention_mask=attention, position_ids=positions, use_cache=True,
+                    **{cache_arg: cache})
+        cache = out.cache if cache_arg == "cache" else out.past_key_values
+        logits = out.logits[:, -1].float()
+        if generator is None:
+            nxt = logits.argmax(-1)
+        else:
+            nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator).squeeze(-1)
+        out_mask.append(~finished)
+        out_tokens.append(torch.where(finished, torch.full_like(nxt, pad_token_id), nxt))
+        finished = finished | (nxt == eos_token_id)
+        if bool(finished.all()):
+            break
+        tokens = nxt[:, None]
+        attention = torch.cat([attention, attention.new_ones(batch, 1)], dim=1)
+        positions = positions[:, -1:] + 1
+    return torch.stack(out_tokens, 1), torch.stack(out_mask, 1)
+
+
+class LogProbModel(nn.Module):
+    """Per-token log-probs (and entropy) of the response tokens under a causal LM, computed inside forward so
+    that DistributedDataParallel sees the whole computation.
+
+    fused=True feeds the trunk's hidden states and the lm-head weight to `linear_logprobs` (the full logits are
+    never formed); it assumes logits = lm_head(hidden), true of Llama/Qwen/Mistral-style models. fused=False
+    runs the model's own head and `logprobs`."""
+
+    def __init__(self, model, ops, *, fused: bool, temperature: float):
+        super().__init__()
+        self.model, self.ops, self.fused, self.temperature = model, ops, fused, temperature
+
+    def forward(self, input_ids, attention_mask, labels, n_prompt: int, return_entropy: bool = False):
+        """input_ids, attention_mask (B, P + R); labels (B, R) with -100 at padding -> logp (B, R) fp32
+        [, entropy (B, R) fp32]."""
+        positions = position_ids(attention_mask)
+        if self.fused:
+            head = self.model.get_output_embeddings()
+            hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                           position_ids=positions).last_hidden_state
+            return self.ops.linear_logprobs(hidden[:, n_prompt - 1:-1], head.weight, labels, bias=head.bias,
+                                            temperature=self.temperature, return_entropy=return_entropy)
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).logits
+        return self.ops.logprobs(logits[:, n_prompt - 1:-1], labels, temperature=self.temperature,
+                                 return_entropy=return_entropy)
+
+
+class ValueModel(nn.Module):
+    """Critic: a causal-LM trunk with a scalar value head; the value of the state before each response token."""
+
+    def __init__(self, trunk, hidden_size: int):
+        super().__init__()
+        self.trunk = trunk
+        self.head = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    @classmethod
+    def from_policy(cls, policy):
+        return cls(copy.deepcopy(policy.base_model), policy.config.hidden_size)
+
+    def forward(self, input_ids, attention_mask, n_prompt: int):
+        """(B, P + R) -> values (B, R) fp32."""
+        hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask,
+                            position_ids=position_ids(attention_mask)).last_hidden_state
+        return self.head(hidden[:, n_prompt - 1:-1]).squeeze(-1).float()
+
+
+class RewardFunction:
+    """A Python reward: fn(prompts: list[str], responses: list[str]) -> list[float] (or a tensor)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, prompts, responses) -> torch.Tensor:
+        scores = torch.as_tensor(self.fn(prompts, responses), dtype=torch.float32).reshape(-1)
+        if scores.numel() != len(prompts):
+            raise ValueError(f"the reward function returned {scores.numel()} scores for {len(prompts)} responses")
+        return scores
+
+
+class RewardModel:
+    """A sequence-classification reward model with its own tokenizer; the score is logit 0 of prompt+response."""
+
+    def __init__(self, path: str, device):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForSequenceClassification.from_pretrained(path, **float32_kwargs()).to(device)
+        self.model.eval().requires_grad_(False)
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, prompts, responses) -> torch.Tensor:
+        batch = self.tokenizer([p + r for p, r in zip(prompts, responses)], return_tensors="pt", padding=True)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        return self.model(**batch).logits[:, 0].float().cpu()
+
+
+def load_reward_function(spec: str):
+    """`module:function` -> the callable; errors say what is wrong with the spec."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"--reward {spec!r}: expected module:function, e.g. my_rewards:exact_match")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"--reward {spec!r}: cannot import module {module_name!r} ({exc})") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"--reward {spec!r}: module {module_name!r} has no function {attr!r}")
+    return fn
+
+
+def check_model_dir(flag: str, path: str) -> None:
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{flag} {path}: no such directory (expected a local Hugging Face model folder)")
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{flag} {path}: no config.json there; save the model with model.save_pretrained(dir)")
+
+
+def quantize(model, scheme: str, what: str):
+    """rlhf_fast.quantize_model(model, scheme) in place, or the model unchanged for scheme 'none'."""
+    return model if scheme == "none" else rf.quantize_model(model, scheme)

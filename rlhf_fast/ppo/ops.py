@@ -1,0 +1,21 @@
+"""The one place the PPO loop gets its hot ops from.
+
+`get_ops(kernels=True)` gives the rlhf_fast public ops (fused kernels, backend chosen by rlhf_fast.backend);
+`get_ops(kernels=False)` gives the eager references in rlhf_fast.reference with the same names, for A/B runs
+(`--kernels off`). The trainer calls nothing else for log-probs, KL, advantages and losses.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import rlhf_fast as rf
+from rlhf_fast import reference
+
+OP_NAMES = ("logprobs", "linear_logprobs", "entropy", "kl_penalty", "masked_sum", "agg_loss", "ppo_policy_loss",
+            "ppo_value_loss", "gae", "masked_whiten", "masked_mean", "grpo_advantages", "rloo_advantages")
+
+
+def get_ops(kernels: bool = True) -> SimpleNamespace:
+    """A namespace with every op of OP_NAMES, from rlhf_fast (kernels=True) or rlhf_fast.reference."""
+    source = rf if kernels else reference
+    return SimpleNamespace(kernels=kernels, **{name: getattr(source, name) for name in OP_NAMES})

@@ -1,0 +1,595 @@
+"""The PPO loop, top to bottom: set-up, supervised warm-up, then per step rollout -> scoring -> advantages ->
+epochs x minibatches of clipped policy and value updates; metrics, checkpoints and a held-out evaluation.
+
+Every log-prob, KL, advantage and loss goes through the op namespace of rlhf_fast.ppo.ops (fused kernels, or
+the torch references with --kernels off), so the two modes run the identical loop.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from . import models, tasks
+from .config import PPOConfig
+from .ops import get_ops
+
+IGNORE = -100
+TIMED_PHASES = ("generate", "score", "advantages", "update")
+
+
+# ---------------------------------------------------------------- set-up
+
+
+class SetupError(Exception):
+    """A bad flag, path or file, found before any work starts."""
+
+
+@dataclasses.dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def mean(self, values: dict[str, float]) -> dict[str, float]:
+        """Averages scalar metrics over processes."""
+        if self.world == 1 or not values:
+            return values
+        keys = sorted(values)
+        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+        dist.all_reduce(t)
+        return {k: v / self.world for k, v in zip(keys, t.tolist())}
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            t = t.clone()
+            dist.all_reduce(t)
+        return t
+
+
+def setup_distributed(cfg: PPOConfig) -> tuple[Dist, torch.device]:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: one process per device (NCCL) or per CPU share (gloo)."""
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise SetupError("--device cuda but no CUDA device is visible")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    d = Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    device = torch.device("cuda", d.local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    torch.set_num_threads(cfg.threads or default_threads(cfg))
+    return d, device
+
+
+def default_threads(cfg: PPOConfig) -> int:
+    """One thread for the embedded tiny model: its matrices are too small to split, and on a busy machine extra
+    OpenMP threads spin against other processes (measured here: 2 threads ran a step 20x slower than 1 with a
+    loaded CPU). Otherwise the cores available divided among this machine's processes."""
+    if cfg.model is None:
+        return 1
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    return max(1, len(os.sched_getaffinity(0)) // local_world)
+
+
+def build_task(cfg: PPOConfig):
+    """The prompt source and the reward, checked before any work starts (bad paths and files raise SetupError)."""
+    try:
+        return _build_task(cfg)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        raise SetupError(str(exc)) from exc
+
+
+def _build_task(cfg: PPOConfig):
+    if cfg.model is not None:
+        models.check_model_dir("--model", cfg.model)
+    if cfg.reward_model is not None:
+        models.check_model_dir("--reward-model", cfg.reward_model)
+    reward_fn = models.load_reward_function(cfg.reward) if cfg.reward else None
+    if cfg.prompts is not None:
+        task = tasks.PromptFile(cfg.prompts, cfg.eval_size, cfg.seed)
+        if reward_fn is None and cfg.reward_model is None:
+            raise ValueError("--prompts needs a reward: --reward module:function or --reward-model PATH")
+    else:
+        task = tasks.SortDigits(cfg.task_length, cfg.eval_size, cfg.seed)
+    if cfg.model is not None and cfg.prompts is None:
+        raise ValueError("--model needs --prompts (the embedded task uses the embedded tokenizer)")
+    if cfg.ptx_coef > 0 and not task.has_demonstrations:
+        raise ValueError("--ptx-coef > 0 needs demonstrations (\"response\" fields in --prompts)")
+    return task, reward_fn
+
+
+# ---------------------------------------------------------------- batching
+
+
+def encode_prompts(tokenizer, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt ids and mask (B, P)."""
+    encoded = [tokenizer.encode(p) for p in prompts]
+    width = max(len(e) for e in encoded)
+    ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(encoded), width, dtype=torch.bool)
+    for row, e in enumerate(encoded):
+        ids[row, width - len(e):] = torch.tensor(e)
+        mask[row, width - len(e):] = True
+    return ids.to(device), mask.to(device)
+
+
+def encode_responses(tokenizer, responses: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded response ids, each ended by the eos token, and mask (B, R)."""
+    encoded = [tokenizer.encode(r) + [tokenizer.eos_token_id] for r in responses]
+    width = max(len(e) for e in encoded)
+    ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(encoded), width, dtype=torch.bool)
+    for row, e in enumerate(encoded):
+        ids[row, :len(e)] = torch.tensor(e)
+        mask[row, :len(e)] = True
+    return ids.to(device), mask.to(device)
+
+
+def join(prompt_ids, prompt_mask, response, response_mask):
+    """(input_ids, attention_mask (B, P + R), labels (B, R) with IGNORE at padding)."""
+    labels = torch.where(response_mask, response, torch.full_like(response, IGNORE))
+    return torch.cat([prompt_ids, response], 1), torch.cat([prompt_mask, response_mask], 1), labels
+
+
+def decode(tokenizer, response, response_mask) -> list[str]:
+    rows = []
+    for ids, valid in zip(response.tolist(), response_mask.tolist()):
+        rows.append(tokenizer.decode([i for i, v in zip(ids, valid) if v and i != tokenizer.eos_token_id]))
+    return rows
+
+
+# ---------------------------------------------------------------- running statistics
+
+
+class RunningMoments:
+    """Running mean and std of all values seen (over every process), for reward normalisation."""
+
+    def __init__(self):
+        self.count, self.mean, self.m2 = 0.0, 0.0, 0.0
+
+    def update(self, x: torch.Tensor, d: Dist) -> None:
+        stats = d.sum(torch.tensor([x.numel(), x.double().sum().item()], dtype=torch.float64))
+        n, total = stats.tolist()
+        batch_mean = total / n
+        m2 = d.sum(torch.tensor([((x.double() - batch_mean) ** 2).sum().item()], dtype=torch.float64)).item()
+        delta, new_count = batch_mean - self.mean, self.count + n
+        self.mean += delta * n / new_count
+        self.m2 += m2 + delta * delta * self.count * n / new_count
+        self.count = new_count
+
+    @property
+    def std(self) -> float:
+        """Unbiased std, floored so that identical scores normalise to 0 rather than NaN."""
+        return max(math.sqrt(self.m2 / max(self.count - 1, 1)), 1e-6) if self.count > 1 else 1.0
+
+    def state_dict(self):
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state):
+        self.count, self.mean, self.m2 = state["count"], state["mean"], state["m2"]
+
+
+def adaptive_kl_coef(coef: float, kl: float, cfg: PPOConfig, n_samples: int) -> float:
+    """Ziegler et al.'s proportional controller: moves beta by at most +-20% x n / horizon per step."""
+    error = max(-0.2, min(0.2, kl / cfg.kl_target - 1.0))
+    return coef * (1.0 + error * n_samples / cfg.kl_horizon)
+
+
+def fdpg_pseudo_reward(kind: str, scores, seq_logp, seq_ref_logp, beta: float, log_z: float) -> torch.Tensor:
+    """f-DPG per-sequence pseudo-reward beta * -f'(t), t = pi(y) / p(y), p = ref(y) exp(r / beta) / Z.
+
+    f' per divergence: rkl log t + 1, fkl -1/t, js log(2t / (1 + t)), tv sign(t - 1) / 2. For rkl this is
+    r - beta (log pi - log ref) - beta (log Z + 1): the KL-penalised reward up to a constant.
+    """
+    log_t = seq_logp - seq_ref_logp - scores / beta + log_z
+    if kind == "rkl":
+        f_prime = log_t + 1
+    elif kind == "fkl":
+        f_prime = -torch.exp(-log_t.clamp(-20, 20))
+    elif kind == "js":
+        f_prime = math.log(2) + log_t - torch.nn.functional.softplus(log_t)
+    elif kind == "tv":
+        f_prime = torch.sign(log_t) / 2
+    else:
+        raise ValueError(f"divergence must be rkl, fkl, js or tv, got {kind!r}")
+    return -beta * f_prime
+
+
+class RunningLogZ:
+    """Importance-sampling estimate of log Z = log E_ref[exp(r / beta)] from every sample so far (all
+    processes): the mean of exp(r / beta + log ref(y) - log pi(y)) over samples y ~ pi, kept in log space."""
+
+    def __init__(self):
+        self.value, self.count = 0.0, 0
+
+    def update(self, log_weights: torch.Tensor, d: Dist) -> float:
+        peak = log_weights.max().double()
+        if d.world > 1:
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        stats = d.sum(torch.stack([(log_weights.double() - peak).exp().sum(),
+                                   torch.tensor(float(log_weights.numel()), dtype=torch.float64)]))
+        log_total = (peak + stats[0].log()).item()  # log of the sum of this batch's weights
+        n = int(stats[1].item())
+        if self.count:
+            log_total = float(torch.logaddexp(torch.tensor(log_total),
+                                              torch.tensor(self.value + math.log(self.count))))
+        self.count += n
+        self.value = log_total - math.log(self.count)
+        return self.value
+
+    def state_dict(self):
+        return {"value": self.value, "count": self.count}
+
+    def load_state_dict(self, state):
+        self.value, self.count = state["value"], state["count"]
+
+
+# ---------------------------------------------------------------- phases
+
+
+def supervised_warmup(policy_lp, task, tokenizer, cfg, device, generator) -> float:
+    """Next-token training on the task's demonstrations (none: skipped); returns the last loss."""
+    if not task.has_demonstrations:
+        return float("nan")
+    optimizer = torch.optim.AdamW(policy_lp.parameters(), lr=cfg.warmup_lr)
+    loss = torch.tensor(float("nan"))
+    for _ in range(cfg.warmup_steps):
+        loss = demonstration_loss(policy_lp, task, tokenizer, cfg.warmup_batch, device, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy_lp.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+    return loss.item()
+
+
+def demonstration_loss(policy_lp, task, tokenizer, n, device, generator) -> torch.Tensor:
+    """Mean negative log-likelihood of demonstrations (the warm-up and PPO-ptx loss)."""
+    prompts = task.train_prompts(n, generator)
+    pairs = [(p, task.demonstration(p)) for p in prompts]
+    pairs = [(p, r) for p, r in pairs if r is not None]
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, [p for p, _ in pairs], device)
+    response, response_mask = encode_responses(tokenizer, [r for _, r in pairs], device)
+    input_ids, attention, labels = join(prompt_ids, prompt_mask, response, response_mask)
+    logp = policy_lp(input_ids, attention, labels, prompt_ids.shape[1])
+    return -(logp.sum() / response_mask.sum())
+
+
+@torch.no_grad()
+def evaluate(policy, task, tokenizer, score, cfg, device, d: Dist) -> tuple[float, list]:
+    """Mean reward of greedy decoding on the held-out prompts (each process takes its share)."""
+    prompts = task.eval_prompts()[d.rank::d.world]
+    total, examples = 0.0, []
+    policy.eval()
+    for start in range(0, len(prompts), 256):
+        chunk = prompts[start:start + 256]
+        prompt_ids, prompt_mask = encode_prompts(tokenizer, chunk, device)
+        response, response_mask = models.generate(policy, prompt_ids, prompt_mask, max_new_tokens=cfg.max_new_tokens,
+                                                  eos_token_id=tokenizer.eos_token_id,
+                                                  pad_token_id=tokenizer.pad_token_id)
+        texts = decode(tokenizer, response, response_mask)
+        rewards = score(chunk, texts)
+        total += float(rewards.sum())
+        examples += [{"prompt": p, "response": r, "reward": float(s)} for p, r, s in zip(chunk, texts, rewards)][:4]
+    policy.train()
+    summed = d.sum(torch.tensor([total, float(len(prompts))], dtype=torch.float64))
+    return (summed[0] / summed[1]).item(), examples[:4]
+
+
+# ---------------------------------------------------------------- checkpoints and outputs
+
+
+def save_checkpoint(folder: Path, state: dict, rng: dict, d: Dist) -> None:
+    """Model, optimiser and running state from the main process; each process's RNG states."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if d.main:
+        torch.save(state, folder / "state.tmp")
+        os.replace(folder / "state.tmp", folder / "state.pt")
+    torch.save(rng, folder / f"rng_rank{d.rank}.tmp")
+    os.replace(folder / f"rng_rank{d.rank}.tmp", folder / f"rng_rank{d.rank}.pt")
+
+
+def plot_curves(metrics: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    steps = [m["step"] for m in metrics]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
+    top.plot(steps, [m["reward_mean"] for m in metrics])
+    top.set_ylabel("reward (mean)")
+    bottom.plot(steps, [m["kl"] for m in metrics], color="tab:red")
+    bottom.set_ylabel("KL(policy || ref)")
+    bottom.set_xlabel("PPO step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def train(cfg: PPOConfig) -> dict:
+    """Runs (or resumes) a training run; returns the summary written to <out>/summary.json."""
+    run = training_steps(cfg)
+    while True:
+        try:
+            next(run)
+        except StopIteration as finished:
+            return finished.value
+
+
+def training_steps(cfg: PPOConfig):
+    """The whole run as a generator: yields each PPO step's metrics row, returns the summary (so a benchmark
+    can time single steps of a real run)."""
+    wall_start = time.perf_counter()
+    try:
+        cfg.validate()
+    except ValueError as exc:
+        raise SetupError(str(exc)) from exc
+    d, device = setup_distributed(cfg)
+    task, reward_fn = build_task(cfg)
+    tokenizer = tasks.load_tokenizer(cfg.model)
+    if cfg.batch_size % d.world:
+        raise SetupError(f"--batch-size {cfg.batch_size} must divide over {d.world} processes")
+    out = Path(cfg.out)
+    checkpoint_dir = out / "checkpoint"
+    resumed = cfg.resume is not None
+    if resumed and not (checkpoint_dir / "state.pt").is_file():
+        raise SetupError(f"--resume {cfg.resume}: no checkpoint/state.pt there")
+    ops = get_ops(cfg.kernels == "on")
+
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator(device="cpu").manual_seed(cfg.seed * 1000 + d.rank)
+    sample_gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + d.rank + 1)
+    policy = models.load_policy(cfg, tokenizer.vocab_size).to(device)
+    policy_lp = models.LogProbModel(policy, ops, fused=cfg.kernels == "on" and cfg.fused_head,
+                                    temperature=cfg.temperature)
+    if reward_fn is not None:
+        score = models.RewardFunction(reward_fn)
+    elif cfg.reward_model is not None:
+        score = models.RewardModel(cfg.reward_model, device)
+        models.quantize(score.model, cfg.reward_quant, "reward")
+    else:
+        score = models.RewardFunction(task.reward)
+
+    state = torch.load(checkpoint_dir / "state.pt", map_location=device, weights_only=False) if resumed else None
+    if state is None:
+        warmup_start = time.perf_counter()
+        warmup_loss = supervised_warmup(policy_lp, task, tokenizer, cfg, device, generator)
+        warmup_time = time.perf_counter() - warmup_start
+        eval_before, examples_before = evaluate(policy, task, tokenizer, score, cfg, device, d)
+    reference = models.frozen_copy(policy)
+    critic = models.ValueModel.from_policy(policy).to(device) if cfg.algo == "ppo" else None
+    if state is not None:
+        policy.load_state_dict(state["policy"])
+        reference.load_state_dict(state["reference"])
+        if critic is not None:
+            critic.load_state_dict(state["critic"])
+    models.quantize(reference, cfg.ref_quant, "ref")
+    ref_lp = models.LogProbModel(reference, ops, fused=policy_lp.fused, temperature=cfg.temperature)
+
+    train_policy, train_critic = policy_lp, critic
+    if d.world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        train_policy = DistributedDataParallel(policy_lp, device_ids=ids)
+        train_critic = DistributedDataParallel(critic, device_ids=ids) if critic is not None else None
+    policy_opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
+    critic_opt = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr) if critic is not None else None
+    moments, kl_coef, log_z_estimate, fdpg_baseline = RunningMoments(), cfg.kl_coef, RunningLogZ(), RunningMoments()
+    start_step, metrics = 0, []
+    if state is not None:
+        policy_opt.load_state_dict(state["policy_opt"])
+        if critic_opt is not None:
+            critic_opt.load_state_dict(state["critic_opt"])
+        moments.load_state_dict(state["moments"])
+        fdpg_baseline.load_state_dict(state["fdpg_baseline"])
+        kl_coef = state["kl_coef"]
+        log_z_estimate.load_state_dict(state["log_z"])
+        start_step = state["step"]
+        eval_before, examples_before = state["eval_before"], state["examples_before"]
+        warmup_loss, warmup_time = state["warmup_loss"], state["warmup_time"]
+        rng = torch.load(checkpoint_dir / f"rng_rank{d.rank}.pt", weights_only=False)
+        generator.set_state(rng["generator"])
+        sample_gen.set_state(rng["sample_gen"])
+        torch.set_rng_state(rng["torch"])
+        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][:start_step]
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        (out / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+
+    local_prompts = cfg.batch_size // d.world
+    progress = None
+    if cfg.progress and d.main:
+        from tqdm import tqdm
+        progress = tqdm(total=cfg.total_steps, initial=start_step, desc="PPO", unit="step", dynamic_ncols=True)
+
+    for step in range(start_step, cfg.total_steps):
+        timings, step_start = {}, time.perf_counter()
+
+        # ---- rollout: sample responses to a fresh batch of training prompts (group_size per prompt)
+        t0 = time.perf_counter()
+        prompts = [p for p in task.train_prompts(local_prompts, generator) for _ in range(cfg.group_size)]
+        prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
+        n_prompt = prompt_ids.shape[1]
+        response, response_mask = models.generate(policy, prompt_ids, prompt_mask,
+                                                  max_new_tokens=cfg.max_new_tokens,
+                                                  eos_token_id=tokenizer.eos_token_id,
+                                                  pad_token_id=tokenizer.pad_token_id,
+                                                  temperature=cfg.temperature, generator=sample_gen)
+        input_ids, attention, labels = join(prompt_ids, prompt_mask, response, response_mask)
+        mask = response_mask
+        timings["generate"] = time.perf_counter() - t0
+
+        # ---- scoring: reward, old and reference log-probs, values
+        t0 = time.perf_counter()
+        raw_scores = score(prompts, decode(tokenizer, response, response_mask)).to(device)
+        with torch.no_grad():
+            old_logp, entropy = policy_lp(input_ids, attention, labels, n_prompt, return_entropy=True)
+            ref_logp = ref_lp(input_ids, attention, labels, n_prompt)
+            old_values = critic(input_ids, attention, n_prompt) if critic is not None else None
+        timings["score"] = time.perf_counter() - t0
+
+        # ---- advantages: shaped token rewards, then GAE (ppo) or group baselines (grpo / rloo)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            token_kl = ops.kl_penalty(old_logp, ref_logp, cfg.kl_estimator) * mask
+            seq_kl = (ops.kl_penalty(old_logp, ref_logp, "k1") * mask).sum(-1)
+            if cfg.divergence is not None:
+                seq_logp, seq_ref = (old_logp * mask).sum(-1), (ref_logp * mask).sum(-1)
+                log_z = log_z_estimate.update(raw_scores / kl_coef + seq_ref - seq_logp, d)
+                pseudo = fdpg_pseudo_reward(cfg.divergence, raw_scores, seq_logp, seq_ref, kl_coef, log_z)
+                baseline = fdpg_baseline.mean if fdpg_baseline.count else 0.0
+                fdpg_baseline.update(pseudo, d)
+                scores = pseudo - baseline
+                kl_in_reward = False
+            else:
+                scores = raw_scores
+                if cfg.reward_norm:
+                    moments.update(raw_scores, d)
+                    scores = ((raw_scores - moments.mean) / moments.std).clamp(-cfg.reward_clip, cfg.reward_clip)
+                kl_in_reward = not cfg.kl_in_loss
+            penalty = -kl_coef * token_kl if kl_in_reward else torch.zeros_like(token_kl)
+            last = mask.sum(-1) - 1
+            if critic is not None:
+                rewards = penalty.clone()
+                rewards[torch.arange(len(prompts), device=device), last] += scores
+                advantages, returns = ops.gae(rewards, old_values, mask, gamma=cfg.gamma, lam=cfg.lam)
+                if cfg.whiten_advantages:
+                    advantages = ops.masked_whiten(advantages, mask) * mask
+            else:
+                seq_scores = scores + penalty.sum(-1)
+                group = (ops.grpo_advantages(seq_scores, cfg.group_size) if cfg.algo == "grpo"
+                         else ops.rloo_advantages(seq_scores, cfg.group_size))
+                advantages, returns = group[:, None] * mask, None
+        timings["advantages"] = time.perf_counter() - t0
+
+        # ---- update: epochs x minibatches of the clipped policy loss and the clipped value loss
+        t0 = time.perf_counter()
+        policy_moves = step >= cfg.critic_warmup_steps or critic is None
+        sums, count, epochs_done = {}, 0, 0
+        for _ in range(cfg.ppo_epochs):
+            approx_kls = []
+            for mb in torch.randperm(len(prompts), generator=generator).to(device).split(cfg.minibatch_size):
+                loss, stats = torch.zeros((), device=device), {}
+                if policy_moves:
+                    logp_out = train_policy(input_ids[mb], attention[mb], labels[mb], n_prompt,
+                                            return_entropy=cfg.entropy_coef > 0)
+                    logp = logp_out[0] if cfg.entropy_coef > 0 else logp_out
+                    pg_loss, pg_stats = ops.ppo_policy_loss(logp, old_logp[mb], advantages[mb], mask[mb],
+                                                            clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                                                            dual_clip=cfg.dual_clip, agg=cfg.loss_agg)
+                    loss = loss + pg_loss
+                    stats.update(policy_loss=pg_loss.item(), clipfrac=pg_stats["clipfrac"].item(),
+                                 approx_kl=pg_stats["approx_kl"].item(), ratio_mean=pg_stats["ratio_mean"].item())
+                    approx_kls.append(stats["approx_kl"])
+                    if cfg.entropy_coef > 0:
+                        loss = loss - cfg.entropy_coef * ops.agg_loss(logp_out[1], mask[mb], cfg.loss_agg)
+                    if cfg.kl_in_loss:
+                        kl_loss = ops.agg_loss(ops.kl_penalty(logp, ref_logp[mb], cfg.kl_estimator), mask[mb],
+                                               cfg.loss_agg)
+                        loss = loss + kl_coef * kl_loss
+                        stats["kl_loss"] = kl_loss.item()
+                    if cfg.ptx_coef > 0:
+                        ptx = demonstration_loss(train_policy, task, tokenizer, len(mb), device, generator)
+                        loss = loss + cfg.ptx_coef * ptx
+                        stats["ptx_loss"] = ptx.item()
+                if critic is not None:
+                    values = train_critic(input_ids[mb], attention[mb], n_prompt)
+                    v_loss, v_stats = ops.ppo_value_loss(values, old_values[mb], returns[mb], mask[mb],
+                                                         clip=cfg.value_clip, agg=cfg.loss_agg)
+                    loss = loss + cfg.vf_coef * v_loss
+                    stats.update(value_loss=v_loss.item(), value_clipfrac=v_stats["clipfrac"].item())
+                policy_opt.zero_grad(set_to_none=True)
+                if critic_opt is not None:
+                    critic_opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if policy_moves:
+                    stats["policy_grad_norm"] = torch.nn.utils.clip_grad_norm_(policy.parameters(),
+                                                                               cfg.max_grad_norm).item()
+                    policy_opt.step()
+                if critic is not None:
+                    torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.max_grad_norm)
+                    critic_opt.step()
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                count += 1
+            epochs_done += 1
+            if cfg.target_kl is not None and approx_kls:
+                mean_kl = d.mean({"kl": sum(approx_kls) / len(approx_kls)})["kl"]
+                if mean_kl > 1.5 * cfg.target_kl:
+                    break
+        timings["update"] = time.perf_counter() - t0
+
+        # ---- bookkeeping: metrics, adaptive KL, checkpoint
+        step_time = time.perf_counter() - step_start
+        n_tokens = d.sum(mask.sum().double()).item()
+        row = {"step": step, "reward_mean": raw_scores.mean().item(), "kl": seq_kl.mean().item(),
+               "entropy": ((entropy * mask).sum() / mask.sum()).item(),
+               "response_len": mask.sum(-1).float().mean().item(),
+               "policy_loss": float("nan"), "value_loss": float("nan"), "clipfrac": float("nan"),
+               **{k: v / max(count, 1) for k, v in sums.items()}}
+        row = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in d.mean(row).items()}
+        row.update(step=step, kl_coef=kl_coef, epochs=epochs_done, tokens_per_s=n_tokens / step_time,
+                   **{f"time_{k}": v for k, v in timings.items()}, time_step=step_time)
+        if cfg.divergence is not None:
+            row["log_z"] = log_z_estimate.value
+        metrics.append(row)
+        if cfg.adaptive_kl:
+            kl_coef = adaptive_kl_coef(kl_coef, row["kl"], cfg, cfg.batch_size * cfg.group_size)
+        if d.main:
+            with (out / "metrics.jsonl").open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl']:.3f}",
+                                 gen=f"{timings['generate']:.2f}s", upd=f"{timings['update']:.2f}s")
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.total_steps:
+            state = {"step": step + 1, "policy": policy.state_dict(), "reference": reference.state_dict(),
+                     "critic": critic.state_dict() if critic is not None else None,
+                     "policy_opt": policy_opt.state_dict(),
+                     "critic_opt": critic_opt.state_dict() if critic_opt is not None else None,
+                     "moments": moments.state_dict(), "fdpg_baseline": fdpg_baseline.state_dict(),
+                     "kl_coef": kl_coef, "log_z": log_z_estimate.state_dict(),
+                     "eval_before": eval_before, "examples_before": examples_before,
+                     "warmup_loss": warmup_loss, "warmup_time": warmup_time}
+            rng = {"generator": generator.get_state(), "sample_gen": sample_gen.get_state(),
+                   "torch": torch.get_rng_state()}
+            save_checkpoint(checkpoint_dir, state, rng, d)
+        yield row
+    if progress is not None:
+        progress.close()
+
+    # ---- evaluation and outputs
+    eval_after, examples_after = evaluate(policy, task, tokenizer, score, cfg, device, d)
+    phase_means = {k: sum(m[f"time_{k}"] for m in metrics) / max(len(metrics), 1) for k in TIMED_PHASES}
+    summary = {"eval_reward_before": eval_before, "eval_reward_after": eval_after,
+               "eval_reward_gain": eval_after - eval_before, "wall_time_s": time.perf_counter() - wall_start,
+               "warmup_time_s": warmup_time, "warmup_loss": warmup_loss, "steps": len(metrics),
+               "resumed_at_step": start_step if resumed else None, "world_size": d.world,
+               "phase_time_mean_s": phase_means, "examples_before": examples_before, "examples_after": examples_after,
+               "config": dataclasses.asdict(cfg)}
+    if d.main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        if cfg.plot and metrics:
+            plot_curves(metrics, out / "reward_kl.png")
+        policy.save_pretrained(out / "policy")
+        tokenizer.save(out / "policy")
+        print(f"eval reward (greedy, {len(task.eval_prompts())} held-out prompts): {eval_before:.3f} -> "
+              f"{eval_after:.3f}; {len(metrics)} steps in {summary['wall_time_s']:.0f} s; mean phase times "
+              + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in phase_means.items()))
+    if d.world > 1:
+        dist.barrier()
+    return summary
