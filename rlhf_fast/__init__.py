@@ -28,10 +28,12 @@ from .advantages import (  # noqa: E402
     masked_whiten,
     rloo_advantages,
 )
+from .divergence import f_divergence  # noqa: E402
 
 __all__ = [
     "BackendUnavailable",
     "backend",
+    "f_divergence",
     "gae",
     "gae_packed",
     "grpo_advantages",

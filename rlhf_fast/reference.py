@@ -5,6 +5,8 @@ the exact contracts of rlhf_fast. Run them in float64 for test references.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -125,3 +127,55 @@ def masked_whiten(x, mask=None, *, shift_mean=True, eps=1e-8):
     mean, var = masked_mean(x, mask), masked_var(x, mask)
     whitened = (x.to(dtype) - mean) * torch.rsqrt(var + eps)
     return whitened if shift_mean else whitened + mean
+
+
+# ---------------------------------------------------------------- divergence
+
+F_DIVERGENCES = ("kl", "reverse_kl", "js", "tv", "hellinger", "chi2", "alpha")
+# Divergences of the form scale * (sum P^a Q^(1-a) - 1).
+POWER_DIVERGENCES = ("hellinger", "chi2", "alpha")
+
+
+def power_divergence_constants(kind, alpha):
+    """(a, scale) with divergence = scale * (sum P^a Q^(1-a) - 1): hellinger a=1/2, scale=-1 (1 - sum sqrt(PQ));
+    chi2 a=2, scale=1 (sum P^2/Q - 1 = sum (P-Q)^2/Q); alpha a=alpha, scale=1/(alpha(alpha-1))."""
+    if kind == "hellinger":
+        return 0.5, -1.0
+    if kind == "chi2":
+        return 2.0, 1.0
+    return float(alpha), 1.0 / (alpha * (alpha - 1.0))
+
+
+def f_divergence(logits_p, logits_q, kind, *, alpha=None, temperature=1.0, mask=None):
+    """Per-position divergence between P = softmax(logits_p / T) and Q = softmax(logits_q / T) over the last dim.
+
+    logits_p, logits_q: (..., V); mask: (...) or None (0 = masked: result 0, no gradient). Computed as eager
+    trainers do: log_softmax of both sides, then the formula over the full (..., V) tensors. Returns (...) in
+    float32 (float64 for float64 inputs). Vocab entries where both logits are -inf contribute nothing.
+    """
+    dtype = torch.promote_types(torch.promote_types(logits_p.dtype, logits_q.dtype), torch.float32)
+    logp = torch.log_softmax(logits_p.to(dtype) / temperature, dim=-1)
+    logq = torch.log_softmax(logits_q.to(dtype) / temperature, dim=-1)
+    p, q = logp.exp(), logq.exp()
+    if kind == "kl":
+        terms = p * (logp - logq)
+    elif kind == "reverse_kl":
+        terms = q * (logq - logp)
+    elif kind == "js":
+        logm = torch.logaddexp(logp, logq) - math.log(2.0)
+        terms = 0.5 * (p * (logp - logm) + q * (logq - logm))
+    elif kind == "tv":
+        terms = 0.5 * (p - q).abs()
+    elif kind in POWER_DIVERGENCES:
+        exponent, _ = power_divergence_constants(kind, alpha)
+        terms = torch.exp(exponent * logp + (1 - exponent) * logq)
+    else:
+        raise ValueError(f"kind must be one of {F_DIVERGENCES}, got {kind!r}")
+    absent = (p == 0) & (q == 0)  # both logits -inf: 0 * log(0/0) and 0^a 0^(1-a) count as 0
+    terms = torch.where(absent, torch.zeros_like(terms), terms)
+    out = terms.sum(-1)
+    if kind in POWER_DIVERGENCES:
+        out = power_divergence_constants(kind, alpha)[1] * (out - 1)
+    if mask is not None:
+        out = torch.where(mask.bool(), out, torch.zeros_like(out))
+    return out
