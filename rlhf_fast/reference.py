@@ -146,36 +146,55 @@ def power_divergence_constants(kind, alpha):
     return float(alpha), 1.0 / (alpha * (alpha - 1.0))
 
 
-def f_divergence(logits_p, logits_q, kind, *, alpha=None, temperature=1.0, mask=None):
-    """Per-position divergence between P = softmax(logits_p / T) and Q = softmax(logits_q / T) over the last dim.
-
-    logits_p, logits_q: (..., V); mask: (...) or None (0 = masked: result 0, no gradient). Computed as eager
-    trainers do: log_softmax of both sides, then the formula over the full (..., V) tensors. Returns (...) in
-    float32 (float64 for float64 inputs). Vocab entries where both logits are -inf contribute nothing.
-    """
-    dtype = torch.promote_types(torch.promote_types(logits_p.dtype, logits_q.dtype), torch.float32)
-    logp = torch.log_softmax(logits_p.to(dtype) / temperature, dim=-1)
-    logq = torch.log_softmax(logits_q.to(dtype) / temperature, dim=-1)
+def _divergence_terms(logp, logq, kind, alpha):
+    """Per-vocab-entry terms whose sum over the last dim is the divergence (before the power kinds' scale)."""
     p, q = logp.exp(), logq.exp()
     if kind == "kl":
-        terms = p * (logp - logq)
-    elif kind == "reverse_kl":
-        terms = q * (logq - logp)
-    elif kind == "js":
+        return p * (logp - logq)
+    if kind == "reverse_kl":
+        return q * (logq - logp)
+    if kind == "js":
         logm = torch.logaddexp(logp, logq) - math.log(2.0)
-        terms = 0.5 * (p * (logp - logm) + q * (logq - logm))
-    elif kind == "tv":
-        terms = 0.5 * (p - q).abs()
-    elif kind in POWER_DIVERGENCES:
+        return 0.5 * (p * (logp - logm) + q * (logq - logm))
+    if kind == "tv":
+        return 0.5 * (p - q).abs()
+    if kind in POWER_DIVERGENCES:
         exponent, _ = power_divergence_constants(kind, alpha)
-        terms = torch.exp(exponent * logp + (1 - exponent) * logq)
-    else:
-        raise ValueError(f"kind must be one of {F_DIVERGENCES}, got {kind!r}")
-    absent = (p == 0) & (q == 0)  # both logits -inf: 0 * log(0/0) and 0^a 0^(1-a) count as 0
-    terms = torch.where(absent, torch.zeros_like(terms), terms)
+        return torch.exp(exponent * logp + (1 - exponent) * logq)
+    raise ValueError(f"kind must be one of {F_DIVERGENCES}, got {kind!r}")
+
+
+def _finish(terms, kind, alpha, mask):
     out = terms.sum(-1)
     if kind in POWER_DIVERGENCES:
         out = power_divergence_constants(kind, alpha)[1] * (out - 1)
     if mask is not None:
         out = torch.where(mask.bool(), out, torch.zeros_like(out))
     return out
+
+
+def f_divergence(logits_p, logits_q, kind, *, alpha=None, temperature=1.0, mask=None):
+    """Per-position divergence between P = softmax(logits_p / T) and Q = softmax(logits_q / T) over the last dim.
+
+    logits_p, logits_q: (..., V); mask: (...) or None (0 = masked: result 0, no gradient). log_softmax of both
+    sides, then the formula over the full (..., V) tensors. Returns (...) in float32 (float64 for float64 inputs).
+    Vocab entries where both logits are -inf (a padded vocab) contribute nothing and get a zero gradient.
+    """
+    dtype = torch.promote_types(torch.promote_types(logits_p.dtype, logits_q.dtype), torch.float32)
+    logp = torch.log_softmax(logits_p.to(dtype) / temperature, dim=-1)
+    logq = torch.log_softmax(logits_q.to(dtype) / temperature, dim=-1)
+    # Absent entries: the formulas would give 0 * log(0/0) = nan; computing them on finite stand-ins and then
+    # discarding them keeps both the value and the gradient clean.
+    absent = (logp == -math.inf) & (logq == -math.inf)
+    zero = torch.zeros((), dtype=dtype, device=logp.device)
+    terms = _divergence_terms(torch.where(absent, zero, logp), torch.where(absent, zero, logq), kind, alpha)
+    return _finish(torch.where(absent, zero, terms), kind, alpha, mask)
+
+
+def f_divergence_eager(logits_p, logits_q, kind, *, alpha=None, temperature=1.0, mask=None):
+    """f_divergence the way trainers write it (log_softmax both sides, then the formula; no padded-vocab handling):
+    the `eager` benchmark provider."""
+    dtype = torch.promote_types(torch.promote_types(logits_p.dtype, logits_q.dtype), torch.float32)
+    logp = torch.log_softmax(logits_p.to(dtype) / temperature, dim=-1)
+    logq = torch.log_softmax(logits_q.to(dtype) / temperature, dim=-1)
+    return _finish(_divergence_terms(logp, logq, kind, alpha), kind, alpha, mask)
