@@ -47,3 +47,17 @@ def test_package_imports_without_compiled_library():
     env = {**os.environ, "RLHF_FAST_BACKEND": "auto"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_divergence_ops_registered():
+    assert backend.compiled() is not None, backend.compiled_error()
+    for op in ("f_divergence", "f_divergence_backward"):
+        assert hasattr(torch.ops.rlhf_fast, op)
+
+
+@pytest.mark.skipif(os.environ.get("RLHF_FAST_EXPECT_CUDA") != "1",
+                    reason="set RLHF_FAST_EXPECT_CUDA=1 where nvcc and a CUDA torch are present (CI does)")
+def test_divergence_cuda_kernels_compiled_in():
+    library = Path(backend.compiled().__file__).read_bytes()
+    for kernel in (b"f_divergence_forward_kernel", b"f_divergence_backward_kernel"):
+        assert kernel in library, f"{kernel.decode()} missing from the compiled library"

@@ -91,7 +91,7 @@ __device__ __forceinline__ void raise_max(Stream& s, float tile_max) {
 }
 
 template <int Kind, int Vec, typename scalar_t>
-__global__ void __launch_bounds__(kThreads) forward_kernel(const scalar_t* __restrict__ logits_p,
+__global__ void __launch_bounds__(kThreads) f_divergence_forward_kernel(const scalar_t* __restrict__ logits_p,
                                                           const scalar_t* __restrict__ logits_q,
                                                           const bool* __restrict__ mask, int64_t vocab,
                                                           int64_t stride_p, int64_t stride_q, Params p,
@@ -159,7 +159,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const scalar_t* __res
 }
 
 template <int Kind, int Vec, typename scalar_t>
-__global__ void __launch_bounds__(kThreads) backward_kernel(const float* __restrict__ grad_out,
+__global__ void __launch_bounds__(kThreads) f_divergence_backward_kernel(const float* __restrict__ grad_out,
                                                            const scalar_t* __restrict__ logits_p,
                                                            const scalar_t* __restrict__ logits_q,
                                                            const bool* __restrict__ mask,
@@ -227,8 +227,8 @@ std::tuple<at::Tensor, at::Tensor> f_divergence_cuda(const at::Tensor& logits_p,
             logits_p.data_ptr<scalar_t>(), logits_q.data_ptr<scalar_t>(), m, vocab, logits_p.stride(0),
             logits_q.stride(0), p, out.data_ptr<float>(), stats.data_ptr<float>());
       };
-      if (vectorised) launch(forward_kernel<K, vec, scalar_t>);
-      else launch(forward_kernel<K, 1, scalar_t>);
+      if (vectorised) launch(f_divergence_forward_kernel<K, vec, scalar_t>);
+      else launch(f_divergence_forward_kernel<K, 1, scalar_t>);
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -260,8 +260,8 @@ std::tuple<at::Tensor, at::Tensor> f_divergence_backward_cuda(
             out.data_ptr<float>(), stats.data_ptr<float>(), vocab, logits_p.stride(0), logits_q.stride(0), p,
             need_grad_p ? grad_p.data_ptr<scalar_t>() : nullptr, need_grad_q ? grad_q.data_ptr<scalar_t>() : nullptr);
       };
-      if (vectorised) launch(backward_kernel<K, vec, scalar_t>);
-      else launch(backward_kernel<K, 1, scalar_t>);
+      if (vectorised) launch(f_divergence_backward_kernel<K, vec, scalar_t>);
+      else launch(f_divergence_backward_kernel<K, 1, scalar_t>);
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
