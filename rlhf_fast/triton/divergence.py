@@ -216,7 +216,8 @@ def f_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor, mask: torch.Ten
 @triton_op("rlhf_fast_triton::f_divergence_backward", mutates_args=())
 def f_divergence_backward(grad_out: torch.Tensor, logits_p: torch.Tensor, logits_q: torch.Tensor,
                           mask: torch.Tensor | None, out: torch.Tensor, stats: torch.Tensor, kind: str, alpha: float,
-                          temperature: float, need_grad_p: bool, need_grad_q: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                          temperature: float, need_grad_p: bool,
+                          need_grad_q: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as torch.ops.rlhf_fast.f_divergence_backward."""
     code, exponent, scale = _params(kind, alpha)
     rows, vocab = logits_p.shape
