@@ -2,9 +2,9 @@
 
 The math (and the per-row statistics saved for the backward) is that of csrc/divergence_common.h. One program
 per row loops over the vocab in BLOCK-wide tiles. The one-pass kinds (kl, reverse_kl, hellinger, chi2, alpha)
-carry, per stream, a running max, the sum of exp(x - max) and a weighted sum, merged tile by tile, so each input
-is read once; js and tv read the row a second time once lse_p and lse_q are known. The backward reads each
-input once and writes each gradient that is needed once.
+carry, per stream, a running max, the sum of exp(x - max) and a weighted sum, rescaled tile by tile, so each input
+is read once (the sums are kept per lane and reduced once at the end); js and tv read the row a second time once
+lse_p and lse_q are known. The backward reads each input once and writes each gradient that is needed once.
 """
 from __future__ import annotations
 
@@ -13,12 +13,15 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from ..backend import triton_interpret
 from ..reference import POWER_DIVERGENCES, power_divergence_constants
 
 # The kernels' kind codes, the same as csrc/divergence_common.h.
 KL, REVERSE_KL, JS, TV, POWER = 0, 1, 2, 3, 4
 KIND_CODES = {"kl": KL, "reverse_kl": REVERSE_KL, "js": JS, "tv": TV, **{k: POWER for k in POWER_DIVERGENCES}}
 MAX_BLOCK = 4096
+# Under the interpreter (CPU tests) small tiles, so that small vocabs still span several tiles and a ragged one.
+INTERPRETER_MAX_BLOCK = 128
 LN2 = tl.constexpr(0.6931471805599453)
 
 
@@ -30,7 +33,8 @@ def _params(kind: str, alpha: float) -> tuple[int, float, float]:
 
 
 def _block(vocab: int) -> int:
-    return min(MAX_BLOCK, max(16, triton.next_power_of_2(vocab)))
+    cap = INTERPRETER_MAX_BLOCK if triton_interpret() else MAX_BLOCK
+    return min(cap, max(16, triton.next_power_of_2(vocab)))
 
 
 @triton.jit
@@ -40,12 +44,12 @@ def _power_logit(a, b, exponent):
 
 
 @triton.jit
-def _merge(run_max, run_sum, run_weighted, tile_max, tile_sum, tile_weighted):
-    new_max = tl.maximum(run_max, tile_max)
+def _raise_max(run_max, x):
+    """The running max raised by tile x; the factor that rescales sums kept against the old one; its finite
+    stand-in (0 while everything seen is -inf) to subtract before exp."""
+    new_max = tl.maximum(run_max, tl.max(x, axis=0))
     safe = tl.where(new_max == float("-inf"), 0.0, new_max)
-    mine = tl.exp(run_max - safe)
-    theirs = tl.exp(tile_max - safe)
-    return new_max, run_sum * mine + tile_sum * theirs, run_weighted * mine + tile_weighted * theirs
+    return new_max, tl.exp(run_max - safe), safe
 
 
 @triton.jit
@@ -75,30 +79,38 @@ def _forward_kernel(xp, xq, mask, out, stats, vocab, stride_p, stride_q, inv_t, 
         valid = tl.load(mask + row) != 0
         end = tl.where(valid, vocab, 0)  # masked rows read nothing
     lane = tl.arange(0, BLOCK)
-    neg_inf = tl.full([], float("-inf"), tl.float32)
-    zero = tl.zeros([], tl.float32)
-    max_a, sum_a, weighted_a = neg_inf, zero, zero
-    max_b, sum_b, weighted_b = neg_inf, zero, zero
-    max_c, sum_c = neg_inf, zero
+    # Per-lane sums against per-row running maxima: one reduction per stream and tile (the max), the sums are
+    # reduced once at the end.
+    max_a = tl.full([], float("-inf"), tl.float32)
+    max_b = tl.full([], float("-inf"), tl.float32)
+    max_c = tl.full([], float("-inf"), tl.float32)
+    acc_a = tl.zeros([BLOCK], tl.float32)
+    acc_wa = tl.zeros([BLOCK], tl.float32)
+    acc_b = tl.zeros([BLOCK], tl.float32)
+    acc_wb = tl.zeros([BLOCK], tl.float32)
+    acc_c = tl.zeros([BLOCK], tl.float32)
     for start in range(0, end, BLOCK):
         a, b = _load_tile(xp, xq, start + lane, vocab, inv_t)
-        tile_a = tl.max(a, axis=0)
-        tile_b = tl.max(b, axis=0)
-        ea = tl.exp(a - tl.where(tile_a == float("-inf"), 0.0, tile_a))
-        eb = tl.exp(b - tl.where(tile_b == float("-inf"), 0.0, tile_b))
-        w_a = zero
-        w_b = zero
+        max_a, rescale_a, safe_a = _raise_max(max_a, a)
+        max_b, rescale_b, safe_b = _raise_max(max_b, b)
+        ea = tl.exp(a - safe_a)
+        eb = tl.exp(b - safe_b)
+        acc_a = acc_a * rescale_a + ea
+        acc_b = acc_b * rescale_b + eb
         if KIND == 0:
-            w_a = tl.sum(tl.where(ea > 0, ea * (a - b), 0.0), axis=0)
+            acc_wa = acc_wa * rescale_a + tl.where(ea > 0, ea * (a - b), 0.0)
         if KIND == 1:
-            w_b = tl.sum(tl.where(eb > 0, eb * (b - a), 0.0), axis=0)
-        max_a, sum_a, weighted_a = _merge(max_a, sum_a, weighted_a, tile_a, tl.sum(ea, axis=0), w_a)
-        max_b, sum_b, weighted_b = _merge(max_b, sum_b, weighted_b, tile_b, tl.sum(eb, axis=0), w_b)
+            acc_wb = acc_wb * rescale_b + tl.where(eb > 0, eb * (b - a), 0.0)
         if KIND == 4:
             c = _power_logit(a, b, exponent)
-            tile_c = tl.max(c, axis=0)
-            ec = tl.exp(c - tl.where(tile_c == float("-inf"), 0.0, tile_c))
-            max_c, sum_c, _ = _merge(max_c, sum_c, zero, tile_c, tl.sum(ec, axis=0), zero)
+            max_c, rescale_c, safe_c = _raise_max(max_c, c)
+            acc_c = acc_c * rescale_c + tl.exp(c - safe_c)
+    sum_a = tl.sum(acc_a, axis=0)
+    sum_b = tl.sum(acc_b, axis=0)
+    weighted_a = tl.sum(acc_wa, axis=0)
+    weighted_b = tl.sum(acc_wb, axis=0)
+    max_c = max_c + tl.log(tl.sum(acc_c, axis=0))  # lse of the power logits
+    zero = tl.zeros([], tl.float32)
     lse_a = max_a + tl.log(sum_a)
     lse_b = max_b + tl.log(sum_b)
     if KIND == 0:
@@ -108,7 +120,7 @@ def _forward_kernel(xp, xq, mask, out, stats, vocab, stride_p, stride_q, inv_t, 
         aux = weighted_b / sum_b - lse_b + lse_a
         value = aux
     elif KIND == 4:
-        log_s = max_c + tl.log(sum_c) - exponent * lse_a - (1.0 - exponent) * lse_b
+        log_s = max_c - exponent * lse_a - (1.0 - exponent) * lse_b
         aux = tl.exp(log_s)
         value = scale * _expm1(log_s)
     else:
