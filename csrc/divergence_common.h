@@ -1,4 +1,4 @@
-// Math of the f-divergence family shared by the CPU and CUDA kernels (host and device).
+// Math (host and device) and argument checks of the f-divergence family, shared by the CPU and CUDA kernels.
 //
 // Per row, with a = x_p / T, b = x_q / T, lse_a = log sum e^a, lp = a - lse_a, P = e^lp (likewise b, lq, Q):
 //   kl         = sum P (a - b) - lse_a + lse_b       one pass: sum e^(a - m_a) (a - b) rescaled online with m_a
@@ -24,10 +24,14 @@
 #include <type_traits>
 
 #ifdef __CUDACC__
+#ifndef RLHF_FAST_HOST_DEVICE
 #define RLHF_FAST_HOST_DEVICE __host__ __device__
+#endif
 #define RLHF_FAST_ELEMENTWISE __host__ __device__ __forceinline__
 #else
+#ifndef RLHF_FAST_HOST_DEVICE
 #define RLHF_FAST_HOST_DEVICE
+#endif
 // Per-entry functions must be inlined into the CPU kernels' loops, or those loops do not vectorise.
 #define RLHF_FAST_ELEMENTWISE inline __attribute__((always_inline))
 #endif

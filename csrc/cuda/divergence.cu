@@ -91,11 +91,10 @@ __device__ __forceinline__ void raise_max(Stream& s, float tile_max) {
 }
 
 template <int Kind, int Vec, typename scalar_t>
-__global__ void __launch_bounds__(kThreads) f_divergence_forward_kernel(const scalar_t* __restrict__ logits_p,
-                                                          const scalar_t* __restrict__ logits_q,
-                                                          const bool* __restrict__ mask, int64_t vocab,
-                                                          int64_t stride_p, int64_t stride_q, Params p,
-                                                          float* __restrict__ out, float* __restrict__ stats) {
+__global__ void __launch_bounds__(kThreads)
+    f_divergence_forward_kernel(const scalar_t* __restrict__ logits_p, const scalar_t* __restrict__ logits_q,
+                                const bool* __restrict__ mask, int64_t vocab, int64_t stride_p, int64_t stride_q,
+                                Params p, float* __restrict__ out, float* __restrict__ stats) {
   const int64_t row = blockIdx.x;
   if (mask && !mask[row]) {
     if (threadIdx.x == 0) out[row] = stats[3 * row] = stats[3 * row + 1] = stats[3 * row + 2] = 0.f;
@@ -159,15 +158,12 @@ __global__ void __launch_bounds__(kThreads) f_divergence_forward_kernel(const sc
 }
 
 template <int Kind, int Vec, typename scalar_t>
-__global__ void __launch_bounds__(kThreads) f_divergence_backward_kernel(const float* __restrict__ grad_out,
-                                                           const scalar_t* __restrict__ logits_p,
-                                                           const scalar_t* __restrict__ logits_q,
-                                                           const bool* __restrict__ mask,
-                                                           const float* __restrict__ out,
-                                                           const float* __restrict__ stats, int64_t vocab,
-                                                           int64_t stride_p, int64_t stride_q, Params p,
-                                                           scalar_t* __restrict__ grad_p,
-                                                           scalar_t* __restrict__ grad_q) {
+__global__ void __launch_bounds__(kThreads)
+    f_divergence_backward_kernel(const float* __restrict__ grad_out, const scalar_t* __restrict__ logits_p,
+                                 const scalar_t* __restrict__ logits_q, const bool* __restrict__ mask,
+                                 const float* __restrict__ out, const float* __restrict__ stats, int64_t vocab,
+                                 int64_t stride_p, int64_t stride_q, Params p, scalar_t* __restrict__ grad_p,
+                                 scalar_t* __restrict__ grad_q) {
   const int64_t row = blockIdx.x;
   const bool valid = mask == nullptr || mask[row];
   const RowGrad r{stats[3 * row], stats[3 * row + 1], stats[3 * row + 2], out[row],
