@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -266,6 +269,15 @@ def test_torch_compile_fullgraph_cpu():
     ref.f_divergence(p64, q64, "js", temperature=0.9, mask=mask).sum().backward()
     torch.testing.assert_close(p.grad.double(), p64.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(q.grad.double(), q64.grad, rtol=1e-4, atol=1e-6)
+
+
+@needs_compiled
+def test_quick_benchmark_providers_agree():
+    # every provider's output is checked against eager's by the harness: a MISMATCH or error fails the command
+    out = subprocess.run([sys.executable, "-m", "rlhf_fast.cli", "bench", "--quick", "--family", "divergence",
+                          "--device", "cpu", "--no-save"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "f_divergence[kl]" in out.stdout and "f_divergence[js]" in out.stdout
 
 
 @pytest.mark.gpu
