@@ -65,6 +65,16 @@ TORCH_LIBRARY(rlhf_fast, m) {
   m.def("qmatmul_int4(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size, Tensor? bias) -> Tensor");
   // W8A8: int8 weight as qmatmul_int8, activations quantized per token inside the op, int32 accumulation.
   m.def("qmatmul_w8a8(Tensor x, Tensor qweight, Tensor scales, Tensor? bias) -> Tensor");
+  // ---- divergence (f-divergences between softmax(logits_p / T) and softmax(logits_q / T)) ----
+  // logits (rows, V), unit vocab stride, any row stride; mask (rows,) bool or None. out (rows,) fp32; stats
+  // (rows, 3) fp32 = (lse_p, lse_q, aux), saved for the backward. Kinds: kl, reverse_kl, js, tv, hellinger, chi2,
+  // alpha (alpha used only by the last).
+  m.def("f_divergence(Tensor logits_p, Tensor logits_q, Tensor? mask, str kind, float alpha, float temperature) "
+        "-> (Tensor out, Tensor stats)");
+  // Gradients in the logits' dtype, (rows, V) contiguous, or (0,) when not needed.
+  m.def("f_divergence_backward(Tensor grad_out, Tensor logits_p, Tensor logits_q, Tensor? mask, Tensor out, "
+        "Tensor stats, str kind, float alpha, float temperature, bool need_grad_p, bool need_grad_q) "
+        "-> (Tensor grad_p, Tensor grad_q)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {

@@ -32,10 +32,12 @@ from .advantages import (  # noqa: E402
 from .logprobs import entropy, linear_logprobs, logprobs  # noqa: E402
 # ---------------------------------------------------------------- quant
 from .quant import QuantizedLinear, QuantizedWeight, qmatmul, quantize_model, quantize_weight  # noqa: E402
+from .divergence import f_divergence  # noqa: E402
 
 __all__ = [
     "BackendUnavailable",
     "backend",
+    "f_divergence",
     "gae",
     "gae_packed",
     "grpo_advantages",

@@ -129,6 +129,52 @@ def _register_logprobs_compiled() -> None:
 
 if backend.compiled() is not None:
     _register_logprobs_compiled()
+# ---------------------------------------------------------------- divergence
+
+
+def _f_divergence_fake(logits_p, logits_q, mask, kind, alpha, temperature):
+    rows = logits_p.shape[0]
+    return logits_p.new_empty((rows,), dtype=torch.float32), logits_p.new_empty((rows, 3), dtype=torch.float32)
+
+
+def _f_divergence_backward_fake(grad_out, logits_p, logits_q, mask, out, stats, kind, alpha, temperature,
+                                need_grad_p, need_grad_q):
+    return (logits_p.new_empty(logits_p.shape if need_grad_p else (0,)),
+            logits_q.new_empty(logits_q.shape if need_grad_q else (0,)))
+
+
+def _f_divergence_setup_context(ctx, inputs, output):
+    logits_p, logits_q, mask, kind, alpha, temperature = inputs
+    out, stats = output
+    ctx.save_for_backward(logits_p, logits_q, mask, out, stats)
+    ctx.divergence = kind, alpha, temperature
+    ctx.mark_non_differentiable(stats)
+
+
+def f_divergence_backward(backward_op, ctx, grad_out, _grad_stats):
+    """One kernel reads both logits once and writes the gradients that are needed, from the per-row (lse_p,
+    lse_q, aux) statistics the forward saved."""
+    logits_p, logits_q, mask, out, stats = ctx.saved_tensors
+    need_p, need_q = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_p, grad_q = backward_op(grad_out.float().contiguous(), logits_p, logits_q, mask, out, stats,
+                                 *ctx.divergence, need_p, need_q)
+    return grad_p if need_p else None, grad_q if need_q else None, None, None, None, None
+
+
+def _register_divergence() -> None:
+    torch.library.register_fake("rlhf_fast::f_divergence")(_f_divergence_fake)
+    torch.library.register_fake("rlhf_fast::f_divergence_backward")(_f_divergence_backward_fake)
+    torch.library.register_autograd(
+        "rlhf_fast::f_divergence",
+        lambda ctx, g, gs: f_divergence_backward(torch.ops.rlhf_fast.f_divergence_backward, ctx, g, gs),
+        setup_context=_f_divergence_setup_context)
+
+
+def register_triton_divergence_autograd(module) -> None:
+    """Called by rlhf_fast.triton.divergence once its triton_ops exist."""
+    module.f_divergence.register_autograd(
+        lambda ctx, g, gs: f_divergence_backward(module.f_divergence_backward, ctx, g, gs),
+        setup_context=_f_divergence_setup_context)
 
 
 # ---------------------------------------------------------------- registration
@@ -141,6 +187,7 @@ def _register_compiled() -> None:
     torch.library.register_autograd(
         "rlhf_fast::gae", lambda ctx, ga, gr: gae_backward(torch.ops.rlhf_fast.gae, ctx, ga, gr),
         setup_context=_gae_setup_context)
+    _register_divergence()
 
 
 def register_triton_autograd(module) -> None:

@@ -5,6 +5,8 @@ the exact contracts of rlhf_fast. Run them in float64 for test references.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -329,3 +331,72 @@ def qmatmul(x, qw, bias=None):
         activations = x.to(compute)
     out = torch.nn.functional.linear(activations, weight, None if bias is None else bias.to(compute))
     return out.to(x.dtype)
+# ---------------------------------------------------------------- divergence
+
+F_DIVERGENCES = ("kl", "reverse_kl", "js", "tv", "hellinger", "chi2", "alpha")
+# Divergences of the form scale * (sum P^a Q^(1-a) - 1).
+POWER_DIVERGENCES = ("hellinger", "chi2", "alpha")
+
+
+def power_divergence_constants(kind, alpha):
+    """(a, scale) with divergence = scale * (sum P^a Q^(1-a) - 1): hellinger a=1/2, scale=-1 (1 - sum sqrt(PQ));
+    chi2 a=2, scale=1 (sum P^2/Q - 1 = sum (P-Q)^2/Q); alpha a=alpha, scale=1/(alpha(alpha-1))."""
+    if kind == "hellinger":
+        return 0.5, -1.0
+    if kind == "chi2":
+        return 2.0, 1.0
+    return float(alpha), 1.0 / (alpha * (alpha - 1.0))
+
+
+def _divergence_terms(logp, logq, kind, alpha):
+    """Per-vocab-entry terms whose sum over the last dim is the divergence (before the power kinds' scale)."""
+    p, q = logp.exp(), logq.exp()
+    if kind == "kl":
+        return p * (logp - logq)
+    if kind == "reverse_kl":
+        return q * (logq - logp)
+    if kind == "js":
+        logm = torch.logaddexp(logp, logq) - math.log(2.0)
+        return 0.5 * (p * (logp - logm) + q * (logq - logm))
+    if kind == "tv":
+        return 0.5 * (p - q).abs()
+    if kind in POWER_DIVERGENCES:
+        exponent, _ = power_divergence_constants(kind, alpha)
+        return torch.exp(exponent * logp + (1 - exponent) * logq)
+    raise ValueError(f"kind must be one of {F_DIVERGENCES}, got {kind!r}")
+
+
+def _finish(terms, kind, alpha, mask):
+    out = terms.sum(-1)
+    if kind in POWER_DIVERGENCES:
+        out = power_divergence_constants(kind, alpha)[1] * (out - 1)
+    if mask is not None:
+        out = torch.where(mask.bool(), out, torch.zeros_like(out))
+    return out
+
+
+def f_divergence(logits_p, logits_q, kind, *, alpha=None, temperature=1.0, mask=None):
+    """Per-position divergence between P = softmax(logits_p / T) and Q = softmax(logits_q / T) over the last dim.
+
+    logits_p, logits_q: (..., V); mask: (...) or None (0 = masked: result 0, no gradient). log_softmax of both
+    sides, then the formula over the full (..., V) tensors. Returns (...) in float32 (float64 for float64 inputs).
+    Vocab entries where both logits are -inf (a padded vocab) contribute nothing and get a zero gradient.
+    """
+    dtype = torch.promote_types(torch.promote_types(logits_p.dtype, logits_q.dtype), torch.float32)
+    logp = torch.log_softmax(logits_p.to(dtype) / temperature, dim=-1)
+    logq = torch.log_softmax(logits_q.to(dtype) / temperature, dim=-1)
+    # Absent entries: the formulas would give 0 * log(0/0) = nan; computing them on finite stand-ins and then
+    # discarding them keeps both the value and the gradient clean.
+    absent = (logp == -math.inf) & (logq == -math.inf)
+    zero = torch.zeros((), dtype=dtype, device=logp.device)
+    terms = _divergence_terms(torch.where(absent, zero, logp), torch.where(absent, zero, logq), kind, alpha)
+    return _finish(torch.where(absent, zero, terms), kind, alpha, mask)
+
+
+def f_divergence_eager(logits_p, logits_q, kind, *, alpha=None, temperature=1.0, mask=None):
+    """f_divergence the way trainers write it (log_softmax both sides, then the formula; no padded-vocab handling):
+    the `eager` benchmark provider."""
+    dtype = torch.promote_types(torch.promote_types(logits_p.dtype, logits_q.dtype), torch.float32)
+    logp = torch.log_softmax(logits_p.to(dtype) / temperature, dim=-1)
+    logq = torch.log_softmax(logits_q.to(dtype) / temperature, dim=-1)
+    return _finish(_divergence_terms(logp, logq, kind, alpha), kind, alpha, mask)

@@ -16,6 +16,8 @@ FAMILIES = {
                    (b"gae_kernel", b"masked_moments_kernel", b"group_advantages_kernel")),
     "logprobs": (("logprobs_forward", "logprobs_backward", "logprobs_backward_"),
                  (b"logprobs_forward_kernel", b"logprobs_backward_kernel")),
+    "divergence": (("f_divergence", "f_divergence_backward"),
+                   (b"f_divergence_forward_kernel", b"f_divergence_backward_kernel")),
     "losses": (("kl_penalty", "kl_penalty_backward", "ppo_policy_loss", "ppo_policy_loss_backward", "ppo_value_loss",
                 "ppo_value_loss_backward"),
                (b"kl_penalty_kernel", b"kl_penalty_backward_kernel", b"loss_forward_kernel", b"loss_backward_kernel")),
@@ -63,4 +65,3 @@ def test_package_imports_without_compiled_library():
     env = {**os.environ, "RLHF_FAST_BACKEND": "auto"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
-

@@ -1,0 +1,96 @@
+"""Divergence family: f_divergence against eager (log_softmax of both sides, then the formula), torch.compile of
+the same, each rlhf_fast backend, and Liger-Kernel's KL / JSD losses when installed (batch means: their own case)."""
+from __future__ import annotations
+
+import torch
+
+import rlhf_fast as rf
+from rlhf_fast import reference
+
+from .harness import Case, compiled, kernel_providers
+
+
+def _alpha(kind):
+    return 0.5 if kind == "alpha" else None
+
+
+def _fwd_bwd(fn, logits_p):
+    """fn(logits_p) -> per-position values; runs the backward of their sum and returns (values, grad of logits_p)."""
+    def run():
+        logits_p.grad = None
+        out = fn(logits_p)
+        out.sum().backward()
+        return out.detach(), logits_p.grad
+    return run
+
+
+def _case(kind, rows, vocab, dtype, mode, device):
+    # logits_q plays the frozen reference model: only logits_p needs a gradient (the RLHF case)
+    logits_p = (torch.randn(rows, vocab, device=device) * 2).to(dtype).requires_grad_(mode == "fwd+bwd")
+    logits_q = (torch.randn(rows, vocab, device=device) * 2).to(dtype)
+    alpha = _alpha(kind)
+
+    def eager(p):
+        return reference.f_divergence_eager(p, logits_q, kind, alpha=alpha)
+
+    compiled_eager = compiled(eager)
+    per_call = {"eager": eager, "compile": lambda p: compiled_eager(p)}
+    for name, run in kernel_providers(device, lambda name: name).items():
+        per_call[name] = lambda p, name=name: rf.f_divergence(p, logits_q, kind, alpha=alpha, backend=name)
+    if mode == "fwd":
+        providers = {name: (lambda fn=fn: fn(logits_p)) for name, fn in per_call.items()}
+    else:
+        providers = {name: _fwd_bwd(fn, logits_p) for name, fn in per_call.items()}
+    float64 = None
+    if dtype != torch.float32:
+        p64, q64 = logits_p.detach().double().requires_grad_(mode == "fwd+bwd"), logits_q.double()
+        exact = lambda p: reference.f_divergence(p, q64, kind, alpha=alpha)  # noqa: E731
+        float64 = (lambda: exact(p64)) if mode == "fwd" else _fwd_bwd(exact, p64)
+    # floor: read both logits once (forward); the backward reads both again and writes grad_p
+    size = rows * vocab * logits_p.element_size()
+    moved = 2 * size if mode == "fwd" else 5 * size
+    return Case(f"f_divergence[{kind}]", f"N={rows},V={vocab}", dtype, mode, providers, bytes_moved=moved,
+                atol=2e-2 if dtype != torch.float32 else 1e-3, reference=float64)
+
+
+def _liger_cases(rows, vocab, dtype, device):
+    """Liger-Kernel's KL and JSD take log-probabilities and return a batch mean, so they get cases of their own:
+    the mean over positions of KL(P||Q) and JS(P, Q) from raw logits."""
+    try:
+        from liger_kernel.transformers import LigerJSD, LigerKLDIVLoss
+    except ImportError:
+        return []
+    logits_p = (torch.randn(rows, vocab, device=device) * 2).to(dtype)
+    logits_q = (torch.randn(rows, vocab, device=device) * 2).to(dtype)
+    log_p = lambda: torch.log_softmax(logits_p.float(), -1)  # noqa: E731
+    log_q = lambda: torch.log_softmax(logits_q.float(), -1)  # noqa: E731
+    peers = {"kl": lambda: LigerKLDIVLoss(reduction="batchmean", log_target=True)(log_q(), log_p()),
+             "js": lambda: LigerJSD(beta=0.5)(log_q(), log_p())}
+    cases = []
+    for kind, peer in peers.items():
+        providers = {"eager": lambda kind=kind: reference.f_divergence_eager(logits_p, logits_q, kind).mean(),
+                     "liger": peer}
+        providers.update(kernel_providers(device, lambda name, kind=kind: rf.f_divergence(
+            logits_p, logits_q, kind, backend=name).mean()))
+        cases.append(Case(f"f_divergence_mean[{kind}]", f"N={rows},V={vocab}", dtype, "fwd", providers,
+                          bytes_moved=2 * logits_p.numel() * logits_p.element_size(), atol=1e-3))
+    return cases
+
+
+def cases(device: torch.device, quick: bool) -> list[Case]:
+    if quick:
+        return [_case("kl", 64, 4096, torch.float32, "fwd", device),
+                _case("js", 64, 4096, torch.float32, "fwd", device),
+                _case("kl", 64, 4096, torch.float32, "fwd+bwd", device)]
+    if device.type == "cuda":
+        rows, vocab, dtype = 8192, 151936, torch.bfloat16
+        out = [_case(kind, rows, vocab, dtype, "fwd", device)
+               for kind in ("kl", "reverse_kl", "alpha", "js", "tv")]
+        out += [_case(kind, rows, vocab, dtype, "fwd+bwd", device) for kind in ("kl", "js")]
+        return out + _liger_cases(rows, vocab, dtype, device)
+    rows, vocab = 2048, 32000
+    out = [_case(kind, rows, vocab, torch.float32, "fwd", device) for kind in ("kl", "reverse_kl", "alpha", "js", "tv")]
+    out += [_case("kl", rows, vocab, torch.bfloat16, "fwd", device),
+            _case("kl", rows, vocab, torch.float32, "fwd+bwd", device),
+            _case("js", rows, vocab, torch.float32, "fwd+bwd", device)]
+    return out + _liger_cases(rows, vocab, torch.float32, device)
