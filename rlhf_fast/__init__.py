@@ -20,34 +20,34 @@ if backend.compiled() is None:
                   RuntimeWarning, stacklevel=2)
 
 from . import _ops  # noqa: E402,F401  (fake kernels and autograd of the compiled ops)
-from .advantages import (  # noqa: E402
-    gae,
-    gae_packed,
-    grpo_advantages,
-    masked_mean,
-    masked_whiten,
-    rloo_advantages,
-)
-# ---------------------------------------------------------------- logprobs
-from .logprobs import entropy, linear_logprobs, logprobs  # noqa: E402
-# ---------------------------------------------------------------- quant
-from .quant import QuantizedLinear, QuantizedWeight, qmatmul, quantize_model, quantize_weight  # noqa: E402
+from .advantages import gae, gae_packed, grpo_advantages, masked_mean, masked_whiten, rloo_advantages  # noqa: E402
 from .divergence import f_divergence  # noqa: E402
+from .logprobs import entropy, linear_logprobs, logprobs  # noqa: E402
+from .losses import agg_loss, kl_penalty, masked_sum, ppo_policy_loss, ppo_value_loss  # noqa: E402
+from .quant import QuantizedLinear, QuantizedWeight, qmatmul, quantize_model, quantize_weight  # noqa: E402
 
 __all__ = [
     "BackendUnavailable",
     "backend",
-    "f_divergence",
+    # advantages
     "gae",
     "gae_packed",
     "grpo_advantages",
     "masked_mean",
     "masked_whiten",
     "rloo_advantages",
+    # divergence
+    "f_divergence",
     # logprobs
     "entropy",
     "linear_logprobs",
     "logprobs",
+    # losses
+    "agg_loss",
+    "kl_penalty",
+    "masked_sum",
+    "ppo_policy_loss",
+    "ppo_value_loss",
     # quant
     "QuantizedLinear",
     "QuantizedWeight",
@@ -55,8 +55,3 @@ __all__ = [
     "quantize_model",
     "quantize_weight",
 ]
-
-# ---------------------------------------------------------------- losses
-from .losses import agg_loss, kl_penalty, masked_sum, ppo_policy_loss, ppo_value_loss  # noqa: E402
-
-__all__ += ["agg_loss", "kl_penalty", "masked_sum", "ppo_policy_loss", "ppo_value_loss"]
