@@ -13,7 +13,7 @@ from rlhf_fast.ppo import PPOConfig, models, tasks, train
 from rlhf_fast.ppo.__main__ import build_parser, config_from_args
 from rlhf_fast.ppo.ops import OP_NAMES, get_ops
 from rlhf_fast.ppo.trainer import (Dist, RunningLogZ, RunningMoments, encode_prompts, encode_responses,
-                                   fdpg_pseudo_reward, join)
+                                   fdpg_pseudo_reward, join, whiten)
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(warmup_steps=3, eval_size=8, batch_size=8, minibatch_size=4, ppo_epochs=2, critic_warmup_steps=0,
@@ -282,6 +282,28 @@ def test_running_log_z_is_the_log_mean_weight_of_every_sample():
     pooled = torch.cat(seen).double()
     assert estimate.value == pytest.approx((pooled.logsumexp(0) - math.log(pooled.numel())).item())
 
+
+
+class _TwoProcesses(Dist):
+    """Stands in for a 2-process group: the other process's contribution to every sum is `other`."""
+
+    def __init__(self, other):
+        super().__init__(rank=0, world=2)
+        self.other = other
+
+    def sum(self, t):
+        return t + self.other
+
+
+def test_whitening_under_ddp_uses_the_whole_batch():
+    advantages, mask = torch.randn(8, 11) * 2 + 1, torch.rand(8, 11) > 0.3
+    ops = get_ops(kernels=True)
+    expected = ops.masked_whiten(advantages, mask) * mask
+    second = mask[4:].double(), advantages[4:].double() * mask[4:]
+    other = torch.stack([second[0].sum(), second[1].sum(), (second[1] ** 2).sum()])
+    got = whiten(advantages[:4], mask[:4], _TwoProcesses(other), ops)
+    torch.testing.assert_close(got, expected[:4], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, (ops.masked_whiten(advantages[:4], mask[:4]) * mask[:4]), atol=1e-3)
 
 # ---------------------------------------------------------------- scale-out and learning
 

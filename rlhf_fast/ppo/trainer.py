@@ -37,6 +37,8 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    # where collectives run: the process's GPU under NCCL (it reduces CUDA tensors only), else the CPU
+    device: torch.device = torch.device("cpu")
 
     @property
     def main(self) -> bool:
@@ -47,15 +49,23 @@ class Dist:
         if self.world == 1 or not values:
             return values
         keys = sorted(values)
-        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-        dist.all_reduce(t)
+        t = self.sum(torch.tensor([float(values[k]) for k in keys], dtype=torch.float64))
         return {k: v / self.world for k, v in zip(keys, t.tolist())}
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            t = t.clone()
-            dist.all_reduce(t)
-        return t
+        """`t` summed over processes (on t's device)."""
+        return self._reduce(t, dist.ReduceOp.SUM)
+
+    def max(self, t: torch.Tensor) -> torch.Tensor:
+        """Elementwise max of `t` over processes (on t's device)."""
+        return self._reduce(t, dist.ReduceOp.MAX)
+
+    def _reduce(self, t: torch.Tensor, op) -> torch.Tensor:
+        if self.world == 1:
+            return t
+        out = t.to(self.device, copy=True)
+        dist.all_reduce(out, op=op)
+        return out.to(t.device)
 
 
 def setup_distributed(cfg: PPOConfig) -> tuple[Dist, torch.device]:
@@ -64,10 +74,11 @@ def setup_distributed(cfg: PPOConfig) -> tuple[Dist, torch.device]:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise SetupError("--device cuda but no CUDA device is visible")
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    d = Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    d = Dist(int(os.environ.get("RANK", "0")), world, local_rank, device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
-    device = torch.device("cuda", d.local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
     torch.set_num_threads(cfg.threads or default_threads(cfg))
@@ -182,6 +193,19 @@ class RunningMoments:
         self.count, self.mean, self.m2 = state["count"], state["mean"], state["m2"]
 
 
+def whiten(advantages: torch.Tensor, mask: torch.Tensor, d: Dist, ops) -> torch.Tensor:
+    """Advantage whitening with the masked mean and unbiased variance of the whole batch (every process's
+    tokens under torchrun, so the result does not depend on how the batch is split); 0 at masked tokens."""
+    if d.world == 1:
+        return ops.masked_whiten(advantages, mask) * mask
+    valid = mask.double()
+    values = advantages.double() * valid
+    count, total, squares = d.sum(torch.stack([valid.sum(), values.sum(), (values * values).sum()])).unbind()
+    mean = total / count
+    var = (squares - count * mean * mean) / (count - 1)
+    return (advantages - mean.float()) * torch.rsqrt(var.float() + 1e-8) * mask
+
+
 def adaptive_kl_coef(coef: float, kl: float, cfg: PPOConfig, n_samples: int) -> float:
     """Ziegler et al.'s proportional controller: moves beta by at most +-20% x n / horizon per step."""
     error = max(-0.2, min(0.2, kl / cfg.kl_target - 1.0))
@@ -216,9 +240,7 @@ class RunningLogZ:
         self.value, self.count = 0.0, 0
 
     def update(self, log_weights: torch.Tensor, d: Dist) -> float:
-        peak = log_weights.max().double()
-        if d.world > 1:
-            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        peak = d.max(log_weights.max().double())
         stats = d.sum(torch.stack([(log_weights.double() - peak).exp().sum(),
                                    torch.tensor(float(log_weights.numel()), dtype=torch.float64)]))
         log_total = (peak + stats[0].log()).item()  # log of the sum of this batch's weights
@@ -468,7 +490,7 @@ def training_steps(cfg: PPOConfig):
                 rewards[torch.arange(len(prompts), device=device), last] += scores
                 advantages, returns = ops.gae(rewards, old_values, mask, gamma=cfg.gamma, lam=cfg.lam)
                 if cfg.whiten_advantages:
-                    advantages = ops.masked_whiten(advantages, mask) * mask
+                    advantages = whiten(advantages, mask, d, ops)
             else:
                 seq_scores = scores + penalty.sum(-1)
                 group = (ops.grpo_advantages(seq_scores, cfg.group_size) if cfg.algo == "grpo"
