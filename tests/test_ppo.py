@@ -78,6 +78,7 @@ def test_every_config_field_is_a_flag_with_help():
     (["--reward", "os"], "expected module:function"),
     (["--algo", "grpo"], "--group-size >= 2"),
     (["--ref-quant", "int3"], "invalid choice"),
+    (["--critic-init", "reward-model"], "--critic-init reward-model needs --reward-model"),
 ])
 def test_bad_flags_fail_with_a_clear_message(tmp_path, args, message):
     out = _run("-m", "rlhf_fast.ppo", "--out", str(tmp_path / "run"), *args, timeout=120)
@@ -371,3 +372,19 @@ def test_local_model_reward_model_and_prompt_file(tmp_path):
     rows = _metrics(tmp_path / "run")
     assert len(rows) == 2 and all(math.isfinite(r["policy_loss"]) for r in rows)
     assert (tmp_path / "run" / "policy" / "tokenizer_config.json").is_file()
+    assert "critic: starts from the policy" not in out.stdout  # same tokenizer: PPO-max's critic from the RM
+
+
+def test_critic_from_the_reward_model_starts_at_its_scores():
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+    config = LlamaConfig(vocab_size=13, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, pad_token_id=0, num_labels=1)
+    reward_model = LlamaForSequenceClassification(config).eval()
+    critic = models.ValueModel.from_reward_model(reward_model).eval()
+    ids, attention = torch.randint(2, 13, (3, 9)), torch.ones(3, 9, dtype=torch.long)
+    with torch.no_grad():
+        values = critic(ids, attention, n_prompt=4)
+        hidden = reward_model.model(input_ids=ids, attention_mask=attention).last_hidden_state
+        scores = reward_model.score(hidden)[..., 0]
+    torch.testing.assert_close(values, scores[:, 3:-1], rtol=1e-5, atol=1e-5)
+    assert next(critic.trunk.parameters()).data_ptr() != next(reward_model.model.parameters()).data_ptr()

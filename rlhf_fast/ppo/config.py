@@ -72,6 +72,9 @@ class PPOConfig:
     minibatch_size: int = _opt(32, "sequences per optimiser step (per process)")
     lr: float = _opt(3e-4, "policy learning rate (AdamW)")
     critic_lr: float = _opt(2e-3, "critic learning rate (AdamW)")
+    critic_init: str = _opt("auto", "critic trunk and value head from the reward model (PPO-max; needs --reward-model "
+                                    "with the policy's tokenizer) or from the policy's trunk with a zero head; auto: "
+                                    "the reward model when there is one", ["auto", "reward-model", "policy"])
     gamma: float = _opt(1.0, "discount")
     lam: float = _opt(0.95, "GAE lambda")
 

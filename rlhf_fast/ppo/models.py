@@ -1,9 +1,9 @@
 """The four models of the loop and how they are built, loaded, run and scored.
 
 policy: an AutoModelForCausalLM (the embedded tiny Llama, or --model PATH); reference: a frozen copy of the
-policy after the warm-up; critic: a causal-LM trunk with a scalar value head (initialised from the policy's
-trunk); reward: a sequence-classification model (--reward-model PATH) or a Python function (--reward
-module:function, or the task's own verifier).
+policy after the warm-up; critic: a causal-LM trunk with a scalar value head (initialised from the reward
+model, as in PPO-max, or from the policy's trunk); reward: a sequence-classification model (--reward-model
+PATH) or a Python function (--reward module:function, or the task's own verifier).
 """
 from __future__ import annotations
 
@@ -132,6 +132,21 @@ class ValueModel(nn.Module):
     @classmethod
     def from_policy(cls, policy):
         return cls(copy.deepcopy(policy.base_model), policy.config.hidden_size)
+
+    @classmethod
+    def from_reward_model(cls, reward_model):
+        """PPO-max's critic: a copy of the reward model's trunk, its score row 0 as the value head, so the first
+        values are the reward model's per-position scores."""
+        head = getattr(reward_model, "score", None)
+        if not isinstance(head, nn.Linear):
+            raise ValueError(f"--critic-init reward-model: {type(reward_model).__name__} has no linear `score` head "
+                             f"to start the value head from; use --critic-init policy")
+        critic = cls(copy.deepcopy(reward_model.base_model), reward_model.config.hidden_size)
+        with torch.no_grad():
+            critic.head.weight.copy_(head.weight[:1])
+            if head.bias is not None:
+                critic.head.bias.copy_(head.bias[:1])
+        return critic
 
     def forward(self, input_ids, attention_mask, n_prompt: int):
         """(B, P + R) -> values (B, R) fp32."""

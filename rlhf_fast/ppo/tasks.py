@@ -31,6 +31,9 @@ class CharTokenizer:
     def vocab_size(self) -> int:
         return len(self.tokens)
 
+    def get_vocab(self) -> dict[str, int]:
+        return dict(self.index)
+
     def encode(self, text: str) -> list[int]:
         unknown = sorted(set(text) - set(self.index))
         if unknown:
@@ -54,6 +57,9 @@ class HFTokenizer:
         self.eos_token_id = tokenizer.eos_token_id
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.vocab_size = len(tokenizer)
+
+    def get_vocab(self) -> dict[str, int]:
+        return self.tokenizer.get_vocab()
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=True)["input_ids"]

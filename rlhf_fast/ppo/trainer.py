@@ -119,7 +119,23 @@ def _build_task(cfg: PPOConfig):
         raise ValueError("--model needs --prompts (the embedded task uses the embedded tokenizer)")
     if cfg.ptx_coef > 0 and not task.has_demonstrations:
         raise ValueError("--ptx-coef > 0 needs demonstrations (\"response\" fields in --prompts)")
+    if cfg.critic_init == "reward-model" and cfg.reward_model is None:
+        raise ValueError("--critic-init reward-model needs --reward-model PATH")
     return task, reward_fn
+
+
+def critic_from_reward_model(cfg: PPOConfig, reward_model, tokenizer):
+    """PPO-max's critic (a copy of the reward model) when --critic-init allows it, else None (the policy's
+    trunk is used). The critic reads the policy's token ids, so the two tokenizers must share a vocabulary."""
+    if cfg.algo != "ppo" or cfg.critic_init == "policy":
+        return None
+    if tokenizer.get_vocab() != reward_model.tokenizer.get_vocab():
+        if cfg.critic_init == "reward-model":
+            raise SetupError("--critic-init reward-model: the reward model's tokenizer differs from the policy's, "
+                             "so it cannot read the policy's tokens; use --critic-init policy")
+        print("critic: starts from the policy's trunk (the reward model's tokenizer differs from the policy's)")
+        return None
+    return models.ValueModel.from_reward_model(reward_model.model)
 
 
 # ---------------------------------------------------------------- batching
@@ -378,10 +394,12 @@ def training_steps(cfg: PPOConfig):
     policy = models.load_policy(cfg, tokenizer.vocab_size).to(device)
     policy_lp = models.LogProbModel(policy, ops, fused=cfg.kernels == "on" and cfg.fused_head,
                                     temperature=cfg.temperature)
+    rm_critic = None
     if reward_fn is not None:
         score = models.RewardFunction(reward_fn)
     elif cfg.reward_model is not None:
         score = models.RewardModel(cfg.reward_model, device)
+        rm_critic = critic_from_reward_model(cfg, score, tokenizer)  # before the reward model is quantized
         models.quantize(score.model, cfg.reward_quant, "reward")
     else:
         score = models.RewardFunction(task.reward)
@@ -393,7 +411,7 @@ def training_steps(cfg: PPOConfig):
         warmup_time = time.perf_counter() - warmup_start
         eval_before, examples_before = evaluate(policy, task, tokenizer, score, cfg, device, d)
     reference = models.frozen_copy(policy)
-    critic = models.ValueModel.from_policy(policy).to(device) if cfg.algo == "ppo" else None
+    critic = (rm_critic or models.ValueModel.from_policy(policy)).to(device) if cfg.algo == "ppo" else None
     if state is not None:
         policy.load_state_dict(state["policy"])
         reference.load_state_dict(state["reference"])
