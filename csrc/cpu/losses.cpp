@@ -133,12 +133,23 @@ LossInputs check_loss_inputs(const char* op, const at::Tensor& a, const char* a_
   return {a.size(0), a.size(1), mask.has_value() ? mask->data_ptr<bool>() : nullptr};
 }
 
-// The token loops take the mask a block at a time widened to 32 bits: with byte loads in them GCC vectorises
-// them 4 wide whatever the vector unit.
-constexpr int64_t kMaskBlock = 256;
+// The token loops run over blocks of a row whose inputs are float and whose mask is widened to 32 bits: with
+// byte loads in them GCC vectorises them 4 wide whatever the vector unit, and with bf16 loads in part 8 wide.
+constexpr int64_t kBlock = 256;
 
 inline void widen_mask(const bool* mask, int64_t n, int32_t* keep) {
   for (int64_t i = 0; i < n; ++i) keep[i] = reinterpret_cast<const uint8_t*>(mask)[i];
+}
+
+// The float values of x[0, n): x itself for float, else converted into buf.
+template <typename scalar_t>
+inline const float* as_float(const scalar_t* x, int64_t n, float* buf) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return x;
+  } else {
+    for (int64_t i = 0; i < n; ++i) buf[i] = to_float(x[i]);
+    return buf;
+  }
 }
 
 // (loss sum, valid tokens, clipped, -log-ratio sum, ratio sum) of one row. Branch-free so that it vectorises:
@@ -148,16 +159,19 @@ RLHF_FAST_SIMD_CLONES std::array<float, 5> row_sums(const scalar_t* a, const sca
                                                     const bool* mask, int64_t steps, const Math& math_in) {
   const Math math = math_in;  // a local copy: its fields stay in registers instead of being reloaded per token
   float loss = 0.f, valid = 0.f, clipped = 0.f, neg_log_ratio = 0.f, ratio = 0.f;
-  int32_t keep[kMaskBlock];
-  for (int64_t start = 0; start < steps; start += kMaskBlock) {
-    const int64_t n = std::min(kMaskBlock, steps - start);
+  float a_buf[kBlock], b_buf[kBlock], c_buf[kBlock];
+  int32_t keep[kBlock];
+  for (int64_t start = 0; start < steps; start += kBlock) {
+    const int64_t n = std::min(kBlock, steps - start);
+    const float* fa = as_float(a + start, n, a_buf);
+    const float* fb = as_float(b + start, n, b_buf);
+    const float* fc = as_float(c + start, n, c_buf);
     if constexpr (kHasMask) widen_mask(mask + start, n, keep);
 #pragma omp simd reduction(+ : loss, valid, clipped, neg_log_ratio, ratio)
     for (int64_t i = 0; i < n; ++i) {
-      const int64_t t = start + i;
       bool take = true;
       if constexpr (kHasMask) take = keep[i] != 0;
-      const TokenLoss token = math.eval(to_float(a[t]), to_float(b[t]), to_float(c[t]), nullptr);
+      const TokenLoss token = math.eval(fa[i], fb[i], fc[i], nullptr);
       loss += select(take, token.loss, 0.f);
       valid += select(take, 1.f, 0.f);
       clipped += select(take & token.clipped, 1.f, 0.f);
@@ -207,19 +221,26 @@ template <bool kHasMask, typename scalar_t, typename Math>
 RLHF_FAST_SIMD_CLONES void row_grads(const scalar_t* a, const scalar_t* b, const scalar_t* c, const bool* mask,
                                      int64_t steps, const Math& math_in, float w, scalar_t* grad) {
   const Math math = math_in;
-  int32_t keep[kMaskBlock];
-  for (int64_t start = 0; start < steps; start += kMaskBlock) {
-    const int64_t n = std::min(kMaskBlock, steps - start);
+  float a_buf[kBlock], b_buf[kBlock], c_buf[kBlock], grad_buf[kBlock];
+  int32_t keep[kBlock];
+  for (int64_t start = 0; start < steps; start += kBlock) {
+    const int64_t n = std::min(kBlock, steps - start);
+    const float* fa = as_float(a + start, n, a_buf);
+    const float* fb = as_float(b + start, n, b_buf);
+    const float* fc = as_float(c + start, n, c_buf);
     if constexpr (kHasMask) widen_mask(mask + start, n, keep);
+    float* out = grad_buf;
+    if constexpr (std::is_same_v<scalar_t, float>) out = grad + start;
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
-      const int64_t t = start + i;
       float d = 0.f;
-      math.eval(to_float(a[t]), to_float(b[t]), to_float(c[t]), &d);
+      math.eval(fa[i], fb[i], fc[i], &d);
       bool take = true;
       if constexpr (kHasMask) take = keep[i] != 0;
-      grad[t] = from_float<scalar_t>(select(take, w * d, 0.f));
+      out[i] = select(take, w * d, 0.f);
     }
+    if constexpr (!std::is_same_v<scalar_t, float>)
+      for (int64_t i = 0; i < n; ++i) grad[start + i] = from_float<scalar_t>(grad_buf[i]);
   }
 }
 
