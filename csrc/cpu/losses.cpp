@@ -3,7 +3,8 @@
 // the masked aggregation; the per-token loops are branch-free (selects as integer blends, a polynomial exp) so
 // that they vectorise under omp simd. The extension is otherwise built for baseline x86-64 (SSE2): the loops are
 // compiled for AVX-512, AVX2 and baseline and picked at load time (target_clones), and bf16 is converted by inline
-// bit operations (through c10's conversions GCC left the bf16 backward loop scalar: 5x slower).
+// bit operations (through c10's conversions GCC left the bf16 backward loop scalar: 5x slower). The PPO token
+// loops walk a row in blocks of kBlock tokens converted to float, the mask widened to int32.
 // Rows are grouped into chunks of about kChunkTokens tokens; each chunk's running sums
 // go to its own slot and the slots are added in order afterwards, so the result does not depend on the
 // number of threads. The backward is one more pass writing d loss / d input.
