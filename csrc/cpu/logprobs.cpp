@@ -87,16 +87,28 @@ RLHF_FAST_SIMD_CLONES void softmax_grad(const float* x, float* out, int64_t n, f
   }
 }
 
-// Widening of reduced-precision rows, a vector at a time (bf16: the bits shifted into a float's top half).
+// Conversions between float blocks and rows of another dtype; the bf16 ones a vector at a time (widening
+// shifts the bits into a float's top half; narrowing rounds to nearest even, as c10 does).
 RLHF_FAST_SIMD_CLONES void widen(const c10::BFloat16* x, int64_t n, float* out) {
   const auto* bits = reinterpret_cast<const uint16_t*>(x);
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) out[i] = std::bit_cast<float>(static_cast<uint32_t>(bits[i]) << 16);
 }
 
+RLHF_FAST_SIMD_CLONES void narrow(const float* x, int64_t n, c10::BFloat16* out) {
+  auto* bits = reinterpret_cast<uint16_t*>(out);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) bits[i] = c10::detail::round_to_nearest_even(x[i]);
+}
+
 template <typename scalar_t>
 void widen(const scalar_t* x, int64_t n, float* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(x[i]);
+}
+
+template <typename scalar_t>
+void narrow(const float* x, int64_t n, scalar_t* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(x[i]);
 }
 
 // The float values of x[0, n): x itself for float, else converted into buf.
@@ -122,9 +134,7 @@ float* float_target(scalar_t* dst, float* buf) {
 
 template <typename scalar_t>
 void store_from_float(const float* src, scalar_t* dst, int64_t n) {
-  if constexpr (!std::is_same_v<scalar_t, float>) {
-    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
-  }
+  if constexpr (!std::is_same_v<scalar_t, float>) narrow(src, n, dst);
 }
 
 int64_t grain_rows(int64_t vocab) { return std::max<int64_t>(1, 32768 / vocab); }
