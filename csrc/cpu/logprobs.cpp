@@ -175,7 +175,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_forward_cpu(const at::Te
   float* entropy_out = entropy.data_ptr<float>();
   float* lse_out = lse.data_ptr<float>();
   const float inv_t = static_cast<float>(1.0 / temperature);
-  const float scale2 = static_cast<float>(M_LOG2E / temperature);
+  const float scale2 = static_cast<float>(1.4426950408889634 / temperature);  // log2(e) / T
   const int64_t vocab = layout.vocab;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "logprobs_forward_cpu", [&] {
     const scalar_t* x = logits.const_data_ptr<scalar_t>();
