@@ -33,7 +33,8 @@
 namespace rlhf_fast {
 namespace {
 
-constexpr int64_t kChunk = 2048;  // floats per block: 8 KiB, stays in L1 between the max and the exp loop
+// Floats per block: 4 KiB of fp32, in L1 between the max and the exp loop (the fastest of 512-4096 here).
+constexpr int64_t kChunk = 1024;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kLog2e = 1.44269504f;
 constexpr float kLn2 = 0.693147181f;
