@@ -1,12 +1,12 @@
 // CPU kernels of the log-prob family: fused log-softmax + gather + entropy, and its backward.
 //
-// Rows are spread over threads (at::parallel_for, OpenMP). A row is read twice: once for its max, once for
-// sum exp(u) and sum exp(u) * u (u = x / T - max / T), from which lse = max / T + log s and
-// entropy = log s - t / s. The second read hits the core's L2 for rows up to ~100k fp32 logits, so memory
-// traffic is one read of the logits; no (N, V) temporary exists. bf16 / fp16 rows go through a float buffer of
-// kChunk elements. The inner loops are plain float loops that the compiler vectorises; on x86-64 Linux with
-// GCC they are cloned for AVX-512 and AVX2 and picked at load time (target_clones), since the extension is
-// otherwise built for baseline x86-64 (SSE2).
+// Rows are spread over threads (at::parallel_for, OpenMP). The forward reads a row once, in blocks of kChunk
+// floats: each block's max (the block then sits in L1), then sum 2^u and sum 2^u u over it (u = (x - m) / T
+// in base 2, m the running max; the sums are rescaled when a later block raises m), from which
+// lse = m / T + ln s and entropy = ln s - ln2 t / s. No (N, V) temporary exists; bf16 / fp16 rows are widened
+// into a float block. The inner loops are plain float loops with a polynomial 2^x that the compiler
+// vectorises; on x86-64 Linux with GCC they are cloned for AVX-512 and AVX2 and picked at load time
+// (target_clones), since the extension is otherwise built for baseline x86-64 (SSE2).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ATen.h>
@@ -20,6 +20,10 @@
 #include <limits>
 #include <type_traits>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define RLHF_FAST_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
@@ -29,27 +33,29 @@
 namespace rlhf_fast {
 namespace {
 
-constexpr int64_t kChunk = 2048;
+// Floats per block: 4 KiB of fp32, in L1 between the max and the exp loop (the fastest of 512-4096 here).
+constexpr int64_t kChunk = 1024;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kLog2e = 1.44269504f;
+constexpr float kLn2 = 0.693147181f;
 
-// exp(x) with a few ulp of error, written so that loops over it vectorise (no libm call): x = k ln2 + r with
-// |r| <= ln2 / 2, exp(r) by a degree-6 polynomial, 2^k through the exponent bits. Underflows to 0 below
-// -87.3 (and for -inf), saturates above 88.3 (never reached: u <= 0 here); NaN stays NaN.
-inline float exp_approx(float x) {
-  const float clamped = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
-  const float magic = 12582912.f;  // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer
-  const float k = (clamped * 1.44269504f + magic) - magic;
-  const float r = (clamped - k * 0.693145752f) - k * 1.42860677e-6f;
-  float p = 1.f / 720.f;
-  p = p * r + 1.f / 120.f;
-  p = p * r + 1.f / 24.f;
-  p = p * r + 1.f / 6.f;
-  p = p * r + 0.5f;
+// 2^v for v <= 0 with ~2e-7 relative error, written so that loops over it vectorise (no libm call):
+// v = k + r with k = round(v), |r| <= 1/2, 2^r by a degree-5 minimax polynomial, 2^k built in the exponent
+// bits. 0 below -125 (and for -inf); NaN stays NaN. About 11 vector instructions.
+inline float exp2_approx(float v) {
+  // 1.5 * 2^23 + 127: adding it rounds v to an integer and leaves k + 127 (the biased exponent of 2^k) in
+  // the low mantissa bits, so 2^k needs no float-to-int conversion
+  const float magic = 12583039.f;
+  const float shifted = v + magic;
+  const float r = v - (shifted - magic);
+  float p = 1.32647238e-3f;
+  p = p * r + 9.67151299e-3f;
+  p = p * r + 5.55073358e-2f;
+  p = p * r + 2.40222424e-1f;
+  p = p * r + 6.93147004e-1f;
   p = p * r + 1.f;
-  p = p * r + 1.f;
-  const float scale = std::bit_cast<float>((static_cast<int32_t>(k) + 127) << 23);
-  const float result = x < -87.3f ? 0.f : p * scale;
-  return x != x ? x : result;
+  const float scale = std::bit_cast<float>(std::bit_cast<uint32_t>(shifted) << 23);
+  return v < -125.f ? 0.f : p * scale;
 }
 
 RLHF_FAST_SIMD_CLONES float max_of(const float* x, int64_t n) {
@@ -59,14 +65,14 @@ RLHF_FAST_SIMD_CLONES float max_of(const float* x, int64_t n) {
   return m;
 }
 
-// s += sum exp(u), t += sum exp(u) * u over u = x * scale - shift (terms with exp(u) = 0 add 0, also for -inf).
-RLHF_FAST_SIMD_CLONES void add_exp_moments(const float* x, int64_t n, float scale, float shift, float* s,
-                                           float* t) {
+// s += sum 2^u, t += sum 2^u u over u = (x - m) * scale (base-2 units; terms with 2^u = 0 add 0, also for
+// -inf). x - m before the scaling: exact for the x near the max, which carry the sums.
+RLHF_FAST_SIMD_CLONES void add_exp2_moments(const float* x, int64_t n, float scale, float m, float* s, float* t) {
   float sum = 0.f, weighted = 0.f;
 #pragma omp simd reduction(+ : sum, weighted)
   for (int64_t i = 0; i < n; ++i) {
-    const float u = x[i] * scale - shift;
-    const float e = exp_approx(u);
+    const float u = (x[i] - m) * scale;
+    const float e = exp2_approx(u);
     sum += e;
     weighted += e > 0.f ? e * u : 0.f;
   }
@@ -74,16 +80,40 @@ RLHF_FAST_SIMD_CLONES void add_exp_moments(const float* x, int64_t n, float scal
   *t += weighted;
 }
 
-// out = -p (alpha + beta (log p + entropy)), p = exp(x * scale - lse): the softmax part of d(logits)
-// (the label's +alpha is added by the caller).
+// out = -p (alpha + beta (log p + entropy)), p = exp(x * scale - lse): the softmax part of d(logits) (the
+// label's +alpha is added by the caller).
 RLHF_FAST_SIMD_CLONES void softmax_grad(const float* x, float* out, int64_t n, float scale, float lse, float alpha,
                                         float beta, float entropy) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     const float u = x[i] * scale - lse;
-    const float p = exp_approx(u);
+    const float p = exp2_approx(u * kLog2e);
     out[i] = p > 0.f ? -p * (alpha + beta * (u + entropy)) : 0.f;
   }
+}
+
+// Conversions between float blocks and rows of another dtype; the bf16 ones a vector at a time (widening
+// shifts the bits into a float's top half; narrowing rounds to nearest even, as c10 does).
+RLHF_FAST_SIMD_CLONES void widen(const c10::BFloat16* x, int64_t n, float* out) {
+  const auto* bits = reinterpret_cast<const uint16_t*>(x);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = std::bit_cast<float>(static_cast<uint32_t>(bits[i]) << 16);
+}
+
+RLHF_FAST_SIMD_CLONES void narrow(const float* x, int64_t n, c10::BFloat16* out) {
+  auto* bits = reinterpret_cast<uint16_t*>(out);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) bits[i] = c10::detail::round_to_nearest_even(x[i]);
+}
+
+template <typename scalar_t>
+void widen(const scalar_t* x, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(x[i]);
+}
+
+template <typename scalar_t>
+void narrow(const float* x, int64_t n, scalar_t* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(x[i]);
 }
 
 // The float values of x[0, n): x itself for float, else converted into buf.
@@ -92,7 +122,7 @@ const float* as_float(const scalar_t* x, int64_t n, float* buf) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     return x;
   } else {
-    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(x[i]);
+    widen(x, n, buf);
     return buf;
   }
 }
@@ -109,9 +139,21 @@ float* float_target(scalar_t* dst, float* buf) {
 
 template <typename scalar_t>
 void store_from_float(const float* src, scalar_t* dst, int64_t n) {
-  if constexpr (!std::is_same_v<scalar_t, float>) {
-    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
-  }
+  if constexpr (!std::is_same_v<scalar_t, float>) narrow(src, n, dst);
+}
+
+// A fresh tensor as large as the logits is page-faulted in on its first write, 4 KiB at a time: ~0.15 s of
+// kernel time for 500 MB on one core, more than the backward kernel itself. Asking for transparent huge pages
+// over its 2 MiB-aligned interior cuts that to a few ms where the system allows them (THP "madvise" or
+// "always"); elsewhere the advice does nothing. It is advice only: a failure is ignored.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHugePage = uintptr_t{1} << 21;
+  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
+  const uintptr_t last = (begin + t.nbytes()) & ~(kHugePage - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#endif
 }
 
 int64_t grain_rows(int64_t vocab) { return std::max<int64_t>(1, 32768 / vocab); }
@@ -134,6 +176,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_forward_cpu(const at::Te
   float* entropy_out = entropy.data_ptr<float>();
   float* lse_out = lse.data_ptr<float>();
   const float inv_t = static_cast<float>(1.0 / temperature);
+  const float scale2 = static_cast<float>(1.4426950408889634 / temperature);  // log2(e) / T
   const int64_t vocab = layout.vocab;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "logprobs_forward_cpu", [&] {
     const scalar_t* x = logits.const_data_ptr<scalar_t>();
@@ -141,20 +184,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_forward_cpu(const at::Te
       float buf[kChunk];
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* row = x + layout.offset(r);
-        float m = kNegInf;
+        // One read of the row: per block, its max (from L1 after the load), a rescale of the running sums
+        // when the max grew (2^-d s, 2^-d (t - d s) with d the growth in base-2 units), then the exp sums.
+        float m = kNegInf, s = 0.f, t = 0.f;
         for (int64_t j = 0; j < vocab; j += kChunk) {
           const int64_t n = std::min(kChunk, vocab - j);
-          m = std::max(m, max_of(as_float(row + j, n, buf), n));
-        }
-        const float shift = m * inv_t;
-        float s = 0.f, t = 0.f;
-        for (int64_t j = 0; j < vocab; j += kChunk) {
-          const int64_t n = std::min(kChunk, vocab - j);
-          add_exp_moments(as_float(row + j, n, buf), n, inv_t, shift, &s, &t);
+          const float* block = as_float(row + j, n, buf);
+          const float block_max = max_of(block, n);
+          if (block_max > m) {
+            if (s > 0.f) {
+              const float d = (block_max - m) * scale2;
+              const float shrink = std::exp2(-d);
+              t = shrink * (t - d * s);
+              s *= shrink;
+            }
+            m = block_max;
+          }
+          if (m != kNegInf) add_exp2_moments(block, n, scale2, m, &s, &t);  // an all -inf block adds 0
         }
         const float log_s = std::log(s);
-        lse_out[r] = shift + log_s;
-        entropy_out[r] = log_s - t / s;
+        // one rounding: the backward's x * inv_t - lse is then exact to an ulp of lse for the x near the max
+        lse_out[r] = static_cast<float>(static_cast<double>(m) * inv_t + log_s);
+        entropy_out[r] = log_s - kLn2 * t / s;
         if (y) {
           const int64_t label = y[r];
           if (label == ignore_index) {
@@ -216,6 +267,7 @@ at::Tensor logprobs_backward_cpu(const c10::optional<at::Tensor>& grad_logp,
   const auto layout = logprobs::row_layout(logits, op);
   logprobs::check_backward_inputs(grad_logp, grad_entropy, logits, labels, lse, entropy, temperature, op);
   auto grad = at::empty(logits.sizes(), logits.options());
+  advise_huge_pages(grad);
   logprobs_backward_into(grad_logp, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index, grad, layout,
                          logprobs::row_layout(grad, op));
   return grad;
