@@ -10,15 +10,11 @@
 #include <torch/library.h>
 
 #include "../divergence_common.h"
+#include "simd_clones.h"
 
 #include <algorithm>
 #include <cstring>
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define RLHF_FAST_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define RLHF_FAST_SIMD_CLONES
-#endif
 
 namespace rlhf_fast {
 namespace {

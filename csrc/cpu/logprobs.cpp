@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include "../logprobs_common.h"
+#include "simd_clones.h"
 
 #include <bit>
 #include <cmath>
@@ -24,11 +25,6 @@
 #include <sys/mman.h>
 #endif
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define RLHF_FAST_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define RLHF_FAST_SIMD_CLONES
-#endif
 
 namespace rlhf_fast {
 namespace {

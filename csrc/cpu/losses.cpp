@@ -20,12 +20,7 @@
 #include <vector>
 
 #include "../losses_common.h"
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define RLHF_FAST_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define RLHF_FAST_SIMD_CLONES
-#endif
+#include "simd_clones.h"
 
 namespace rlhf_fast {
 namespace {

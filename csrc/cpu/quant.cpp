@@ -11,6 +11,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "simd_clones.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -24,13 +26,8 @@ constexpr int64_t kFusedBlock = 64;  // output channels per work item of the fus
 constexpr int64_t kChunkFloats = 4096;  // fused path: the K-chunks of all activation rows together, 16 KB of L1
 constexpr int64_t kPanelElements = 1 << 20;  // 4 MB float32 panels for the many-rows path
 
-// The extension is compiled for baseline x86-64 (SSE2), where int8 -> float conversions do not vectorise well;
-// the hot loops get AVX-512 and AVX2 clones picked at load time.
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-#define RLHF_FAST_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define RLHF_FAST_SIMD_CLONES
-#endif
+// The hot loops get AVX-512 and AVX2 clones (simd_clones.h): int8 -> float conversions vectorise poorly on
+// the baseline x86-64 the extension is compiled for.
 
 RLHF_FAST_SIMD_CLONES float dot_int8(const float* x, const int8_t* w, int64_t n) {
   float acc = 0.f;
