@@ -7,6 +7,8 @@
 #include <type_traits>
 #ifndef __CUDA_ARCH__
 #include <bit>
+
+#include "cpu/vec_exp.h"
 #endif
 
 #include <c10/util/Exception.h>
@@ -45,27 +47,13 @@ RLHF_FAST_HOST_DEVICE inline float clampf(float x, float lo, float hi) {
   return select(x < lo, lo, select(x > hi, hi, x));
 }
 
-// exp(x) for |x| <= 20, the only range used here (every argument is clamped first). On the device: the hardware
-// exp. On the host: range reduction x = n ln2 + r, |r| <= ln2/2, and a degree-7 polynomial for exp(r) (Cephes'
-// coefficients, about 1 ulp) -- glibc's expf is a scalar call that keeps the loops from vectorising.
+// exp(x) for |x| <= 20, the only range used here (every argument is clamped first): the hardware exp on the
+// device, the vectorisable polynomial of cpu/vec_exp.h on the host.
 RLHF_FAST_HOST_DEVICE inline float exp_small(float x) {
 #ifdef __CUDA_ARCH__
   return expf(x);
 #else
-  constexpr float kRound = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer, held in the low mantissa bits
-  const float shifted = x * 1.44269504088896341f + kRound;
-  const float n = shifted - kRound;
-  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.f;
-  // 2^n from the integer in shifted's mantissa (no float-to-int conversion: defined even for a nan input).
-  const uint32_t scale = (std::bit_cast<uint32_t>(shifted) - std::bit_cast<uint32_t>(kRound) + 127u) << 23;
-  return p * std::bit_cast<float>(scale);
+  return exp_poly(x);
 #endif
 }
 

@@ -11,6 +11,7 @@
 
 #include "../divergence_common.h"
 #include "simd_clones.h"
+#include "vec_exp.h"
 
 #include <algorithm>
 #include <cstring>
@@ -23,22 +24,12 @@ using namespace divergence;
 
 constexpr int64_t kChunk = 1024;
 
-// Cephes-style expf / logf (about 1 ulp on the ranges used here) written so that the compiler can vectorise them.
+// expf (cpu/vec_exp.h) and a Cephes-style logf (about 1 ulp on the ranges used here), both vectorisable.
 struct VecMath {
   static RLHF_FAST_ELEMENTWISE float exp(float x) {
     const bool underflow = x < -87.3f;  // also -inf: exactly 0, so that 0 * (-inf) guards hold
     x = std::max(std::min(x, 88.f), -88.f);  // keeps the polynomial finite; the underflow select gives the 0
-    const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
-    const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-    float poly = 1.9875691500e-4f;
-    poly = poly * r + 1.3981999507e-3f;
-    poly = poly * r + 8.3334519073e-3f;
-    poly = poly * r + 4.1665795894e-2f;
-    poly = poly * r + 1.6666665459e-1f;
-    poly = poly * r + 5.0000001201e-1f;
-    const float y = poly * r * r + r + 1.f;
-    const float two_n = __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
-    return y * (underflow ? 0.f : two_n);
+    return underflow ? 0.f : exp_poly(x);
   }
 
   // For x > 0 and normal (callers guard the x == 0 terms, whose weight is 0).

@@ -1,0 +1,27 @@
+// exp(x) for the CPU kernels' inner loops: no libm call (glibc's expf is a scalar call that keeps a loop from
+// vectorising). x = n ln2 + r with |r| <= ln2/2, exp(r) by a degree-7 polynomial (Cephes' coefficients, about
+// 1 ulp), 2^n built from the integer that rounding left in the mantissa bits (no float-to-int conversion, so a
+// NaN input gives NaN, not undefined behaviour). Valid for x in [-87, 88]: callers clamp or guard outside it.
+#pragma once
+#include <bit>
+#include <cstdint>
+
+namespace rlhf_fast {
+
+inline float exp_poly(float x) {
+  constexpr float kRound = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer, held in the low mantissa bits
+  const float shifted = x * 1.44269504088896341f + kRound;
+  const float n = shifted - kRound;
+  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const uint32_t scale = (std::bit_cast<uint32_t>(shifted) - std::bit_cast<uint32_t>(kRound) + 127u) << 23;
+  return p * std::bit_cast<float>(scale);
+}
+
+}  // namespace rlhf_fast
