@@ -308,12 +308,10 @@ def _skipped(name: str, skip) -> bool:
     return any(name == s or name.startswith(s + ".") or s in parts for s in skip)
 
 
-def quantize_model(model: nn.Module, scheme, *, skip=("lm_head",), group_size=128) -> nn.Module:
-    """Replaces, in place, every nn.Linear (and transformers Conv1D) of `model` with a QuantizedLinear, except
-    those named in `skip` (a module is skipped when its dotted name, a prefix of it, or one of its components is
-    listed). Puts the model in eval mode (it is for inference) and returns it. Every layer is checked before any
-    is replaced; a model with nothing to quantize is an error rather than a silent no-op.
-    """
+def quantizable_layers(model: nn.Module, scheme, *, skip=("lm_head",), group_size=128) -> list[tuple[str, nn.Module]]:
+    """The (name, layer) pairs `quantize_model` would replace; raises ValueError, naming the layer, when one of
+    them cannot take `scheme` (an int4 group_size that does not divide its K) or when there is none. Cheap: use
+    it to fail before any work when a model will be quantized later."""
     _check_scheme(scheme)
     if isinstance(skip, str):
         skip = (skip,)
@@ -327,6 +325,16 @@ def quantize_model(model: nn.Module, scheme, *, skip=("lm_head",), group_size=12
                 _check_group_size(group_size, _in_features(linear))
             except ValueError as exc:
                 raise ValueError(f"{name}: {exc}; or add {name!r} to skip") from None
+    return targets
+
+
+def quantize_model(model: nn.Module, scheme, *, skip=("lm_head",), group_size=128) -> nn.Module:
+    """Replaces, in place, every nn.Linear (and transformers Conv1D) of `model` with a QuantizedLinear, except
+    those named in `skip` (a module is skipped when its dotted name, a prefix of it, or one of its components is
+    listed). Puts the model in eval mode (it is for inference) and returns it. Every layer is checked before any
+    is replaced (`quantizable_layers`); a model with nothing to quantize is an error rather than a silent no-op.
+    """
+    targets = quantizable_layers(model, scheme, skip=skip, group_size=group_size)
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -79,6 +79,7 @@ def test_every_config_field_is_a_flag_with_help():
     (["--algo", "grpo"], "--group-size >= 2"),
     (["--ref-quant", "int3"], "invalid choice"),
     (["--critic-init", "reward-model"], "--critic-init reward-model needs --reward-model"),
+    (["--ref-quant", "int4"], "--ref-quant int4: model.layers.0.self_attn.q_proj: group_size=128 does not divide"),
 ])
 def test_bad_flags_fail_with_a_clear_message(tmp_path, args, message):
     out = _run("-m", "rlhf_fast.ppo", "--out", str(tmp_path / "run"), *args, timeout=120)
@@ -235,6 +236,7 @@ def test_generation_is_deterministic_for_a_generator_state():
     dict(divergence="rkl"), dict(divergence="fkl"), dict(divergence="js"), dict(divergence="tv"),
     dict(adaptive_kl=True, target_kl=0.01, dual_clip=3.0, entropy_coef=0.01, ptx_coef=0.5,
          loss_agg="seq-mean-token-sum-norm", value_clip=None),
+    dict(ref_quant="int8"), dict(ref_quant="int4", quant_group_size=32), dict(ref_quant="w8a8"),
 ])
 def test_algorithms_and_switches_run(tmp_path, extra):
     train(PPOConfig(out=str(tmp_path), total_steps=2, **{**TINY, **extra}))

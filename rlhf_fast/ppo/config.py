@@ -44,6 +44,8 @@ class PPOConfig:
                           ["none", "int8", "int4", "w8a8"])
     reward_quant: str = _opt("none", "quantize the reward model with rlhf_fast.quantize_model",
                              ["none", "int8", "int4", "w8a8"])
+    quant_group_size: int = _opt(128, "int4 group size along K for --ref-quant / --reward-quant (must divide "
+                                      "every quantized layer's input size)")
     task_length: int = _opt(6, "default task: digits per prompt")
     hidden_size: int = _opt(64, "embedded tiny Llama: hidden size (MLP is twice that)")
     num_layers: int = _opt(2, "embedded tiny Llama: decoder layers")

@@ -210,6 +210,17 @@ def check_model_dir(flag: str, path: str) -> None:
         raise ValueError(f"{flag} {path}: no config.json there; save the model with model.save_pretrained(dir)")
 
 
-def quantize(model, scheme: str, what: str):
+def check_quantizable(model, scheme: str, group_size: int, flag: str) -> None:
+    """Fails before any work when `scheme` cannot quantize `model` later (e.g. an int4 group that does not
+    divide a layer's input size)."""
+    if scheme == "none":
+        return
+    try:
+        rf.quant.quantizable_layers(model, scheme, group_size=group_size)
+    except ValueError as exc:
+        raise ValueError(f"{flag} {scheme}: {exc} (set --quant-group-size)") from None
+
+
+def quantize(model, scheme: str, group_size: int):
     """rlhf_fast.quantize_model(model, scheme) in place, or the model unchanged for scheme 'none'."""
-    return model if scheme == "none" else rf.quantize_model(model, scheme)
+    return model if scheme == "none" else rf.quantize_model(model, scheme, group_size=group_size)

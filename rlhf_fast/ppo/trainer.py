@@ -400,9 +400,15 @@ def training_steps(cfg: PPOConfig):
     elif cfg.reward_model is not None:
         score = models.RewardModel(cfg.reward_model, device)
         rm_critic = critic_from_reward_model(cfg, score, tokenizer)  # before the reward model is quantized
-        models.quantize(score.model, cfg.reward_quant, "reward")
     else:
         score = models.RewardFunction(task.reward)
+    try:  # the reference is quantized after the warm-up: find out now whether it can be
+        models.check_quantizable(policy, cfg.ref_quant, cfg.quant_group_size, "--ref-quant")
+        if isinstance(score, models.RewardModel):
+            models.check_quantizable(score.model, cfg.reward_quant, cfg.quant_group_size, "--reward-quant")
+            models.quantize(score.model, cfg.reward_quant, cfg.quant_group_size)
+    except ValueError as exc:
+        raise SetupError(str(exc)) from exc
 
     state = torch.load(checkpoint_dir / "state.pt", map_location=device, weights_only=False) if resumed else None
     if state is None:
@@ -417,7 +423,7 @@ def training_steps(cfg: PPOConfig):
         reference.load_state_dict(state["reference"])
         if critic is not None:
             critic.load_state_dict(state["critic"])
-    models.quantize(reference, cfg.ref_quant, "ref")
+    models.quantize(reference, cfg.ref_quant, cfg.quant_group_size)
     ref_lp = models.LogProbModel(reference, ops, fused=policy_lp.fused, temperature=cfg.temperature)
 
     train_policy, train_critic = policy_lp, critic
