@@ -12,6 +12,7 @@
 #endif
 
 #include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
 
 #ifdef __CUDACC__
 #define RLHF_FAST_HOST_DEVICE __host__ __device__
@@ -220,6 +221,12 @@ struct PolicyMath {
     return {select(dual_active, dual_bound, pg), clip_active, -clamped, ratio};
   }
 };
+
+// The op arguments (clip_low, clip_high, dual_clip or none) as the PolicyMath of the kernels.
+inline PolicyMath policy_math(double clip_low, double clip_high, c10::optional<double> dual_clip) {
+  return {static_cast<float>(clip_low), static_cast<float>(clip_high), static_cast<float>(dual_clip.value_or(0.0)),
+          dual_clip.has_value()};
+}
 
 // 0.5 max((V - R)^2, (clamp(V, old - clip, old + clip) - R)^2); (a, b, c) = (values, old_values, returns);
 // gradient to values.

@@ -16,11 +16,7 @@ from . import reference
 
 
 def _kernels(name: str):
-    """The op namespace of a kernel backend: torch.ops.rlhf_fast (cpu, cuda) or the Triton triton_ops."""
-    if name == "triton":
-        from .triton import advantages as triton_advantages
-        return triton_advantages
-    return torch.ops.rlhf_fast
+    return _backend.kernels(name, "advantages")
 
 
 def _packed_gae(rewards, values, mask, last_value, cu_seqlens, gamma, lam, name):

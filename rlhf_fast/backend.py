@@ -101,6 +101,14 @@ def why_not(backend: str, device: torch.device) -> str | None:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
+def kernels(name: str, family: str):
+    """The op namespace of kernel backend `name` for `family`: the Triton triton_ops of rlhf_fast.triton.<family>
+    (imported on first use), or torch.ops.rlhf_fast for the compiled cpu and cuda kernels."""
+    if name == "triton":
+        return importlib.import_module(f"rlhf_fast.triton.{family}")
+    return torch.ops.rlhf_fast
+
+
 def _warn_once(key: str, message: str) -> None:
     if key not in _warned:
         _warned.add(key)

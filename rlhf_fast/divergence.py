@@ -20,11 +20,7 @@ KINDS = reference.F_DIVERGENCES
 
 
 def _kernels(name: str):
-    """The op namespace of a kernel backend: torch.ops.rlhf_fast (cpu, cuda) or the Triton triton_ops."""
-    if name == "triton":
-        from .triton import divergence as triton_divergence
-        return triton_divergence
-    return torch.ops.rlhf_fast
+    return _backend.kernels(name, "divergence")
 
 
 def _check_kind(kind, alpha):
@@ -56,9 +52,7 @@ def f_divergence(logits_p, logits_q, kind, *, alpha=None, temperature=1.0, mask=
     `alpha` is required for kind='alpha' and rejected for the other kinds.
     """
     _check_kind(kind, alpha)
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
-            math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a positive finite float, got {temperature!r}")
+    check.positive_float("temperature", temperature)
     logits_p, logits_q = check.common_float(logits_p=logits_p, logits_q=logits_q)
     check.same_shape("logits_q", logits_q, "logits_p", logits_p)
     check.same_device("logits_q", logits_q, "logits_p", logits_p)

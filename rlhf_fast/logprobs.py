@@ -25,17 +25,11 @@ _SLICE_IGNORE = -(2**62)
 
 
 def _kernels(name: str):
-    """The op namespace of a kernel backend: torch.ops.rlhf_fast (cpu, cuda) or the Triton triton_ops."""
-    if name == "triton":
-        from .triton import logprobs as triton_logprobs
-        return triton_logprobs
-    return torch.ops.rlhf_fast
+    return _backend.kernels(name, "logprobs")
 
 
 def _check_options(temperature, ignore_index):
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
-            math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a positive finite float, got {temperature!r}")
+    check.positive_float("temperature", temperature)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
 

@@ -20,11 +20,7 @@ AGG_MODES = reference.AGG_MODES
 
 
 def _kernels(name: str):
-    """The op namespace of a kernel backend: torch.ops.rlhf_fast (cpu, cuda) or the Triton triton_ops."""
-    if name == "triton":
-        from .triton import losses as triton_losses
-        return triton_losses
-    return torch.ops.rlhf_fast
+    return _backend.kernels(name, "losses")
 
 
 def _check_kind(kind) -> str:

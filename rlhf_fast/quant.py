@@ -165,11 +165,7 @@ def quantize_weight(w, scheme, *, group_size=128) -> QuantizedWeight:
 
 
 def _kernels(name: str):
-    """The op namespace of a kernel backend: torch.ops.rlhf_fast (cpu, cuda) or the Triton triton_ops."""
-    if name == "triton":
-        from .triton import quant as triton_quant
-        return triton_quant
-    return torch.ops.rlhf_fast
+    return _backend.kernels(name, "quant")
 
 
 def _check_frozen(qw: QuantizedWeight):

@@ -298,11 +298,6 @@ at::Tensor loss_backward_cpu(const char* op, const at::Tensor& grad_loss, const 
   return grad;
 }
 
-PolicyMath policy_math(double clip_low, double clip_high, c10::optional<double> dual_clip) {
-  return {static_cast<float>(clip_low), static_cast<float>(clip_high),
-          static_cast<float>(dual_clip.value_or(0.0)), dual_clip.has_value()};
-}
-
 std::tuple<at::Tensor, at::Tensor> ppo_policy_loss_cpu(const at::Tensor& logp, const at::Tensor& old_logp,
                                                        const at::Tensor& advantages,
                                                        const c10::optional<at::Tensor>& mask, double clip_low,
