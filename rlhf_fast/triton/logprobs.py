@@ -13,9 +13,9 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from ..backend import triton_interpret
+
 MAX_BLOCK = 4096
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 @triton.jit
@@ -88,8 +88,9 @@ def _backward_kernel(logits, grad, labels, lse, entropy, grad_logp, grad_entropy
         tl.store(grad_row + cols, g.to(grad.dtype.element_ty), mask=inside)
 
 
-def _block(vocab: int) -> int:
-    return min(MAX_BLOCK, triton.next_power_of_2(vocab))
+def row_config(vocab: int) -> dict:
+    """Launch options of the one-program-per-row kernels (_forward_kernel, _backward_kernel)."""
+    return {"BLOCK": min(MAX_BLOCK, triton.next_power_of_2(vocab)), "num_warps": 8}
 
 
 @triton_op("rlhf_fast_triton::logprobs_forward", mutates_args=())
@@ -106,7 +107,7 @@ def logprobs_forward(logits: torch.Tensor, labels: torch.Tensor | None, temperat
         wrap_triton(_forward_kernel)[(count,)](
             logits, labels if labels is not None else lse, logp, entropy, lse, max(1, rows[1]), logits.stride(0),
             logits.stride(1), vocab, 1.0 / temperature, ignore_index, HAS_LABELS=labels is not None,
-            BLOCK=_block(vocab), num_warps=8)
+            **row_config(vocab))
     return logp, entropy, lse
 
 
@@ -121,7 +122,7 @@ def _launch_backward(grad_logp, grad_entropy, logits, labels, lse, entropy, temp
         grad_logp if has_grad_logp else lse, grad_entropy if grad_entropy is not None else lse,
         max(1, logits.shape[1]), logits.stride(0), logits.stride(1), grad.stride(0), grad.stride(1), vocab,
         1.0 / temperature, ignore_index, HAS_GRAD_LOGP=has_grad_logp, HAS_GRAD_ENTROPY=grad_entropy is not None,
-        BLOCK=_block(vocab), num_warps=8)
+        **row_config(vocab))
 
 
 @triton_op("rlhf_fast_triton::logprobs_backward", mutates_args=())
@@ -187,12 +188,21 @@ def _linear_forward_kernel(hidden, weight, bias, labels, partial, label_logit, t
     tl.store(label_logit + rows, tl.sum(tl.where(hit, z, 0.0), axis=1), mask=in_tile)
 
 
-def _linear_blocks(hidden: torch.Tensor) -> tuple[int, int, int, int, int]:
-    """(BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages): a common Hopper bf16 matmul tile on the GPU, small
-    tiles under the interpreter (which runs them in Python). Untuned: no GPU measurement yet."""
-    if hidden.device.type != "cuda":
-        return 16, 64, 16, 4, 1
-    return 128, 128, 64, 8, 3
+def linear_config(dtype: torch.dtype) -> dict:
+    """Launch options of _linear_forward_kernel for inputs of `dtype`. Untuned: no GPU measurement yet.
+
+    16-bit inputs: a common Hopper tensor-core matmul tile. float32 inputs take full-precision (ieee) dots, which
+    run on the FMA units with the tile in registers: 128 x 128 tiles spill several KB per thread on sm_90, 64 x 64
+    ones do not (tests/test_triton_sm90.py). The interpreter gets small tiles (it runs them in Python) and
+    multiplies in float32 (DOT_FP32: its 16-bit tl.dot is wrong)."""
+    if triton_interpret():
+        return {"PRECISION": "ieee", "DOT_FP32": True, "BLOCK_N": 16, "BLOCK_V": 64, "BLOCK_H": 16,
+                "num_warps": 4, "num_stages": 1}
+    if dtype == torch.float32:
+        return {"PRECISION": "ieee", "DOT_FP32": False, "BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_H": 32,
+                "num_warps": 4, "num_stages": 2}
+    return {"PRECISION": "tf32", "DOT_FP32": False, "BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 64, "num_warps": 8,
+            "num_stages": 3}
 
 
 @triton_op("rlhf_fast_triton::linear_logprobs_forward", mutates_args=())
@@ -204,18 +214,15 @@ def linear_logprobs_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: to
     float32 / bfloat16 / float16 only (float32 dots in full precision)."""
     tokens, hidden_size = hidden.shape
     vocab = weight.shape[0]
-    block_n, block_v, block_h, warps, stages = _linear_blocks(hidden)
-    interpreted = hidden.device.type != "cuda"
-    tiles = triton.cdiv(vocab, block_v)
+    config = linear_config(hidden.dtype)
+    tiles = triton.cdiv(vocab, config["BLOCK_V"])
     partial = torch.empty((tiles, 3, tokens), dtype=torch.float32, device=hidden.device)
     label_logit = torch.zeros(tokens, dtype=torch.float32, device=hidden.device)
     if tokens > 0:
-        wrap_triton(_linear_forward_kernel)[(triton.cdiv(tokens, block_n), tiles)](
+        wrap_triton(_linear_forward_kernel)[(triton.cdiv(tokens, config["BLOCK_N"]), tiles)](
             hidden, weight, bias if bias is not None else hidden, labels, partial, label_logit, tokens, vocab,
             hidden_size, hidden.stride(0), weight.stride(0), 1.0 / temperature, HAS_BIAS=bias is not None,
-            PRECISION="ieee" if hidden.dtype == torch.float32 or interpreted else "tf32",
-            DOT_FP32=interpreted, BLOCK_N=block_n, BLOCK_V=block_v,
-            BLOCK_H=block_h, num_warps=warps, num_stages=stages)
+            **config)
     tile_max, tile_sum, tile_weighted = partial.unbind(1)
     top = tile_max.max(dim=0).values
     scale = torch.exp(tile_max - top)
