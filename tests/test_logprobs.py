@@ -261,6 +261,21 @@ def test_linear_logprobs_matches_reference(device, name, dtype, with_bias, monke
 
 
 @pytest.mark.parametrize("device,name", PAIRS)
+def test_linear_logprobs_strided_labels_and_bias(device, name):
+    # labels = ids[:, 1] and bias[::2] are strided views: read with their strides, never as if contiguous
+    hidden = torch.randn(37, 24, device=device)
+    weight = torch.randn(131, 24, device=device) * 0.3
+    bias = torch.randn(262, device=device)[::2]
+    ids = torch.randint(0, 131, (37, 3), device=device)
+    labels = ids[:, 1]
+    logp, ent = rf.linear_logprobs(hidden, weight, labels, bias=bias, return_entropy=True, backend=name)
+    exp_logp, exp_ent = ref.linear_logprobs(hidden.double(), weight.double(), labels, bias=bias.double(),
+                                            return_entropy=True)
+    torch.testing.assert_close(logp.double(), exp_logp, **OUT_TOL)
+    torch.testing.assert_close(ent.double(), exp_ent, **OUT_TOL)
+
+
+@pytest.mark.parametrize("device,name", PAIRS)
 def test_linear_logprobs_empty_and_chunking(device, name):
     hidden = torch.zeros(0, 8, device=device, requires_grad=True)
     weight = torch.randn(20, 8, device=device, requires_grad=True)

@@ -145,9 +145,9 @@ def logprobs_backward_(grad_logp: torch.Tensor | None, grad_entropy: torch.Tenso
 
 @triton.jit
 def _linear_forward_kernel(hidden, weight, bias, labels, partial, label_logit, tokens, vocab, hidden_size,
-                           stride_hidden, stride_weight, inv_t, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-                           DOT_FP32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                           BLOCK_H: tl.constexpr):
+                           stride_hidden, stride_weight, stride_bias, stride_labels, inv_t, HAS_BIAS: tl.constexpr,
+                           PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
     """One (BLOCK_N tokens x BLOCK_V vocab) tile of the logits, never stored: its rows' (max, sum e^(z - max),
     sum e^(z - max) (z - max)) go to partial[tile, :, row], and the label's logit where it falls in the tile."""
     pid_n = tl.program_id(0)
@@ -169,7 +169,7 @@ def _linear_forward_kernel(hidden, weight, bias, labels, partial, label_logit, t
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
     if HAS_BIAS:
-        acc += tl.load(bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias + cols.to(tl.int64) * stride_bias, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     # Rounded to the inputs' dtype as an lm_head's output is (the backward recomputes them that way too).
     z = acc.to(hidden.dtype.element_ty).to(tl.float32) * inv_t
     z = tl.where(col_ok[None, :], z, float("-inf"))  # the ragged last vocab tile contributes nothing
@@ -182,7 +182,7 @@ def _linear_forward_kernel(hidden, weight, bias, labels, partial, label_logit, t
     tl.store(out, m, mask=row_ok)
     tl.store(out + tokens, s, mask=row_ok)
     tl.store(out + 2 * tokens, t, mask=row_ok)
-    label = tl.load(labels + rows, mask=row_ok, other=-1)
+    label = tl.load(labels + rows.to(tl.int64) * stride_labels, mask=row_ok, other=-1)
     hit = cols[None, :] == label[:, None]
     in_tile = row_ok & (label >= pid_v * BLOCK_V) & (label < pid_v * BLOCK_V + BLOCK_V) & (label < vocab)
     tl.store(label_logit + rows, tl.sum(tl.where(hit, z, 0.0), axis=1), mask=in_tile)
@@ -209,8 +209,8 @@ def linear_config(dtype: torch.dtype) -> dict:
 def linear_logprobs_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                             labels: torch.Tensor, temperature: float,
                             ignore_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """hidden (N, H), weight (V, H) with contiguous last dims, bias (V,) or None, labels (N,) int64 ->
-    (logp, entropy, lse) (N,) fp32 of softmax((hidden @ weight.T + bias) / T), the logits never stored.
+    """hidden (N, H), weight (V, H) with contiguous last dims, bias (V,) or None and labels (N,) int64 of any
+    stride -> (logp, entropy, lse) (N,) fp32 of softmax((hidden @ weight.T + bias) / T), the logits never stored.
     float32 / bfloat16 / float16 only (float32 dots in full precision)."""
     tokens, hidden_size = hidden.shape
     vocab = weight.shape[0]
@@ -221,7 +221,8 @@ def linear_logprobs_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: to
     if tokens > 0:
         wrap_triton(_linear_forward_kernel)[(triton.cdiv(tokens, config["BLOCK_N"]), tiles)](
             hidden, weight, bias if bias is not None else hidden, labels, partial, label_logit, tokens, vocab,
-            hidden_size, hidden.stride(0), weight.stride(0), 1.0 / temperature, HAS_BIAS=bias is not None,
+            hidden_size, hidden.stride(0), weight.stride(0), bias.stride(0) if bias is not None else 0,
+            labels.stride(0), 1.0 / temperature, HAS_BIAS=bias is not None,
             **config)
     tile_max, tile_sum, tile_weighted = partial.unbind(1)
     top = tile_max.max(dim=0).values
