@@ -194,7 +194,9 @@ def _chunked_linear_forward(hidden, weight, bias, labels, temperature, ignore_in
         del logits  # before the next chunk is allocated: one chunk alive at a time
     chunk_lse = torch.stack(chunk_lse)
     lse = torch.logsumexp(chunk_lse, dim=0)
-    entropy = lse - (torch.exp(chunk_lse - lse) * torch.stack(chunk_mean)).sum(0)
+    weight = torch.exp(chunk_lse - lse)
+    # a chunk of -inf logits (a padded vocab masked by a -inf bias) has weight 0 and a NaN mean: it adds nothing
+    entropy = lse - torch.where(weight > 0, weight * torch.stack(chunk_mean), 0.0).sum(0)
     logp = torch.where(labels == ignore_index, torch.zeros_like(lse), label_logit - lse)
     return logp, entropy, lse
 

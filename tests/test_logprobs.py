@@ -276,6 +276,30 @@ def test_linear_logprobs_strided_labels_and_bias(device, name):
 
 
 @pytest.mark.parametrize("device,name", PAIRS)
+@pytest.mark.parametrize("chunk_columns", [None, 128])
+def test_linear_logprobs_vocab_padding_masked_by_minus_inf_bias(device, name, chunk_columns, monkeypatch):
+    # a vocab padded from 100 to 256 columns, the padding masked by a -inf bias: whole vocab tiles (and chunks)
+    # of -inf logits contribute nothing, they do not turn the row into NaN
+    if chunk_columns is not None:
+        monkeypatch.setattr(lp_module, "LINEAR_CHUNK_BYTES", chunk_columns * 19 * 4)
+    hidden = torch.randn(19, 24, device=device, requires_grad=True)
+    weight = (torch.randn(256, 24, device=device) * 0.3).requires_grad_()
+    bias = torch.randn(256, device=device)
+    bias[100:] = float("-inf")
+    labels = torch.randint(0, 100, (19,), device=device)
+    logp, ent = rf.linear_logprobs(hidden, weight, labels, bias=bias, return_entropy=True, backend=name)
+    (logp.sum() + ent.sum()).backward()
+    leaves = [t.detach().double().requires_grad_() for t in (hidden, weight[:100])]
+    exp_logp, exp_ent = ref.linear_logprobs(*leaves, labels, bias=bias[:100].double(), return_entropy=True)
+    (exp_logp.sum() + exp_ent.sum()).backward()
+    torch.testing.assert_close(logp.double(), exp_logp, **OUT_TOL)
+    torch.testing.assert_close(ent.double(), exp_ent, **OUT_TOL)
+    torch.testing.assert_close(hidden.grad.double(), leaves[0].grad, **OUT_TOL)
+    torch.testing.assert_close(weight.grad[:100].double(), leaves[1].grad, **OUT_TOL)
+    assert (weight.grad[100:] == 0).all()
+
+
+@pytest.mark.parametrize("device,name", PAIRS)
 def test_linear_logprobs_empty_and_chunking(device, name):
     hidden = torch.zeros(0, 8, device=device, requires_grad=True)
     weight = torch.randn(20, 8, device=device, requires_grad=True)

@@ -174,7 +174,8 @@ def _linear_forward_kernel(hidden, weight, bias, labels, partial, label_logit, t
     z = acc.to(hidden.dtype.element_ty).to(tl.float32) * inv_t
     z = tl.where(col_ok[None, :], z, float("-inf"))  # the ragged last vocab tile contributes nothing
     m = tl.max(z, axis=1)
-    u = z - m[:, None]
+    # A row whose logits in this tile are all -inf (a padded vocab masked by a -inf bias): s = t = 0, not NaN.
+    u = z - tl.where(m == float("-inf"), 0.0, m)[:, None]
     p = tl.exp2(u * 1.4426950408889634)
     s = tl.sum(p, axis=1)
     t = tl.sum(p * tl.where(p > 0, u, 0.0), axis=1)
@@ -228,7 +229,8 @@ def linear_logprobs_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: to
     top = tile_max.max(dim=0).values
     scale = torch.exp(tile_max - top)
     total = (tile_sum * scale).sum(0)
-    weighted = (scale * (tile_weighted + tile_sum * (tile_max - top))).sum(0)
+    shift = torch.where(tile_sum > 0, tile_max - top, 0.0)  # tiles of -inf logits (s = 0) add nothing, not NaN
+    weighted = (scale * (tile_weighted + tile_sum * shift)).sum(0)
     lse = top + torch.log(total)
     entropy = torch.log(total) - weighted / total
     logp = torch.where(labels == ignore_index, torch.zeros_like(lse), label_logit - lse)
