@@ -299,6 +299,24 @@ def test_linear_logprobs_vocab_padding_masked_by_minus_inf_bias(device, name, ch
     assert (weight.grad[100:] == 0).all()
 
 
+@pytest.mark.skipif("triton" not in [n for _, n in PAIRS], reason="Triton backend not live")
+@pytest.mark.parametrize("group", [1, 3])
+def test_triton_linear_logprobs_same_for_any_tile_order(group, monkeypatch):
+    # 9 token tiles x 4 vocab tiles: the grouped program order (groups of 2 token tiles under the interpreter,
+    # the last one short) gives the same bits as others (1: each token tile walks the vocab; 3: other groups)
+    ops = importlib.import_module("rlhf_fast.triton.logprobs")
+    config = ops.linear_config(torch.float32)
+    tokens = 8 * config["BLOCK_N"] + 5
+    hidden, weight = torch.randn(tokens, 24), torch.randn(3 * config["BLOCK_V"] + 7, 24) * 0.3
+    labels = torch.randint(0, weight.shape[0], (tokens,))
+    expected = ops.linear_logprobs_forward(hidden, weight, None, labels, 1.0, -100)
+    monkeypatch.setattr(ops, "linear_config", lambda dtype: {**config, "GROUP_N": group})
+    for got, exp in zip(ops.linear_logprobs_forward(hidden, weight, None, labels, 1.0, -100), expected):
+        assert torch.equal(got, exp)
+    torch.testing.assert_close(expected[0].double(), ref.linear_logprobs(hidden.double(), weight.double(), labels),
+                               **OUT_TOL)
+
+
 @pytest.mark.parametrize("device,name", PAIRS)
 def test_linear_logprobs_empty_and_chunking(device, name):
     hidden = torch.zeros(0, 8, device=device, requires_grad=True)

@@ -147,11 +147,19 @@ def logprobs_backward_(grad_logp: torch.Tensor | None, grad_entropy: torch.Tenso
 def _linear_forward_kernel(hidden, weight, bias, labels, partial, label_logit, tokens, vocab, hidden_size,
                            stride_hidden, stride_weight, stride_bias, stride_labels, inv_t, HAS_BIAS: tl.constexpr,
                            PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+                           BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr):
     """One (BLOCK_N tokens x BLOCK_V vocab) tile of the logits, never stored: its rows' (max, sum e^(z - max),
     sum e^(z - max) (z - max)) go to partial[tile, :, row], and the label's logit where it falls in the tile."""
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
+    # Grouped program order: GROUP_N token tiles walk the vocab tiles together (token tile fastest), so the
+    # programs in flight share GROUP_N hidden tiles and a few weight tiles in L2; hidden is read about once and
+    # the weight once per group, instead of all of hidden once per vocab tile.
+    pid = tl.program_id(0)
+    tiles_n = tl.cdiv(tokens, BLOCK_N)
+    per_group = GROUP_N * tl.cdiv(vocab, BLOCK_V)
+    first_n = (pid // per_group) * GROUP_N
+    group_tiles = tl.minimum(tiles_n - first_n, GROUP_N)  # the last group may be short
+    pid_n = first_n + (pid % per_group) % group_tiles
+    pid_v = (pid % per_group) // group_tiles
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     ks = tl.arange(0, BLOCK_H)
@@ -196,14 +204,14 @@ def linear_config(dtype: torch.dtype) -> dict:
     run on the FMA units with the tile in registers: 128 x 128 tiles spill several KB per thread on sm_90, 64 x 64
     ones do not (tests/test_triton_sm90.py). The interpreter gets small tiles (it runs them in Python) and
     multiplies in float32 (DOT_FP32: its 16-bit tl.dot is wrong)."""
-    if triton_interpret():
-        return {"PRECISION": "ieee", "DOT_FP32": True, "BLOCK_N": 16, "BLOCK_V": 64, "BLOCK_H": 16,
+    if triton_interpret():  # GROUP_N = 2: small inputs still span several groups and a short last one
+        return {"PRECISION": "ieee", "DOT_FP32": True, "BLOCK_N": 16, "BLOCK_V": 64, "BLOCK_H": 16, "GROUP_N": 2,
                 "num_warps": 4, "num_stages": 1}
     if dtype == torch.float32:
-        return {"PRECISION": "ieee", "DOT_FP32": False, "BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_H": 32,
+        return {"PRECISION": "ieee", "DOT_FP32": False, "BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_H": 32, "GROUP_N": 8,
                 "num_warps": 4, "num_stages": 2}
-    return {"PRECISION": "tf32", "DOT_FP32": False, "BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 64, "num_warps": 8,
-            "num_stages": 3}
+    return {"PRECISION": "tf32", "DOT_FP32": False, "BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 64, "GROUP_N": 8,
+            "num_warps": 8, "num_stages": 3}
 
 
 @triton_op("rlhf_fast_triton::linear_logprobs_forward", mutates_args=())
@@ -220,7 +228,7 @@ def linear_logprobs_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: to
     partial = torch.empty((tiles, 3, tokens), dtype=torch.float32, device=hidden.device)
     label_logit = torch.zeros(tokens, dtype=torch.float32, device=hidden.device)
     if tokens > 0:
-        wrap_triton(_linear_forward_kernel)[(triton.cdiv(tokens, config["BLOCK_N"]), tiles)](
+        wrap_triton(_linear_forward_kernel)[(triton.cdiv(tokens, config["BLOCK_N"]) * tiles,)](
             hidden, weight, bias if bias is not None else hidden, labels, partial, label_logit, tokens, vocab,
             hidden_size, hidden.stride(0), weight.stride(0), bias.stride(0) if bias is not None else 0,
             labels.stride(0), 1.0 / temperature, HAS_BIAS=bias is not None,
