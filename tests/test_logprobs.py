@@ -317,6 +317,32 @@ def test_triton_linear_logprobs_same_for_any_tile_order(group, monkeypatch):
                                **OUT_TOL)
 
 
+@pytest.mark.skipif("triton" not in [n for _, n in PAIRS], reason="Triton backend not live")
+def test_triton_ops_out_of_range_labels_give_nan():
+    # the Triton kernels themselves (no host check in front): a label outside [0, V) other than ignore_index
+    # reads nothing past its row and gives a NaN log-prob; the other rows, entropies and gradients are unharmed
+    ops = importlib.import_module("rlhf_fast.triton.logprobs")
+    vocab = 70
+    labels = torch.tensor([3, vocab, -5, -100, 2**40, vocab - 1])
+    bad = torch.tensor([False, True, True, False, True, False])
+    hidden, weight = torch.randn(6, 24), torch.randn(vocab, 24) * 0.3
+    logits = hidden @ weight.t()
+    safe = torch.where(bad, 0, labels)
+    exp_logp, exp_ent = ref.logprobs(logits.double(), safe, return_entropy=True)
+    exp_logp = torch.where(bad, float("nan"), exp_logp)
+    results = {"row": ops.logprobs_forward(logits[None], labels[None], 1.0, -100),
+               "linear": ops.linear_logprobs_forward(hidden, weight, None, labels, 1.0, -100),
+               "chunked": lp_module._chunked_linear_forward(hidden.double(), weight.double(), None, labels, 1.0,
+                                                            -100, [(0, 32), (32, vocab)], ops)}
+    for where, (logp, ent, _) in results.items():
+        torch.testing.assert_close(logp.reshape(-1).double(), exp_logp, equal_nan=True, **OUT_TOL, msg=where)
+        torch.testing.assert_close(ent.reshape(-1).double(), exp_ent, **OUT_TOL, msg=where)
+    _, entropy, lse = results["row"]
+    grad = ops.logprobs_backward(torch.ones(1, 6), torch.ones(1, 6), logits[None], labels[None], lse, entropy, 1.0,
+                                 -100)
+    assert torch.isfinite(grad).all()
+
+
 @pytest.mark.parametrize("device,name", PAIRS)
 def test_linear_logprobs_empty_and_chunking(device, name):
     hidden = torch.zeros(0, 8, device=device, requires_grad=True)

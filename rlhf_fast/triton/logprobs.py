@@ -49,7 +49,7 @@ def _forward_kernel(logits, labels, logp, entropy, lse, inner, stride_outer, str
         label = tl.load(labels + r)
         in_row = (label >= 0) & (label < vocab)
         x_label = tl.load(row + label, mask=in_row, other=0.0).to(tl.float32)
-        # out-of-range labels are rejected by the caller; never read past the row
+        # a label outside [0, V) (other than ignore_index) reads nothing and gives NaN
         out = tl.where(in_row, x_label * inv_t - row_lse, float("nan"))
         tl.store(logp + r, tl.where(label == ignore_index, 0.0, out))
 
@@ -226,7 +226,8 @@ def linear_logprobs_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: to
     config = linear_config(hidden.dtype)
     tiles = triton.cdiv(vocab, config["BLOCK_V"])
     partial = torch.empty((tiles, 3, tokens), dtype=torch.float32, device=hidden.device)
-    label_logit = torch.zeros(tokens, dtype=torch.float32, device=hidden.device)
+    # Each label in [0, V) is written by the one tile holding it; one outside [0, V) keeps NaN (nothing is read).
+    label_logit = torch.full((tokens,), float("nan"), dtype=torch.float32, device=hidden.device)
     if tokens > 0:
         wrap_triton(_linear_forward_kernel)[(triton.cdiv(tokens, config["BLOCK_N"]) * tiles,)](
             hidden, weight, bias if bias is not None else hidden, labels, partial, label_logit, tokens, vocab,
