@@ -1,4 +1,5 @@
-"""Every Triton kernel compiles for an H100 (sm_90) through ptxas, without spilling, in the shared memory it has.
+"""Triton kernels ready for the GPU: every kernel compiles for an H100 (sm_90) through ptxas, without spilling, in
+the shared memory it has; and every launcher runs on its tensors' device, not just the current one.
 
 The interpreter that runs the Triton kernels in CPU CI accepts code the GPU compiler rejects and says nothing of
 registers or shared memory, so tests/sm90_compile.py builds each kernel for sm_90 at the launch configuration its
@@ -12,7 +13,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+import rlhf_fast as rf
 import sm90_compile
 
 # Bytes of spill stores (and of stack frame) per thread that a kernel may have, with the reason; all others: 0.
@@ -55,3 +58,44 @@ def test_kernels_compile_for_sm90(compiled, case):
         bound = SPILL_BOUNDS.get(k["kernel"], 0)
         assert k["spill_stores"] <= bound and k["stack"] <= bound, f"spills on sm_90: {where}"
         assert k["shared"] <= sm90_compile.H100_SHARED_BYTES, f"needs more shared memory than an H100 has: {where}"
+
+
+def _ops_on(device):
+    """One call of each Triton family (forward and backward) on `device`: name -> (outputs, input gradients)."""
+    gen = torch.Generator().manual_seed(7)
+    x = lambda *shape: torch.randn(*shape, generator=gen).to(device)  # noqa: E731
+    labels = torch.randint(0, 1000, (4, 8), generator=gen).to(device)
+    results = {}
+
+    def run(name, fn, *inputs):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        out = fn(*leaves)
+        out = out if isinstance(out, tuple) else (out,)
+        sum(o.float().sum() for o in out).backward()
+        results[name] = [o.detach().cpu() for o in out] + [t.grad.cpu() for t in leaves if t.grad is not None]
+
+    run("logprobs", lambda z: rf.logprobs(z, labels, return_entropy=True, backend="triton"), x(4, 8, 1000))
+    run("linear_logprobs", lambda h, w: rf.linear_logprobs(h, w, labels, backend="triton"), x(4, 8, 64),
+        x(1000, 64) * 0.1)
+    run("gae", lambda r, v: rf.gae(r, v, gamma=0.99, lam=0.95, backend="triton"), x(4, 300), x(4, 300))
+    run("f_divergence", lambda p, q: rf.f_divergence(p, q, "js", backend="triton"), x(4, 8, 1000), x(4, 8, 1000))
+    run("kl_penalty", lambda a, b: rf.kl_penalty(a, b, "k3", backend="triton"), x(4, 300), x(4, 300))
+    run("ppo_policy_loss", lambda a, b, c: rf.ppo_policy_loss(a, b, c, backend="triton")[0], x(4, 300), x(4, 300),
+        x(4, 300))
+    qw = rf.quantize_weight(x(96, 128), "int4", group_size=64)
+    run("qmatmul", lambda a: rf.qmatmul(a, qw, backend="triton"), x(5, 128))
+    return results
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_launchers_run_on_the_tensors_device():
+    # tensors on cuda:1 while cuda:0 is current: each launcher makes cuda:1 current for its kernels
+    expected = _ops_on("cuda:0")
+    with torch.cuda.device(0):
+        got = _ops_on("cuda:1")
+        torch.cuda.synchronize(1)
+    for name, tensors in expected.items():
+        assert len(got[name]) == len(tensors), name
+        for g, e in zip(got[name], tensors):
+            torch.testing.assert_close(g, e, msg=name)

@@ -14,6 +14,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from ..backend import triton_interpret
+from . import on_tensor_device
 
 MAX_BLOCK = 4096
 
@@ -94,6 +95,7 @@ def row_config(vocab: int) -> dict:
 
 
 @triton_op("rlhf_fast_triton::logprobs_forward", mutates_args=())
+@on_tensor_device
 def logprobs_forward(logits: torch.Tensor, labels: torch.Tensor | None, temperature: float,
                      ignore_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits (A, B, V), last dim contiguous; labels (A, B) int64 or None -> (logp, entropy, lse) fp32."""
@@ -111,6 +113,7 @@ def logprobs_forward(logits: torch.Tensor, labels: torch.Tensor | None, temperat
     return logp, entropy, lse
 
 
+@on_tensor_device
 def _launch_backward(grad_logp, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index, grad):
     rows = logits.shape[0] * logits.shape[1]
     if rows == 0:
@@ -215,6 +218,7 @@ def linear_config(dtype: torch.dtype) -> dict:
 
 
 @triton_op("rlhf_fast_triton::linear_logprobs_forward", mutates_args=())
+@on_tensor_device
 def linear_logprobs_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                             labels: torch.Tensor, temperature: float,
                             ignore_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
