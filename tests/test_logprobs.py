@@ -343,6 +343,21 @@ def test_triton_ops_out_of_range_labels_give_nan():
     assert torch.isfinite(grad).all()
 
 
+@pytest.mark.skipif("triton" not in [n for _, n in PAIRS], reason="Triton backend not live")
+def test_triton_row_ops_take_strided_per_row_tensors():
+    # labels, lse, entropy and upstream gradients given to the Triton ops directly as strided (A, B) views
+    ops = importlib.import_module("rlhf_fast.triton.logprobs")
+    logits, labels = _case((2, 5), 70, torch.float32, "cpu")
+    strided = lambda t: t.repeat_interleave(2, dim=1)[:, ::2]  # noqa: E731
+    logp, ent, lse = ops.logprobs_forward(logits, strided(labels), 1.0, -100)
+    exp_logp, exp_ent = _reference(logits, labels)
+    torch.testing.assert_close(logp.double(), exp_logp, **OUT_TOL)
+    g_lp, g_h = torch.randn(2, 5), torch.randn(2, 5)
+    grad = ops.logprobs_backward(strided(g_lp), strided(g_h), logits, strided(labels), strided(lse),
+                                 strided(ent), 1.0, -100)
+    torch.testing.assert_close(grad.double(), _reference_grad(logits, labels, g_lp, g_h), **OUT_TOL)
+
+
 @pytest.mark.parametrize("device,name", PAIRS)
 def test_linear_logprobs_empty_and_chunking(device, name):
     hidden = torch.zeros(0, 8, device=device, requires_grad=True)

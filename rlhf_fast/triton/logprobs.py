@@ -94,12 +94,19 @@ def row_config(vocab: int) -> dict:
     return {"BLOCK": min(MAX_BLOCK, triton.next_power_of_2(vocab)), "num_warps": 8}
 
 
+def _by_row(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A per-row tensor (labels, lse, entropy, upstream gradients) laid out as the kernels index it: the (A, B)
+    rows contiguous (a no-op for the tensors rlhf_fast.logprobs passes)."""
+    return None if t is None else t.contiguous()
+
+
 @triton_op("rlhf_fast_triton::logprobs_forward", mutates_args=())
 @on_tensor_device
 def logprobs_forward(logits: torch.Tensor, labels: torch.Tensor | None, temperature: float,
                      ignore_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits (A, B, V), last dim contiguous; labels (A, B) int64 or None -> (logp, entropy, lse) fp32."""
     rows = logits.shape[:2]
+    labels = _by_row(labels)
     logp = torch.empty(rows if labels is not None else (0,), dtype=torch.float32, device=logits.device)
     entropy = torch.empty(rows, dtype=torch.float32, device=logits.device)
     lse = torch.empty(rows, dtype=torch.float32, device=logits.device)
@@ -119,6 +126,7 @@ def _launch_backward(grad_logp, grad_entropy, logits, labels, lse, entropy, temp
     if rows == 0:
         return
     has_grad_logp = grad_logp is not None and labels is not None
+    grad_logp, grad_entropy, labels, lse, entropy = map(_by_row, (grad_logp, grad_entropy, labels, lse, entropy))
     vocab = logits.shape[2]
     wrap_triton(_backward_kernel)[(rows,)](
         logits, grad, labels if labels is not None else lse, lse, entropy,
