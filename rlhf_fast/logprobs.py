@@ -182,7 +182,7 @@ def _chunked_linear_forward(hidden, weight, bias, labels, temperature, ignore_in
     """(logp, entropy, lse) (tokens,) fp32 from one vocab chunk of logits at a time, merged exactly: lse over the
     chunks' lse, entropy = lse - sum_c e^(lse_c - lse) E_c[z] with E_c[z] = lse_c - H_c."""
     chunk_lse, chunk_mean = [], []
-    label_logit = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    label_logit = torch.full((hidden.shape[0],), float("nan"), dtype=torch.float32, device=hidden.device)
     for start, end in chunks:
         logits = _slice_logits(hidden, weight, bias, start, end)
         local = _slice_labels(labels, ignore_index, start)
@@ -194,7 +194,9 @@ def _chunked_linear_forward(hidden, weight, bias, labels, temperature, ignore_in
         del logits  # before the next chunk is allocated: one chunk alive at a time
     chunk_lse = torch.stack(chunk_lse)
     lse = torch.logsumexp(chunk_lse, dim=0)
-    entropy = lse - (torch.exp(chunk_lse - lse) * torch.stack(chunk_mean)).sum(0)
+    share = torch.exp(chunk_lse - lse)
+    # a chunk of -inf logits (a padded vocab masked by a -inf bias) has share 0 and a NaN mean: it adds nothing
+    entropy = lse - torch.where(share > 0, share * torch.stack(chunk_mean), 0.0).sum(0)
     logp = torch.where(labels == ignore_index, torch.zeros_like(lse), label_logit - lse)
     return logp, entropy, lse
 

@@ -261,6 +261,104 @@ def test_linear_logprobs_matches_reference(device, name, dtype, with_bias, monke
 
 
 @pytest.mark.parametrize("device,name", PAIRS)
+def test_linear_logprobs_strided_labels_and_bias(device, name):
+    # labels = ids[:, 1] and bias[::2] are strided views: read with their strides, never as if contiguous
+    hidden = torch.randn(37, 24, device=device)
+    weight = torch.randn(131, 24, device=device) * 0.3
+    bias = torch.randn(262, device=device)[::2]
+    ids = torch.randint(0, 131, (37, 3), device=device)
+    labels = ids[:, 1]
+    logp, ent = rf.linear_logprobs(hidden, weight, labels, bias=bias, return_entropy=True, backend=name)
+    exp_logp, exp_ent = ref.linear_logprobs(hidden.double(), weight.double(), labels, bias=bias.double(),
+                                            return_entropy=True)
+    torch.testing.assert_close(logp.double(), exp_logp, **OUT_TOL)
+    torch.testing.assert_close(ent.double(), exp_ent, **OUT_TOL)
+
+
+@pytest.mark.parametrize("device,name", PAIRS)
+@pytest.mark.parametrize("chunk_columns", [None, 128])
+def test_linear_logprobs_vocab_padding_masked_by_minus_inf_bias(device, name, chunk_columns, monkeypatch):
+    # a vocab padded from 100 to 256 columns, the padding masked by a -inf bias: whole vocab tiles (and chunks)
+    # of -inf logits contribute nothing, they do not turn the row into NaN
+    if chunk_columns is not None:
+        monkeypatch.setattr(lp_module, "LINEAR_CHUNK_BYTES", chunk_columns * 19 * 4)
+    hidden = torch.randn(19, 24, device=device, requires_grad=True)
+    weight = (torch.randn(256, 24, device=device) * 0.3).requires_grad_()
+    bias = torch.randn(256, device=device)
+    bias[100:] = float("-inf")
+    labels = torch.randint(0, 100, (19,), device=device)
+    logp, ent = rf.linear_logprobs(hidden, weight, labels, bias=bias, return_entropy=True, backend=name)
+    (logp.sum() + ent.sum()).backward()
+    leaves = [t.detach().double().requires_grad_() for t in (hidden, weight[:100])]
+    exp_logp, exp_ent = ref.linear_logprobs(*leaves, labels, bias=bias[:100].double(), return_entropy=True)
+    (exp_logp.sum() + exp_ent.sum()).backward()
+    torch.testing.assert_close(logp.double(), exp_logp, **OUT_TOL)
+    torch.testing.assert_close(ent.double(), exp_ent, **OUT_TOL)
+    torch.testing.assert_close(hidden.grad.double(), leaves[0].grad, **OUT_TOL)
+    torch.testing.assert_close(weight.grad[:100].double(), leaves[1].grad, **OUT_TOL)
+    assert (weight.grad[100:] == 0).all()
+
+
+@pytest.mark.skipif("triton" not in [n for _, n in PAIRS], reason="Triton backend not live")
+@pytest.mark.parametrize("group", [1, 3])
+def test_triton_linear_logprobs_same_for_any_tile_order(group, monkeypatch):
+    # 9 token tiles x 4 vocab tiles: the grouped program order (groups of 2 token tiles under the interpreter,
+    # the last one short) gives the same bits as others (1: each token tile walks the vocab; 3: other groups)
+    ops = importlib.import_module("rlhf_fast.triton.logprobs")
+    config = ops.linear_config(torch.float32)
+    tokens = 8 * config["BLOCK_N"] + 5
+    hidden, weight = torch.randn(tokens, 24), torch.randn(3 * config["BLOCK_V"] + 7, 24) * 0.3
+    labels = torch.randint(0, weight.shape[0], (tokens,))
+    expected = ops.linear_logprobs_forward(hidden, weight, None, labels, 1.0, -100)
+    monkeypatch.setattr(ops, "linear_config", lambda dtype: {**config, "GROUP_N": group})
+    for got, exp in zip(ops.linear_logprobs_forward(hidden, weight, None, labels, 1.0, -100), expected):
+        assert torch.equal(got, exp)
+    torch.testing.assert_close(expected[0].double(), ref.linear_logprobs(hidden.double(), weight.double(), labels),
+                               **OUT_TOL)
+
+
+@pytest.mark.skipif("triton" not in [n for _, n in PAIRS], reason="Triton backend not live")
+def test_triton_ops_out_of_range_labels_give_nan():
+    # the Triton kernels themselves (no host check in front): a label outside [0, V) other than ignore_index
+    # reads nothing past its row and gives a NaN log-prob; the other rows, entropies and gradients are unharmed
+    ops = importlib.import_module("rlhf_fast.triton.logprobs")
+    vocab = 70
+    labels = torch.tensor([3, vocab, -5, -100, 2**40, vocab - 1])
+    bad = torch.tensor([False, True, True, False, True, False])
+    hidden, weight = torch.randn(6, 24), torch.randn(vocab, 24) * 0.3
+    logits = hidden @ weight.t()
+    safe = torch.where(bad, 0, labels)
+    exp_logp, exp_ent = ref.logprobs(logits.double(), safe, return_entropy=True)
+    exp_logp = torch.where(bad, float("nan"), exp_logp)
+    results = {"row": ops.logprobs_forward(logits[None], labels[None], 1.0, -100),
+               "linear": ops.linear_logprobs_forward(hidden, weight, None, labels, 1.0, -100),
+               "chunked": lp_module._chunked_linear_forward(hidden.double(), weight.double(), None, labels, 1.0,
+                                                            -100, [(0, 32), (32, vocab)], ops)}
+    for where, (logp, ent, _) in results.items():
+        torch.testing.assert_close(logp.reshape(-1).double(), exp_logp, equal_nan=True, **OUT_TOL, msg=where)
+        torch.testing.assert_close(ent.reshape(-1).double(), exp_ent, **OUT_TOL, msg=where)
+    _, entropy, lse = results["row"]
+    grad = ops.logprobs_backward(torch.ones(1, 6), torch.ones(1, 6), logits[None], labels[None], lse, entropy, 1.0,
+                                 -100)
+    assert torch.isfinite(grad).all()
+
+
+@pytest.mark.skipif("triton" not in [n for _, n in PAIRS], reason="Triton backend not live")
+def test_triton_row_ops_take_strided_per_row_tensors():
+    # labels, lse, entropy and upstream gradients given to the Triton ops directly as strided (A, B) views
+    ops = importlib.import_module("rlhf_fast.triton.logprobs")
+    logits, labels = _case((2, 5), 70, torch.float32, "cpu")
+    strided = lambda t: t.repeat_interleave(2, dim=1)[:, ::2]  # noqa: E731
+    logp, ent, lse = ops.logprobs_forward(logits, strided(labels), 1.0, -100)
+    exp_logp, exp_ent = _reference(logits, labels)
+    torch.testing.assert_close(logp.double(), exp_logp, **OUT_TOL)
+    g_lp, g_h = torch.randn(2, 5), torch.randn(2, 5)
+    grad = ops.logprobs_backward(strided(g_lp), strided(g_h), logits, strided(labels), strided(lse),
+                                 strided(ent), 1.0, -100)
+    torch.testing.assert_close(grad.double(), _reference_grad(logits, labels, g_lp, g_h), **OUT_TOL)
+
+
+@pytest.mark.parametrize("device,name", PAIRS)
 def test_linear_logprobs_empty_and_chunking(device, name):
     hidden = torch.zeros(0, 8, device=device, requires_grad=True)
     weight = torch.randn(20, 8, device=device, requires_grad=True)

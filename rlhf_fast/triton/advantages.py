@@ -12,6 +12,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from . import on_tensor_device
+
 GAE_MAX_BLOCK = 1024
 MOMENTS_BLOCK = 4096
 
@@ -60,6 +62,7 @@ def _gae_kernel(rewards, values, mask, last_value, cu_seqlens, advantages, retur
 
 
 @triton_op("rlhf_fast_triton::gae", mutates_args=())
+@on_tensor_device
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, last_value: torch.Tensor | None,
         cu_seqlens: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as torch.ops.rlhf_fast.gae: packed 1-D tokens, fp32 outputs."""
@@ -97,6 +100,7 @@ def _group_advantages_kernel(scores, out, groups, group_size, eps, NORM_STD: tl.
 
 
 @triton_op("rlhf_fast_triton::group_advantages", mutates_args=())
+@on_tensor_device
 def group_advantages(scores: torch.Tensor, group_size: int, norm_std: bool, leave_one_out: bool,
                      eps: float) -> torch.Tensor:
     """Same contract as torch.ops.rlhf_fast.group_advantages."""
@@ -126,6 +130,7 @@ def _masked_moments_kernel(x, mask, partial, n, HAS_MASK: tl.constexpr, BLOCK: t
 
 
 @triton_op("rlhf_fast_triton::masked_moments", mutates_args=())
+@on_tensor_device
 def masked_moments(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Same contract as torch.ops.rlhf_fast.masked_moments: (count, sum, sum of squares), float64 (3,)."""
     blocks = max(1, triton.cdiv(x.numel(), MOMENTS_BLOCK))

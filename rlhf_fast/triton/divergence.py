@@ -15,6 +15,7 @@ from torch.library import triton_op, wrap_triton
 
 from ..backend import triton_interpret
 from ..reference import POWER_DIVERGENCES, power_divergence_constants
+from . import on_tensor_device
 
 # The kernels' kind codes, the same as csrc/divergence_common.h.
 KL, REVERSE_KL, JS, TV, POWER = 0, 1, 2, 3, 4
@@ -210,6 +211,7 @@ def _backward_kernel(grad_out, xp, xq, mask, out, stats, grad_p, grad_q, vocab, 
 
 
 @triton_op("rlhf_fast_triton::f_divergence", mutates_args=())
+@on_tensor_device
 def f_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor, mask: torch.Tensor | None, kind: str,
                  alpha: float, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as torch.ops.rlhf_fast.f_divergence: (rows, V) logits -> out (rows,), stats (rows, 3) fp32."""
@@ -226,6 +228,7 @@ def f_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor, mask: torch.Ten
 
 
 @triton_op("rlhf_fast_triton::f_divergence_backward", mutates_args=())
+@on_tensor_device
 def f_divergence_backward(grad_out: torch.Tensor, logits_p: torch.Tensor, logits_q: torch.Tensor,
                           mask: torch.Tensor | None, out: torch.Tensor, stats: torch.Tensor, kind: str, alpha: float,
                           temperature: float, need_grad_p: bool,

@@ -13,9 +13,10 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from ..backend import triton_interpret
+from . import on_tensor_device
+
 MAX_BLOCK = 4096
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 @triton.jit
@@ -49,7 +50,7 @@ def _forward_kernel(logits, labels, logp, entropy, lse, inner, stride_outer, str
         label = tl.load(labels + r)
         in_row = (label >= 0) & (label < vocab)
         x_label = tl.load(row + label, mask=in_row, other=0.0).to(tl.float32)
-        # out-of-range labels are rejected by the caller; never read past the row
+        # a label outside [0, V) (other than ignore_index) reads nothing and gives NaN
         out = tl.where(in_row, x_label * inv_t - row_lse, float("nan"))
         tl.store(logp + r, tl.where(label == ignore_index, 0.0, out))
 
@@ -88,15 +89,24 @@ def _backward_kernel(logits, grad, labels, lse, entropy, grad_logp, grad_entropy
         tl.store(grad_row + cols, g.to(grad.dtype.element_ty), mask=inside)
 
 
-def _block(vocab: int) -> int:
-    return min(MAX_BLOCK, triton.next_power_of_2(vocab))
+def row_config(vocab: int) -> dict:
+    """Launch options of the one-program-per-row kernels (_forward_kernel, _backward_kernel)."""
+    return {"BLOCK": min(MAX_BLOCK, triton.next_power_of_2(vocab)), "num_warps": 8}
+
+
+def _by_row(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A per-row tensor (labels, lse, entropy, upstream gradients) laid out as the kernels index it: the (A, B)
+    rows contiguous (a no-op for the tensors rlhf_fast.logprobs passes)."""
+    return None if t is None else t.contiguous()
 
 
 @triton_op("rlhf_fast_triton::logprobs_forward", mutates_args=())
+@on_tensor_device
 def logprobs_forward(logits: torch.Tensor, labels: torch.Tensor | None, temperature: float,
                      ignore_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits (A, B, V), last dim contiguous; labels (A, B) int64 or None -> (logp, entropy, lse) fp32."""
     rows = logits.shape[:2]
+    labels = _by_row(labels)
     logp = torch.empty(rows if labels is not None else (0,), dtype=torch.float32, device=logits.device)
     entropy = torch.empty(rows, dtype=torch.float32, device=logits.device)
     lse = torch.empty(rows, dtype=torch.float32, device=logits.device)
@@ -106,22 +116,24 @@ def logprobs_forward(logits: torch.Tensor, labels: torch.Tensor | None, temperat
         wrap_triton(_forward_kernel)[(count,)](
             logits, labels if labels is not None else lse, logp, entropy, lse, max(1, rows[1]), logits.stride(0),
             logits.stride(1), vocab, 1.0 / temperature, ignore_index, HAS_LABELS=labels is not None,
-            BLOCK=_block(vocab), num_warps=8)
+            **row_config(vocab))
     return logp, entropy, lse
 
 
+@on_tensor_device
 def _launch_backward(grad_logp, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index, grad):
     rows = logits.shape[0] * logits.shape[1]
     if rows == 0:
         return
     has_grad_logp = grad_logp is not None and labels is not None
+    grad_logp, grad_entropy, labels, lse, entropy = map(_by_row, (grad_logp, grad_entropy, labels, lse, entropy))
     vocab = logits.shape[2]
     wrap_triton(_backward_kernel)[(rows,)](
         logits, grad, labels if labels is not None else lse, lse, entropy,
         grad_logp if has_grad_logp else lse, grad_entropy if grad_entropy is not None else lse,
         max(1, logits.shape[1]), logits.stride(0), logits.stride(1), grad.stride(0), grad.stride(1), vocab,
         1.0 / temperature, ignore_index, HAS_GRAD_LOGP=has_grad_logp, HAS_GRAD_ENTROPY=grad_entropy is not None,
-        BLOCK=_block(vocab), num_warps=8)
+        **row_config(vocab))
 
 
 @triton_op("rlhf_fast_triton::logprobs_backward", mutates_args=())
@@ -144,13 +156,21 @@ def logprobs_backward_(grad_logp: torch.Tensor | None, grad_entropy: torch.Tenso
 
 @triton.jit
 def _linear_forward_kernel(hidden, weight, bias, labels, partial, label_logit, tokens, vocab, hidden_size,
-                           stride_hidden, stride_weight, inv_t, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-                           DOT_FP32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                           BLOCK_H: tl.constexpr):
+                           stride_hidden, stride_weight, stride_bias, stride_labels, inv_t, HAS_BIAS: tl.constexpr,
+                           PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr):
     """One (BLOCK_N tokens x BLOCK_V vocab) tile of the logits, never stored: its rows' (max, sum e^(z - max),
     sum e^(z - max) (z - max)) go to partial[tile, :, row], and the label's logit where it falls in the tile."""
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
+    # Grouped program order: GROUP_N token tiles walk the vocab tiles together (token tile fastest), so the
+    # programs in flight share GROUP_N hidden tiles and a few weight tiles in L2; hidden is read about once and
+    # the weight once per group, instead of all of hidden once per vocab tile.
+    pid = tl.program_id(0)
+    tiles_n = tl.cdiv(tokens, BLOCK_N)
+    per_group = GROUP_N * tl.cdiv(vocab, BLOCK_V)
+    first_n = (pid // per_group) * GROUP_N
+    group_tiles = tl.minimum(tiles_n - first_n, GROUP_N)  # the last group may be short
+    pid_n = first_n + (pid % per_group) % group_tiles
+    pid_v = (pid % per_group) // group_tiles
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     ks = tl.arange(0, BLOCK_H)
@@ -168,12 +188,13 @@ def _linear_forward_kernel(hidden, weight, bias, labels, partial, label_logit, t
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
     if HAS_BIAS:
-        acc += tl.load(bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias + cols.to(tl.int64) * stride_bias, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     # Rounded to the inputs' dtype as an lm_head's output is (the backward recomputes them that way too).
     z = acc.to(hidden.dtype.element_ty).to(tl.float32) * inv_t
     z = tl.where(col_ok[None, :], z, float("-inf"))  # the ragged last vocab tile contributes nothing
     m = tl.max(z, axis=1)
-    u = z - m[:, None]
+    # A row whose logits in this tile are all -inf (a padded vocab masked by a -inf bias): s = t = 0, not NaN.
+    u = z - tl.where(m == float("-inf"), 0.0, m)[:, None]
     p = tl.exp2(u * 1.4426950408889634)
     s = tl.sum(p, axis=1)
     t = tl.sum(p * tl.where(p > 0, u, 0.0), axis=1)
@@ -181,46 +202,56 @@ def _linear_forward_kernel(hidden, weight, bias, labels, partial, label_logit, t
     tl.store(out, m, mask=row_ok)
     tl.store(out + tokens, s, mask=row_ok)
     tl.store(out + 2 * tokens, t, mask=row_ok)
-    label = tl.load(labels + rows, mask=row_ok, other=-1)
+    label = tl.load(labels + rows.to(tl.int64) * stride_labels, mask=row_ok, other=-1)
     hit = cols[None, :] == label[:, None]
     in_tile = row_ok & (label >= pid_v * BLOCK_V) & (label < pid_v * BLOCK_V + BLOCK_V) & (label < vocab)
     tl.store(label_logit + rows, tl.sum(tl.where(hit, z, 0.0), axis=1), mask=in_tile)
 
 
-def _linear_blocks(hidden: torch.Tensor) -> tuple[int, int, int, int, int]:
-    """(BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages): a common Hopper bf16 matmul tile on the GPU, small
-    tiles under the interpreter (which runs them in Python). Untuned: no GPU measurement yet."""
-    if hidden.device.type != "cuda":
-        return 16, 64, 16, 4, 1
-    return 128, 128, 64, 8, 3
+def linear_config(dtype: torch.dtype) -> dict:
+    """Launch options of _linear_forward_kernel for inputs of `dtype`. Untuned: no GPU measurement yet.
+
+    16-bit inputs: a common Hopper tensor-core matmul tile. float32 inputs take full-precision (ieee) dots, which
+    run on the FMA units with the tile in registers: 128 x 128 tiles spill several KB per thread on sm_90, 64 x 64
+    ones do not (tests/test_triton_sm90.py). The interpreter gets small tiles (it runs them in Python) and
+    multiplies in float32 (DOT_FP32: its 16-bit tl.dot is wrong)."""
+    if triton_interpret():  # GROUP_N = 2: small inputs still span several groups and a short last one
+        return {"PRECISION": "ieee", "DOT_FP32": True, "BLOCK_N": 16, "BLOCK_V": 64, "BLOCK_H": 16, "GROUP_N": 2,
+                "num_warps": 4, "num_stages": 1}
+    if dtype == torch.float32:
+        return {"PRECISION": "ieee", "DOT_FP32": False, "BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_H": 32, "GROUP_N": 8,
+                "num_warps": 4, "num_stages": 2}
+    return {"PRECISION": "tf32", "DOT_FP32": False, "BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 64, "GROUP_N": 8,
+            "num_warps": 8, "num_stages": 3}
 
 
 @triton_op("rlhf_fast_triton::linear_logprobs_forward", mutates_args=())
+@on_tensor_device
 def linear_logprobs_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                             labels: torch.Tensor, temperature: float,
                             ignore_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """hidden (N, H), weight (V, H) with contiguous last dims, bias (V,) or None, labels (N,) int64 ->
-    (logp, entropy, lse) (N,) fp32 of softmax((hidden @ weight.T + bias) / T), the logits never stored.
+    """hidden (N, H), weight (V, H) with contiguous last dims, bias (V,) or None and labels (N,) int64 of any
+    stride -> (logp, entropy, lse) (N,) fp32 of softmax((hidden @ weight.T + bias) / T), the logits never stored.
     float32 / bfloat16 / float16 only (float32 dots in full precision)."""
     tokens, hidden_size = hidden.shape
     vocab = weight.shape[0]
-    block_n, block_v, block_h, warps, stages = _linear_blocks(hidden)
-    interpreted = hidden.device.type != "cuda"
-    tiles = triton.cdiv(vocab, block_v)
+    config = linear_config(hidden.dtype)
+    tiles = triton.cdiv(vocab, config["BLOCK_V"])
     partial = torch.empty((tiles, 3, tokens), dtype=torch.float32, device=hidden.device)
-    label_logit = torch.zeros(tokens, dtype=torch.float32, device=hidden.device)
+    # Each label in [0, V) is written by the one tile holding it; one outside [0, V) keeps NaN (nothing is read).
+    label_logit = torch.full((tokens,), float("nan"), dtype=torch.float32, device=hidden.device)
     if tokens > 0:
-        wrap_triton(_linear_forward_kernel)[(triton.cdiv(tokens, block_n), tiles)](
+        wrap_triton(_linear_forward_kernel)[(triton.cdiv(tokens, config["BLOCK_N"]) * tiles,)](
             hidden, weight, bias if bias is not None else hidden, labels, partial, label_logit, tokens, vocab,
-            hidden_size, hidden.stride(0), weight.stride(0), 1.0 / temperature, HAS_BIAS=bias is not None,
-            PRECISION="ieee" if hidden.dtype == torch.float32 or interpreted else "tf32",
-            DOT_FP32=interpreted, BLOCK_N=block_n, BLOCK_V=block_v,
-            BLOCK_H=block_h, num_warps=warps, num_stages=stages)
+            hidden_size, hidden.stride(0), weight.stride(0), bias.stride(0) if bias is not None else 0,
+            labels.stride(0), 1.0 / temperature, HAS_BIAS=bias is not None,
+            **config)
     tile_max, tile_sum, tile_weighted = partial.unbind(1)
     top = tile_max.max(dim=0).values
     scale = torch.exp(tile_max - top)
     total = (tile_sum * scale).sum(0)
-    weighted = (scale * (tile_weighted + tile_sum * (tile_max - top))).sum(0)
+    shift = torch.where(tile_sum > 0, tile_max - top, 0.0)  # tiles of -inf logits (s = 0) add nothing, not NaN
+    weighted = (scale * (tile_weighted + tile_sum * shift)).sum(0)
     lse = top + torch.log(total)
     entropy = torch.log(total) - weighted / total
     logp = torch.where(labels == ignore_index, torch.zeros_like(lse), label_logit - lse)

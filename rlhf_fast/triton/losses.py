@@ -13,6 +13,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from . import on_tensor_device
+
 ELEMENTWISE_BLOCK = 1024
 TILE = 1024  # elements per program step of the PPO kernels
 FINALIZE_BLOCK = 256  # the finalize program holds BLOCK x 8 float64 accumulators
@@ -96,6 +98,7 @@ def _kl_penalty_backward_kernel(grad, logp, ref, out, n, KIND: tl.constexpr, BLO
 
 
 @triton_op("rlhf_fast_triton::kl_penalty", mutates_args=())
+@on_tensor_device
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.Tensor:
     """Same contract as torch.ops.rlhf_fast.kl_penalty (contiguous inputs of one dtype, fp32 out)."""
     code = _code(KL_CODES, "kind", kind)
@@ -108,6 +111,7 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.T
 
 
 @triton_op("rlhf_fast_triton::kl_penalty_backward", mutates_args=())
+@on_tensor_device
 def kl_penalty_backward(grad: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.Tensor:
     """grad * d kl / d logp in logp's dtype (d / d ref_logp is its negative)."""
     code = _code(KL_CODES, "kind", kind)
@@ -279,6 +283,7 @@ def _tiles(rows: int, steps: int) -> tuple[int, int, int]:
     return block_r, block_t, max(1, triton.cdiv(rows, block_r))
 
 
+@on_tensor_device
 def _forward(a, b, c, mask, params, is_policy, has_dual, agg):
     rows, steps = a.shape
     agg_code = _code(AGG_CODES, "agg", agg)
@@ -294,6 +299,7 @@ def _forward(a, b, c, mask, params, is_policy, has_dual, agg):
     return loss, stats
 
 
+@on_tensor_device
 def _backward(grad_loss, a, b, c, mask, stats, params, is_policy, has_dual, agg):
     rows, steps = a.shape
     agg_code = _code(AGG_CODES, "agg", agg)
