@@ -230,7 +230,7 @@ def test_torch_compile_fullgraph_cpu(scheme):
 # ---------------------------------------------------------------- Triton kernels compiled for sm_90
 
 # Run in a fresh process (no TRITON_INTERPRET, an empty cache): for every scheme, float32 and bfloat16, a decode-
-# sized and a GEMM-sized M, aligned (4096) and odd (K=736, N=1000) shapes, each launch of
+# sized and a GEMM-sized M, aligned (4096, int4 groups of 128) and odd (K=736, N=1000, groups of 32) shapes, each launch of
 # rlhf_fast.triton.quant.plan goes through the real GPU compiler and ptxas for an H100/H200; prints the resources.
 _SM90_SCRIPT = """
 import json, sys
@@ -242,13 +242,13 @@ found = []
 for scheme in ("int8", "int4", "w8a8"):
     for dtype in (torch.float32, torch.bfloat16):
         for rows in (8, 512):
-            for k, n in ((4096, 4096), (736, 1000)):
+            for k, n, group in ((4096, 4096, 128), (736, 1000, 32)):
                 packed = scheme == "int4"
                 qweight = torch.empty(n, k // 2 if packed else k, dtype=torch.uint8 if packed else torch.int8)
-                scales = torch.empty((n, k // 32) if packed else (n,))
-                zeros = torch.empty(n, k // 32, dtype=torch.uint8) if packed else None
+                scales = torch.empty((n, k // group) if packed else (n,))
+                zeros = torch.empty(n, k // group, dtype=torch.uint8) if packed else None
                 x = torch.empty(rows, k, dtype=dtype)
-                _, launches = quant.plan(x, qweight, scales, zeros, 32, torch.empty(n), scheme)
+                _, launches = quant.plan(x, qweight, scales, zeros, group, torch.empty(n), scheme)
                 for launch in launches:
                     kernel = sm90.compile(launch.kernel, launch.args, grid=launch.grid, **launch.options)
                     found.append(dict(scheme=scheme, dtype=str(dtype), rows=rows, k=k, n=n,
@@ -279,6 +279,12 @@ def test_triton_kernels_compile_for_sm90(sm90_kernels):
             assert (scheme, dtype, 8, "_sum_splits_kernel") in launched  # the split-K GEMV
             assert (scheme, dtype, 512, "_qmatmul_kernel") in launched
     assert all("REG" in k for k in sm90_kernels), [k for k in sm90_kernels if "REG" not in k]
+
+
+def test_triton_kernels_do_not_spill_on_sm90(sm90_kernels):
+    # no spill stack; shared memory within the 227 KB a block may have on sm_90
+    bad = [k for k in sm90_kernels if k["STACK"] or k["LOCAL"] or k["SHARED"] + k["dyn_shared"] > 227 * 1024]
+    assert not bad, [{key: v for key, v in k.items() if key != "ptx"} for k in bad]
 
 
 # ---------------------------------------------------------------- modules and a tiny Llama

@@ -155,15 +155,21 @@ def _sm_count(device):
         if device.type == "cuda" else SM90_SMS
 
 
-def _config(rows, in_features, out_features, scheme, sm_count):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) for an (M, K) x (K, N) problem."""
+def _config(rows, in_features, out_features, scheme, dtype, sm_count):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) for an (M, K) x (K, N) problem; every one compiles
+    for sm_90 without register spills (tests/test_quant.py checks through ptxas)."""
     if _backend.triton_interpret():  # the interpreter: small tiles (its cost is per element and per program)
         return 16, 32, 32, (2 if rows <= GEMV_MAX_ROWS else 1), 4, 1
+    # float32 weight-only: tl.dot with input_precision="ieee" is an FMA loop that holds its operand slices in
+    # registers, so it takes thin K tiles (128 x 128 x 64 spilled 10-12 KB per thread).
+    ieee = dtype == torch.float32 and scheme != "w8a8"
     if rows <= GEMV_MAX_ROWS:
-        block_n, block_k = 64, 256 if scheme == "w8a8" else 128
+        block_n, block_k, warps = (64, 32, 4) if ieee else (64, 256, 4) if scheme == "w8a8" else (64, 128, 8)
         split = max(1, min(triton.cdiv(in_features, block_k),
                            triton.cdiv(4 * sm_count, triton.cdiv(out_features, block_n))))
-        return 16, block_n, block_k, split, 4, 4
+        return 16, block_n, block_k, split, warps, 4
+    if ieee:
+        return 64, 128, 16, 1, 8, 3
     return 128, 128, 128 if scheme == "w8a8" else 64, 1, 8, 3
 
 
@@ -199,7 +205,7 @@ def plan(x, qweight, scales, zeros, group_size, bias, scheme, *, sm_count=None):
     else:
         activations = x
     block_m, block_n, block_k, split, warps, stages = _config(
-        rows, in_features, out_features, scheme, _sm_count(x.device) if sm_count is None else sm_count)
+        rows, in_features, out_features, scheme, x.dtype, _sm_count(x.device) if sm_count is None else sm_count)
     k_per_split = triton.cdiv(triton.cdiv(in_features, split), block_k) * block_k  # whole BLOCK_K tiles
     split = triton.cdiv(in_features, k_per_split)
     target = out if split == 1 else torch.empty((split, rows, out_features), dtype=torch.float32, device=x.device)
