@@ -15,6 +15,7 @@ Block sizes are fixed, not autotuned (no GPU measurement yet); see benchmarks/NO
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -23,7 +24,6 @@ from torch.library import triton_op, wrap_triton
 
 from .. import backend as _backend
 
-INT8, INT4, W8A8 = 0, 1, 2
 GEMV_MAX_ROWS = 16
 QUANT_BLOCK = 1024
 SUM_BLOCK = 1024
@@ -77,12 +77,12 @@ def _qmatmul_kernel(x, qweight, scales, zeros, x_scale, bias, out, M, N, K, grou
     k_start = split * k_per_split
     k_end = tl.minimum(K, k_start + k_per_split)
     groups = K // group_size
-    if SCHEME == W8A8:
+    if SCHEME == "w8a8":
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
-        if SCHEME == INT4:
+        if SCHEME == "int4":
             offs_p = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # packed byte columns
             p_ok = offs_p < k_end // 2
             packed = tl.load(qweight + cols * (K // 2) + offs_p[:, None], mask=p_ok[:, None] & n_ok[None, :], other=0)
@@ -110,16 +110,16 @@ def _qmatmul_kernel(x, qweight, scales, zeros, x_scale, bias, out, M, N, K, grou
             k_ok = offs_k < k_end
             a = tl.load(x + rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0)
             w = tl.load(qweight + cols * K + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0)
-            if SCHEME == W8A8:
+            if SCHEME == "w8a8":
                 acc += tl.dot(a, w, out_dtype=tl.int32)
             elif UPCAST:
                 acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision=PRECISION)
             else:
                 acc += tl.dot(a, w.to(a.dtype), input_precision=PRECISION)  # |q| <= 127: exact in 16-bit floats
 
-    if SCHEME == INT8:
+    if SCHEME == "int8":
         acc = acc * tl.load(scales + offs_n, mask=n_ok, other=0.0)[None, :]
-    elif SCHEME == W8A8:
+    elif SCHEME == "w8a8":
         sx = tl.load(x_scale + offs_m, mask=m_ok, other=0.0)
         acc = acc.to(tl.float32) * sx[:, None] * tl.load(scales + offs_n, mask=n_ok, other=0.0)[None, :]
     if HAS_BIAS and SPLIT_K == 1:
@@ -142,49 +142,96 @@ def _sum_splits_kernel(partials, bias, out, total, N, SPLIT_K: tl.constexpr, HAS
     tl.store(out + offs, acc.to(out.dtype.element_ty), mask=inside)
 
 
+SM90_SMS = 132  # H100 SXM / H200: the SM count planned for when no device is visible (compile checks)
+
+
 @functools.lru_cache(maxsize=None)
-def _sm_count(device_index):
+def _device_sm_count(device_index):
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _config(rows, in_features, out_features, scheme, device):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) for an (M, K) x (K, N) problem."""
-    if device.type != "cuda":  # the interpreter: small tiles (its cost is per element and per program)
+def _sm_count(device):
+    return _device_sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else SM90_SMS
+
+
+def _config(rows, in_features, out_features, scheme, dtype, sm_count):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) for an (M, K) x (K, N) problem; every one compiles
+    for sm_90 without register spills (tests/test_quant.py checks through ptxas)."""
+    if _backend.triton_interpret():  # the interpreter: small tiles (its cost is per element and per program)
         return 16, 32, 32, (2 if rows <= GEMV_MAX_ROWS else 1), 4, 1
+    # float32 weight-only: tl.dot with input_precision="ieee" is an FMA loop that holds its operand slices in
+    # registers, so it takes thin K tiles (128 x 128 x 64 spilled 10-12 KB per thread).
+    ieee = dtype == torch.float32 and scheme != "w8a8"
     if rows <= GEMV_MAX_ROWS:
-        block_n, block_k = 64, 256 if scheme == W8A8 else 128
+        block_n, block_k, warps = (64, 32, 4) if ieee else (64, 256, 4) if scheme == "w8a8" else (64, 128, 8)
         split = max(1, min(triton.cdiv(in_features, block_k),
-                           triton.cdiv(4 * _sm_count(device.index), triton.cdiv(out_features, block_n))))
-        return 16, block_n, block_k, split, 4, 4
-    return 128, 128, 128 if scheme == W8A8 else 64, 1, 8, 3
+                           triton.cdiv(4 * sm_count, triton.cdiv(out_features, block_n))))
+        return 16, block_n, block_k, split, warps, 4
+    if ieee:
+        return 64, 128, 16, 1, 8, 3
+    return 128, 128, 128 if scheme == "w8a8" else 64, 1, 8, 3
 
 
-def _matmul(x, qweight, scales, zeros, x_scale, bias, group_size, out_dtype, scheme):
-    """x: (M, K) activations (int8 for W8A8, with x_scale (M,)) -> (M, N) out_dtype."""
+class Launch(NamedTuple):
+    """One kernel launch of a plan: kernel[grid](*args, **options)."""
+
+    kernel: triton.runtime.JITFunction
+    grid: tuple
+    args: tuple
+    options: dict
+
+
+def plan(x, qweight, scales, zeros, group_size, bias, scheme, *, sm_count=None):
+    """(out, launches) of qmatmul_<scheme>: `out` is allocated, and running the launches in order fills it.
+
+    x (M, K) float, the weight tensors of `scheme`, bias fp32 (N,) or None; sm_count defaults to x's device (132,
+    an sm_90 part, for a tensor off the GPU). Compile checks build their kernels from this, so they see exactly the
+    configurations that run.
+    """
     rows, in_features = x.shape
     out_features = qweight.shape[0]
-    out = torch.empty((rows, out_features), dtype=out_dtype, device=x.device)
+    out = torch.empty((rows, out_features), dtype=x.dtype, device=x.device)
+    launches = []
     if rows == 0:
-        return out
-    block_m, block_n, block_k, split, warps, stages = _config(rows, in_features, out_features, scheme, x.device)
+        return out, launches
+    x_scale = None
+    if scheme == "w8a8":  # quantize the activations first; the GEMM streams int8
+        xq = torch.empty((rows, in_features), dtype=torch.int8, device=x.device)
+        x_scale = torch.empty((rows,), dtype=torch.float32, device=x.device)
+        launches.append(Launch(_quantize_rows_kernel, (rows,), (x, xq, x_scale, in_features),
+                               dict(BLOCK=min(QUANT_BLOCK, triton.next_power_of_2(max(in_features, 16))))))
+        activations = xq
+    else:
+        activations = x
+    block_m, block_n, block_k, split, warps, stages = _config(
+        rows, in_features, out_features, scheme, x.dtype, _sm_count(x.device) if sm_count is None else sm_count)
     k_per_split = triton.cdiv(triton.cdiv(in_features, split), block_k) * block_k  # whole BLOCK_K tiles
     split = triton.cdiv(in_features, k_per_split)
     target = out if split == 1 else torch.empty((split, rows, out_features), dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(rows, block_m) * triton.cdiv(out_features, block_n), split)
-    wrap_triton(_qmatmul_kernel)[grid](
-        x, qweight, scales, zeros if zeros is not None else qweight, x_scale if x_scale is not None else scales,
-        bias if bias is not None else scales, target, rows, out_features, in_features, group_size, k_per_split,
-        SCHEME=scheme, HAS_BIAS=bias is not None, SPLIT_K=split,
-        GROUP_ALIGNED=scheme == INT4 and group_size % block_k == 0,
-        # the interpreter's bfloat16 tl.dot is wrong: it multiplies in float32 there instead
-        UPCAST=x.dtype == torch.bfloat16 and _backend.triton_interpret(),
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=warps, num_stages=stages)
+    unused = scales  # any tensor, for the pointers a scheme does not read
+    launches.append(Launch(
+        _qmatmul_kernel, (triton.cdiv(rows, block_m) * triton.cdiv(out_features, block_n), split),
+        (activations, qweight, scales, unused if zeros is None else zeros, unused if x_scale is None else x_scale,
+         unused if bias is None else bias, target, rows, out_features, in_features, group_size, k_per_split),
+        dict(SCHEME=scheme, HAS_BIAS=bias is not None, SPLIT_K=split,
+             GROUP_ALIGNED=scheme == "int4" and group_size % block_k == 0,
+             # the interpreter's bfloat16 tl.dot is wrong: it multiplies in float32 there instead
+             UPCAST=x.dtype == torch.bfloat16 and _backend.triton_interpret(),
+             PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=warps, num_stages=stages)))
     if split > 1:  # one pass: sum of the partials, bias, cast
         total = rows * out_features
-        wrap_triton(_sum_splits_kernel)[(triton.cdiv(total, SUM_BLOCK),)](
-            target, bias if bias is not None else scales, out, total, out_features, SPLIT_K=split,
-            HAS_BIAS=bias is not None, BLOCK=SUM_BLOCK)
+        launches.append(Launch(_sum_splits_kernel, (triton.cdiv(total, SUM_BLOCK),),
+                               (target, unused if bias is None else bias, out, total, out_features),
+                               dict(SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK=SUM_BLOCK)))
+    return out, launches
+
+
+def _run(x, qweight, scales, zeros, group_size, bias, scheme):
+    out, launches = plan(x, qweight, scales, zeros, group_size, bias, scheme)
+    for launch in launches:
+        wrap_triton(launch.kernel)[launch.grid](*launch.args, **launch.options)
     return out
 
 
@@ -192,27 +239,21 @@ def _matmul(x, qweight, scales, zeros, x_scale, bias, group_size, out_dtype, sch
 def qmatmul_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                  bias: torch.Tensor | None) -> torch.Tensor:
     """Same contract as torch.ops.rlhf_fast.qmatmul_int8."""
-    return _matmul(x, qweight, scales, None, None, bias, 1, x.dtype, INT8)
+    return _run(x, qweight, scales, None, 1, bias, "int8")
 
 
 @triton_op("rlhf_fast_triton::qmatmul_int4", mutates_args=())
 def qmatmul_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                  group_size: int, bias: torch.Tensor | None) -> torch.Tensor:
     """Same contract as torch.ops.rlhf_fast.qmatmul_int4."""
-    return _matmul(x, qweight, scales, zeros, None, bias, group_size, x.dtype, INT4)
+    return _run(x, qweight, scales, zeros, group_size, bias, "int4")
 
 
 @triton_op("rlhf_fast_triton::qmatmul_w8a8", mutates_args=())
 def qmatmul_w8a8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                  bias: torch.Tensor | None) -> torch.Tensor:
     """Same contract as torch.ops.rlhf_fast.qmatmul_w8a8."""
-    rows, in_features = x.shape
-    xq = torch.empty((rows, in_features), dtype=torch.int8, device=x.device)
-    x_scale = torch.empty((rows,), dtype=torch.float32, device=x.device)
-    if rows > 0:
-        wrap_triton(_quantize_rows_kernel)[(rows,)](x, xq, x_scale, in_features,
-                                                    BLOCK=min(QUANT_BLOCK, triton.next_power_of_2(max(in_features, 16))))
-    return _matmul(xq, qweight, scales, None, x_scale, bias, 1, x.dtype, W8A8)
+    return _run(x, qweight, scales, None, 1, bias, "w8a8")
 
 
 def _register_autograd():
