@@ -3,7 +3,8 @@
 // Rows are spread over threads (at::parallel_for, OpenMP). The forward reads a row once, in blocks of kChunk
 // floats: each block's max (the block then sits in L1), then sum 2^u and sum 2^u u over it (u = (x - m) / T
 // in base 2, m the running max; the sums are rescaled when a later block raises m), from which
-// lse = m / T + ln s and entropy = ln s - ln2 t / s. No (N, V) temporary exists; bf16 / fp16 rows are widened
+// lse = m / T + ln s and entropy = ln s - ln2 t / s (the rescale and these last steps are the Moments code of
+// logprobs_common.h, which the CUDA kernel runs too). No (N, V) temporary exists; bf16 / fp16 rows are widened
 // into a float block. The inner loops are plain float loops with a polynomial 2^x that the compiler
 // vectorises; on x86-64 Linux with GCC they are cloned for AVX-512 and AVX2 and picked at load time
 // (target_clones), since the extension is otherwise built for baseline x86-64 (SSE2).
@@ -33,7 +34,6 @@ namespace {
 constexpr int64_t kChunk = 1024;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kLog2e = 1.44269504f;
-constexpr float kLn2 = 0.693147181f;
 
 // 2^v for v <= 0 with ~2e-7 relative error, written so that loops over it vectorise (no libm call):
 // v = k + r with k = round(v), |r| <= 1/2, 2^r by a degree-5 minimax polynomial, 2^k built in the exponent
@@ -180,34 +180,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_forward_cpu(const at::Te
       float buf[kChunk];
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* row = x + layout.offset(r);
-        // One read of the row: per block, its max (from L1 after the load), a rescale of the running sums
-        // when the max grew (2^-d s, 2^-d (t - d s) with d the growth in base-2 units), then the exp sums.
-        float m = kNegInf, s = 0.f, t = 0.f;
+        // One read of the row: per block, its max (from L1 after the load), a rebase of the running moments
+        // when the max grew, then the exp sums. While the row so far is all -inf the terms are taken against 0
+        // (-inf adds 0, a NaN still makes s NaN), so a NaN anywhere in the row reaches lse and entropy.
+        logprobs::Moments acc{kNegInf, 0.f, 0.f};
         for (int64_t j = 0; j < vocab; j += kChunk) {
           const int64_t n = std::min(kChunk, vocab - j);
           const float* block = as_float(row + j, n, buf);
           const float block_max = max_of(block, n);
-          if (block_max > m) {
-            if (s > 0.f) {
-              const float d = (block_max - m) * scale2;
-              const float shrink = std::exp2(-d);
-              t = shrink * (t - d * s);
-              s *= shrink;
-            }
-            m = block_max;
-          }
-          if (m != kNegInf) add_exp2_moments(block, n, scale2, m, &s, &t);  // an all -inf block adds 0
+          if (block_max > acc.m) acc = logprobs::rebase(acc, block_max, scale2);
+          add_exp2_moments(block, n, scale2, acc.m == kNegInf ? 0.f : acc.m, &acc.s, &acc.t);
         }
-        const float log_s = std::log(s);
-        // one rounding: the backward's x * inv_t - lse is then exact to an ulp of lse for the x near the max
-        lse_out[r] = static_cast<float>(static_cast<double>(m) * inv_t + log_s);
-        entropy_out[r] = log_s - kLn2 * t / s;
+        const logprobs::RowStats stats = logprobs::row_stats(acc, inv_t);
+        lse_out[r] = stats.lse;
+        entropy_out[r] = stats.entropy;
         if (y) {
           const int64_t label = y[r];
           if (label == ignore_index) {
             logp_out[r] = 0.f;
-          } else {  // out-of-range labels are rejected by the caller; never read past the row
-            logp_out[r] = valid_label(label, vocab) ? static_cast<float>(row[label]) * inv_t - lse_out[r]
+          } else {  // a label outside [0, V) gives NaN; never read past the row
+            logp_out[r] = valid_label(label, vocab) ? static_cast<float>(row[label]) * inv_t - stats.lse
                                                     : std::numeric_limits<float>::quiet_NaN();
           }
         }

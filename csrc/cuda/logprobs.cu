@@ -1,9 +1,13 @@
 // CUDA kernels of the log-prob family.
 //
-// Forward: one block per row, one pass over the row. Each thread keeps an online (max, sum 2^(v - max),
-// sum 2^(v - max) (v - max)) over its elements, v = x log2(e) / T (base 2 so that exp is one ex2 instruction),
-// reading 16-byte packs; the per-thread triples merge through warp shuffles and shared memory. From the
-// merged triple: lse = ln2 (max + log2 s), entropy = ln2 (log2 s - t / s). The logits are read once.
+// Forward: one block per row, one pass over the row. Each thread keeps the online moments (max m of its
+// logits, s = sum 2^u, t = sum 2^u u with u = (x - m) log2(e) / T: the difference in logit units first, then
+// the scaling; base 2 so that exp is one ex2 instruction) over its elements, reading 16-byte packs; the
+// per-thread moments merge through warp shuffles and shared memory. From the merged moments:
+// lse = m / T + ln s, entropy = ln s - ln2 t / s. The logits are read once. The moments' math and a thread's
+// share of the row live in logprobs_common.h, compiled for the host too (tests/test_cuda_host.py replays a
+// block on the CPU). A NaN logit makes the row's lse and entropy NaN; a label outside [0, V) gives a NaN
+// log-prob (never a read past the row).
 // Backward: one block per row, d(logits) = (onehot - p) g_lp / T - p (log p + H) g_H / T from the saved lse
 // and entropy, read once and written once (in place when asked), 16-byte packs where the input and output
 // rows share their alignment.
@@ -20,72 +24,28 @@
 namespace rlhf_fast {
 namespace {
 
-constexpr int kThreads = 256;
+using logprobs::kLog2e;
+using logprobs::kThreads;
+using logprobs::Moments;
 constexpr int kWarps = kThreads / 32;
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 
 template <typename scalar_t>
-struct alignas(16) Pack {
-  static constexpr int kSize = 16 / sizeof(scalar_t);
-  scalar_t v[kSize];
-};
+using Pack = logprobs::Pack<scalar_t>;
 
-// Elements [0, head) of a row come before its first 16-byte boundary.
-template <typename scalar_t>
-__device__ __forceinline__ int64_t pack_head(const scalar_t* row, int64_t vocab) {
-  const int64_t misaligned = static_cast<int64_t>(reinterpret_cast<uintptr_t>(row) % 16) / sizeof(scalar_t);
-  const int64_t head = misaligned ? Pack<scalar_t>::kSize - misaligned : 0;
-  return head < vocab ? head : vocab;
-}
-
-struct Moments {
-  float m, s, t;  // max of v, sum 2^(v - m), sum 2^(v - m) (v - m)
-};
-
-// Moments after moving the reference max from m to new_m >= m: t' = 2^d (t + s d), s' = 2^d s, d = m - new_m.
-__device__ __forceinline__ Moments rebase(const Moments& a, float new_m) {
-  if (a.s == 0.f) return {new_m, 0.f, 0.f};
-  const float d = a.m - new_m;
-  const float e = exp2f(d);
-  return {new_m, a.s * e, e * (a.t + a.s * d)};
-}
-
-__device__ __forceinline__ Moments merge(const Moments& a, const Moments& b) {
-  const float m = fmaxf(a.m, b.m);
-  if (m == -INFINITY) return {m, 0.f, 0.f};
-  const Moments ra = rebase(a, m), rb = rebase(b, m);
-  return {m, ra.s + rb.s, ra.t + rb.t};
-}
-
-template <int kCount>
-__device__ __forceinline__ void absorb(Moments& acc, const float (&v)[kCount]) {
-  float vmax = v[0];
-#pragma unroll
-  for (int i = 1; i < kCount; ++i) vmax = fmaxf(vmax, v[i]);
-  if (vmax > acc.m) acc = rebase(acc, vmax);
-  if (acc.m == -INFINITY) return;  // everything so far is -inf: contributes nothing
-#pragma unroll
-  for (int i = 0; i < kCount; ++i) {
-    const float u = v[i] - acc.m;
-    const float e = exp2f(u);
-    acc.s += e;
-    acc.t += e > 0.f ? e * u : 0.f;
-  }
-}
-
-__device__ __forceinline__ Moments block_merge(Moments acc) {
+// The block's moments, valid in thread 0: a butterfly of shuffles within each warp (offsets 16, 8, 4, 2, 1),
+// then thread 0 merges the warps in order.
+__device__ __forceinline__ Moments block_merge(Moments acc, float scale) {
   __shared__ Moments warp_moments[kWarps];
   for (int offset = 16; offset > 0; offset >>= 1) {
     const Moments other{__shfl_xor_sync(0xffffffffu, acc.m, offset), __shfl_xor_sync(0xffffffffu, acc.s, offset),
                         __shfl_xor_sync(0xffffffffu, acc.t, offset)};
-    acc = merge(acc, other);
+    acc = logprobs::merge(acc, other, scale);
   }
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   if (lane == 0) warp_moments[warp] = acc;
   __syncthreads();
   if (threadIdx.x == 0) {
-    for (int w = 1; w < kWarps; ++w) acc = merge(acc, warp_moments[w]);
+    for (int w = 1; w < kWarps; ++w) acc = logprobs::merge(acc, warp_moments[w], scale);
   }
   return acc;  // valid in thread 0
 }
@@ -95,59 +55,36 @@ __global__ void __launch_bounds__(kThreads)
     logprobs_forward_kernel(const scalar_t* __restrict__ logits, logprobs::RowLayout layout,
                             const int64_t* __restrict__ labels, float inv_t, int64_t ignore_index,
                             float* __restrict__ logp, float* __restrict__ entropy, float* __restrict__ lse) {
-  using P = Pack<scalar_t>;
   const int64_t r = blockIdx.x;
   const int64_t vocab = layout.vocab;
   const scalar_t* row = logits + layout.offset(r);
   const float scale = inv_t * kLog2e;
-  Moments acc{-INFINITY, 0.f, 0.f};
-
-  const int64_t head = pack_head(row, vocab);
-  const int64_t packs = (vocab - head) / P::kSize;
-  for (int64_t i = threadIdx.x; i < head; i += kThreads) {
-    const float v[1] = {static_cast<float>(row[i]) * scale};
-    absorb(acc, v);
-  }
-  const P* packed = reinterpret_cast<const P*>(row + head);
-#pragma unroll 4  // lets several 16-byte loads per thread be in flight
-  for (int64_t k = threadIdx.x; k < packs; k += kThreads) {
-    const P pack = packed[k];
-    float v[P::kSize];
-#pragma unroll
-    for (int i = 0; i < P::kSize; ++i) v[i] = static_cast<float>(pack.v[i]) * scale;
-    absorb(acc, v);
-  }
-  for (int64_t i = head + packs * P::kSize + threadIdx.x; i < vocab; i += kThreads) {
-    const float v[1] = {static_cast<float>(row[i]) * scale};
-    absorb(acc, v);
-  }
-
-  acc = block_merge(acc);
+  const Moments acc = block_merge(logprobs::thread_moments(row, vocab, threadIdx.x, scale), scale);
   if (threadIdx.x == 0) {
-    const float log2_s = log2f(acc.s);
-    const float row_lse = kLn2 * (acc.m + log2_s);
-    lse[r] = row_lse;
-    entropy[r] = kLn2 * (log2_s - acc.t / acc.s);
+    const logprobs::RowStats stats = logprobs::row_stats(acc, inv_t);
+    lse[r] = stats.lse;
+    entropy[r] = stats.entropy;
     if (labels != nullptr) {
       const int64_t label = labels[r];
       if (label == ignore_index) {
         logp[r] = 0.f;
-      } else {  // out-of-range labels are rejected by the caller; never read past the row
-        logp[r] = label >= 0 && label < vocab ? static_cast<float>(row[label]) * inv_t - row_lse : NAN;
+      } else {  // a label outside [0, V) gives NaN; never read past the row
+        logp[r] = label >= 0 && label < vocab ? static_cast<float>(row[label]) * inv_t - stats.lse : NAN;
       }
     }
   }
 }
 
 struct GradRow {
-  float scale, lse2, alpha, beta, entropy;  // scale = log2(e) / T, lse2 = lse log2(e)
-  int64_t label;                            // -1: no label term
+  float inv_t, lse, alpha, beta, entropy;
+  int64_t label;  // -1: no label term
 
-  // -p (alpha + beta (log p + H)) [+ alpha at the label], p = 2^(x scale - lse2).
+  // -p (alpha + beta (log p + H)) [+ alpha at the label], log p = x / T - lse (exact to an ulp of lse near
+  // the max, as on the CPU).
   __device__ __forceinline__ float operator()(float x, int64_t index) const {
-    const float u2 = x * scale - lse2;
-    const float p = exp2f(u2);
-    const float soft = p > 0.f ? -p * (alpha + beta * (u2 * kLn2 + entropy)) : 0.f;
+    const float log_p = x * inv_t - lse;
+    const float p = logprobs::fast_exp2(log_p * kLog2e);
+    const float soft = p > 0.f ? -p * (alpha + beta * (log_p + entropy)) : 0.f;
     return index == label ? soft + alpha : soft;
   }
 };
@@ -166,12 +103,12 @@ __global__ void __launch_bounds__(kThreads)
   scalar_t* grad_row = grad + grad_layout.offset(r);
   const int64_t label = labels != nullptr ? labels[r] : ignore_index;
   const bool counted = label != ignore_index && grad_logp != nullptr;  // outside [0, V): no one-hot term here
-  const GradRow f{inv_t * kLog2e, lse[r] * kLog2e, counted ? grad_logp[r] * inv_t : 0.f,
+  const GradRow f{inv_t, lse[r], counted ? grad_logp[r] * inv_t : 0.f,
                   grad_entropy != nullptr ? grad_entropy[r] * inv_t : 0.f,
                   grad_entropy != nullptr ? entropy[r] : 0.f, counted && label >= 0 && label < vocab ? label : -1};
 
-  const int64_t head = pack_head(row, vocab);
-  const bool same_alignment = pack_head(grad_row, vocab) == head;
+  const int64_t head = logprobs::pack_head(row, vocab);
+  const bool same_alignment = logprobs::pack_head(grad_row, vocab) == head;
   const int64_t packs = same_alignment ? (vocab - head) / P::kSize : 0;
   const int64_t tail = same_alignment ? head + packs * P::kSize : 0;
   if (same_alignment) {
