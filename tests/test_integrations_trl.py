@@ -345,42 +345,15 @@ def test_other_trl_version_warns_once(monkeypatch):
 # ---------------------------------------------------------------- end to end: GRPOTrainer on CPU
 
 
-def word_tokenizer(vocab_size):
-    """A word-level tokenizer built in code: <pad>, <eos>, <unk>, then words w0, w1, ..."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+def grpo_run(patched, steps=2):
+    """Two GRPOTrainer steps of a one-layer Llama (hidden 32, vocab 32000, built with its tokenizer in code),
+    fp32, with a KL term; the logged metrics of each step."""
+    from rlhf_fast.cli import _benchmarks_package
 
-    words = ["<pad>", "<eos>", "<unk>"] + [f"w{i}" for i in range(vocab_size - 3)]
-    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer.decoder = decoders.WordPiece()  # joins the words with spaces
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>",
-                                   unk_token="<unk>")
-
-
-def odd_words_reward(completions, **kwargs):
-    return [sum(int(w[1:]) % 2 for w in c.split() if w[1:].isdigit()) / 8 for c in completions]
-
-
-def grpo_run(patched, vocab_size=32000, steps=2, seed=0):
-    """A GRPOTrainer run of a one-layer Llama (hidden 32) with a KL term (reference model); the logged metrics
-    of each step."""
-    from datasets import Dataset
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from trl import GRPOConfig, GRPOTrainer
-
-    torch.manual_seed(seed)
-    model_dir = tempfile.mkdtemp()  # a path, so that GRPOTrainer also loads the reference model from it
-    LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                 num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                                 pad_token_id=0, bos_token_id=1, eos_token_id=1)).save_pretrained(model_dir)
-    prompts = Dataset.from_dict({"prompt": [" ".join(f"w{(7 * i + j) % 500}" for j in range(4)) for i in range(8)]})
-    args = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=4, num_generations=4,
-                      max_completion_length=8, max_steps=steps, logging_steps=1, report_to="none", use_cpu=True,
-                      bf16=False, seed=seed, learning_rate=1e-2, beta=0.04, save_strategy="no", disable_tqdm=True)
-    trainer = GRPOTrainer(model=model_dir, reward_funcs=odd_words_reward, args=args, train_dataset=prompts,
-                          processing_class=word_tokenizer(vocab_size))
-    with (rf_trl.patch() if patched else contextlib.nullcontext()):
+    bench = importlib.import_module(f"{_benchmarks_package().__name__}.bench_integrations")
+    trainer = bench.tiny_grpo_trainer(32000, 32, 1, samples=4, completion_tokens=8, steps=steps, bf16=False,
+                                      learning_rate=1e-2)
+    with rf_trl.patch() if patched else contextlib.nullcontext():
         trainer.train()
     return [h for h in trainer.state.log_history if "loss" in h]
 
