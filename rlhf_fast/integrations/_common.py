@@ -41,3 +41,36 @@ def discount(value) -> float | None:
         return None
     value = float(value)
     return value if value == value and abs(value) != float("inf") else None
+
+
+def aggregation(loss_mask, mode, dp_size=1, batch_num_tokens=None, global_batch_size=None, loss_scale_factor=None):
+    """(our mode, factor) with verl's agg_loss(loss, mask, mode, ...) = our agg_loss(loss, mask, our mode) *
+    factor, or None where verl itself raises (unknown mode, dp_size > 1 without the global counts). OpenRLHF's
+    token- and sequence-level losses are verl's token-mean and seq-mean-token-mean.
+
+    Every verl mode but seq-mean-token-mean is the masked token sum S over a normaliser; ours gives S / count
+    in token-mean. seq-mean-token-mean is the sum of the row means over a normaliser; ours gives it over the
+    number of rows with a valid token. Counts stay on the device (no sync); 0/0 gives NaN where verl's does.
+    """
+    valid = loss_mask.bool()
+    if mode in ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm"):
+        count = valid.sum()
+        if mode == "token-sum":
+            return "token-mean", count * dp_size
+        if mode == "token-mean":
+            if batch_num_tokens is None and dp_size > 1:
+                return None
+            return "token-mean", count / (count if batch_num_tokens is None else batch_num_tokens) * dp_size
+        rows = (valid.sum(-1) > 0).sum()
+        if global_batch_size is None and dp_size > 1:
+            return None
+        factor = count / (rows if global_batch_size is None else global_batch_size) * dp_size
+        if mode == "seq-mean-token-sum-norm":
+            factor = factor / (loss_mask.shape[-1] if loss_scale_factor is None else loss_scale_factor)
+        return "token-mean", factor
+    if mode == "seq-mean-token-mean":
+        rows = (valid.sum(-1) > 0).sum()
+        if global_batch_size is None and dp_size > 1:
+            return None
+        return "seq-mean-token-mean", rows / (rows if global_batch_size is None else global_batch_size) * dp_size
+    return None

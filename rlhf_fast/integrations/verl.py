@@ -33,7 +33,7 @@ import torch
 
 import rlhf_fast as rf
 
-from ._common import binary_mask, discount, kernel_floats, needs_grad
+from ._common import aggregation, binary_mask, discount, kernel_floats, needs_grad
 from ._patching import Adapter, Patch, Target
 
 PEER = "verl"
@@ -201,46 +201,13 @@ def _kl_penalty(original):
     return kl_penalty
 
 
-def _aggregation(loss_mask, mode, dp_size=1, batch_num_tokens=None, global_batch_size=None,
-                 loss_scale_factor=None):
-    """(our mode, factor) with verl's agg_loss = our agg_loss(..., our mode) * factor, or None where verl
-    itself raises (unknown mode, dp_size > 1 without the global counts).
-
-    Every verl mode but seq-mean-token-mean is the masked token sum S over a normaliser; ours gives S / count
-    in token-mean. seq-mean-token-mean is the sum of the row means over a normaliser; ours gives it over the
-    number of rows with a valid token. Counts stay on the device (no sync); 0/0 gives NaN where verl's does.
-    """
-    valid = loss_mask.bool()
-    if mode in ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm"):
-        count = valid.sum()
-        if mode == "token-sum":
-            return "token-mean", count * dp_size
-        if mode == "token-mean":
-            if batch_num_tokens is None and dp_size > 1:
-                return None
-            return "token-mean", count / (count if batch_num_tokens is None else batch_num_tokens) * dp_size
-        rows = (valid.sum(-1) > 0).sum()
-        if global_batch_size is None and dp_size > 1:
-            return None
-        factor = count / (rows if global_batch_size is None else global_batch_size) * dp_size
-        if mode == "seq-mean-token-sum-norm":
-            factor = factor / (loss_mask.shape[-1] if loss_scale_factor is None else loss_scale_factor)
-        return "token-mean", factor
-    if mode == "seq-mean-token-mean":
-        rows = (valid.sum(-1) > 0).sum()
-        if global_batch_size is None and dp_size > 1:
-            return None
-        return "seq-mean-token-mean", rows / (rows if global_batch_size is None else global_batch_size) * dp_size
-    return None
-
-
 def _agg_loss(original):
     @_replaces(original)
     def agg_loss(loss_mat, loss_mask, loss_agg_mode, dp_size=1, batch_num_tokens=None, global_batch_size=None,
                  loss_scale_factor=None):
         plan = None
         if kernel_floats(loss_mat) and loss_mat.dim() >= 1 and binary_mask(loss_mask, loss_mat):
-            plan = _aggregation(loss_mask, loss_agg_mode, dp_size, batch_num_tokens, global_batch_size,
+            plan = aggregation(loss_mask, loss_agg_mode, dp_size, batch_num_tokens, global_batch_size,
                                 loss_scale_factor)
         if plan is None:
             return original(loss_mat, loss_mask, loss_agg_mode, dp_size, batch_num_tokens, global_batch_size,
@@ -272,7 +239,7 @@ def _policy_loss(original):
                 and not needs_grad(old_log_prob, advantages) and binary_mask(response_mask, log_prob)):
             ranges = _clip_ranges(config)
             if ranges is not None:
-                plan = _aggregation(response_mask, loss_agg_mode, **config.global_batch_info)
+                plan = aggregation(response_mask, loss_agg_mode, **config.global_batch_info)
         if plan is None:
             return original(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
                             rollout_is_weights)
@@ -302,7 +269,7 @@ def _value_loss(original):
         if (clip is not None and clip >= 0 and kernel_floats(vpreds, returns, values)
                 and vpreds.shape == returns.shape == values.shape and vpreds.dim() >= 1
                 and not needs_grad(returns, values) and binary_mask(response_mask, vpreds)):
-            plan = _aggregation(response_mask, loss_agg_mode, dp_size, batch_num_tokens, global_batch_size,
+            plan = aggregation(response_mask, loss_agg_mode, dp_size, batch_num_tokens, global_batch_size,
                                 loss_scale_factor)
         if plan is None:
             return original(vpreds, returns, values, response_mask, cliprange_value, loss_agg_mode, dp_size,
