@@ -191,3 +191,40 @@ def test_hooks_run_after_patch_and_are_undone(peer):
     assert events == [("on", True), "off"]
     assert "rlhf_fast" not in peer.pkg.registry.LOSSES
     assert peer.pkg.registry.LOSSES["scale"] is peer.scale
+
+
+def test_dispatching_keeps_signature_and_falls_back():
+    from rlhf_fast.integrations._patching import dispatching
+
+    def original(x, factor=2.0, *, added=None):
+        """doc"""
+        return ("original", x, factor)
+
+    def ours(arguments):
+        return NotImplemented if arguments["x"] < 0 else ("ours", arguments["x"], arguments["factor"])
+
+    replacement = dispatching(original, ours, ("x", "factor"))
+    assert replacement.__wrapped__ is original and replacement.__doc__ == "doc"
+    assert replacement(3) == ("ours", 3, 2.0)
+    assert replacement(3, factor=5.0) == ("ours", 3, 5.0)
+    assert replacement(-1) == ("original", -1, 2.0)  # ours declined
+    assert replacement(3, added=1) == ("original", 3, 2.0)  # a parameter ours does not know is set
+    with pytest.raises(TypeError):
+        replacement(3, nope=1)
+
+
+def test_class_target_checks_forward_parameters(peer):
+    class Function:
+        @staticmethod
+        def forward(ctx, hidden, temperature):
+            return hidden
+
+    peer.pkg.utils.Function = Function
+    targets = [Target(f"{PEER}.utils", "Function", lambda original: type("F", (original,), {}), ("temperature",)),
+               Target(f"{PEER}.utils", "scale", _replacement, ("logit_scale",))]
+    with pytest.warns(RuntimeWarning, match="lacks logit_scale"):
+        handle = Adapter(PEER, "1.2", targets).patch()
+    assert set(handle.replaced) == {f"{PEER}.utils.Function"}
+    assert issubclass(peer.pkg.utils.Function, Function) and peer.pkg.utils.Function is not Function
+    handle.unpatch()
+    assert peer.pkg.utils.Function is Function

@@ -13,6 +13,7 @@ longer has the parameters the replacement translates (the handle's `skipped` say
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 import inspect
@@ -109,11 +110,52 @@ def _rebind(packages: Sequence[str], old, new) -> list[str]:
 
 
 def _missing_params(fn: Callable, params: Sequence[str]) -> list[str]:
+    """The `params` that `fn` (for a class such as an autograd.Function: its `forward`) does not take."""
+    if isinstance(fn, type):
+        fn = getattr(fn, "forward", fn)
     try:
         have = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return list(params)
     return [p for p in params if p not in have]
+
+
+def _is_default(parameter: inspect.Parameter, value) -> bool:
+    if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+        return not value
+    return value is parameter.default
+
+
+def known_arguments(signature: inspect.Signature, known: Sequence[str], args: tuple, kwargs: dict) -> dict | None:
+    """The call's arguments by name, defaults filled in; None when it sets a parameter outside `known` (one a
+    newer peer added) to anything but its default. Raises TypeError as the call itself would."""
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    arguments = bound.arguments
+    for parameter in signature.parameters.values():
+        if parameter.name not in known and not _is_default(parameter, arguments[parameter.name]):
+            return None
+    return arguments
+
+
+def dispatching(original: Callable, ours: Callable[[dict], object], known: Sequence[str]) -> Callable:
+    """A replacement for `original` with its signature and metadata that runs `ours` where it applies.
+
+    ours(arguments) gets the call's arguments by name (see `known_arguments`) and returns NotImplemented to
+    let the original run; so does a call that sets a parameter outside `known`.
+    """
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def replacement(*args, **kwargs):
+        arguments = known_arguments(signature, known, args, kwargs)
+        if arguments is not None:
+            result = ours(arguments)
+            if result is not NotImplemented:
+                return result
+        return original(*args, **kwargs)
+
+    return replacement
 
 
 class Adapter:
