@@ -276,6 +276,147 @@ def _trl_cases(device: torch.device, quick: bool) -> list[Case]:
     return cases
 
 
+# ---------------------------------------------------------------- verl and OpenRLHF
+
+
+def _pairs(adapter_module):
+    """{name: (the peer's function, our replacement)} for an adapter's targets (and, for OpenRLHF, its
+    methods, keyed Class.method), built without patching the peer."""
+    pairs = {}
+    for target in adapter_module.TARGETS:
+        original = getattr(importlib.import_module(target.module), target.name)
+        pairs[target.name] = (original, target.make(original))
+    for module_name, class_name, method, make, _ in getattr(adapter_module, "METHODS", ()):
+        original = vars(getattr(importlib.import_module(module_name), class_name))[method]
+        pairs[f"{class_name}.{method}"] = (original, make(original))
+    return pairs
+
+
+def _peer_cases(peer, pairs, specs):
+    """One Case per (name, mode, shape, dtype, call, x): `call(fn)` runs the function once; for fwd+bwd `x` is
+    the leaf whose gradient is taken (upstream gradients of ones for a scalar, random for per-token outputs)."""
+    cases = []
+    for name, mode, shape, dtype, call, x in specs:
+        original, replacement = pairs[name]
+        if mode == "fwd":
+            providers = {"eager": lambda c=call, f=original: c(f), "patched": lambda c=call, f=replacement: c(f)}
+        else:
+            def backward_of(fn, c=call, x=x):
+                def run():
+                    out = c(fn)
+                    outs = out if isinstance(out, tuple) else (out,)
+                    torch.autograd.backward([o.float() for o in outs],
+                                            [torch.ones_like(o, dtype=torch.float32) for o in outs])
+                    grad, x.grad = x.grad, None
+                    return tuple(o.detach() for o in outs), grad
+                return run
+            providers = {"eager": backward_of(original), "patched": backward_of(replacement)}
+        atol = 2e-2 if dtype != torch.float32 else 1e-3
+        cases.append(Case(f"{peer}.{name}", shape, dtype, mode,
+                          providers, atol=atol))
+    return cases
+
+
+def _logits_specs(names, tokens, vocab, dtype, device, modes=("fwd", "fwd+bwd")):
+    """(name, mode, shape, dtype, call, x) for log-prob and entropy functions on (8, tokens/8, V) logits."""
+    logits = (torch.randn(8, tokens // 8, vocab, device=device) * 3).to(dtype)
+    labels = torch.randint(0, vocab, (8, tokens // 8), device=device)
+    x = logits.clone().requires_grad_()
+    shape = f"N={tokens},V={vocab}"
+    specs = []
+    for name, takes_labels in names:
+        for mode in modes:
+            source = logits if mode == "fwd" else x
+            call = (lambda f, t=source: f(t * 1 if t.requires_grad else t, labels)) if takes_labels else \
+                (lambda f, t=source: f(t * 1 if t.requires_grad else t))
+            specs.append((name, mode, shape, dtype, call, x))
+    return specs
+
+
+def _token_inputs(batch, steps, device, dtype=torch.float32):
+    """Random per-token tensors and a right-padded 0/1 mask (B, T), as a rollout leaves them."""
+    g = lambda scale=1.0: (torch.randn(batch, steps, device=device) * scale).to(dtype)  # noqa: E731
+    lengths = torch.randint(steps // 4, steps + 1, (batch,), device=device)
+    mask = (torch.arange(steps, device=device) < lengths[:, None]).long()
+    return g, mask
+
+
+def _verl_cases(device: torch.device, quick: bool) -> list[Case]:
+    from omegaconf import OmegaConf
+
+    from rlhf_fast.integrations import verl as rf_verl
+
+    pairs = _pairs(rf_verl)
+    logits_names = (("logprobs_from_logits", True), ("entropy_from_logits", False))
+    batch, steps = (16, 128) if quick else (256, 2048)
+    if quick:
+        specs = _logits_specs(logits_names, 256, 4096, torch.float32, device)
+    else:
+        specs = (_logits_specs(logits_names, 4096, 32000, torch.float32, device)
+                 + _logits_specs(logits_names, 4096, 151936, torch.bfloat16, device, modes=("fwd",)))
+    g, mask = _token_inputs(batch, steps, device)
+    shape = f"B={batch},T={steps}"
+    rewards, values, logp, old, ref, adv = g(), g(), g(), g(), g(), g()
+    logp = (old + g(0.3)).requires_grad_()
+    uids = [f"u{i // 8}" for i in torch.randperm(batch).tolist()]  # groups of 8 in scattered order
+    config = OmegaConf.create({"clip_ratio": 0.2, "clip_ratio_low": 0.2, "clip_ratio_high": 0.28,
+                               "clip_ratio_c": 3.0, "global_batch_info": {}})
+    f32 = torch.float32
+    specs += [
+        ("compute_gae_advantage_return", "fwd", shape, f32, lambda f: f(rewards, values, mask, 1.0, 0.95), None),
+        ("masked_whiten", "fwd", shape, f32, lambda f: f(adv, mask), None),
+        ("compute_grpo_outcome_advantage", "fwd", shape, f32, lambda f: f(rewards, mask, uids), None),
+        ("compute_rloo_outcome_advantage", "fwd", shape, f32, lambda f: f(rewards, mask, uids), None),
+        ("kl_penalty", "fwd+bwd", shape, f32, lambda f: f(logp, ref, "low_var_kl"), logp),
+        ("agg_loss", "fwd+bwd", shape, f32, lambda f: f(logp, mask, "seq-mean-token-mean"), logp),
+        ("compute_policy_loss_vanilla", "fwd+bwd", shape, f32,
+         lambda f: f(old, logp, adv, mask, "token-mean", config)[0], logp),
+        ("compute_value_loss", "fwd+bwd", shape, f32, lambda f: f(logp, rewards, old, mask, 0.2)[0], logp),
+    ]
+    return _peer_cases("verl", pairs, specs)
+
+
+def _openrlhf_cases(device: torch.device, quick: bool) -> list[Case]:
+    from rlhf_fast.integrations import openrlhf as rf_openrlhf
+
+    pairs = _pairs(rf_openrlhf)
+    logits_names = (("log_probs_from_logits", True), ("compute_entropy", False))
+    batch, steps = (16, 128) if quick else (256, 2048)
+    if quick:
+        specs = _logits_specs(logits_names, 256, 4096, torch.float32, device)
+    else:
+        specs = (_logits_specs(logits_names, 4096, 32000, torch.float32, device)
+                 + _logits_specs(logits_names, 4096, 151936, torch.bfloat16, device, modes=("fwd",)))
+    g, mask = _token_inputs(batch, steps, device)
+    shape = f"B={batch},T={steps}"
+    rewards, values, old, base, adv = g(), g(), g(), g(), g()
+    logp = (old + g(0.3)).requires_grad_()
+    from openrlhf.models.loss import PolicyLoss, ValueLoss
+    from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker
+    policy, value = PolicyLoss(clip_eps_low=0.2, clip_eps_high=0.28), ValueLoss(clip_eps=0.2)
+    maker = object.__new__(RemoteExperienceMaker)  # the GAE method reads nothing from the instance
+    f32 = torch.float32
+    specs += [
+        ("RemoteExperienceMaker.get_advantages_and_returns", "fwd", shape, f32,
+         lambda f: f(maker, values, rewards, mask, 1.0, 0.95), None),
+        ("compute_approx_kl", "fwd+bwd", shape, f32, lambda f: f(logp, base, kl_estimator="k3"), logp),
+        ("masked_mean", "fwd", shape, f32, lambda f: f(adv, mask), None),
+        ("PolicyLoss.forward", "fwd+bwd", shape, f32, lambda f: f(policy, logp, old, adv, mask)[0], logp),
+        ("ValueLoss.forward", "fwd+bwd", shape, f32, lambda f: f(value, logp, old, rewards, mask), logp),
+    ]
+    return _peer_cases("openrlhf", pairs, specs)
+
+
+def _importable(*modules) -> bool:
+    """True if every module imports (OpenRLHF's need flash_attn, deepspeed and vllm at import time)."""
+    try:
+        for name in modules:
+            importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
+
+
 # ---------------------------------------------------------------- entry point
 
 
@@ -283,4 +424,8 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
     out = []
     if importlib.util.find_spec("trl") is not None:
         out += _trl_cases(device, quick)
+    if _importable("verl.trainer.ppo.core_algos", "omegaconf"):
+        out += _verl_cases(device, quick)
+    if _importable("openrlhf.models.utils", "openrlhf.models.loss", "openrlhf.trainer.ppo_utils.experience_maker"):
+        out += _openrlhf_cases(device, quick)
     return out
