@@ -126,15 +126,17 @@ RLHF_FAST_TOKEN_FN float kl_grad(float logp, float ref) {
 
 // ---- loss aggregation ----
 
-enum class Agg : int { TokenMean, SeqMeanTokenSum, SeqMeanTokenMean, SeqMeanTokenSumNorm };
+// verl's loss_agg_mode. Rows without a valid token are left out of every seq-mean mode.
+enum class Agg : int { TokenMean, TokenSum, SeqMeanTokenSum, SeqMeanTokenMean, SeqMeanTokenSumNorm };
 
 inline Agg parse_agg(const std::string& mode) {
   if (mode == "token-mean") return Agg::TokenMean;
+  if (mode == "token-sum") return Agg::TokenSum;
   if (mode == "seq-mean-token-sum") return Agg::SeqMeanTokenSum;
   if (mode == "seq-mean-token-mean") return Agg::SeqMeanTokenMean;
   if (mode == "seq-mean-token-sum-norm") return Agg::SeqMeanTokenSumNorm;
   TORCH_CHECK(false, "unknown agg mode '", mode,
-              "' (token-mean, seq-mean-token-sum, seq-mean-token-mean, seq-mean-token-sum-norm)");
+              "' (token-mean, token-sum, seq-mean-token-sum, seq-mean-token-mean, seq-mean-token-sum-norm)");
 }
 
 // Running sums of a loss kernel over its tokens / rows, in this order in every partial buffer.
@@ -153,21 +155,23 @@ enum Total : int {
 // The last two feed the backward's normalisation without a host sync.
 constexpr int kStats = 5;
 
+// What the aggregate divides by: valid tokens (token-mean), 1 (token-sum), valid rows (seq-mean-token-sum,
+// seq-mean-token-mean), valid rows x steps (seq-mean-token-sum-norm); 0 when there is nothing valid (then the
+// loss and its gradient are 0). seq-mean-token-mean's numerator is the sum of the row means.
 template <typename acc_t>
-RLHF_FAST_HOST_DEVICE inline void finalize(const acc_t* totals, Agg agg, int64_t rows, int64_t steps, float* loss,
-                                           float* stats) {
+RLHF_FAST_HOST_DEVICE inline acc_t agg_divisor(Agg agg, acc_t tokens, acc_t valid_rows, int64_t steps) {
+  if (agg == Agg::TokenMean) return tokens;
+  if (agg == Agg::TokenSum) return tokens > 0 ? acc_t(1) : acc_t(0);
+  if (agg == Agg::SeqMeanTokenSumNorm) return valid_rows * static_cast<acc_t>(steps);
+  return valid_rows;
+}
+
+template <typename acc_t>
+RLHF_FAST_HOST_DEVICE inline void finalize(const acc_t* totals, Agg agg, int64_t steps, float* loss, float* stats) {
   const acc_t tokens = totals[kValidTokens], valid_rows = totals[kValidRows];
-  acc_t value = 0;
-  if (agg == Agg::TokenMean) {
-    value = tokens > 0 ? totals[kLossSum] / tokens : acc_t(0);
-  } else if (agg == Agg::SeqMeanTokenSum) {
-    value = rows > 0 ? totals[kLossSum] / static_cast<acc_t>(rows) : acc_t(0);
-  } else if (agg == Agg::SeqMeanTokenMean) {
-    value = valid_rows > 0 ? totals[kRowMeanSum] / valid_rows : acc_t(0);
-  } else {
-    value = rows * steps > 0 ? totals[kLossSum] / (static_cast<acc_t>(rows) * static_cast<acc_t>(steps)) : acc_t(0);
-  }
-  *loss = static_cast<float>(value);
+  const acc_t divisor = agg_divisor(agg, tokens, valid_rows, steps);
+  const acc_t numerator = agg == Agg::SeqMeanTokenMean ? totals[kRowMeanSum] : totals[kLossSum];
+  *loss = static_cast<float>(divisor > 0 ? numerator / divisor : acc_t(0));
   const acc_t per_token = tokens > 0 ? acc_t(1) / tokens : acc_t(0);
   stats[0] = static_cast<float>(totals[kClipped] * per_token);
   stats[1] = static_cast<float>(totals[kNegLogRatio] * per_token);
@@ -178,11 +182,9 @@ RLHF_FAST_HOST_DEVICE inline void finalize(const acc_t* totals, Agg agg, int64_t
 
 // d loss / d (token loss) for a valid token, except seq-mean-token-mean, whose weight also divides by the
 // token's row count (see row_weight).
-RLHF_FAST_HOST_DEVICE inline float token_weight(Agg agg, int64_t rows, int64_t steps, const float* stats) {
-  if (agg == Agg::TokenMean) return stats[3] > 0.f ? 1.f / stats[3] : 0.f;
-  if (agg == Agg::SeqMeanTokenSum) return rows > 0 ? 1.f / static_cast<float>(rows) : 0.f;
-  if (agg == Agg::SeqMeanTokenMean) return stats[4] > 0.f ? 1.f / stats[4] : 0.f;
-  return rows * steps > 0 ? 1.f / (static_cast<float>(rows) * static_cast<float>(steps)) : 0.f;
+RLHF_FAST_HOST_DEVICE inline float token_weight(Agg agg, int64_t steps, const float* stats) {
+  const float divisor = agg_divisor(agg, stats[3], stats[4], steps);
+  return divisor > 0.f ? 1.f / divisor : 0.f;
 }
 
 RLHF_FAST_HOST_DEVICE inline float row_weight(Agg agg, float row_valid) {

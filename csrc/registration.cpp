@@ -45,7 +45,7 @@ TORCH_LIBRARY(rlhf_fast, m) {
   m.def("kl_penalty(Tensor logp, Tensor ref_logp, str kind) -> Tensor");
   m.def("kl_penalty_backward(Tensor grad, Tensor logp, Tensor ref_logp, str kind) -> Tensor");
   // PPO losses over (rows, steps) inputs of one dtype: fp32 0-dim loss and fp32 stats (5,) = (clipfrac,
-  // approx_kl, ratio_mean, valid tokens, valid rows). agg: token-mean, seq-mean-token-sum,
+  // approx_kl, ratio_mean, valid tokens, valid rows). agg: token-mean, token-sum, seq-mean-token-sum,
   // seq-mean-token-mean, seq-mean-token-sum-norm. The backwards take the forward's stats and give the gradient
   // of the first input (logp / values) in its dtype.
   m.def("ppo_policy_loss(Tensor logp, Tensor old_logp, Tensor advantages, Tensor? mask, float clip_low, "

@@ -41,6 +41,14 @@ def _check_clip(label: str, value) -> float:
     return float(value)
 
 
+def _check_divisor(label: str, value):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{label} must be None or a finite number > 0, got {value!r}")
+    return float(value)
+
+
 def kl_penalty(logp, ref_logp, kind="k1", *, backend=None):
     """Per-token KL estimator of the policy against the reference model (verl's kl_penalty), float32.
 
@@ -67,19 +75,36 @@ def masked_sum(x, mask=None, *, dim=None):
     return reference.masked_sum(x, mask, dim)
 
 
-def agg_loss(loss, mask=None, mode="token-mean"):
-    """Aggregates a per-token loss (..., T) over valid tokens (mask nonzero) to a float32 scalar.
+def agg_loss(loss, mask=None, mode="token-mean", *, normalizer=None, horizon=None):
+    """Aggregates a per-token loss (..., T) over valid tokens (mask nonzero) to a float32 scalar, as verl's
+    agg_loss; rows are all the leading dims, and rows without a valid token are left out of every seq-mean mode.
 
-    token-mean: Σ(loss·m) / Σm. seq-mean-token-sum: mean over rows of Σ_t loss·m (every row counts).
-    seq-mean-token-mean: mean over rows of Σ_t loss·m / Σ_t m, over the rows that have a valid token (rows with
-    none are left out rather than giving NaN). seq-mean-token-sum-norm: Σ(loss·m) / (rows × T) (Dr. GRPO).
-    No valid token anywhere gives 0, never NaN. Differentiable.
+    token-mean: Σ(loss·m) / Σm. token-sum: Σ(loss·m). seq-mean-token-sum: Σ(loss·m) / V, V = rows with a valid
+    token. seq-mean-token-mean: Σ over those rows of (Σ_t loss·m / Σ_t m), / V. seq-mean-token-sum-norm (Dr. GRPO):
+    Σ(loss·m) / V / T. No valid token anywhere gives 0, never NaN. Differentiable.
+    normalizer: a number > 0 that replaces the count the mode divides by (Σm, 1 for token-sum, V): a global count
+    for losses that must not depend on how the batch is split (verl's batch_num_tokens / dp_size or
+    global_batch_size / dp_size). horizon: a number > 0 that replaces T in seq-mean-token-sum-norm (verl's
+    loss_scale_factor; ignored by the other modes).
     """
     check.floating("loss", loss)
     if loss.dim() < 1:
         raise ValueError("loss must have at least one dim (..., T)")
     mask = check.bool_mask("mask", mask, "loss", loss)
-    return reference.agg_loss(loss, mask, _check_mode("mode", mode))
+    return reference.agg_loss(loss, mask, _check_mode("mode", mode),
+                              normalizer=_check_divisor("normalizer", normalizer),
+                              horizon=_check_divisor("horizon", horizon))
+
+
+def _renormalized(loss, stats, agg, steps, normalizer, horizon):
+    """The kernels divide by the mode's own count (valid tokens, 1 or valid rows; returned in stats) and, for
+    seq-mean-token-sum-norm, by T: a given normalizer / horizon rescales the loss by own / wanted divisor. Both
+    are constants of the batch, so the gradient scales alike through autograd."""
+    if normalizer is not None:
+        loss = loss * ({"token-mean": stats[3], "token-sum": 1.0}.get(agg, stats[4]) / normalizer)
+    if agg == "seq-mean-token-sum-norm" and horizon is not None:
+        loss = loss * (max(steps, 1) / horizon)
+    return loss
 
 
 def _check_dual_clip(value) -> float | None:
@@ -108,13 +133,13 @@ def _as_rows(x):
 
 
 def ppo_policy_loss(logp, old_logp, advantages, mask=None, *, clip_low=0.2, clip_high=0.2, dual_clip=None,
-                    agg="token-mean", backend=None):
+                    agg="token-mean", normalizer=None, horizon=None, backend=None):
     """Clipped PPO policy loss, fused: one kernel forward (per-token loss, clip decisions, statistics and the
     masked aggregation; on Triton a second one-program kernel adds the tiles' partials) and one backward.
 
     logp, old_logp, advantages, mask: (..., T). ratio = exp(clamp(logp - old_logp, ±20)) (the clamp, as in verl,
     keeps exp finite); pg = max(-A·ratio, -A·clamp(ratio, 1 - clip_low, 1 + clip_high)); with dual_clip c > 1,
-    where A < 0, pg = min(pg, -A·c). loss = agg_loss(pg, mask, agg).
+    where A < 0, pg = min(pg, -A·c). loss = agg_loss(pg, mask, agg, normalizer=normalizer, horizon=horizon).
     Returns (loss, stats): loss a float32 0-dim tensor; stats float32 0-dim tensors, masked means over the valid
     tokens whatever `agg` is: "clipfrac" (tokens where the clipped term is the larger), "approx_kl" (mean of
     old_logp - logp, verl's ppo_kl), "ratio_mean". No host sync.
@@ -125,32 +150,41 @@ def ppo_policy_loss(logp, old_logp, advantages, mask=None, *, clip_low=0.2, clip
     clip_low, clip_high = _check_clip("clip_low", clip_low), _check_clip("clip_high", clip_high)
     dual_clip = _check_dual_clip(dual_clip)
     agg = _check_mode("agg", agg)
+    normalizer, horizon = _check_divisor("normalizer", normalizer), _check_divisor("horizon", horizon)
     name = _backend.select("ppo_policy_loss", backend, logp.device)
     if name == "torch":
         return reference.ppo_policy_loss(logp, old_logp.detach(), advantages.detach(), mask, clip_low=clip_low,
-                                         clip_high=clip_high, dual_clip=dual_clip, agg=agg)
+                                         clip_high=clip_high, dual_clip=dual_clip, agg=agg, normalizer=normalizer,
+                                         horizon=horizon)
     loss, stats = _kernels(name).ppo_policy_loss(
         _as_rows(logp), _as_rows(old_logp), _as_rows(advantages), None if mask is None else _as_rows(mask),
         clip_low, clip_high, dual_clip, agg)
-    clipfrac, approx_kl, ratio_mean, _, _ = stats.detach().unbind()
+    stats = stats.detach()
+    loss = _renormalized(loss, stats, agg, logp.shape[-1], normalizer, horizon)
+    clipfrac, approx_kl, ratio_mean, _, _ = stats.unbind()
     return loss, {"clipfrac": clipfrac, "approx_kl": approx_kl, "ratio_mean": ratio_mean}
 
 
-def ppo_value_loss(values, old_values, returns, mask=None, *, clip=0.2, agg="token-mean", backend=None):
+def ppo_value_loss(values, old_values, returns, mask=None, *, clip=0.2, agg="token-mean", normalizer=None, horizon=None,
+                   backend=None):
     """Clipped value loss, fused like `ppo_policy_loss`: 0.5·agg(max((V-R)², (clamp(V, old ± clip) - R)²)).
 
     values, old_values, returns, mask: (..., T). Returns (loss, {"clipfrac"}), float32 0-dim tensors (clipfrac:
     valid tokens where the clipped term is the larger). clip=None turns the clipping off: 0.5·agg((V-R)²).
+    normalizer, horizon: as in `agg_loss`.
     The gradient flows to values only.
     """
     (values, old_values, returns), mask = _loss_inputs(("values", "old_values", "returns"),
                                                        (values, old_values, returns), mask)
     clip = math.inf if clip is None else _check_clip("clip", clip)
     agg = _check_mode("agg", agg)
+    normalizer, horizon = _check_divisor("normalizer", normalizer), _check_divisor("horizon", horizon)
     name = _backend.select("ppo_value_loss", backend, values.device)
     if name == "torch":
-        return reference.ppo_value_loss(values, old_values.detach(), returns.detach(), mask, clip=clip, agg=agg)
+        return reference.ppo_value_loss(values, old_values.detach(), returns.detach(), mask, clip=clip, agg=agg,
+                                        normalizer=normalizer, horizon=horizon)
     loss, stats = _kernels(name).ppo_value_loss(
         _as_rows(values), _as_rows(old_values), _as_rows(returns), None if mask is None else _as_rows(mask), clip,
         agg)
-    return loss, {"clipfrac": stats.detach().unbind()[0]}
+    stats = stats.detach()
+    return _renormalized(loss, stats, agg, values.shape[-1], normalizer, horizon), {"clipfrac": stats[0]}

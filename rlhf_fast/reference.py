@@ -176,7 +176,7 @@ def logprobs_per_row_loop(logits, labels):
 
 KL_KINDS = {"k1": "k1", "abs": "abs", "k2": "k2", "mse": "k2", "k3": "k3", "low_var_kl": "k3", "k1+": "k1+",
             "k3+": "k3+"}
-AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
 def _at_least_float32(*tensors):
@@ -216,39 +216,45 @@ def masked_sum(x, mask=None, dim=None):
     return x.sum() if dim is None else x.sum(dim=dim)
 
 
-def agg_loss(loss, mask=None, mode="token-mean"):
-    """Aggregates a per-token loss (..., T) to a scalar, as verl's agg_loss.
+def agg_loss(loss, mask=None, mode="token-mean", *, normalizer=None, horizon=None):
+    """Aggregates a per-token loss (..., T) to a scalar, as verl's agg_loss (rows = all leading dims flattened).
 
-    token-mean: Σ(loss·m) / Σm. seq-mean-token-sum: mean over rows of Σ_t loss·m. seq-mean-token-mean: mean over
-    the rows that have a valid token of Σ_t loss·m / Σ_t m (rows with none are left out). seq-mean-token-sum-norm:
-    Σ(loss·m) / (rows × T). Nothing valid (or nothing at all) gives 0.
+    token-mean: Σ(loss·m) / Σm. token-sum: Σ(loss·m). seq-mean-token-sum: Σ(loss·m) / (rows with a valid token).
+    seq-mean-token-mean: Σ over rows with a valid token of (Σ_t loss·m / Σ_t m), / (rows with a valid token).
+    seq-mean-token-sum-norm: Σ(loss·m) / (rows with a valid token) / T. Rows without a valid token are left out of
+    every seq-mean mode. `normalizer` (a number > 0) replaces the count divided by (valid tokens, 1 for token-sum,
+    valid rows), `horizon` (> 0) replaces T of seq-mean-token-sum-norm (verl's loss_scale_factor; the other modes
+    ignore it). With the default counts, nothing valid (or nothing at all) gives 0.
     """
     (loss,) = _at_least_float32(loss)
     valid = torch.ones_like(loss, dtype=torch.bool) if mask is None else mask.bool()
     rows, steps = loss.shape[:-1].numel(), loss.shape[-1]
     loss, valid = loss.reshape(rows, steps), valid.reshape(rows, steps)
     row_sums = masked_sum(loss, valid, dim=-1)
-    if mode == "token-mean":
-        return row_sums.sum() / valid.sum().clamp(min=1)
-    if mode == "seq-mean-token-sum":
-        return row_sums.sum() / max(rows, 1)
+    counts = valid.sum(-1)
+    has_tokens = counts > 0
+    if mode not in AGG_MODES:
+        raise ValueError(f"mode must be one of {AGG_MODES}, got {mode!r}")
     if mode == "seq-mean-token-mean":
-        counts = valid.sum(-1)
-        has_tokens = counts > 0
-        row_means = torch.where(has_tokens, row_sums / counts.clamp(min=1), torch.zeros_like(row_sums))
-        return row_means.sum() / has_tokens.sum().clamp(min=1)
+        total = torch.where(has_tokens, row_sums / counts.clamp(min=1), torch.zeros_like(row_sums)).sum()
+    else:
+        total = row_sums.sum()
+    if normalizer is None:
+        count = {"token-mean": counts.sum(), "token-sum": 1}.get(mode, has_tokens.sum())
+        normalizer = count.clamp(min=1) if torch.is_tensor(count) else count
     if mode == "seq-mean-token-sum-norm":
-        return row_sums.sum() / max(rows * steps, 1)
-    raise ValueError(f"mode must be one of {AGG_MODES}, got {mode!r}")
+        normalizer = normalizer * (max(steps, 1) if horizon is None else horizon)
+    return total / normalizer
 
 
 def ppo_policy_loss(logp, old_logp, advantages, mask=None, *, clip_low=0.2, clip_high=0.2, dual_clip=None,
-                    agg="token-mean"):
+                    agg="token-mean", normalizer=None, horizon=None):
     """Clipped PPO policy loss as verl's compute_policy_loss; returns (loss, stats).
 
     ratio = exp(clamp(logp - old_logp, ±20)); pg = max(-A·ratio, -A·clamp(ratio, 1 - clip_low, 1 + clip_high)); with
-    dual_clip c, where A < 0: min(pg, -A·c). stats: clipfrac (valid tokens where the clipped term is larger),
-    approx_kl (masked mean of old_logp - logp, log-ratio clamped), ratio_mean; all masked means over valid tokens.
+    dual_clip c, where A < 0: min(pg, -A·c); loss = agg_loss(pg, mask, agg, normalizer=..., horizon=...).
+    stats: clipfrac (valid tokens where the clipped term is larger), approx_kl (masked mean of old_logp - logp,
+    log-ratio clamped), ratio_mean; all masked means over valid tokens.
     """
     logp, old_logp, advantages = _at_least_float32(logp, old_logp, advantages)
     negative_approx_kl = torch.clamp(logp - old_logp, min=-20.0, max=20.0)
@@ -259,7 +265,7 @@ def ppo_policy_loss(logp, old_logp, advantages, mask=None, *, clip_low=0.2, clip
     if dual_clip is not None:
         pg_losses3 = -advantages * dual_clip
         pg_losses = torch.where(advantages < 0, torch.minimum(pg_losses, pg_losses3), pg_losses)
-    loss = agg_loss(pg_losses, mask, agg)
+    loss = agg_loss(pg_losses, mask, agg, normalizer=normalizer, horizon=horizon)
     with torch.no_grad():
         stats = {"clipfrac": agg_loss(torch.gt(pg_losses2, pg_losses1).to(logp.dtype), mask),
                  "approx_kl": agg_loss(-negative_approx_kl, mask),
@@ -267,7 +273,8 @@ def ppo_policy_loss(logp, old_logp, advantages, mask=None, *, clip_low=0.2, clip
     return loss, stats
 
 
-def ppo_value_loss(values, old_values, returns, mask=None, *, clip=0.2, agg="token-mean"):
+def ppo_value_loss(values, old_values, returns, mask=None, *, clip=0.2, agg="token-mean", normalizer=None,
+                   horizon=None):
     """Clipped value loss as verl's compute_value_loss: 0.5·agg(max((V-R)², (clamp(V, old±clip) - R)²)).
 
     stats: clipfrac (valid tokens where the clipped term is larger). clip=None: no clipping.
@@ -276,7 +283,7 @@ def ppo_value_loss(values, old_values, returns, mask=None, *, clip=0.2, agg="tok
     clipped_values = values if clip is None else torch.clamp(values, old_values - clip, old_values + clip)
     vf_losses1 = (values - returns) ** 2
     vf_losses2 = (clipped_values - returns) ** 2
-    loss = agg_loss(0.5 * torch.maximum(vf_losses1, vf_losses2), mask, agg)
+    loss = agg_loss(0.5 * torch.maximum(vf_losses1, vf_losses2), mask, agg, normalizer=normalizer, horizon=horizon)
     with torch.no_grad():
         stats = {"clipfrac": agg_loss(torch.gt(vf_losses2, vf_losses1).to(values.dtype), mask)}
     return loss, stats

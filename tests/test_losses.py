@@ -11,7 +11,7 @@ from conftest import device_backend_pairs
 PAIRS = device_backend_pairs()
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 KL_KINDS = ["k1", "abs", "k2", "mse", "k3", "low_var_kl", "k1+", "k3+"]
-AGG_MODES = ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+AGG_MODES = ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 COMPILED = rf.backend.compiled() is not None
 
 
@@ -98,20 +98,19 @@ def test_kl_penalty_shapes_noncontiguous_mixed_dtypes_empty(device, name):
 # ---------------------------------------------------------------- masked_sum, agg_loss
 
 
-def _agg_by_rows(loss, mask, mode):
-    """agg_loss written out row by row in float64."""
+def _agg_by_rows(loss, mask, mode, normalizer=None, horizon=None):
+    """agg_loss written out row by row in float64 (verl 0.9.1's modes; rows without a valid token are left out of
+    every seq-mean mode)."""
     loss, mask = loss.double().reshape(-1, loss.shape[-1]), mask.reshape(-1, mask.shape[-1])
-    rows, steps = loss.shape
-    row_sums = [float(loss[r][mask[r]].sum()) for r in range(rows)]
-    counts = [int(mask[r].sum()) for r in range(rows)]
-    if mode == "token-mean":
-        return sum(row_sums) / sum(counts) if sum(counts) else 0.0
-    if mode == "seq-mean-token-sum":
-        return sum(row_sums) / rows if rows else 0.0
-    if mode == "seq-mean-token-mean":
-        means = [s / c for s, c in zip(row_sums, counts) if c]
-        return sum(means) / len(means) if means else 0.0
-    return sum(row_sums) / (rows * steps) if rows * steps else 0.0
+    steps = loss.shape[1]
+    row_sums = [float(loss[r][mask[r]].sum()) for r in range(loss.shape[0]) if mask[r].any()]
+    counts = [int(mask[r].sum()) for r in range(loss.shape[0]) if mask[r].any()]
+    total = sum(s / c for s, c in zip(row_sums, counts)) if mode == "seq-mean-token-mean" else sum(row_sums)
+    count = {"token-mean": sum(counts), "token-sum": 1}.get(mode, len(counts))
+    divisor = count if normalizer is None else normalizer
+    if mode == "seq-mean-token-sum-norm":
+        divisor *= steps if horizon is None else horizon
+    return total / divisor if divisor else 0.0
 
 
 @pytest.mark.parametrize("mode", AGG_MODES)
@@ -126,10 +125,42 @@ def test_agg_loss_modes(mode, dtype):
     unmasked = rf.agg_loss(torch.nan_to_num(loss), None, mode)
     assert unmasked.item() == pytest.approx(_agg_by_rows(torch.nan_to_num(loss), torch.ones_like(mask), mode),
                                             rel=1e-5, abs=1e-6)
+    for normalizer, horizon in [(7, None), (None, 3.5), (0.25, 40)]:
+        got = rf.agg_loss(loss, mask, mode, normalizer=normalizer, horizon=horizon)
+        assert got.item() == pytest.approx(_agg_by_rows(loss, mask, mode, normalizer, horizon), rel=1e-5, abs=1e-6)
     x = torch.randn(3, 9, requires_grad=True)
     m = torch.rand(3, 9) > 0.4
     rf.agg_loss(x, m, mode).backward()
     assert (x.grad[~m] == 0).all() and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("mode", ["seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_agg_loss_leaves_fully_masked_rows_out(mode):
+    loss = torch.randn(4, 10, dtype=torch.float64)
+    mask = torch.rand(4, 10) > 0.3
+    mask[:, 0] = True
+    padded_loss = torch.cat([loss, torch.randn(3, 10, dtype=torch.float64)])
+    padded_mask = torch.cat([mask, torch.zeros(3, 10, dtype=torch.bool)])
+    torch.testing.assert_close(rf.agg_loss(padded_loss, padded_mask, mode), rf.agg_loss(loss, mask, mode))
+
+
+def test_agg_loss_matches_verl():
+    core_algos = pytest.importorskip("verl.trainer.ppo.core_algos")
+    loss = torch.randn(6, 23, dtype=torch.float64)
+    mask = torch.rand(6, 23) > 0.4
+    mask[2] = False  # a fully masked row
+    mask[4, 5:] = False
+    for mode in AGG_MODES:
+        got = rf.agg_loss(loss, mask, mode)
+        torch.testing.assert_close(got, core_algos.agg_loss(loss, mask.double(), mode), rtol=1e-7, atol=0,
+                                   msg=mode)
+        # The parallel-invariant arguments: global counts over dp_size ranks, and a fixed horizon.
+        dp_size, batch_num_tokens, global_batch_size, scale_factor = 4, 250, 19, 64
+        expected = core_algos.agg_loss(loss, mask.double(), mode, dp_size=dp_size, batch_num_tokens=batch_num_tokens,
+                                       global_batch_size=global_batch_size, loss_scale_factor=scale_factor)
+        count = {"token-mean": batch_num_tokens, "token-sum": 1}.get(mode, global_batch_size)
+        got = rf.agg_loss(loss, mask, mode, normalizer=count / dp_size, horizon=scale_factor)
+        torch.testing.assert_close(got, expected, rtol=1e-7, atol=0, msg=mode)
 
 
 @pytest.mark.parametrize("mode", AGG_MODES)
@@ -209,6 +240,48 @@ def test_ppo_value_loss_matches_float64_reference(device, name, dtype, agg):
     torch.testing.assert_close(v.grad.double(), v64.grad, **_grad_tol(dtype))
     assert 0 < expected[1]["clipfrac"] < 1
 
+
+
+@pytest.mark.parametrize("device,name", PAIRS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_ppo_losses_normalizer_and_horizon(device, name, dtype, agg):
+    logp, old_logp, advantages = _policy_inputs((5, 37), device, dtype)
+    mask = _mask((5, 37), device)
+    for loss_fn, reference_fn in ((rf.ppo_policy_loss, ref.ppo_policy_loss), (rf.ppo_value_loss, ref.ppo_value_loss)):
+        for normalizer, horizon in [(50.0, None), (None, 64), (2.5, 100.0)]:
+            x = logp.clone().requires_grad_()
+            loss, _ = loss_fn(x, old_logp, advantages, mask, agg=agg, normalizer=normalizer, horizon=horizon,
+                              backend=name)
+            loss.backward()
+            x64 = logp.double().requires_grad_()
+            expected, _ = reference_fn(x64, old_logp.double(), advantages.double(), mask, agg=agg,
+                                       normalizer=normalizer, horizon=horizon)
+            expected.backward()
+            torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(x.grad.double(), x64.grad, **_grad_tol(dtype))
+            nothing_valid, _ = loss_fn(x, old_logp, advantages, torch.zeros_like(mask), agg=agg,
+                                       normalizer=normalizer, horizon=horizon, backend=name)
+            assert nothing_valid.item() == 0.0
+
+
+@pytest.mark.parametrize("device,name", PAIRS)
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_ppo_losses_leave_fully_masked_rows_out(device, name, agg):
+    inputs = _policy_inputs((7, 29), device, torch.float32)
+    mask = torch.rand(7, 29, device=device) > 0.3
+    mask[:4, 0] = True
+    mask[4:] = False  # rows 4..6 have no valid token: the loss must be that of rows 0..3 alone
+    for loss_fn in (rf.ppo_policy_loss, rf.ppo_value_loss):
+        x, x_kept = inputs[0].clone().requires_grad_(), inputs[0][:4].clone().requires_grad_()
+        loss, stats = loss_fn(x, *inputs[1:], mask, agg=agg, backend=name)
+        kept_loss, kept_stats = loss_fn(x_kept, *(t[:4] for t in inputs[1:]), mask[:4], agg=agg, backend=name)
+        loss.backward()
+        kept_loss.backward()
+        torch.testing.assert_close(loss, kept_loss, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(stats, kept_stats, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(x.grad[:4], x_kept.grad, rtol=1e-6, atol=1e-9)
+        assert (x.grad[4:] == 0).all()
 
 
 @pytest.mark.parametrize("device,name", PAIRS)
@@ -353,7 +426,12 @@ def test_bad_input_names_the_argument():
     with pytest.raises(TypeError, match="ref_logp"):
         rf.kl_penalty(a, [1.0])
     with pytest.raises(ValueError, match="mode"):
-        rf.agg_loss(a, None, "token-sum")
+        rf.agg_loss(a, None, "seq-sum")
+    for bad in (0, -1.0, float("inf"), True, torch.tensor(2.0)):
+        with pytest.raises(ValueError, match="normalizer"):
+            rf.agg_loss(a, None, normalizer=bad)
+        with pytest.raises(ValueError, match="horizon"):
+            rf.ppo_value_loss(a, b, c, agg="seq-mean-token-sum-norm", horizon=bad)
     with pytest.raises(ValueError, match="mask"):
         rf.agg_loss(a, torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="loss"):

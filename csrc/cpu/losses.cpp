@@ -209,7 +209,7 @@ void loss_forward(const LossInputs& in, const scalar_t* a, const scalar_t* b, co
   std::array<double, kTotals> totals{};
   for (const auto& acc : partial)
     for (int k = 0; k < kTotals; ++k) totals[k] += acc[k];
-  finalize(totals.data(), agg, in.rows, in.steps, loss, stats);
+  finalize(totals.data(), agg, in.steps, loss, stats);
 }
 
 // grad[t] = w * d loss_t / d a[t] over one row, 0 where the mask is false.
@@ -243,7 +243,7 @@ RLHF_FAST_SIMD_CLONES void row_grads(const scalar_t* a, const scalar_t* b, const
 template <typename scalar_t, typename Math>
 void loss_backward(const LossInputs& in, const scalar_t* a, const scalar_t* b, const scalar_t* c, const Math& math,
                    Agg agg, float grad_loss, const float* stats, scalar_t* grad) {
-  const float scale = grad_loss * token_weight(agg, in.rows, in.steps, stats);
+  const float scale = grad_loss * token_weight(agg, in.steps, stats);
   const int64_t grain = std::max<int64_t>(1, kChunkTokens / std::max<int64_t>(1, in.steps));
   at::parallel_for(0, in.rows, grain, [&](int64_t row_begin, int64_t row_end) {
     for (int64_t row = row_begin; row < row_end; ++row) {

@@ -209,7 +209,7 @@ __global__ void __launch_bounds__(kThreads) loss_forward_kernel(
     double sums[kTotals] = {};
     for (int w = 0; w < kWarps; ++w)
       for (int k = 0; k < kTotals; ++k) sums[k] += final_totals[w][k];
-    finalize(sums, agg, rows, steps, loss, stats);
+    finalize(sums, agg, steps, loss, stats);
   }
 }
 
@@ -221,7 +221,7 @@ __global__ void __launch_bounds__(kThreads) loss_backward_kernel(
   constexpr int kRowsPerBlock = kThreads / W;
   __shared__ float scratch[kWarps];
   const int row_in_block = threadIdx.x / W, thread_in_row = threadIdx.x % W;
-  const float scale = *grad_loss * token_weight(agg, rows, steps, stats);
+  const float scale = *grad_loss * token_weight(agg, steps, stats);
   const bool count_rows = agg == Agg::SeqMeanTokenMean && mask != nullptr;
   for (int64_t first = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock; first < rows;
        first += static_cast<int64_t>(gridDim.x) * kRowsPerBlock) {

@@ -20,7 +20,8 @@ TOTALS = 8  # partial slot: loss sum, row-mean sum, valid tokens, valid rows, cl
 STATS = 5  # clipfrac, approx_kl, ratio_mean, valid tokens, valid rows
 
 KL_CODES = {"k1": 0, "abs": 1, "k2": 2, "mse": 2, "k3": 3, "low_var_kl": 3, "k1+": 4, "k3+": 5}
-AGG_CODES = {"token-mean": 0, "seq-mean-token-sum": 1, "seq-mean-token-mean": 2, "seq-mean-token-sum-norm": 3}
+AGG_CODES = {"token-mean": 0, "token-sum": 1, "seq-mean-token-sum": 2, "seq-mean-token-mean": 3,
+             "seq-mean-token-sum-norm": 4}
 
 
 def _code(table, label, value):
@@ -202,27 +203,37 @@ def _pick(totals, k, index):
     return tl.sum(tl.where(k == index, totals, 0.0), axis=0)
 
 
-@triton.jit(do_not_specialize=["rows", "steps"])
-def _loss_finalize_kernel(partial, programs, loss, stats, rows, steps, AGG: tl.constexpr, BLOCK: tl.constexpr):
+@triton.jit
+def _agg_divisor(tokens, valid_rows, steps, AGG: tl.constexpr):
+    """What the aggregate divides by (0: nothing valid, the loss and its gradient are 0); as agg_divisor in
+    csrc/losses_common.h: valid tokens, 1, valid rows, valid rows, valid rows x steps."""
+    if AGG == 0:
+        divisor = tokens
+    elif AGG == 1:
+        divisor = tl.where(tokens > 0, 1.0, 0.0)
+    elif AGG == 4:
+        divisor = valid_rows * steps.to(valid_rows.dtype)
+    else:
+        divisor = valid_rows
+    return divisor
+
+
+@triton.jit(do_not_specialize=["steps"])
+def _loss_finalize_kernel(partial, programs, loss, stats, steps, AGG: tl.constexpr, BLOCK: tl.constexpr):
     k = tl.arange(0, 8)
     acc = tl.zeros([BLOCK, 8], tl.float64)
     for start in range(0, programs, BLOCK):
         p = start + tl.arange(0, BLOCK)
         acc += tl.load(partial + p[:, None] * 8 + k[None, :], mask=p[:, None] < programs, other=0.0).to(tl.float64)
     totals = tl.sum(acc, axis=0)
-    loss_sum = _pick(totals, k, 0)
     tokens = _pick(totals, k, 2)
     valid_rows = _pick(totals, k, 3)
-    rows_f = rows.to(tl.float64)
-    if AGG == 0:
-        value = tl.where(tokens > 0, loss_sum / tl.maximum(tokens, 1.0), 0.0)
-    elif AGG == 1:
-        value = tl.where(rows_f > 0, loss_sum / tl.maximum(rows_f, 1.0), 0.0)
-    elif AGG == 2:
-        value = tl.where(valid_rows > 0, _pick(totals, k, 1) / tl.maximum(valid_rows, 1.0), 0.0)
+    divisor = _agg_divisor(tokens, valid_rows, steps, AGG)
+    if AGG == 3:  # seq-mean-token-mean: the sum of the row means
+        numerator = _pick(totals, k, 1)
     else:
-        cells = rows_f * steps.to(tl.float64)
-        value = tl.where(cells > 0, loss_sum / tl.maximum(cells, 1.0), 0.0)
+        numerator = _pick(totals, k, 0)
+    value = tl.where(divisor > 0, numerator / tl.where(divisor > 0, divisor, 1.0), 0.0)
     tl.store(loss, value.to(tl.float32))
     per_token = tl.where(tokens > 0, 1.0 / tl.maximum(tokens, 1.0), 0.0)
     tl.store(stats + 0, (_pick(totals, k, 4) * per_token).to(tl.float32))
@@ -240,20 +251,10 @@ def _loss_backward_kernel(grad_loss, a, b, c, mask, stats, grad, rows, steps, p0
     row = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = row < rows
     col = tl.arange(0, BLOCK_T)
-    rows_f = rows.to(tl.float32)
-    if AGG == 0:
-        count = tl.load(stats + 3)
-        weight = tl.where(count > 0, 1.0 / tl.maximum(count, 1.0), 0.0)
-    elif AGG == 1:
-        weight = 1.0 / tl.maximum(rows_f, 1.0)
-    elif AGG == 2:
-        count = tl.load(stats + 4)
-        weight = tl.where(count > 0, 1.0 / tl.maximum(count, 1.0), 0.0)
-    else:
-        weight = 1.0 / tl.maximum(rows_f * steps.to(tl.float32), 1.0)
-    scale = tl.load(grad_loss) * weight
+    divisor = _agg_divisor(tl.load(stats + 3), tl.load(stats + 4), steps, AGG)
+    scale = tl.load(grad_loss) * tl.where(divisor > 0, 1.0 / tl.where(divisor > 0, divisor, 1.0), 0.0)
     row_scale = tl.full([BLOCK_R], 1.0, tl.float32)
-    if AGG == 2:
+    if AGG == 3:
         if HAS_MASK:
             row_valid = tl.zeros([BLOCK_R], tl.float32)
             for start in range(0, steps, BLOCK_T):
@@ -288,7 +289,7 @@ def _forward(a, b, c, mask, params, is_policy, has_dual, agg):
     wrap_triton(_loss_forward_kernel)[(programs,)](
         a, b, c, mask if mask is not None else a, partial, rows, steps, *params, IS_POLICY=is_policy,
         HAS_DUAL=has_dual, HAS_MASK=mask is not None, BLOCK_R=block_r, BLOCK_T=block_t)
-    wrap_triton(_loss_finalize_kernel)[(1,)](partial, programs, loss, stats, rows, steps, AGG=agg_code,
+    wrap_triton(_loss_finalize_kernel)[(1,)](partial, programs, loss, stats, steps, AGG=agg_code,
                                              BLOCK=FINALIZE_BLOCK)
     return loss, stats
 
