@@ -247,18 +247,8 @@ class _LinearLogprobs(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 
-def linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, ignore_index=-100, return_entropy=False,
-                    backend=None):
-    """`logprobs` of the lm_head logits hidden @ weight.T + bias without materialising them.
-
-    hidden: (..., H), weight: (V, H) (an lm_head's), bias: (V,) or None, all one float dtype; labels: (...) int.
-    Returns logp (...) float32, or (logp, entropy). Forward and backward walk the vocab in chunks of at most
-    LINEAR_CHUNK_BYTES of logits (tokens x chunk, in the inputs' dtype, as an lm_head would produce them);
-    the chunks' log-sum-exps and entropies merge exactly. On the Triton backend the forward is one fused kernel
-    instead (tiled matmul with the log-sum-exp epilogue; float64 inputs take the chunked path). Gradients flow
-    to hidden, weight and bias; the backward recomputes each chunk's logits. The `torch` backend is the eager
-    reference (full logits).
-    """
+def check_linear(hidden, weight, bias):
+    """hidden (..., H), weight (V, H) with V >= 1, bias (V,) or None: one float dtype, one device."""
     check.floating("hidden", hidden)
     check.floating("weight", weight)
     if hidden.dim() < 1:
@@ -275,6 +265,21 @@ def linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, ignor
             raise TypeError(f"{name} has dtype {t.dtype} but hidden has {hidden.dtype}; they must match")
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+
+
+def linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, ignore_index=-100, return_entropy=False,
+                    backend=None):
+    """`logprobs` of the lm_head logits hidden @ weight.T + bias without materialising them.
+
+    hidden: (..., H), weight: (V, H) (an lm_head's), bias: (V,) or None, all one float dtype; labels: (...) int.
+    Returns logp (...) float32, or (logp, entropy). Forward and backward walk the vocab in chunks of at most
+    LINEAR_CHUNK_BYTES of logits (tokens x chunk, in the inputs' dtype, as an lm_head would produce them);
+    the chunks' log-sum-exps and entropies merge exactly. On the Triton backend the forward is one fused kernel
+    instead (tiled matmul with the log-sum-exp epilogue; float64 inputs take the chunked path). Gradients flow
+    to hidden, weight and bias; the backward recomputes each chunk's logits. The `torch` backend is the eager
+    reference (full logits).
+    """
+    check_linear(hidden, weight, bias)
     _check_options(temperature, ignore_index)
     _check_labels(labels, hidden.shape[:-1], hidden.device, weight.shape[0], ignore_index, "hidden.shape[:-1]")
     name = _backend.select("linear_logprobs", backend, hidden.device)

@@ -107,6 +107,14 @@ def _renormalized(loss, stats, agg, steps, normalizer, horizon):
     return loss
 
 
+def _check_dual_clip(value) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 1:
+        raise ValueError(f"dual_clip must be None or a finite float > 1, got {value!r}")
+    return float(value)
+
+
 def _loss_inputs(names, tensors, mask):
     tensors = check.common_float(**dict(zip(names, tensors)))
     first = tensors[0]
@@ -140,11 +148,7 @@ def ppo_policy_loss(logp, old_logp, advantages, mask=None, *, clip_low=0.2, clip
     (logp, old_logp, advantages), mask = _loss_inputs(("logp", "old_logp", "advantages"),
                                                       (logp, old_logp, advantages), mask)
     clip_low, clip_high = _check_clip("clip_low", clip_low), _check_clip("clip_high", clip_high)
-    if dual_clip is not None:
-        if isinstance(dual_clip, bool) or not isinstance(dual_clip, (int, float)) or not math.isfinite(dual_clip) \
-                or dual_clip <= 1:
-            raise ValueError(f"dual_clip must be None or a finite float > 1, got {dual_clip!r}")
-        dual_clip = float(dual_clip)
+    dual_clip = _check_dual_clip(dual_clip)
     agg = _check_mode("agg", agg)
     normalizer, horizon = _check_divisor("normalizer", normalizer), _check_divisor("horizon", horizon)
     name = _backend.select("ppo_policy_loss", backend, logp.device)

@@ -12,6 +12,7 @@ import torch
 from rlhf_fast.ppo import PPOConfig, models, tasks, train
 from rlhf_fast.ppo.__main__ import build_parser, config_from_args
 from rlhf_fast.ppo.ops import OP_NAMES, get_ops
+from rlhf_fast.ppo.policy_loss import minibatch_policy_loss
 from rlhf_fast.ppo.trainer import (Dist, RunningLogZ, RunningMoments, encode_prompts, encode_responses,
                                    fdpg_pseudo_reward, join, whiten)
 
@@ -174,6 +175,42 @@ def test_kernels_on_and_off_agree_on_one_update():
     for g_on, g_off in zip(grads_on, grads_off):
         torch.testing.assert_close(g_on, g_off, rtol=1e-4, atol=1e-6)
     assert on["clipfrac"] > 0 and any(g.abs().sum() > 0 for g in grads_on)
+
+
+@pytest.mark.parametrize("extra", [{}, dict(entropy_coef=0.01, kl_in_loss=True, kl_estimator="k3", dual_clip=3.0,
+                                            loss_agg="seq-mean-token-mean")])
+def test_fused_policy_loss_matches_the_unfused_on_one_minibatch(extra):
+    """--fused-head's linear_ppo_policy_loss against log-probs from the model's logits + ppo_policy_loss (and
+    the entropy / KL terms): the same loss, metrics and policy gradients."""
+    torch.manual_seed(0)
+    tokenizer = tasks.CharTokenizer()
+    cfg = PPOConfig(hidden_size=32, num_layers=1, num_heads=2, **extra)
+    policy = models.tiny_llama(tokenizer.vocab_size, cfg)
+    ops = get_ops(True)
+    input_ids, attention, labels, n_prompt, mask = _rollout(tokenizer)
+    with torch.no_grad():
+        old_logp = models.LogProbModel(policy, ops, fused=False, temperature=0.9)(input_ids, attention, labels,
+                                                                                  n_prompt)
+    old_logp = (old_logp + 0.2 * torch.randn(mask.shape)) * mask
+    ref_logp = (old_logp + 0.3 * torch.randn(mask.shape)) * mask
+    advantages = torch.randn(mask.shape) * mask
+    results = []
+    for fused in (True, False):
+        policy.zero_grad(set_to_none=True)
+        policy_lp = models.LogProbModel(policy, ops, fused=fused, temperature=0.9)
+        loss, metrics = minibatch_policy_loss(policy_lp, ops, cfg, 0.1, fused=fused, input_ids=input_ids,
+                                              attention=attention, labels=labels, n_prompt=n_prompt,
+                                              old_logp=old_logp, advantages=advantages, mask=mask, ref_logp=ref_logp)
+        loss.backward()
+        results.append((loss.item(), metrics, [p.grad.clone() for p in policy.parameters()]))
+    (loss_fused, metrics_fused, grads_fused), (loss_plain, metrics_plain, grads_plain) = results
+    assert loss_fused == pytest.approx(loss_plain, rel=1e-5, abs=1e-6)
+    assert metrics_fused.keys() == metrics_plain.keys() and ("kl_loss" in metrics_fused) == bool(extra)
+    for key in metrics_fused:
+        assert metrics_fused[key] == pytest.approx(metrics_plain[key], rel=1e-5, abs=1e-6), key
+    for got, want in zip(grads_fused, grads_plain):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert metrics_fused["clipfrac"] > 0 and any(g.abs().sum() > 0 for g in grads_fused)
 
 
 def test_ops_namespace_has_every_op_in_both_modes():

@@ -97,21 +97,26 @@ class LogProbModel(nn.Module):
     that DistributedDataParallel sees the whole computation.
 
     fused=True feeds the trunk's hidden states and the lm-head weight to `linear_logprobs` (the full logits are
-    never formed); it assumes logits = lm_head(hidden), true of Llama/Qwen/Mistral-style models. fused=False
-    runs the model's own head and `logprobs`."""
+    never formed), or with `policy_loss` given to `linear_ppo_policy_loss`; it assumes logits = lm_head(hidden),
+    true of Llama/Qwen/Mistral-style models. fused=False runs the model's own head and `logprobs`."""
 
     def __init__(self, model, ops, *, fused: bool, temperature: float):
         super().__init__()
         self.model, self.ops, self.fused, self.temperature = model, ops, fused, temperature
 
-    def forward(self, input_ids, attention_mask, labels, n_prompt: int, return_entropy: bool = False):
+    def forward(self, input_ids, attention_mask, labels, n_prompt: int, return_entropy: bool = False,
+                policy_loss: dict | None = None):
         """input_ids, attention_mask (B, P + R); labels (B, R) with -100 at padding -> logp (B, R) fp32
-        [, entropy (B, R) fp32]."""
+        [, entropy (B, R) fp32]. With `policy_loss` (fused only: the keyword arguments of
+        linear_ppo_policy_loss after the labels) -> its (loss, stats) instead."""
         positions = position_ids(attention_mask)
         if self.fused:
             head = self.model.get_output_embeddings()
             hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
                                            position_ids=positions).last_hidden_state
+            if policy_loss is not None:
+                return self.ops.linear_ppo_policy_loss(hidden[:, n_prompt - 1:-1], head.weight, labels,
+                                                       bias=head.bias, temperature=self.temperature, **policy_loss)
             return self.ops.linear_logprobs(hidden[:, n_prompt - 1:-1], head.weight, labels, bias=head.bias,
                                             temperature=self.temperature, return_entropy=return_entropy)
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).logits

@@ -12,7 +12,8 @@ import rlhf_fast as rf
 from rlhf_fast import reference
 
 OP_NAMES = ("logprobs", "linear_logprobs", "entropy", "kl_penalty", "masked_sum", "agg_loss", "ppo_policy_loss",
-            "ppo_value_loss", "gae", "masked_whiten", "masked_mean", "grpo_advantages", "rloo_advantages")
+            "linear_ppo_policy_loss", "ppo_value_loss", "gae", "masked_whiten", "masked_mean", "grpo_advantages",
+            "rloo_advantages")
 
 
 def get_ops(kernels: bool = True) -> SimpleNamespace:

@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import models, tasks
 from .config import PPOConfig
 from .ops import get_ops
+from .policy_loss import minibatch_policy_loss
 
 IGNORE = -100
 TIMED_PHASES = ("generate", "score", "advantages", "update")
@@ -531,23 +532,11 @@ def training_steps(cfg: PPOConfig):
             for mb in torch.randperm(len(prompts), generator=generator).to(device).split(cfg.minibatch_size):
                 loss, stats = torch.zeros((), device=device), {}
                 if policy_moves:
-                    logp_out = train_policy(input_ids[mb], attention[mb], labels[mb], n_prompt,
-                                            return_entropy=cfg.entropy_coef > 0)
-                    logp = logp_out[0] if cfg.entropy_coef > 0 else logp_out
-                    pg_loss, pg_stats = ops.ppo_policy_loss(logp, old_logp[mb], advantages[mb], mask[mb],
-                                                            clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-                                                            dual_clip=cfg.dual_clip, agg=cfg.loss_agg)
-                    loss = loss + pg_loss
-                    stats.update(policy_loss=pg_loss.item(), clipfrac=pg_stats["clipfrac"].item(),
-                                 approx_kl=pg_stats["approx_kl"].item(), ratio_mean=pg_stats["ratio_mean"].item())
+                    loss, stats = minibatch_policy_loss(
+                        train_policy, ops, cfg, kl_coef, fused=policy_lp.fused, input_ids=input_ids[mb],
+                        attention=attention[mb], labels=labels[mb], n_prompt=n_prompt, old_logp=old_logp[mb],
+                        advantages=advantages[mb], mask=mask[mb], ref_logp=ref_logp[mb])
                     approx_kls.append(stats["approx_kl"])
-                    if cfg.entropy_coef > 0:
-                        loss = loss - cfg.entropy_coef * ops.agg_loss(logp_out[1], mask[mb], cfg.loss_agg)
-                    if cfg.kl_in_loss:
-                        kl_loss = ops.agg_loss(ops.kl_penalty(logp, ref_logp[mb], cfg.kl_estimator), mask[mb],
-                                               cfg.loss_agg)
-                        loss = loss + kl_coef * kl_loss
-                        stats["kl_loss"] = kl_loss.item()
                     if cfg.ptx_coef > 0:
                         ptx = demonstration_loss(train_policy, task, tokenizer, len(mb), device, generator)
                         loss = loss + cfg.ptx_coef * ptx

@@ -1,0 +1,292 @@
+"""Fused linear policy loss: the PPO / GRPO clipped objective straight from the lm_head input.
+
+`linear_ppo_policy_loss(hidden, weight, labels, old_logp, advantages, mask)` is `ppo_policy_loss` (plus the
+entropy bonus and the KL-to-reference term) of the log-probs of the logits hidden @ weight.T + bias, without the
+(N, V) logits and without recomputing them in the backward. The tokens are walked in chunks whose
+(chunk, V) logits block holds at most CHUNK_BYTES: full rows, so each row's log-sum-exp, log-prob and entropy
+are exact in one pass, and since the loss's derivative with respect to a token's log-prob and entropy is known
+as soon as they are (the aggregation weights come from the mask up front), the block is turned into its
+gradient on the spot and used for grad_hidden and grad_weight. Three lm-head-sized matmuls per update, as eager
+(logits, grad_hidden, grad_weight); the backward only scales the gradients the forward left.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _validate as check
+from . import backend as _backend
+from . import logprobs as _logprobs
+from . import losses as _losses
+
+# One (token-chunk x V) block of logits, in the inputs' dtype, holds at most this many bytes.
+CHUNK_BYTES = 128 * 2**20
+
+# verl 0.9.1's agg_loss modes (fully masked rows are left out of every seq-mean mode).
+AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+# Order of the per-chunk sums the forward accumulates: the three loss terms, then the three token means.
+_SUMS = ("pg_loss", "entropy", "kl", "clipfrac", "approx_kl", "ratio_mean")
+
+
+def agg_weights(mask, shape, mode, dtype, device):
+    """Per-token weights w (rows, T) with agg_loss(x, mask, mode) = Σ w·x, from the mask alone (no host sync).
+
+    token-mean: m / Σm; token-sum: m; seq-mean-token-sum: m / S; seq-mean-token-mean: m / (Σ_t m · S);
+    seq-mean-token-sum-norm: m / (S · T); S = rows with a valid token (fully masked rows are left out), every
+    count at least 1 so that nothing valid gives 0.
+    """
+    rows, steps = shape
+    m = torch.ones(shape, dtype=dtype, device=device) if mask is None else mask.reshape(shape).to(dtype)
+    if mode == "token-mean":
+        return m / m.sum().clamp(min=1)
+    if mode == "token-sum":
+        return m
+    counts = m.sum(-1, keepdim=True)
+    seqs = (counts > 0).sum().clamp(min=1)
+    if mode == "seq-mean-token-sum":
+        return m / seqs
+    if mode == "seq-mean-token-sum-norm":
+        return m / (seqs * steps)
+    return m / (counts.clamp(min=1) * seqs)
+
+
+def _kl_value_and_grad(logp, ref_logp, kind):
+    """kl_penalty(logp, ref_logp, kind) and its derivative with respect to logp, elementwise."""
+    diff = logp - ref_logp
+    if kind.endswith("+"):  # straight-through: the value of k1 / k3, the gradient of k2
+        return _kl_value_and_grad(logp, ref_logp, kind[:-1])[0], diff
+    if kind == "k1":
+        return diff, torch.ones_like(diff)
+    if kind == "abs":
+        return diff.abs(), diff.sign()
+    if kind == "k2":
+        return 0.5 * diff.square(), diff
+    d = (-diff).clamp(-20.0, 20.0)
+    raw = d.exp() - d - 1
+    value = raw.clamp(-10.0, 10.0)
+    live = (diff.abs() <= 20.0) & (raw.abs() <= 10.0)  # where neither clamp cuts the gradient
+    return value, torch.where(live, 1 - d.exp(), torch.zeros_like(diff))
+
+
+def _token_terms(logp, entropy, chunk, opts):
+    """The loss terms of one chunk's tokens and the loss's derivatives with respect to their logp and entropy.
+
+    Returns (sums (len(_SUMS),), grad_logp (n,), grad_entropy (n,) or None).
+    """
+    old, adv, weight, mean_weight, ref = chunk
+    log_ratio = (logp - old).clamp(-20.0, 20.0)
+    ratio = log_ratio.exp()
+    pg_plain = -adv * ratio
+    pg_clipped = -adv * ratio.clamp(1.0 - opts["clip_low"], 1.0 + opts["clip_high"])
+    clipped = pg_clipped > pg_plain  # the ratio is outside the clip range: no gradient
+    pg = torch.maximum(pg_plain, pg_clipped)
+    live = ~clipped & ((logp - old).abs() <= 20.0)
+    if opts["dual_clip"] is not None:
+        floor = -adv * opts["dual_clip"]
+        dual = (adv < 0) & (floor < pg)
+        pg = torch.where(dual, floor, pg)
+        live = live & ~dual
+    grad_logp = torch.where(live, pg_plain, torch.zeros_like(pg))
+    if ref is not None:
+        kl, kl_grad = _kl_value_and_grad(logp, ref, opts["kl_kind"])
+        grad_logp = grad_logp + opts["kl_coef"] * kl_grad
+    else:
+        kl = torch.zeros_like(pg)
+    sums = torch.stack([pg * weight, entropy * weight, kl * weight, clipped.to(pg.dtype) * mean_weight,
+                        -log_ratio * mean_weight, ratio * mean_weight]).sum(-1)
+    grad_entropy = None if opts["entropy_coef"] == 0 else -opts["entropy_coef"] * weight
+    return sums, grad_logp * weight, grad_entropy
+
+
+class _KernelRows:
+    """Row math of the kernel backends: rlhf_fast's log-prob forward and in-place backward over one block."""
+
+    def __init__(self, name):
+        self.ops = _backend.kernels(name, "logprobs")
+
+    def forward(self, logits, labels, temperature, ignore_index):
+        logp, entropy, lse = self.ops.logprobs_forward(logits[None], labels[None], temperature, ignore_index)
+        return logp[0], entropy[0], lse[0]
+
+    def backward_(self, grad_logp, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index):
+        rows = lambda t: None if t is None else t.to(torch.float32).contiguous()[None]  # noqa: E731
+        self.ops.logprobs_backward_(rows(grad_logp), rows(grad_entropy), logits[None], labels[None], lse[None],
+                                    entropy[None], temperature, ignore_index)
+
+
+class _TorchRows:
+    """The same row math in torch, in float32 (float64 for float64 logits)."""
+
+    @staticmethod
+    def _scaled(logits, temperature):
+        return logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+
+    def forward(self, logits, labels, temperature, ignore_index):
+        scaled = self._scaled(logits, temperature)
+        lse = torch.logsumexp(scaled, -1)
+        log_p = scaled - lse[:, None]
+        p = log_p.exp()
+        entropy = -(p * log_p.masked_fill(p == 0, 0)).sum(-1)
+        ignored = labels == ignore_index
+        logp = log_p.gather(-1, labels.masked_fill(ignored, 0)[:, None])[:, 0].masked_fill(ignored, 0)
+        return logp, entropy, lse
+
+    def backward_(self, grad_logp, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index):
+        """d(logits) = (onehot - p) g_logp / T - p (log p + H) g_entropy / T, written over the logits."""
+        log_p = self._scaled(logits, temperature) - lse[:, None]
+        p = log_p.exp()
+        grad = -p * grad_logp[:, None]
+        if grad_entropy is not None:
+            grad -= p * (log_p.masked_fill(p == 0, 0) + entropy[:, None]) * grad_entropy[:, None]
+        ignored = labels == ignore_index
+        grad.scatter_add_(1, labels.masked_fill(ignored, 0)[:, None], grad_logp.masked_fill(ignored, 0)[:, None])
+        logits.copy_(grad / temperature)
+
+
+def _token_chunks(tokens, vocab, itemsize):
+    step = max(1, CHUNK_BYTES // max(1, vocab * itemsize))
+    return [(start, min(tokens, start + step)) for start in range(0, tokens, step)]
+
+
+def _fused_pass(hidden, weight, bias, labels, per_token, opts, rows, needs):
+    """Walks the token chunks: the loss sums (len(_SUMS),) and, for the inputs flagged in `needs`, the gradients
+    of the loss with respect to hidden, weight and bias (None where not needed)."""
+    need_hidden, need_weight, need_bias = needs
+    temperature, ignore_index = opts["temperature"], opts["ignore_index"]
+    grad_hidden = torch.empty_like(hidden) if need_hidden else None
+    # grad_weight and grad_bias accumulate over the chunks in float32 (float64 for float64 weights).
+    accumulate = torch.promote_types(weight.dtype, torch.float32)
+    low_precision = accumulate != weight.dtype
+    grad_weight = torch.zeros(weight.shape, dtype=accumulate, device=weight.device) if need_weight else None
+    grad_bias = torch.zeros(bias.shape, dtype=accumulate, device=bias.device) if need_bias else None
+    sums = None
+    for start, end in _token_chunks(hidden.shape[0], weight.shape[0], hidden.element_size()):
+        chunk_hidden, chunk_labels = hidden[start:end], labels[start:end]
+        logits = torch.nn.functional.linear(chunk_hidden, weight, bias)
+        logp, entropy, lse = rows.forward(logits, chunk_labels, temperature, ignore_index)
+        chunk_sums, grad_logp, grad_entropy = _token_terms(
+            logp, entropy, [None if t is None else t[start:end] for t in per_token], opts)
+        sums = chunk_sums if sums is None else sums + chunk_sums
+        if any(needs):
+            grad_logp = grad_logp.masked_fill(chunk_labels == ignore_index, 0)
+            rows.backward_(grad_logp, grad_entropy, logits, chunk_labels, lse, entropy, temperature, ignore_index)
+            if need_hidden:
+                torch.mm(logits, weight, out=grad_hidden[start:end])
+            if need_weight:
+                if low_precision:
+                    grad_weight += logits.t() @ chunk_hidden
+                else:
+                    torch.addmm(grad_weight, logits.t(), chunk_hidden, out=grad_weight)
+            if need_bias:
+                grad_bias += logits.sum(0, dtype=accumulate)
+        del logits  # before the next block is allocated: one alive at a time
+    if sums is None:  # no tokens
+        sums = torch.zeros(len(_SUMS), dtype=per_token[0].dtype, device=hidden.device)
+    if grad_weight is not None:
+        grad_weight = grad_weight.to(weight.dtype)
+    if grad_bias is not None:
+        grad_bias = grad_bias.to(bias.dtype)
+    return sums, (grad_hidden, grad_weight, grad_bias)
+
+
+def _loss_of(sums, opts):
+    pg, entropy, kl = sums[0], sums[1], sums[2]
+    return pg - opts["entropy_coef"] * entropy + opts["kl_coef"] * kl
+
+
+class _LinearPolicyLoss(torch.autograd.Function):
+    """Forward: the fused pass (loss sums and the gradients); backward: those gradients times grad_loss."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, per_token, opts, rows):
+        sums, grads = _fused_pass(hidden, weight, bias, labels, per_token, opts, rows, ctx.needs_input_grad[:3])
+        ctx.grads = grads
+        ctx.mark_non_differentiable(sums)
+        return _loss_of(sums, opts), sums
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_sums):
+        scaled = tuple(None if g is None else g * grad_loss.to(g.dtype) for g in ctx.grads)
+        ctx.grads = None
+        return (*scaled, None, None, None, None)
+
+
+def _finite(label, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{label} must be a finite float, got {value!r}")
+    return float(value)
+
+
+def linear_ppo_policy_loss(hidden, weight, labels, old_logp, advantages, mask=None, *, bias=None, temperature=1.0,
+                           clip_low=0.2, clip_high=0.2, dual_clip=None, agg="token-mean", entropy_coef=0.0,
+                           ref_logp=None, kl_coef=0.0, kl_kind="k3", ignore_index=-100, backend=None):
+    """`ppo_policy_loss` of the log-probs of the lm_head logits hidden @ weight.T + bias, fused with the head.
+
+    hidden: (..., T, H); weight: (V, H) (an lm_head's); bias: (V,) or None — one float dtype. labels: (..., T)
+    int; old_logp, advantages, mask, ref_logp: (..., T). logp = log softmax(logits / temperature)[label]
+    (0 where the label is ignore_index); entropy H of that softmax; ratio = exp(clamp(logp - old_logp, ±20));
+    pg = max(-A·ratio, -A·clamp(ratio, 1 - clip_low, 1 + clip_high)), with dual_clip c > 1 where A < 0:
+    min(pg, -A·c). loss = agg(pg) - entropy_coef·agg(H) + kl_coef·agg(kl_penalty(logp, ref_logp, kl_kind)),
+    agg = agg_loss(·, mask, agg) with verl 0.9.1's modes (AGG_MODES; fully masked rows are left out of every
+    seq-mean mode; nothing valid gives 0).
+
+    Returns (loss, stats): loss a 0-dim float32 tensor (float64 for float64 inputs on the torch backend); stats
+    0-dim tensors, no host sync: "clipfrac", "approx_kl", "ratio_mean" (token means over the valid tokens, as
+    `ppo_policy_loss`), and the loss's terms "pg_loss" = agg(pg), "entropy" = agg(H) and, when ref_logp is
+    given, "kl" = agg(kl_penalty), so that loss = pg_loss - entropy_coef·entropy + kl_coef·kl.
+
+    Gradients flow to hidden, weight and bias (those that require them; a frozen weight costs no grad_weight
+    matmul) and are computed during the forward, one (chunk, V) block of logits at a time (CHUNK_BYTES); the
+    backward scales them by the loss's upstream gradient. old_logp, advantages and ref_logp are constants.
+    Backends: the row math (log-sum-exp, log-prob, entropy, the logits' gradient) runs on rlhf_fast's log-prob
+    kernels (cpu / cuda / triton) or in torch (backend "torch"); the matmuls are torch's.
+    """
+    _logprobs.check_linear(hidden, weight, bias)
+    if hidden.dim() < 2:
+        raise ValueError(f"hidden must be (..., T, H), got shape {tuple(hidden.shape)}")
+    lead = hidden.shape[:-1]
+    names = ("old_logp", "advantages") + (() if ref_logp is None else ("ref_logp",))
+    tensors = (old_logp, advantages) + (() if ref_logp is None else (ref_logp,))
+    tensors, mask = _losses._loss_inputs(names, tensors, mask)
+    if tensors[0].shape != lead:
+        raise ValueError(f"old_logp has shape {tuple(tensors[0].shape)} but hidden.shape[:-1] is {tuple(lead)}; "
+                         f"they must match")
+    check.same_device("old_logp", tensors[0], "hidden", hidden)
+    check.positive_float("temperature", temperature)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    _logprobs._check_labels(labels, lead, hidden.device, weight.shape[0], ignore_index, "hidden.shape[:-1]")
+    if not isinstance(agg, str) or agg not in AGG_MODES:
+        raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
+    opts = {"temperature": float(temperature), "ignore_index": ignore_index,
+            "clip_low": _losses._check_clip("clip_low", clip_low),
+            "clip_high": _losses._check_clip("clip_high", clip_high),
+            "dual_clip": _losses._check_dual_clip(dual_clip), "kl_kind": _losses._check_kind(kl_kind),
+            "entropy_coef": _finite("entropy_coef", entropy_coef), "kl_coef": _finite("kl_coef", kl_coef)}
+    if opts["kl_coef"] != 0 and ref_logp is None:
+        raise ValueError("kl_coef != 0 needs ref_logp (the reference model's log-probs of the labels)")
+
+    name = _backend.select("linear_ppo_policy_loss", backend, hidden.device)
+    rows = _TorchRows() if name == "torch" else _KernelRows(name)
+    compute = torch.float64 if name == "torch" and hidden.dtype == torch.float64 else torch.float32
+    shape = (lead[:-1].numel(), lead[-1])
+    valid = torch.ones(shape, dtype=torch.bool, device=hidden.device) if mask is None else mask.reshape(shape)
+    # Masked tokens' inputs are selected out (they may hold inf / nan) and weigh 0.
+    clean = [torch.where(valid, t.reshape(shape).to(compute), 0).reshape(-1) for t in tensors]
+    weights = agg_weights(mask, shape, agg, compute, hidden.device).reshape(-1)
+    mean_weights = agg_weights(mask, shape, "token-mean", compute, hidden.device).reshape(-1)
+    per_token = [clean[0], clean[1], weights, mean_weights, clean[2] if ref_logp is not None else None]
+
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_labels = labels.reshape(-1).long()
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
+        loss, sums = _LinearPolicyLoss.apply(flat_hidden, weight, bias, flat_labels, per_token, opts, rows)
+    else:
+        sums, _ = _fused_pass(flat_hidden, weight, bias, flat_labels, per_token, opts, rows, (False,) * 3)
+        loss = _loss_of(sums, opts)
+    stats = dict(zip(_SUMS, sums.detach().unbind()))
+    if ref_logp is None:
+        del stats["kl"]
+    return loss, stats
