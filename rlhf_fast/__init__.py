@@ -24,6 +24,7 @@ from .advantages import gae, gae_packed, grpo_advantages, masked_mean, masked_wh
 from .divergence import f_divergence  # noqa: E402
 from .logprobs import entropy, linear_logprobs, logprobs  # noqa: E402
 from .losses import agg_loss, kl_penalty, masked_sum, ppo_policy_loss, ppo_value_loss  # noqa: E402
+from .sampling import linear_sample, sample  # noqa: E402
 from .quant import QuantizedLinear, QuantizedWeight, qmatmul, quantize_model, quantize_weight  # noqa: E402
 
 __all__ = [
@@ -48,6 +49,9 @@ __all__ = [
     "masked_sum",
     "ppo_policy_loss",
     "ppo_value_loss",
+    # sampling
+    "linear_sample",
+    "sample",
     # quant
     "QuantizedLinear",
     "QuantizedWeight",
