@@ -5,8 +5,8 @@ logits warpers define them (applied in that order), without the sort of the voca
 probability tensor that the warpers and `torch.multinomial` make. `linear_sample(hidden, weight)` does the same
 from the lm-head input, one vocab chunk of logits at a time.
 
-Every op takes ``backend=`` (``auto | cpu | torch``; see rlhf_fast.backend). There is no CUDA or Triton kernel
-yet: on CUDA tensors ``auto`` runs the torch backend (the float64 reference, which allocates (N, V) tensors).
+Every op takes ``backend=`` (``auto | triton | cpu | torch``; see rlhf_fast.backend). There is no CUDA C++
+kernel: on CUDA tensors ``auto`` runs the Triton kernel.
 """
 from __future__ import annotations
 
@@ -46,11 +46,9 @@ def _check_generator(generator, device):
 
 def _select(op, backend, device):
     name = _backend.select(op, backend, device)
-    if name in ("cuda", "triton"):
-        if _backend.requested(backend) != "auto":
-            raise _backend.BackendUnavailable(f"{op}: backend {name!r} has no sampling kernel yet; use "
-                                              f"backend='torch' (or 'auto') on {device.type} tensors")
-        return "torch"
+    if name == "cuda":  # no CUDA C++ kernel: auto's GPU order for these ops never names it
+        raise _backend.BackendUnavailable(f"{op}: backend 'cuda' has no sampling kernel yet; use backend='triton' "
+                                          f"(or 'auto') on CUDA tensors")
     return name
 
 

@@ -212,3 +212,30 @@ def test_linear_sample_flat_rows_fall_back_exactly(monkeypatch):
     probs = reference.filtered_log_probs(logits, top_p=0.5).exp()
     tokens, _ = rf.linear_sample(hidden, weight, top_p=0.5, generator=torch.Generator().manual_seed(2))
     _assert_matches_distribution(tokens, probs)
+
+
+@pytest.mark.parametrize("filters", FILTERS + [dict(top_k=3, top_p=0.5, min_p=0.3)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_kernel_equals_reference_draw(filters, dtype):
+    """The Triton kernel (interpreter on the CPU, small shapes): the reference's token for the same uniforms and
+    both log-probs to float32 accuracy, with a vocab that spans several blocks and is not a power of two."""
+    if "triton" not in live_backends("cpu"):
+        pytest.skip("triton is not live here")
+    tr = importlib.import_module("rlhf_fast.triton.sampling")
+    logits = _logits(12, 300, seed=13, dtype=dtype)
+    logits[0, :7] = -math.inf
+    logits[1, 5] = logits[1, 9] = logits[1].max()  # a tie at the top
+    rows = logits[None]
+    uniforms = torch.rand(1, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    options = (filters.get("temperature", 1.0), filters.get("top_k", 0), filters.get("top_p", 1.0),
+               filters.get("min_p", 0.0))
+    original = tr.launch_config
+    tr.launch_config = lambda vocab: {"BLOCK": 128, "num_warps": 4}  # three blocks per row
+    try:
+        tokens, kept, full = tr.sample(rows, uniforms, *options)
+    finally:
+        tr.launch_config = original
+    ref_tokens, ref_kept, ref_full = reference.sample(logits, uniforms[0], **filters)
+    assert torch.equal(tokens[0], ref_tokens)
+    torch.testing.assert_close(kept[0], ref_kept, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(full[0], ref_full, rtol=1e-5, atol=1e-5)
