@@ -15,6 +15,8 @@ MISMATCH, never hidden.
 Timing: CUDA with triton.testing.do_bench (CUDA events, warm-up, median and 20/80% quantiles); CPU with
 time.perf_counter over repeated calls after warm-up. Peak memory: CUDA max_memory_allocated above the baseline;
 CPU the harness's own accounting from the profiler's allocation events (peak of live bytes allocated by the call).
+A case with `interleaved=R` (a trainer step) is timed R rounds, the providers in alternation, one call each per
+round.
 Rows append to benchmarks/results/<device-slug>.csv in the long format of DESIGN.md.
 """
 from __future__ import annotations
@@ -55,6 +57,9 @@ class Case:
     reference: Callable[[], Any] | None = None
     # provider -> [(metric, unit, value)]: measured quantities other than time (e.g. an accuracy), written as rows
     metrics: dict[str, list[tuple[str, str, float]]] = dataclasses.field(default_factory=dict)
+    # > 0: the providers are timed in alternation, one call each per round, for this many rounds (long calls
+    # such as a trainer step, where drift of a shared machine would bias providers timed one after another)
+    interleaved: int = 0
 
 
 @dataclasses.dataclass
@@ -99,6 +104,14 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def _quantiles(samples: list[float]) -> tuple[float, float, float]:
+    samples = sorted(samples)
+
+    def q(p):
+        return samples[min(len(samples) - 1, int(p * (len(samples) - 1) + 0.5))]
+    return q(0.5), q(0.2), q(0.8)
+
+
 def _time_cpu(fn, min_time_s: float, max_reps: int) -> tuple[float, float, float]:
     samples = []
     start = time.perf_counter()
@@ -106,11 +119,7 @@ def _time_cpu(fn, min_time_s: float, max_reps: int) -> tuple[float, float, float
         t0 = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - t0) * 1e3)
-    samples.sort()
-
-    def q(p):
-        return samples[min(len(samples) - 1, int(p * (len(samples) - 1) + 0.5))]
-    return q(0.5), q(0.2), q(0.8)
+    return _quantiles(samples)
 
 
 def _time_cuda(fn, quick: bool) -> tuple[float, float, float]:
@@ -190,12 +199,39 @@ def measure_bandwidth_gbs(device: torch.device) -> float:
     return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
 
 
+def _run_interleaved(case: Case, device: torch.device, checked: dict[str, str]) -> list[Result]:
+    """Times the providers that passed the warm-up (`checked`: provider -> status) in alternation, then measures
+    each one's peak memory as any case's."""
+    samples = {provider: [] for provider in checked}
+    errors = {}
+    for _ in range(case.interleaved):
+        for provider in list(samples):
+            try:
+                _sync(device)
+                t0 = time.perf_counter()
+                case.providers[provider]()
+                _sync(device)
+                samples[provider].append((time.perf_counter() - t0) * 1e3)
+            except Exception as exc:
+                errors[provider] = f"error: {type(exc).__name__}: {exc}"[:160]
+                del samples[provider]
+    results = []
+    for provider, times in samples.items():
+        try:
+            results.append(Result(case, provider, _quantiles(times), _peak_mb(case.providers[provider], device),
+                                  checked[provider]))
+        except Exception as exc:
+            errors[provider] = f"error: {type(exc).__name__}: {exc}"[:160]
+    return results + [Result(case, provider, None, None, why) for provider, why in errors.items()]
+
+
 def run_case(case: Case, device: torch.device, quick: bool) -> list[Result]:
     if "eager" not in case.providers:
         raise ValueError(f"benchmark case {case.op} {case.shape} has no 'eager' provider")
     results = []
     expected = case.reference() if case.reference is not None else None
     skipped = dict(case.skipped)
+    checked = {}  # interleaved cases: provider -> status after the warm-up, timed together afterwards
     for provider, fn in case.providers.items():
         if quick and provider == "compile":
             skipped[provider] = "quick mode (compilation alone outlasts the quick budget)"
@@ -209,6 +245,9 @@ def run_case(case: Case, device: torch.device, quick: bool) -> list[Result]:
             else:
                 status = "ok" if expected is None or _agrees(out, expected, case.atol) else "MISMATCH"
             del out
+            if case.interleaved:
+                checked[provider] = status
+                continue
             fn()
             if device.type == "cuda":
                 ms = _time_cuda(fn, quick)
@@ -218,6 +257,8 @@ def run_case(case: Case, device: torch.device, quick: bool) -> list[Result]:
             results.append(Result(case, provider, ms, peak, status))
         except Exception as exc:  # a failing provider is reported, the suite goes on
             results.append(Result(case, provider, None, None, f"error: {type(exc).__name__}: {exc}"[:160]))
+    if checked:
+        results += _run_interleaved(case, device, checked)
     for provider, why in skipped.items():
         results.append(Result(case, provider, None, None, f"skipped: {why}"))
     return results

@@ -1,0 +1,286 @@
+"""Integrations family: every function rlhf_fast.integrations patches, against the peer's own function, and a
+peer trainer's step patched vs unpatched.
+
+Here `eager` is the peer's own code, called as its trainer calls it, and `patched` is the replacement that
+`patch()` installs, built from the same original without patching the peer (so both run in one process side by
+side). A trainer step runs one optimizer step of a live run per call (generation, scoring, log-probs, loss,
+backward); its providers are timed interleaved, its peak memory is the resident set's high-water mark, and
+its phases (generation, log-prob passes, the rest) are recorded as extra metrics.
+
+One block per peer below; `cases()` joins the blocks of the peers installed here.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import rlhf_fast as rf
+
+from .bench_logprobs import _backward_of
+from .harness import Case
+
+# ---------------------------------------------------------------- TRL
+
+
+def _trl_pairs():
+    """{target name: (TRL's function, our replacement)}, built without patching TRL."""
+    from rlhf_fast.integrations import trl as rf_trl
+
+    pairs = {}
+    for target in rf_trl.TARGETS:
+        module = importlib.import_module(target.module)
+        original = getattr(module, target.name)
+        pairs[target.name] = (original, target.make(original))
+    return pairs
+
+
+def _trl_logits_cases(pairs, batch, steps, vocab, dtype, device):
+    """selective_log_softmax, entropy_from_logits and selective_log_softmax_and_entropy on (B, T, V) logits."""
+    logits = (torch.randn(batch, steps, vocab, device=device) * 3).to(dtype)
+    index = torch.randint(0, vocab, (batch, steps), device=device)
+    shape = f"N={batch * steps},V={vocab}"
+    x = logits.clone().requires_grad_()
+    upstream = (torch.randn(batch, steps, device=device), torch.randn(batch, steps, device=device))
+    atol = 2e-2 if dtype != torch.float32 else 1e-3
+
+    # On CUDA the patch keeps TRL's Triton kernel (`patched` = `eager` there); `rlhf_fast` is the op the patch
+    # would call, measured against it.
+    direct = {
+        "selective_log_softmax": lambda t: rf.logprobs(t, index).to(t.dtype),
+        "entropy_from_logits": lambda t: rf.entropy(t).to(t.dtype),
+        "selective_log_softmax_and_entropy": lambda t: tuple(
+            o.to(t.dtype) for o in rf.logprobs(t, index, return_entropy=True)),
+    } if device.type == "cuda" else {}
+
+    def both(name, fn):
+        original, replacement = pairs[name]
+        providers = {"eager": lambda: fn(original, logits), "patched": lambda: fn(replacement, logits)}
+        if name in direct:
+            providers["rlhf_fast"] = lambda: direct[name](logits)
+        return providers
+
+    def both_bwd(name, fn):
+        original, replacement = pairs[name]
+        providers = {"eager": _backward_of(lambda t: fn(original, t), x, upstream),
+                     "patched": _backward_of(lambda t: fn(replacement, t), x, upstream)}
+        if name in direct:
+            providers["rlhf_fast"] = _backward_of(direct[name], x, upstream)
+        return providers
+
+    logp = lambda f, t: f(t, index)  # noqa: E731
+    entropy = lambda f, t: f(t)  # noqa: E731
+    logp_entropy = lambda f, t: f(t, index)  # noqa: E731
+    return [
+        Case("trl.selective_log_softmax", shape, dtype, "fwd", both("selective_log_softmax", logp), atol=atol),
+        Case("trl.selective_log_softmax", shape, dtype, "fwd+bwd", both_bwd("selective_log_softmax", logp),
+             atol=atol),
+        Case("trl.entropy_from_logits", shape, dtype, "fwd", both("entropy_from_logits", entropy), atol=atol),
+        Case("trl.selective_log_softmax_and_entropy", shape, dtype, "fwd+bwd",
+             both_bwd("selective_log_softmax_and_entropy", logp_entropy), atol=atol),
+    ]
+
+
+def _trl_head_case(pairs, tokens, hidden_size, vocab, device):
+    """TRL's fused LM head (ChunkedLogProbFunction, as GRPOTrainer calls it: log-probs and entropy) fwd+bwd."""
+    original, replacement = pairs["ChunkedLogProbFunction"]
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+
+    h = torch.randn(tokens, hidden_size, device=device).requires_grad_()
+    w = (torch.randn(vocab, hidden_size, device=device) / hidden_size**0.5 * 3).requires_grad_()
+    targets = torch.randint(0, vocab, (tokens,), device=device)
+    upstream = (torch.randn(tokens, device=device), torch.randn(tokens, device=device))
+
+    def trl_head(function):
+        return lambda: function.apply(h, w, None, targets, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0,
+                                      ("log_probs", "entropy"))[:2]
+
+    def run(head):
+        def call():
+            out = head()
+            torch.autograd.backward(out, upstream)
+            grads = (h.grad, w.grad)
+            h.grad = w.grad = None
+            return tuple(o.detach() for o in out), grads
+        return call
+
+    providers = {"eager": run(trl_head(original)), "patched": run(trl_head(replacement))}
+    if device.type == "cuda":  # see _trl_logits_cases
+        providers["rlhf_fast"] = run(lambda: rf.linear_logprobs(h, w, targets, return_entropy=True))
+    flops = 3 * 2 * tokens * hidden_size * vocab
+    return Case("trl.ChunkedLogProbFunction", f"N={tokens},H={hidden_size},V={vocab}", torch.float32, "fwd+bwd",
+                providers, flops=flops, atol=2e-2)
+
+
+def word_tokenizer(vocab_size: int):
+    """A word-level tokenizer built in code: <pad>, <eos>, <unk>, then the words w0, w1, ..."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<eos>", "<unk>"] + [f"w{i}" for i in range(vocab_size - 3)]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.decoder = decoders.WordPiece()  # joins the words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>",
+                                   unk_token="<unk>")
+
+
+def odd_words_reward(completions, **kwargs):
+    return [sum(int(w[1:]) % 2 for w in c.split() if w[1:].isdigit()) / 8 for c in completions]
+
+
+def tiny_grpo_trainer(vocab_size: int, hidden_size: int, layers: int, samples: int, completion_tokens: int, *,
+                      steps: int = 1, seed: int = 0, **config):
+    """TRL's GRPOTrainer on a random Llama (`samples` completions per step, 4 per prompt) with a KL term, so a
+    reference model too; `config` overrides GRPOConfig fields (e.g. bf16=False)."""
+    from datasets import Dataset
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from trl import GRPOConfig, GRPOTrainer
+
+    torch.manual_seed(seed)
+    model_dir = tempfile.mkdtemp(prefix="tiny_llama_")  # a path: GRPOTrainer loads the reference model from it
+    LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                                 num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
+                                 max_position_embeddings=256, pad_token_id=0, bos_token_id=1,
+                                 eos_token_id=1)).save_pretrained(model_dir)
+    prompts = Dataset.from_dict({"prompt": [" ".join(f"w{(7 * i + j) % 500}" for j in range(4))
+                                            for i in range(4 * samples)]})
+    args = GRPOConfig(**{"output_dir": tempfile.mkdtemp(prefix="tiny_grpo_"), "per_device_train_batch_size": samples,
+                         "num_generations": 4, "max_completion_length": completion_tokens, "max_steps": steps,
+                         "logging_steps": 1, "report_to": "none", "use_cpu": True, "seed": seed,
+                         "learning_rate": 1e-3, "beta": 0.04, "save_strategy": "no", "disable_tqdm": True, **config})
+    return GRPOTrainer(model=model_dir, reward_funcs=odd_words_reward, args=args, train_dataset=prompts,
+                       processing_class=word_tokenizer(vocab_size))
+
+
+def _grpo_case(vocab, hidden_size, layers, samples, completion_tokens, rounds):
+    """One GRPOTrainer step (TRL defaults: bf16 autocast on the CPU) per call, unpatched vs patched. Extra
+    metrics: the median phases of the timed calls, and the peak resident set of one step in a fresh process."""
+    shape = f"V={vocab},h{hidden_size} L{layers},{samples}x{completion_tokens} tokens"
+    model = (vocab, hidden_size, layers, samples, completion_tokens)
+    case = Case("trl.GRPOTrainer step", shape, torch.bfloat16, "fwd+bwd", {}, interleaved=rounds)
+
+    def stepper(provider, patched):
+        state = {}
+
+        def step():
+            if "trainer" not in state:  # built on the warm-up call, not while the cases are listed
+                state["rss"] = _peak_rss_in_child(model, patched)
+                state["trainer"] = _quiet_grpo_trainer(*model)
+                state["phases"] = []
+                for name in _PHASES:
+                    setattr(state["trainer"], name, _timed(getattr(state["trainer"], name), state, name))
+            state["current"] = dict.fromkeys(_PHASES, 0.0)
+            t0 = time.perf_counter()
+            _grpo_step(state["trainer"], patched)
+            if not torch.autograd._profiler_enabled():  # the harness's memory count slows the step down
+                state["phases"].append({**state["current"], "total": (time.perf_counter() - t0) * 1e3})
+            timed = state["phases"][1:] or state["phases"]  # the warm-up call's phases are left out
+            median = lambda f: statistics.median(f(p) for p in timed)  # noqa: E731
+            case.metrics[provider] = [
+                ("phase_generate", "ms", median(lambda p: p["_generate"])),
+                ("phase_logprob_passes", "ms", median(lambda p: p["_get_per_token_logps_and_entropies"])),
+                ("phase_rest", "ms", median(lambda p: p["total"] - sum(p[name] for name in _PHASES))),
+            ] + [(metric, "MB", value) for metric, value in state["rss"].items()]
+            # no tensors: the harness has nothing to compare (equality is tests/test_integrations_trl.py's)
+        return step
+
+    case.providers.update(eager=stepper("eager", False), patched=stepper("patched", True))
+    return case
+
+
+# GRPOTrainer methods timed as phases: sampling the completions; the log-prob passes (model forward and the
+# fused LM head, for the old/reference log-probs and the loss); the rest is backward, optimizer and bookkeeping.
+_PHASES = ("_generate", "_get_per_token_logps_and_entropies")
+
+
+def _quiet_grpo_trainer(*model):
+    from transformers import PrinterCallback
+
+    trainer = tiny_grpo_trainer(*model, logging_strategy="no")
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+def _grpo_step(trainer, patched):
+    from rlhf_fast.integrations import trl as rf_trl
+
+    with rf_trl.patch() if patched else contextlib.nullcontext():
+        trainer.train()
+
+
+def _resident_mb(field):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+def grpo_step_rss(model, patched):
+    """In a fresh process: the resident set (MB) before the first GRPOTrainer step and its peak during it."""
+    trainer = _quiet_grpo_trainer(*model)
+    Path("/proc/self/clear_refs").write_text("5")  # the high-water mark restarts from the current resident set
+    before = _resident_mb("VmRSS")
+    _grpo_step(trainer, patched)
+    return {"rss_before_step": before, "peak_rss_step": _resident_mb("VmHWM")}
+
+
+def _peak_rss_in_child(model, patched):
+    """grpo_step_rss in a child process (Linux); {} where /proc cannot tell."""
+    if not Path("/proc/self/clear_refs").exists():
+        return {}
+    root = Path(rf.__file__).resolve().parent.parent  # the same rlhf_fast in the child
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    code = ("import importlib, json, sys; from rlhf_fast.cli import _benchmarks_package; "
+            "module = importlib.import_module(_benchmarks_package().__name__ + '.bench_integrations'); "
+            "print('RSS', json.dumps(module.grpo_step_rss(json.loads(sys.argv[1]), sys.argv[2] == 'patched')))")
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(model), "patched" if patched else "eager"],
+                         capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"the peak-memory run failed: {out.stderr.strip().splitlines()[-1:]}")
+    line = [line for line in out.stdout.splitlines() if line.startswith("RSS ")][-1]
+    return json.loads(line[4:])
+
+
+def _timed(method, state, name):
+    def timed(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            state["current"][name] += (time.perf_counter() - t0) * 1e3
+    return timed
+
+
+def _trl_cases(device: torch.device, quick: bool) -> list[Case]:
+    pairs = _trl_pairs()
+    if quick:
+        return (_trl_logits_cases(pairs, 4, 64, 4096, torch.float32, device)
+                + [_trl_head_case(pairs, 256, 64, 4096, device)]
+                + ([_grpo_case(32000, 32, 1, 8, 16, rounds=2)] if device.type == "cpu" else []))
+    cases = (_trl_logits_cases(pairs, 8, 512, 32000, torch.float32, device)
+             + _trl_logits_cases(pairs, 8, 512, 151936, torch.bfloat16, device)
+             + [_trl_head_case(pairs, 4096, 128, 151936, device)])
+    if device.type == "cpu":  # the trainer runs on the CPU here (use_cpu=True)
+        cases.append(_grpo_case(151936, 128, 2, 32, 64, rounds=3))
+    return cases
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def cases(device: torch.device, quick: bool) -> list[Case]:
+    out = []
+    if importlib.util.find_spec("trl") is not None:
+        out += _trl_cases(device, quick)
+    return out
