@@ -65,6 +65,13 @@ TORCH_LIBRARY(rlhf_fast, m) {
   m.def("qmatmul_int4(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size, Tensor? bias) -> Tensor");
   // W8A8: int8 weight as qmatmul_int8, activations quantized per token inside the op, int32 accumulation.
   m.def("qmatmul_w8a8(Tensor x, Tensor qweight, Tensor scales, Tensor? bias) -> Tensor");
+  // ---- sampling (one token per row from softmax(logits / T) under top-k, then top-p, then min-p) ----
+  // logits (A, B, V) with a contiguous last dim, any strides on A and B; uniforms (A, B) float64 in [0, 1),
+  // one per row; top_k 0, top_p 1 and min_p 0 turn a filter off. Returns tokens (A, B) int64 and the fp32
+  // log-probs of the tokens under the filtered, renormalised distribution and under the full softmax. A row
+  // with a NaN or no finite entry gives token 0 and NaN log-probs.
+  m.def("sample(Tensor logits, Tensor uniforms, float temperature, int top_k, float top_p, float min_p) "
+        "-> (Tensor tokens, Tensor logp_filtered, Tensor logp_full)");
   // ---- divergence (f-divergences between softmax(logits_p / T) and softmax(logits_q / T)) ----
   // logits (rows, V), unit vocab stride, any row stride; mask (rows,) bool or None. out (rows,) fp32; stats
   // (rows, 3) fp32 = (lse_p, lse_q, aux), saved for the backward. Kinds: kl, reverse_kl, js, tv, hellinger, chi2,

@@ -25,6 +25,7 @@ from .divergence import f_divergence  # noqa: E402
 from .linear_losses import linear_ppo_policy_loss  # noqa: E402
 from .logprobs import entropy, linear_logprobs, logprobs  # noqa: E402
 from .losses import agg_loss, kl_penalty, masked_sum, ppo_policy_loss, ppo_value_loss  # noqa: E402
+from .sampling import linear_sample, sample  # noqa: E402
 from .quant import QuantizedLinear, QuantizedWeight, qmatmul, quantize_model, quantize_weight  # noqa: E402
 
 __all__ = [
@@ -51,6 +52,9 @@ __all__ = [
     "masked_sum",
     "ppo_policy_loss",
     "ppo_value_loss",
+    # sampling
+    "linear_sample",
+    "sample",
     # quant
     "QuantizedLinear",
     "QuantizedWeight",

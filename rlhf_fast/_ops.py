@@ -326,3 +326,15 @@ def register_triton_quant_autograd(module) -> None:
 
 if backend.compiled() is not None:
     _register_quant_compiled()
+
+
+# ---------------------------------------------------------------- sampling
+
+def _sample_fake(logits, uniforms, temperature, top_k, top_p, min_p):
+    shape = logits.shape[:2]
+    return (logits.new_empty(shape, dtype=torch.long), logits.new_empty(shape, dtype=torch.float32),
+            logits.new_empty(shape, dtype=torch.float32))
+
+
+if backend.compiled() is not None:
+    torch.library.register_fake("rlhf_fast::sample")(_sample_fake)

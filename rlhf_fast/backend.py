@@ -28,6 +28,8 @@ AUTO_GPU: dict[str, tuple[str, ...]] = {}
 # the activations from L1 for every weight chunk (L1-bound beyond ~4 rows, see benchmarks/NOTES.md) and past 16
 # rows the cuda backend dequantizes the whole weight before cuBLAS, while the Triton kernel stays fused.
 AUTO_GPU["qmatmul_many_rows"] = ("triton", "cuda", "torch")
+# ---- sampling: Triton is the only GPU kernel.
+AUTO_GPU["sample"] = ("triton", "torch")
 
 
 class BackendUnavailable(RuntimeError):

@@ -427,3 +427,55 @@ def f_divergence_eager(logits_p, logits_q, kind, *, alpha=None, temperature=1.0,
     logp = torch.log_softmax(logits_p.to(dtype) / temperature, dim=-1)
     logq = torch.log_softmax(logits_q.to(dtype) / temperature, dim=-1)
     return _finish(_divergence_terms(logp, logq, kind, alpha), kind, alpha, mask)
+
+
+# ---------------------------------------------------------------- sampling
+
+def filtered_log_probs(logits, *, temperature=1.0, top_k=None, top_p=None, min_p=None):
+    """float64 log-probabilities (..., V) of the distribution Hugging Face's sampling draws from: softmax of
+    logits / T after its top-k, top-p and min-p warpers (in that order; removed entries -inf). Top-p removes the
+    entries whose cumulative probability, counted from the smallest up, is <= 1 - top_p; entries with equal
+    logits are kept or removed together (the warper itself splits such a tie in its sort order)."""
+    z = logits.double() / temperature
+    if top_k is not None and top_k < z.shape[-1]:
+        kth = torch.topk(z, top_k, dim=-1).values[..., -1:]
+        z = z.masked_fill(z < kth, -math.inf)
+    if top_p is not None and top_p < 1.0:
+        ascending, order = torch.sort(z, dim=-1)
+        cumulative = torch.softmax(ascending, dim=-1).cumsum(-1)
+        last_of_tie = torch.searchsorted(ascending.contiguous(), ascending.contiguous(), right=True) - 1
+        removed_sorted = cumulative.gather(-1, last_of_tie) <= 1.0 - top_p
+        removed_sorted[..., -1] = False
+        removed = torch.zeros_like(removed_sorted).scatter(-1, order, removed_sorted)
+        z = z.masked_fill(removed, -math.inf)
+    if min_p is not None and min_p > 0.0:
+        z = z.masked_fill(z < z.amax(-1, keepdim=True) + math.log(min_p), -math.inf)
+    return torch.log_softmax(z, dim=-1)
+
+
+def sample(logits, uniforms, *, temperature=1.0, top_k=None, top_p=None, min_p=None):
+    """The inverse-CDF draw of the kernels: token = the first entry (in vocab order) where the running sum of
+    the filtered probabilities exceeds the row's uniform. logits (..., V), uniforms (...) float64 in [0, 1).
+    Returns (tokens int64, filtered logp fp32, full logp fp32)."""
+    logp = filtered_log_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    cumulative = logp.exp().cumsum(-1)
+    target = uniforms.double()[..., None] * cumulative[..., -1:]
+    tokens = torch.searchsorted(cumulative.contiguous(), target.contiguous(), right=True)[..., 0]
+    tokens = tokens.clamp_max(logits.shape[-1] - 1)
+    full = torch.log_softmax(logits.double() / temperature, dim=-1)
+    pick = tokens[..., None]
+    return tokens, logp.gather(-1, pick)[..., 0].float(), full.gather(-1, pick)[..., 0].float()
+
+
+def sample_with_warpers(logits, *, temperature=1.0, top_k=None, top_p=None, min_p=None, generator=None):
+    """What trainers run today: Hugging Face's logits warpers, softmax and torch.multinomial. logits (N, V)."""
+    from transformers.generation.logits_process import (MinPLogitsWarper, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+    scores = TemperatureLogitsWarper(temperature)(None, logits)
+    if top_k is not None:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    if top_p is not None:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    if min_p is not None:
+        scores = MinPLogitsWarper(min_p)(None, scores)
+    return torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator)[:, 0]

@@ -21,6 +21,7 @@ FAMILIES = {
     "losses": (("kl_penalty", "kl_penalty_backward", "ppo_policy_loss", "ppo_policy_loss_backward", "ppo_value_loss",
                 "ppo_value_loss_backward"),
                (b"kl_penalty_kernel", b"kl_penalty_backward_kernel", b"loss_forward_kernel", b"loss_backward_kernel")),
+    "sampling": (("sample",), ()),  # CPU kernel only so far
     "quant": (("qmatmul_int8", "qmatmul_int4", "qmatmul_w8a8"),
               (b"int8_gemv_kernel", b"int4_gemv_kernel", b"quantize_rows_kernel", b"w8a8_epilogue_kernel")),
 }
