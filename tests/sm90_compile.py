@@ -8,8 +8,9 @@ ignores some switches, so a cached build could hide a compile error):
 A stand-in driver reports an sm_90 device, and `JITFunction.run` compiles instead of launching: each case calls
 the real launchers in rlhf_fast/triton/ with tensors of the shapes and dtypes it names (never read), so every kernel
 is built (TTIR -> TTGIR -> LLVM -> PTX -> cubin through ptxas) with exactly the grid, constexprs and num_warps its
-launcher picks. One JSON line per distinct compiled kernel (registers, spill stack, shared memory from cuobjdump),
-or one line with the error of a case that failed to compile. tests/test_triton_sm90.py runs it and checks them.
+launcher picks. One JSON line per distinct compiled kernel (registers, stack frame and spills from ptxas -v,
+shared memory), or one line with the error of a case that failed to compile. tests/test_triton_sm90.py runs it and
+checks them. A kernel found in Triton's cache is not compiled, hence not reported: use an empty cache.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ TOKENS = 16384
 QMATMUL_FEATURES = 4096
 QMATMUL_ROWS = (1, 16, 256, 8192)  # decode (split-K GEMV) and prefill/training (tiled GEMM)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-H100_SMS = 132
+H100_SMS = 132  # H100 SXM
 H100_SHARED_BYTES = 227 * 1024  # the most shared memory one block may use on sm_90
 
 
