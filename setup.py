@@ -14,6 +14,11 @@ import sys
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# No --use_fast_math: it would flush subnormals to zero and approximate every division, square root, exp and
+# log in every kernel. Kernels that want a hardware approximation ask for it where they use it (an intrinsic
+# or inline PTX, with a comment); tests/test_cuda_ptx.py lists which approximate instructions each kernel may
+# contain and fails on any other.
+NVCC_FLAGS = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
 
 
 def _default_cuda_home():
@@ -68,13 +73,12 @@ def _extension():
                             extra_link_args=link_flags)
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0a"
-    nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
     return CUDAExtension(
         "rlhf_fast._C",
         cpu_sources + sorted(glob.glob("csrc/cuda/*.cu")),
         include_dirs=_nvidia_wheel_includes(),
         define_macros=[("RLHF_FAST_WITH_CUDA", "1")],
-        extra_compile_args={"cxx": cxx_flags + ["-DRLHF_FAST_WITH_CUDA=1"], "nvcc": nvcc_flags},
+        extra_compile_args={"cxx": cxx_flags + ["-DRLHF_FAST_WITH_CUDA=1"], "nvcc": NVCC_FLAGS},
         extra_link_args=link_flags,
     )
 

@@ -11,6 +11,7 @@ Every op takes ``backend=`` (``auto | triton | cuda | cpu | torch``; see rlhf_fa
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -22,6 +23,8 @@ from . import reference
 LINEAR_CHUNK_BYTES = 128 * 2**20
 # Labels of a vocab slice are shifted into (-V, V); this marks ignored positions among them.
 _SLICE_IGNORE = -(2**62)
+# Set to 1 to range-check labels on CUDA tensors too (one device sync per call), as check_labels=True does.
+CHECK_LABELS_ENV = "RLHF_FAST_CHECK_LABELS"
 
 
 def _kernels(name: str):
@@ -40,19 +43,28 @@ def _check_logits(logits):
         raise ValueError(f"logits must be (..., V) with V >= 1, got shape {tuple(logits.shape)}")
 
 
-def _check_labels(labels, lead, device, vocab, ignore_index, lead_name):
-    """labels: integer, shaped `lead`, on `device`, each in [0, vocab) or ignore_index.
+def _range_check_wanted(check_labels, device):
+    """Whether to read the labels on the host to range-check them: check_labels if given, else on CPU tensors
+    (free there) and, where RLHF_FAST_CHECK_LABELS=1, on every device."""
+    if check_labels is not None:
+        return check_labels
+    return device.type == "cpu" or os.environ.get(CHECK_LABELS_ENV, "0") == "1"
 
-    The range check reads the labels on the host (one device sync for CUDA tensors). Under torch.compile it
-    is left out, and a label out of range gives a NaN log-prob instead (the kernels never read past a row).
-    """
+
+def _check_labels(labels, lead, device, vocab, ignore_index, lead_name, check_labels):
+    """labels: integer, shaped `lead`, on `device`; with the range check (see _range_check_wanted) each in
+    [0, vocab) or ignore_index, else ValueError. That check reads the labels on the host (a device sync for
+    CUDA tensors) and is left out under torch.compile; without it the kernels give a NaN log-prob for a label
+    out of range (and never read past a row)."""
     check.integer("labels", labels)
+    if check_labels is not None and not isinstance(check_labels, bool):
+        raise TypeError(f"check_labels must be None, True or False, got {check_labels!r}")
     if labels.shape != lead:
         raise ValueError(f"labels has shape {tuple(labels.shape)} but {lead_name} needs {tuple(lead)}")
     if labels.device != device:
         raise ValueError(f"labels is on {labels.device} but the logits are on {device}; move it with "
                          f"labels.to({device!r})")
-    if torch.compiler.is_compiling() or labels.numel() == 0:
+    if torch.compiler.is_compiling() or labels.numel() == 0 or not _range_check_wanted(check_labels, device):
         return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
     if bool(bad.any()):
@@ -119,14 +131,20 @@ def _forward(logits, labels, temperature, ignore_index, inplace_backward, name):
 
 
 def logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False, inplace_backward=False,
-             backend=None):
+             check_labels=None, backend=None):
     """log softmax(logits / temperature) at `labels`, and optionally the entropy of that softmax.
 
     logits: (..., V) float32 / bfloat16 / float16 / float64, any strides (rows need not be contiguous:
     `logits[:, :-1]` is read in place; only a non-contiguous last dim is copied). labels: (...) int.
     Returns logp (...) float32, or (logp, entropy) with return_entropy=True. Positions whose label is
     ignore_index get logp 0 and no gradient through logp; the entropy is computed at every position (mask it
-    with your loss mask). Labels outside [0, V) raise ValueError (checked on the host: one device sync on CUDA).
+    with your loss mask). A NaN logit makes its row's logp and entropy NaN.
+
+    Labels outside [0, V) (other than ignore_index): with the range check they raise ValueError; without it
+    they get a NaN logp (and no one-hot term in the gradient). check_labels=None (default) checks CPU tensors
+    (no sync needed) and leaves CUDA tensors unchecked, so that the call never syncs with the device;
+    check_labels=True (or RLHF_FAST_CHECK_LABELS=1 for the default) checks everywhere, at one device sync per
+    call on CUDA; False never checks. Under torch.compile the check is left out.
 
     Gradients flow to the logits, in their dtype: d = (onehot - p) g_logp / T - p (log p + H) g_entropy / T.
     inplace_backward=True writes that gradient into the logits buffer itself (no second (N, V) tensor): the
@@ -135,7 +153,8 @@ def logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return_entro
     """
     _check_logits(logits)
     _check_options(temperature, ignore_index)
-    _check_labels(labels, logits.shape[:-1], logits.device, logits.shape[-1], ignore_index, "logits.shape[:-1]")
+    _check_labels(labels, logits.shape[:-1], logits.device, logits.shape[-1], ignore_index, "logits.shape[:-1]",
+                  check_labels)
     name = _backend.select("logprobs", backend, logits.device)
     if name == "torch":
         out = reference.logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index,
@@ -268,7 +287,7 @@ def check_linear(hidden, weight, bias):
 
 
 def linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, ignore_index=-100, return_entropy=False,
-                    backend=None):
+                    check_labels=None, backend=None):
     """`logprobs` of the lm_head logits hidden @ weight.T + bias without materialising them.
 
     hidden: (..., H), weight: (V, H) (an lm_head's), bias: (V,) or None, all one float dtype; labels: (...) int.
@@ -277,11 +296,12 @@ def linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, ignor
     the chunks' log-sum-exps and entropies merge exactly. On the Triton backend the forward is one fused kernel
     instead (tiled matmul with the log-sum-exp epilogue; float64 inputs take the chunked path). Gradients flow
     to hidden, weight and bias; the backward recomputes each chunk's logits. The `torch` backend is the eager
-    reference (full logits).
+    reference (full logits). Labels out of range and check_labels: as in `logprobs`.
     """
     check_linear(hidden, weight, bias)
     _check_options(temperature, ignore_index)
-    _check_labels(labels, hidden.shape[:-1], hidden.device, weight.shape[0], ignore_index, "hidden.shape[:-1]")
+    _check_labels(labels, hidden.shape[:-1], hidden.device, weight.shape[0], ignore_index, "hidden.shape[:-1]",
+                  check_labels)
     name = _backend.select("linear_logprobs", backend, hidden.device)
     if name == "torch":
         out = reference.linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,

@@ -141,14 +141,17 @@ def _entropy_of(log_probs):
 def logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False):
     """log softmax(logits / temperature) at `labels`: logits (..., V), labels (...) int -> (...) [, entropy (...)].
 
-    Positions whose label is ignore_index get log-prob 0 (and no gradient); the entropy is computed at every
-    position. Computed in float32, or float64 for float64 logits (the test reference).
+    Positions whose label is ignore_index get log-prob 0 (and no gradient), other labels outside [0, V) NaN;
+    the entropy is computed at every position. Computed in float32, or float64 for float64 logits (the test
+    reference).
     """
     dtype = torch.promote_types(logits.dtype, torch.float32)
     log_probs = torch.log_softmax(logits.to(dtype) / temperature, dim=-1)
     ignored = labels == ignore_index
-    safe = torch.where(ignored, torch.zeros_like(labels), labels).long()
+    in_range = (labels >= 0) & (labels < logits.shape[-1])
+    safe = torch.where(ignored | ~in_range, torch.zeros_like(labels), labels).long()
     logp = log_probs.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    logp = torch.where(in_range, logp, torch.full_like(logp, math.nan))
     logp = torch.where(ignored, torch.zeros_like(logp), logp)
     return (logp, _entropy_of(log_probs)) if return_entropy else logp
 

@@ -474,8 +474,166 @@ def test_per_row_loop_reference_agrees():
     torch.testing.assert_close(ref.logprobs_per_row_loop(logits, labels), ref.logprobs(logits, labels))
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-def test_cuda_labels_out_of_range_raise():
+# NaN and label-range behaviour of the compiled kernels and the eager reference (the Triton kernels: their own tests).
+KERNEL_PAIRS = [(device, name) for device, name in PAIRS if name in ("cpu", "cuda", "torch")]
+
+
+def _nan_rows(vocab, device, dtype=torch.float32):
+    """Rows (6, vocab) with NaN logits where a kernel's running max is still -inf, or is not: NaN first; a
+    block of NaN and -inf starting the row (longer than the CPU kernel's 1024-float block); NaN after finite
+    values; a NaN last; plus an all -inf row and a finite row."""
+    rows = torch.randn(6, vocab, device=device) * 3
+    rows[0, 0] = float("nan")
+    rows[1, :1500] = float("-inf")
+    rows[1, 700] = float("nan")
+    rows[2, vocab // 2] = float("nan")
+    rows[3, -1] = float("nan")
+    rows[4] = float("-inf")
+    return rows.to(dtype)
+
+
+@pytest.mark.parametrize("device,name", KERNEL_PAIRS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nan_logits_propagate_like_torch(device, name, dtype):
+    logits = _nan_rows(3001, device, dtype)
+    labels = torch.randint(0, 3001, (6,), device=device)
+    logp, ent = rf.logprobs(logits, labels, return_entropy=True, backend=name)
+    exp_logp, exp_ent = _reference(logits, labels)
+    assert exp_logp[:5].isnan().all() and exp_ent[:5].isnan().all()  # the reference: NaN rows and all -inf
+    torch.testing.assert_close(logp.double(), exp_logp, equal_nan=True, **OUT_TOL)
+    torch.testing.assert_close(ent.double(), exp_ent, equal_nan=True, **OUT_TOL)
+
+
+def _out_of_range_case(device):
+    logits = torch.randn(2, 3, 50, device=device)
+    labels = torch.randint(0, 50, (2, 3), device=device)
+    labels[0, 1], labels[1, 0], labels[1, 2] = 50, -7, -100
+    return logits, labels
+
+
+@pytest.mark.skipif(rf.backend.compiled() is None, reason="compiled library not built")
+def test_cpu_kernel_gives_nan_for_labels_out_of_range():
+    logits, labels = _out_of_range_case("cpu")
+    rows = logits.reshape(1, 6, 50)
+    logp, _, lse = torch.ops.rlhf_fast.logprobs_forward(rows, labels.reshape(1, 6), 1.0, -100)
+    expected = _reference(logits, labels)[0].reshape(1, 6)
+    assert logp[0, [1, 3]].isnan().all() and logp[0, 5] == 0
+    torch.testing.assert_close(logp.double(), expected, equal_nan=True, **OUT_TOL)
+    # the backward: no one-hot term, never a read or write outside the row
+    g = torch.ones(1, 6)
+    grad = torch.ops.rlhf_fast.logprobs_backward(g, None, rows, labels.reshape(1, 6), lse, lse, 1.0, -100)
+    torch.testing.assert_close(grad[0, 1], -torch.softmax(rows[0, 1], -1))
+
+
+@pytest.mark.parametrize("device,name", KERNEL_PAIRS)
+def test_label_check_modes(device, name, monkeypatch):
+    logits, labels = _out_of_range_case(device)
+    expected = _reference(logits, labels)[0]
+    nan_at = torch.zeros(2, 3, dtype=torch.bool, device=device)
+    nan_at[0, 1] = nan_at[1, 0] = True
+    for check_labels in (True, None) if device == "cpu" else (True,):  # CPU tensors: checked by default
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, 50\)"):
+            rf.logprobs(logits, labels, check_labels=check_labels, backend=name)
+    if device != "cpu":
+        monkeypatch.setenv("RLHF_FAST_CHECK_LABELS", "1")
+        with pytest.raises(ValueError, match="labels"):
+            rf.logprobs(logits, labels, backend=name)
+        monkeypatch.delenv("RLHF_FAST_CHECK_LABELS")
+    for check_labels in (False, None) if device != "cpu" else (False,):
+        logp = rf.logprobs(logits, labels, check_labels=check_labels, backend=name)
+        assert torch.equal(logp.isnan(), nan_at)
+        torch.testing.assert_close(logp.double(), expected, equal_nan=True, **OUT_TOL)
+    with pytest.raises(TypeError, match="check_labels"):
+        rf.logprobs(logits, labels, check_labels=1, backend=name)
+
+
+@pytest.mark.parametrize("device,name", KERNEL_PAIRS)
+def test_linear_logprobs_label_check_modes(device, name, monkeypatch):
+    monkeypatch.setattr(lp_module, "LINEAR_CHUNK_BYTES", 128 * 6 * 4)  # 6 fp32 tokens: chunks of 128 columns
+    hidden, weight = torch.randn(2, 3, 16, device=device), torch.randn(300, 16, device=device)
+    labels = torch.randint(0, 300, (2, 3), device=device)
+    labels[0, 1], labels[1, 0], labels[1, 2] = 300, -7, -100
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 300\)"):
+        rf.linear_logprobs(hidden, weight, labels, check_labels=True, backend=name)
+    w = weight.clone().requires_grad_()
+    logp = rf.linear_logprobs(hidden, w, labels, check_labels=False, backend=name)
+    expected = ref.linear_logprobs(hidden.double(), weight.double(), labels.clamp(0, 299))
+    assert logp[0, 1].isnan() and logp[1, 0].isnan() and logp[1, 2] == 0
+    valid = ~logp.isnan() & (labels != -100)
+    torch.testing.assert_close(logp[valid].double(), expected[valid], **OUT_TOL)
+    logp.nan_to_num(0.0).sum().backward()
+    assert torch.isfinite(w.grad).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["cuda", "triton"])
+def test_gpu_no_host_sync_by_default(name):
+    """The default (labels unchecked on CUDA) never syncs with the device, forward and backward."""
+    logits = torch.randn(2, 9, 1003, device="cuda", dtype=torch.bfloat16)[:, 1:].requires_grad_()
+    labels = torch.randint(0, 1003, (2, 8), device="cuda")
+    hidden = torch.randn(16, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(1003, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    flat_labels = labels.reshape(-1)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        logp, ent = rf.logprobs(logits, labels, return_entropy=True, backend=name)
+        (logp.sum() + ent.sum()).backward()
+        lin, lin_ent = rf.linear_logprobs(hidden, weight, flat_labels, return_entropy=True, backend=name)
+        (lin.sum() + lin_ent.sum()).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(logp).all() and torch.isfinite(lin).all()
+
+
+@pytest.mark.gpu
+def test_gpu_labels_out_of_range():
     x = torch.randn(2, 11, device="cuda")
+    bad = torch.tensor([3, 11], device="cuda")
     with pytest.raises(ValueError, match="labels"):
-        rf.logprobs(x, torch.tensor([3, 11], device="cuda"), backend="cuda")
+        rf.logprobs(x, bad, check_labels=True, backend="cuda")
+    logp = rf.logprobs(x, bad, backend="cuda")  # default on CUDA: unchecked, NaN
+    assert torch.isfinite(logp[0]) and logp[1].isnan()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_nan_and_misaligned_rows_in_place(dtype):
+    """V = 151936 rows starting 0-7 elements past a 16-byte boundary, read where they lie (no copy before the
+    op): a NaN in a row makes its outputs NaN, the other rows match float64, and the backward (out of place:
+    misaligned input, aligned output; in place: both misaligned alike) matches autograd."""
+    vocab = 151936
+    big = (torch.randn(8, 9, vocab + 8, device="cuda") * 3).to(dtype)  # rows of vocab + 8: each one aligned
+    for offset in range(8):
+        logits = big[..., offset:offset + vocab]
+        assert lp_module._as_rows(logits).data_ptr() == logits.data_ptr()
+        labels = torch.randint(0, vocab, logits.shape[:2], device="cuda")
+        labels[3, :4] = -100
+        poisoned = big.clone()[..., offset:offset + vocab]
+        poisoned[0, 0, 0] = float("nan")  # the first element of the row, in the head when misaligned
+        poisoned[1, 0, :4000] = float("-inf")
+        poisoned[1, 0, 3000] = float("nan")  # its thread's first value that is not -inf
+        poisoned[2, 0, vocab - 1] = float("nan")  # the tail
+        poisoned[2, 1] = float("-inf")
+        logp, ent = rf.logprobs(poisoned, labels, return_entropy=True, backend="cuda")
+        exp_logp, exp_ent = _reference(poisoned, labels)
+        assert logp[:3, 0].isnan().all() and ent[:3, 0].isnan().all() and ent[2, 1].isnan()
+        torch.testing.assert_close(logp.double(), exp_logp, equal_nan=True, **OUT_TOL)
+        torch.testing.assert_close(ent.double(), exp_ent, equal_nan=True, **OUT_TOL)
+        tol = dict(rtol=1e-4, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-5)
+        for inplace in (False, True):
+            grad, g_lp, g_h = _backward_of_view(big, logits, labels, inplace)
+            torch.testing.assert_close(grad.double(), _reference_grad(logits, labels, g_lp, g_h), **tol)
+
+
+def _backward_of_view(base, view, labels, inplace):
+    """d(view) of logp and entropy with the op reading the strided, misaligned `view` of `base` itself (and
+    with inplace=True writing its gradient there)."""
+    leaf = base.detach().clone().requires_grad_()
+    source = leaf * 1 if inplace else leaf  # the in-place backward needs a buffer that is not a leaf
+    x = source.as_strided(view.shape, view.stride(), view.storage_offset())
+    g_lp = torch.randn(labels.shape, device=view.device)
+    g_h = torch.randn(labels.shape, device=view.device)
+    logp, ent = rf.logprobs(x, labels, return_entropy=True, inplace_backward=inplace, backend="cuda")
+    torch.autograd.backward((logp, ent), (g_lp, g_h))
+    return leaf.grad.as_strided(view.shape, view.stride(), view.storage_offset()), g_lp, g_h
