@@ -81,16 +81,70 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
     if quick:
         return [_case("kl", 64, 4096, torch.float32, "fwd", device),
                 _case("js", 64, 4096, torch.float32, "fwd", device),
-                _case("kl", 64, 4096, torch.float32, "fwd+bwd", device)]
+                _case("kl", 64, 4096, torch.float32, "fwd+bwd", device)] + linear_cases(device, quick)
     if device.type == "cuda":
         rows, vocab, dtype = 8192, 151936, torch.bfloat16
         out = [_case(kind, rows, vocab, dtype, "fwd", device)
                for kind in ("kl", "reverse_kl", "alpha", "js", "tv")]
         out += [_case(kind, rows, vocab, dtype, "fwd+bwd", device) for kind in ("kl", "js")]
-        return out + _liger_cases(rows, vocab, dtype, device)
+        return out + _liger_cases(rows, vocab, dtype, device) + linear_cases(device, quick)
     rows, vocab = 2048, 32000
     out = [_case(kind, rows, vocab, torch.float32, "fwd", device) for kind in ("kl", "reverse_kl", "alpha", "js", "tv")]
     out += [_case("kl", rows, vocab, torch.bfloat16, "fwd", device),
             _case("kl", rows, vocab, torch.float32, "fwd+bwd", device),
             _case("js", rows, vocab, torch.float32, "fwd+bwd", device)]
-    return out + _liger_cases(rows, vocab, torch.float32, device)
+    return out + _liger_cases(rows, vocab, torch.float32, device) + linear_cases(device, quick)
+
+
+def _linear_case(kind, rows, hidden, vocab, device):
+    """Two cases: linear_f_divergence forward+backward with a trainable p side and a frozen q side (the reference model),
+    against eager (both full logits, then the formula), TRL's chunked JSD from hidden states (js only), and the
+    matmuls the chunked op cannot avoid, timed alone (each side's projection, the recompute of both in the
+    backward, grad_hidden and grad_weight of the p side: the floor on this CPU)."""
+    hidden_p = torch.randn(rows, hidden, device=device, requires_grad=True)
+    weight_p = (torch.randn(vocab, hidden, device=device) / hidden ** 0.5).requires_grad_()
+    hidden_q = torch.randn(rows, hidden, device=device)
+    weight_q = torch.randn(vocab, hidden, device=device) / hidden ** 0.5
+
+    def fwd_bwd(fn):
+        def run():
+            hidden_p.grad = weight_p.grad = None
+            out = fn()
+            out.sum().backward()
+            return out.detach(), hidden_p.grad, weight_p.grad
+        return run
+
+    providers = {
+        "eager": fwd_bwd(lambda: reference.f_divergence_eager(hidden_p @ weight_p.T, hidden_q @ weight_q.T, kind)),
+    }
+    providers.update({name: fwd_bwd(fn) for name, fn in kernel_providers(device, lambda name: rf.linear_f_divergence(
+        hidden_p, weight_p, hidden_q, weight_q, kind, backend=name)).items()})
+    skipped = {}
+    if kind == "js":
+        try:
+            from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+            providers["trl"] = fwd_bwd(lambda: ChunkedDivergenceFunction.apply(
+                hidden_p, weight_p, None, hidden_q, weight_q, None, 0.5, 1.0)[0])
+        except ImportError as exc:
+            skipped["trl"] = f"trl not importable ({exc})"
+
+    def matmuls():
+        with torch.no_grad():
+            for _ in range(2):  # forward, then the backward's recompute
+                torch.mm(hidden_p, weight_p.T)
+                torch.mm(hidden_q, weight_q.T)
+            grad = torch.mm(hidden_p, weight_p.T)
+            torch.mm(grad, weight_p)
+            torch.mm(grad.T, hidden_p)
+    shape = f"N={rows},H={hidden},V={vocab}"
+    return [Case(f"linear_f_divergence[{kind}]", shape, torch.float32, "fwd+bwd", providers, atol=2e-3,
+                 skipped=skipped),
+            Case(f"linear_f_divergence[{kind}] matmuls only (floor)", shape, torch.float32, "fwd+bwd",
+                 {"eager": matmuls}, flops=2 * rows * hidden * vocab * 7)]
+
+
+def linear_cases(device: torch.device, quick: bool) -> list[Case]:
+    if quick:
+        return _linear_case("kl", 256, 64, 8192, device)
+    rows, hidden = (8192, 4096) if device.type == "cuda" else (4096, 256)
+    return [case for kind in ("kl", "js") for case in _linear_case(kind, rows, hidden, 151936, device)]

@@ -21,7 +21,7 @@ if backend.compiled() is None:
 
 from . import _ops  # noqa: E402,F401  (fake kernels and autograd of the compiled ops)
 from .advantages import gae, gae_packed, grpo_advantages, masked_mean, masked_whiten, rloo_advantages  # noqa: E402
-from .divergence import f_divergence  # noqa: E402
+from .divergence import f_divergence, linear_f_divergence  # noqa: E402
 from .linear_losses import linear_ppo_policy_loss  # noqa: E402
 from .logprobs import entropy, linear_logprobs, logprobs  # noqa: E402
 from .losses import agg_loss, kl_penalty, masked_sum, ppo_policy_loss, ppo_value_loss  # noqa: E402
@@ -40,6 +40,7 @@ __all__ = [
     "rloo_advantages",
     # divergence
     "f_divergence",
+    "linear_f_divergence",
     # linear_losses
     "linear_ppo_policy_loss",
     # logprobs

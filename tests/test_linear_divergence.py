@@ -1,0 +1,114 @@
+"""linear_f_divergence: the f-divergence of two lm heads' logits, chunk by chunk, against float64 f_divergence
+of the full logits, forward and backward (both hidden states, weights and biases)."""
+import importlib
+
+import pytest
+import torch
+
+import rlhf_fast as rf
+from rlhf_fast import reference
+
+from conftest import live_backends
+
+KINDS = [("kl", None), ("reverse_kl", None), ("js", None), ("tv", None), ("hellinger", None), ("chi2", None),
+         ("alpha", -0.5), ("alpha", 2.0)]
+BACKENDS = [b for b in live_backends("cpu") if b == "cpu"] + ["torch"]
+
+
+def _inputs(rows, vocab, hidden, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    make = lambda *shape, scale=1.0: (torch.randn(*shape, generator=g, dtype=torch.float64) * scale)  # noqa: E731
+    tensors = dict(hidden_p=make(rows, hidden), weight_p=make(vocab, hidden, scale=0.4), bias_p=make(vocab, scale=0.3),
+                   hidden_q=make(rows, hidden + 3), weight_q=make(vocab, hidden + 3, scale=0.4),
+                   bias_q=make(vocab, scale=0.3))
+    return {k: v.to(dtype).requires_grad_() for k, v in tensors.items()}
+
+
+def _reference(t, kind, alpha, temperature, mask):
+    d = {k: v.detach().double().requires_grad_() for k, v in t.items()}
+    logits_p = d["hidden_p"] @ d["weight_p"].T + d["bias_p"]
+    logits_q = d["hidden_q"] @ d["weight_q"].T + d["bias_q"]
+    out = reference.f_divergence(logits_p, logits_q, kind, alpha=alpha, temperature=temperature, mask=mask)
+    return out, d
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Vocab chunks of 128 entries (the minimum), so a vocab of 300 has three, the last one short."""
+    monkeypatch.setattr(importlib.import_module("rlhf_fast.logprobs"), "LINEAR_CHUNK_BYTES", 1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind, alpha", KINDS)
+def test_matches_float64(kind, alpha, backend, small_chunks):
+    t = _inputs(9, 300, 16, torch.float32, seed=hash(kind) % 1000)
+    mask = torch.tensor([1, 1, 0, 1, 1, 1, 0, 1, 1], dtype=torch.bool)
+    out = rf.linear_f_divergence(t["hidden_p"], t["weight_p"], t["hidden_q"], t["weight_q"], kind,
+                                 bias_p=t["bias_p"], bias_q=t["bias_q"], alpha=alpha, temperature=0.7, mask=mask,
+                                 backend=backend)
+    expected, d = _reference(t, kind, alpha, 0.7, mask)
+    assert out.dtype == torch.float32 and out.shape == (9,)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-5)
+    upstream = torch.randn(9, dtype=torch.float64)
+    (out.double() * upstream).sum().backward()
+    (expected * upstream).sum().backward()
+    for name in t:
+        torch.testing.assert_close(t[name].grad.double(), d[name].grad, rtol=1e-3, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["kl", "js"])
+def test_bf16_frozen_reference_and_leading_shape(kind, small_chunks):
+    t = _inputs(12, 257, 32, torch.bfloat16, seed=3)
+    for name in ("hidden_q", "weight_q", "bias_q"):
+        t[name] = t[name].detach()  # the frozen reference side
+    shaped = {k: (v.view(3, 4, -1) if k.startswith("hidden") else v) for k, v in t.items()}
+    out = rf.linear_f_divergence(shaped["hidden_p"], t["weight_p"], shaped["hidden_q"], t["weight_q"], kind,
+                                 bias_p=t["bias_p"], bias_q=t["bias_q"])
+    assert out.shape == (3, 4)
+    expected, d = _reference(t, kind, None, 1.0, None)
+    torch.testing.assert_close(out.reshape(-1).double(), expected, rtol=3e-2, atol=3e-3)
+    out.sum().backward()
+    expected.sum().backward()
+    for name in ("hidden_p", "weight_p", "bias_p"):
+        err = (t[name].grad.double() - d[name].grad).abs().max()
+        assert err <= 3e-2 * d[name].grad.abs().max() + 1e-3, name
+    assert t["weight_q"].grad is None
+
+
+def test_padded_vocab_and_no_bias(small_chunks):
+    """A -inf bias on a padded vocab tail (both sides) changes nothing; the padded entries get no gradient."""
+    t = _inputs(5, 300, 8, torch.float32, seed=8)
+    bias = torch.zeros(300)
+    bias[260:] = float("-inf")
+    out = rf.linear_f_divergence(t["hidden_p"], t["weight_p"], t["hidden_q"], t["weight_q"], "kl", bias_p=bias,
+                                 bias_q=bias)
+    logits_p = (t["hidden_p"] @ t["weight_p"].T)[:, :260].double()
+    logits_q = (t["hidden_q"] @ t["weight_q"].T)[:, :260].double()
+    torch.testing.assert_close(out.double(), reference.f_divergence(logits_p, logits_q, "kl"), rtol=1e-4, atol=1e-5)
+    out.sum().backward()
+    assert torch.equal(t["weight_p"].grad[260:], torch.zeros(40, 8))
+    out2 = rf.linear_f_divergence(t["hidden_p"], t["weight_p"], t["hidden_q"], t["weight_q"], "tv")
+    assert torch.isfinite(out2).all()
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(kind="bogus"), "kind"), (dict(alpha=0.5), "alpha"), (dict(temperature=0.0), "temperature"),
+    (dict(mask=torch.ones(3, dtype=torch.bool)), "mask"),
+])
+def test_bad_arguments(bad, match):
+    t = _inputs(4, 20, 8, torch.float32, seed=1)
+    kwargs = dict(kind="kl")
+    kwargs.update(bad)
+    kind = kwargs.pop("kind")
+    with pytest.raises(ValueError, match=match):
+        rf.linear_f_divergence(t["hidden_p"], t["weight_p"], t["hidden_q"], t["weight_q"], kind, **kwargs)
+
+
+def test_mismatched_shapes_and_dtypes():
+    t = _inputs(4, 20, 8, torch.float32, seed=1)
+    with pytest.raises(ValueError, match="vocab"):
+        rf.linear_f_divergence(t["hidden_p"], t["weight_p"], t["hidden_q"], t["weight_q"][:10], "kl")
+    with pytest.raises(ValueError, match="leading shape"):
+        rf.linear_f_divergence(t["hidden_p"], t["weight_p"], t["hidden_q"][:3], t["weight_q"], "kl")
+    with pytest.raises(TypeError, match="share one dtype"):
+        rf.linear_f_divergence(t["hidden_p"], t["weight_p"].double(), t["hidden_q"], t["weight_q"], "kl")
