@@ -117,6 +117,14 @@ def _losses(dtype):
         ops.ppo_policy_loss(x, x, x, None, 0.2, 0.28, None, "token-mean")
 
 
+def _sampling(dtype):
+    from rlhf_fast.triton import sampling as ops
+    logits = _empty(1, 64, V, dtype=dtype)
+    uniforms = _empty(1, 64, dtype=torch.float64)
+    ops.sample(logits, uniforms, 1.0, 0, 1.0, 0.0)  # plain
+    ops.sample(logits, uniforms, 0.7, 50, 0.9, 0.05)  # every filter
+
+
 def _on_h100(quant):
     """quant.py picks its GPU tiles from the tensors' device type and split-K from the SM count: present a CUDA
     device of an H100's SM count to its config code, since the tensors here are CPU ones."""
@@ -149,6 +157,7 @@ for _dtype in DTYPES:
     CASES[f"advantages-{_dtype}"] = (_advantages, DTYPES[_dtype])
     CASES[f"divergence-{_dtype}"] = (_divergence, DTYPES[_dtype])
     CASES[f"losses-{_dtype}"] = (_losses, DTYPES[_dtype])
+    CASES[f"sampling-{_dtype}"] = (_sampling, DTYPES[_dtype])
     for _scheme in ("int8", "int4", "w8a8"):
         CASES[f"qmatmul_{_scheme}-{_dtype}"] = (lambda dtype, scheme=_scheme: _qmatmul(scheme, dtype),
                                                  DTYPES[_dtype])

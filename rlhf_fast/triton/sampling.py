@@ -9,13 +9,14 @@ entry at which the running sum of exp((x - max) / T) exceeds u * Z_kept, u one u
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
+
+from . import on_tensor_device
 
 
 MAX_BLOCK = 4096
@@ -115,11 +116,13 @@ def _sample_kernel(logits, uniforms, tokens, logp_kept, logp_full, inner, stride
 
 
 def launch_config(vocab: int) -> dict:
-    """Block size and warps of the kernel for a vocab of `vocab` entries."""
-    return {"BLOCK": min(MAX_BLOCK, triton.next_power_of_2(vocab)), "num_warps": 8}
+    """Block size and warps of the kernel for a vocab of `vocab` entries (16 warps: 8 spilled a few bytes on
+    sm_90, tests/test_triton_sm90.py)."""
+    return {"BLOCK": min(MAX_BLOCK, triton.next_power_of_2(vocab)), "num_warps": 16}
 
 
 @triton_op("rlhf_fast_triton::sample", mutates_args=())
+@on_tensor_device
 def sample(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, top_k: int, top_p: float,
            min_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits (A, B, V), last dim contiguous; uniforms (A, B) float64 -> (tokens int64, logp_filtered,
@@ -131,10 +134,8 @@ def sample(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, top
     count = rows[0] * rows[1]
     if count > 0:
         vocab = logits.shape[2]
-        with torch.cuda.device(logits.device) if logits.is_cuda else contextlib.nullcontext():
-            wrap_triton(_sample_kernel)[(count,)](
-                logits, uniforms.contiguous(), tokens, kept, full, max(1, rows[1]), logits.stride(0),
-                logits.stride(1), vocab, 1.0 / temperature, temperature, max(top_k, 1), top_p,
-                math.log(min_p) if min_p > 0 else 0.0, HAS_TOP_K=top_k > 0, HAS_TOP_P=top_p < 1.0,
-                HAS_MIN_P=min_p > 0, **launch_config(vocab))
+        wrap_triton(_sample_kernel)[(count,)](
+            logits, uniforms.contiguous(), tokens, kept, full, max(1, rows[1]), logits.stride(0), logits.stride(1),
+            vocab, 1.0 / temperature, temperature, max(top_k, 1), top_p, math.log(min_p) if min_p > 0 else 0.0,
+            HAS_TOP_K=top_k > 0, HAS_TOP_P=top_p < 1.0, HAS_MIN_P=min_p > 0, **launch_config(vocab))
     return tokens, kept, full
