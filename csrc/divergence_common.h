@@ -155,9 +155,13 @@ RLHF_FAST_HOST_DEVICE inline RowResult finish_first_pass(const Params& p, const 
   if (p.kind == kReverseKL) r.aux = s.b.weighted / s.b.sum - r.lse_b + r.lse_a;
   r.out = r.aux;
   if (p.kind == kPower) {
+    // One exponential for both: the value scale (S - 1) and the backward's S are taken from the same expm1
+    // (accurate near S = 1, also under nvcc's --use_fast_math, which would turn an expf into the approximate
+    // __expf and let S disagree with the value).
     const float log_s = s.c.lse() - p.exponent * r.lse_a - (1.f - p.exponent) * r.lse_b;
-    r.aux = expf(log_s);
-    r.out = p.scale * expm1f(log_s);
+    const float s_minus_1 = expm1f(log_s);
+    r.aux = 1.f + s_minus_1;
+    r.out = p.scale * s_minus_1;
   }
   return r;
 }

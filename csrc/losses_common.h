@@ -58,6 +58,38 @@ RLHF_FAST_HOST_DEVICE inline float exp_small(float x) {
 #endif
 }
 
+// exp(x) - 1 for |x| <= 20 to about 2 ulp, also near 0 where exp(x) - 1 cancels. On the device CUDA's expm1f,
+// which nvcc's --use_fast_math leaves accurate (it has no intrinsic to be swapped for, unlike expf); on the host
+// the vectorisable polynomial of cpu/vec_exp.h.
+RLHF_FAST_HOST_DEVICE inline float expm1_small(float x) {
+#ifdef __CUDA_ARCH__
+  return expm1f(x);
+#else
+  return expm1_poly(x);
+#endif
+}
+
+// (exp(x) - 1 - x) / x^2 by its Taylor series through x^8/8!: within 1e-8 relative for |x| <= ln2/2.
+RLHF_FAST_HOST_DEVICE inline float exp_tail(float x) {
+  float p = 1.f / 40320.f;
+  p = p * x + 1.f / 5040.f;
+  p = p * x + 1.f / 720.f;
+  p = p * x + 1.f / 120.f;
+  p = p * x + 1.f / 24.f;
+  p = p * x + 1.f / 6.f;
+  return p * x + 0.5f;
+}
+
+constexpr float kSeriesBound = 0.25f;
+
+// exp(x) - x - 1 to about 1e-6 relative, given expm1_x = expm1_small(x), |x| <= 20: x^2 exp_tail(x) below
+// |x| = 0.25, expm1(x) - x above (where the subtraction loses at most a factor 8). Written as exp(x) - x - 1 it
+// loses everything near 0: the result is about x^2/2 while exp(x) carries an absolute error near 1e-7. Both
+// branches are computed and one is selected, so that the loops vectorise.
+RLHF_FAST_TOKEN_FN float exp_minus_linear(float x, float expm1_x) {
+  return select((x < kSeriesBound) & (x > -kSeriesBound), x * x * exp_tail(x), expm1_x - x);
+}
+
 // ---- kl_penalty ----
 
 enum class KlKind : int { K1, Abs, K2, K3, K1Plus, K3Plus };
@@ -91,7 +123,7 @@ constexpr float kK3Clamp = 10.f;        // verl: the k3 estimate is clamped to +
 // k3 (low_var_kl) as verl writes it: d = clamp(ref - logp, +-20); clamp(exp(d) - d - 1, +-10).
 RLHF_FAST_TOKEN_FN float k3_value(float logp, float ref) {
   const float d = clampf(ref - logp, -kLogRatioClamp, kLogRatioClamp);
-  return clampf(exp_small(d) - d - 1.f, -kK3Clamp, kK3Clamp);
+  return clampf(exp_minus_linear(d, expm1_small(d)), -kK3Clamp, kK3Clamp);
 }
 
 template <KlKind K>
@@ -113,13 +145,14 @@ RLHF_FAST_TOKEN_FN float kl_grad(float logp, float ref) {
   if constexpr (K == KlKind::Abs) return select(diff > 0.f, 1.f, select(diff < 0.f, -1.f, 0.f));
   if constexpr (K == KlKind::K2 || K == KlKind::K1Plus || K == KlKind::K3Plus) return diff;
   if constexpr (K == KlKind::K3) {
-    // Each clamp passes the gradient inside its closed range, as torch.clamp does; d/dlogp = -d/dd.
+    // Each clamp passes the gradient inside its closed range, as torch.clamp does; d/dlogp = -d/dd = 1 - exp(d),
+    // taken as -expm1(d) (1 - exp(d) cancels for small d as the value does).
     const float d = ref - logp;
     const float clamped = clampf(d, -kLogRatioClamp, kLogRatioClamp);
-    const float e = exp_small(clamped);
-    const float value = e - clamped - 1.f;
+    const float expm1_d = expm1_small(clamped);
+    const float value = exp_minus_linear(clamped, expm1_d);
     const bool passes = (value <= kK3Clamp) & (value >= -kK3Clamp) & (d >= -kLogRatioClamp) & (d <= kLogRatioClamp);
-    return select(passes, 1.f - e, 0.f);
+    return select(passes, -expm1_d, 0.f);
   }
   return 0.f;
 }

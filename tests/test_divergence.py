@@ -104,6 +104,21 @@ def test_identical_inputs_give_zero(device, name):
         torch.testing.assert_close(out, torch.zeros_like(out), rtol=0, atol=2e-6, msg=kind)
 
 
+@pytest.mark.parametrize("device,name", [p for p in PAIRS if p[1] != "torch"])
+def test_power_kinds_save_the_s_of_their_value(device, name):
+    # The backward's S = sum P^e Q^(1-e) (saved in stats) and the value scale * (S - 1) come from one expm1, so
+    # that they agree to rounding whatever the exp of the device (with nvcc's fast math, expf and expm1f differ).
+    ops = rf.backend.kernels(name, "divergence")
+    vocab = _vocab(device, name)
+    p = _logits(4, vocab, torch.float32, device)
+    for q in (_logits(4, vocab, torch.float32, device), p + 0.01 * torch.randn_like(p)):
+        for kind, alpha in [("hellinger", 0.0), ("chi2", 0.0), ("alpha", -0.5), ("alpha", 2.0)]:
+            out, stats = ops.f_divergence(p, q, None, kind, alpha, 1.0)
+            scale = ref.power_divergence_constants(kind, alpha)[1]
+            torch.testing.assert_close(stats[:, 2].double(), 1 + out.double() / scale, rtol=2.5e-7, atol=0,
+                                       msg=kind)
+
+
 @pytest.mark.parametrize("device,name", PAIRS)
 def test_all_masked_and_empty(device, name):
     vocab = _vocab(device, name)

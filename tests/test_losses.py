@@ -77,6 +77,29 @@ def test_kl_penalty_closed_forms_and_straight_through(device, name):
     assert (values["k3"] == 10).any(), "the test data should reach the k3 clamp"
 
 
+@pytest.mark.parametrize("device,name", [p for p in PAIRS if p[1] != "torch"])
+@pytest.mark.parametrize("kind", ["k3", "k3+"])
+def test_kl_penalty_k3_small_differences_keep_relative_accuracy(device, name, kind):
+    # exp(d) - d - 1 ~ d²/2 cancels in float32 for small |d| (exp(d) carries ~1e-7 absolute error): the kernels
+    # must stay within ~1e-6 relative for d in 1e-8 .. 0.3 (torch's float32 formula is off by up to ~20x). The
+    # exact values: expm1(d) - d in float64 (the plain formula cancels even in float64 below |d| ~ 1e-5).
+    magnitude = torch.logspace(-8, math.log10(0.3), 400, device=device)
+    d = torch.cat([magnitude, -magnitude])
+    logp = (-d * (0.5 + torch.rand_like(d))).float()  # the scale of d, so that ref - logp is exact in float32
+    ref_logp = (logp.double() + d).float()
+    a = logp.clone().requires_grad_()
+    out = rf.kl_penalty(a, ref_logp, kind, backend=name)
+    out.sum().backward()
+    d64 = ref_logp.double() - logp.double()
+    expected = torch.expm1(d64) - d64
+    expected_grad = -torch.expm1(d64) if kind == "k3" else -d64
+    assert (d64 != 0).all() and (expected > 0).all()
+    rel = ((out.double() - expected) / expected).abs()
+    assert rel.max().item() < 2e-6, f"max relative error {rel.max().item():.3g} at d={d64[rel.argmax()].item():.3g}"
+    grad_rel = ((a.grad.double() - expected_grad) / expected_grad).abs()
+    assert grad_rel.max().item() < 2e-6, f"gradient: max relative error {grad_rel.max().item():.3g}"
+
+
 @pytest.mark.parametrize("device,name", PAIRS)
 def test_kl_penalty_shapes_noncontiguous_mixed_dtypes_empty(device, name):
     big_a, big_b = _log_probs((3, 4, 30), device, torch.float32)
@@ -353,6 +376,7 @@ def test_ppo_policy_loss_mixed_dtypes(device, name):
 
 
 @pytest.mark.parametrize("device,name", PAIRS)
+@pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning")  # numpy (interpreter): nan
 def test_nan_at_a_valid_token_is_not_hidden(device, name):
     logp, old_logp, advantages = _policy_inputs((3, 20), device, torch.float32)
     logp[1, 4] = float("nan")

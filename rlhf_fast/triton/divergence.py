@@ -15,6 +15,7 @@ from torch.library import triton_op, wrap_triton
 
 from ..backend import triton_interpret
 from ..reference import POWER_DIVERGENCES, power_divergence_constants
+from ._math import expm1
 
 # The kernels' kind codes, the same as csrc/divergence_common.h.
 KL, REVERSE_KL, JS, TV, POWER = 0, 1, 2, 3, 4
@@ -50,14 +51,6 @@ def _raise_max(run_max, x):
     new_max = tl.maximum(run_max, tl.max(x, axis=0))
     safe = tl.where(new_max == float("-inf"), 0.0, new_max)
     return new_max, tl.exp(run_max - safe), safe
-
-
-@triton.jit
-def _expm1(x):
-    # exp(x) - 1 without the cancellation near 0 (the power kinds' S - 1 when P is close to Q)
-    small = tl.abs(x) < 1e-3
-    series = x * (1.0 + x * (0.5 + x * (1.0 / 6.0)))
-    return tl.where(small, series, tl.exp(x) - 1.0)
 
 
 @triton.jit
@@ -121,8 +114,9 @@ def _forward_kernel(xp, xq, mask, out, stats, vocab, stride_p, stride_q, inv_t, 
         value = aux
     elif KIND == 4:
         log_s = max_c - exponent * lse_a - (1.0 - exponent) * lse_b
-        aux = tl.exp(log_s)
-        value = scale * _expm1(log_s)
+        s_minus_1 = expm1(log_s)  # one exponential for the value scale (S - 1) and the backward's S
+        aux = 1.0 + s_minus_1
+        value = scale * s_minus_1
     else:
         t1 = zero
         t2 = zero

@@ -13,6 +13,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from ._math import exp_minus_linear, expm1
+
 ELEMENTWISE_BLOCK = 1024
 TILE = 1024  # elements per program step of the PPO kernels
 FINALIZE_BLOCK = 256  # the finalize program holds BLOCK x 8 float64 accumulators
@@ -38,9 +40,10 @@ def _clamp(x, lo, hi):
 
 @triton.jit
 def _k3_parts(logp, ref):
+    """(d, expm1(d), exp(d) - d - 1) with d = clamp(ref - logp, ±20), without the cancellation near d = 0."""
     d = _clamp(ref - logp, -20.0, 20.0)
-    value = tl.exp(d) - d - 1.0
-    return d, value
+    expm1_d = expm1(d)
+    return d, expm1_d, exp_minus_linear(d, expm1_d)
 
 
 @triton.jit
@@ -51,7 +54,7 @@ def _kl_value(logp, ref, KIND: tl.constexpr):
     elif KIND == 2:
         out = 0.5 * diff * diff
     elif KIND == 3 or KIND == 5:
-        _, value = _k3_parts(logp, ref)
+        _, _, value = _k3_parts(logp, ref)
         out = _clamp(value, -10.0, 10.0)
     else:  # k1, k1+
         out = diff
@@ -67,9 +70,9 @@ def _kl_grad(logp, ref, KIND: tl.constexpr):
     elif KIND == 1:
         out = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))
     elif KIND == 3:
-        d, value = _k3_parts(logp, ref)
+        _, expm1_d, value = _k3_parts(logp, ref)
         raw = ref - logp
-        inner = tl.where((raw >= -20.0) & (raw <= 20.0), tl.exp(d) - 1.0, 0.0)
+        inner = tl.where((raw >= -20.0) & (raw <= 20.0), expm1_d, 0.0)
         out = tl.where((value > 10.0) | (value < -10.0), 0.0, -inner)
     else:  # k2, k1+, k3+
         out = diff
