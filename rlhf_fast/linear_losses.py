@@ -19,6 +19,7 @@ from . import _validate as check
 from . import backend as _backend
 from . import logprobs as _logprobs
 from . import losses as _losses
+from . import reference
 
 # One (token-chunk x V) block of logits, in the inputs' dtype, holds at most this many bytes.
 CHUNK_BYTES = 128 * 2**20
@@ -46,22 +47,19 @@ def agg_weights(mask, shape, mode, dtype, device, normalizer=None, horizon=None)
     return m / normalizer
 
 
-def _kl_value_and_grad(logp, ref_logp, kind):
-    """kl_penalty(logp, ref_logp, kind) and its derivative with respect to logp, elementwise."""
+def _kl_grad(logp, ref_logp, kind):
+    """d kl_penalty(logp, ref_logp, kind) / d logp, elementwise (the value comes from the family's kl_penalty)."""
     diff = logp - ref_logp
-    if kind.endswith("+"):  # straight-through: the value of k1 / k3, the gradient of k2
-        return _kl_value_and_grad(logp, ref_logp, kind[:-1])[0], diff
+    if kind.endswith("+") or kind == "k2":  # straight-through kinds take the gradient of k2
+        return diff
     if kind == "k1":
-        return diff, torch.ones_like(diff)
+        return torch.ones_like(diff)
     if kind == "abs":
-        return diff.abs(), diff.sign()
-    if kind == "k2":
-        return 0.5 * diff.square(), diff
+        return diff.sign()
     d = (-diff).clamp(-20.0, 20.0)
-    raw = d.exp() - d - 1
-    value = raw.clamp(-10.0, 10.0)
-    live = (diff.abs() <= 20.0) & (raw.abs() <= 10.0)  # where neither clamp cuts the gradient
-    return value, torch.where(live, 1 - d.exp(), torch.zeros_like(diff))
+    expm1 = torch.expm1(d)
+    live = (diff.abs() <= 20.0) & ((expm1 - d).abs() <= 10.0)  # where neither of k3's clamps cuts the gradient
+    return torch.where(live, -expm1, torch.zeros_like(diff))
 
 
 def _token_terms(logp, entropy, chunk, opts):
@@ -84,8 +82,8 @@ def _token_terms(logp, entropy, chunk, opts):
         live = live & ~dual
     grad_logp = torch.where(live, pg_plain, torch.zeros_like(pg))
     if ref is not None:
-        kl, kl_grad = _kl_value_and_grad(logp, ref, opts["kl_kind"])
-        grad_logp = grad_logp + opts["kl_coef"] * kl_grad
+        kl = opts["kl_value"](logp, ref.to(logp.dtype), opts["kl_kind"])
+        grad_logp = grad_logp + opts["kl_coef"] * _kl_grad(logp, ref, opts["kl_kind"])
     else:
         kl = torch.zeros_like(pg)
     sums = torch.stack([pg * weight, entropy * weight, kl * weight, clipped.to(pg.dtype) * mean_weight,
@@ -266,6 +264,7 @@ def linear_ppo_policy_loss(hidden, weight, labels, old_logp, advantages, mask=No
 
     name = _backend.select("linear_ppo_policy_loss", backend, hidden.device)
     rows = _TorchRows() if name == "torch" else _KernelRows(name)
+    opts["kl_value"] = reference.kl_penalty if name == "torch" else _backend.kernels(name, "losses").kl_penalty
     compute = torch.float64 if name == "torch" and hidden.dtype == torch.float64 else torch.float32
     shape = (lead[:-1].numel(), lead[-1])
     valid = torch.ones(shape, dtype=torch.bool, device=hidden.device) if mask is None else mask.reshape(shape)

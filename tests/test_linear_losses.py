@@ -89,6 +89,19 @@ def test_kl_estimators_and_no_bias(device, name, kl_kind, monkeypatch):
         _close(got, want, dict(rtol=1e-4, atol=1e-6))
 
 
+@pytest.mark.parametrize("device,name", [p for p in PAIRS if p[1] != "torch"])
+def test_k3_near_zero_without_cancellation(device, name):
+    """k3 of a policy ~1e-3 from the reference: the kernels' kl_penalty (d²/2 series), not exp(d) - d - 1 in fp32."""
+    hidden, weight, bias, labels, old_logp, advantages, mask, _ = _inputs(device, torch.float32)
+    logp = ref.linear_logprobs(hidden.double(), weight.double(), labels, bias=bias.double())
+    ref_logp = (logp + 1e-3 * torch.randn_like(logp)).float()
+    _, stats = rf.linear_ppo_policy_loss(hidden, weight, labels, old_logp, advantages, mask, bias=bias,
+                                         ref_logp=ref_logp, kl_coef=0.1, kl_kind="k3", backend=name)
+    _, expected = _reference(hidden.double(), weight.double(), labels, old_logp, advantages, mask,
+                             bias=bias.double(), ref_logp=ref_logp, kl_coef=0.1, kl_kind="k3")
+    _close(stats["kl"], expected["kl"], dict(rtol=2e-3, atol=0))
+
+
 @pytest.mark.parametrize("device,name", PAIRS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_within_eager_error(device, name, dtype, monkeypatch):
