@@ -102,13 +102,8 @@ def test_k3_near_zero_without_cancellation(device, name):
     _close(stats["kl"], expected["kl"], dict(rtol=2e-3, atol=0))
 
 
-@pytest.mark.parametrize("device,name", PAIRS)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_within_eager_error(device, name, dtype, monkeypatch):
-    """bf16 / fp16 inputs: errors against float64 at most a few times eager's own error in that dtype."""
-    monkeypatch.setattr(linear_losses, "CHUNK_BYTES", 331 * 2 * 6)
-    inputs = _inputs(device, dtype)
-    opts = dict(agg="token-mean", entropy_coef=0.05, kl_coef=0.2, kl_kind="low_var_kl", dual_clip=2.5)
+def _assert_within_eager_error(inputs, name, dtype, opts):
+    """Errors of the loss and the gradients against float64: at most a few times eager's own in `dtype`."""
     loss, _, grads, expected, _, expected_grads = _run(*inputs, name, **opts)
     eager_loss, eager_grads = _eager_error(*inputs, dtype, **opts)
     assert loss.dtype == torch.float32
@@ -117,6 +112,25 @@ def test_low_precision_within_eager_error(device, name, dtype, monkeypatch):
         eager_err = (eager.double() - want).abs().max().item()
         err = (got.double() - want).abs().max().item()
         assert err <= 4 * eager_err + 1e-3 * want.abs().max().item(), (err, eager_err)
+
+
+@pytest.mark.parametrize("device,name", PAIRS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_within_eager_error(device, name, dtype, monkeypatch):
+    monkeypatch.setattr(linear_losses, "CHUNK_BYTES", 331 * 2 * 6)
+    _assert_within_eager_error(_inputs(device, dtype), name, dtype,
+                               dict(agg="token-mean", entropy_coef=0.05, kl_coef=0.2, kl_kind="low_var_kl",
+                                    dual_clip=2.5))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["cuda", "triton"])
+def test_gpu_qwen_vocab_bf16(name):
+    """V = 151936 in bf16 with the default chunking."""
+    inputs = _inputs("cuda", torch.bfloat16, batch=4, steps=96, hidden_size=128, vocab=151936)
+    _assert_within_eager_error(inputs, name, torch.bfloat16,
+                               dict(agg="seq-mean-token-mean", entropy_coef=0.01, kl_coef=0.1, kl_kind="k3",
+                                    dual_clip=3.0))
 
 
 @pytest.mark.parametrize("device,name", PAIRS)
