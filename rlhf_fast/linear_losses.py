@@ -19,55 +19,47 @@ from . import _validate as check
 from . import backend as _backend
 from . import logprobs as _logprobs
 from . import losses as _losses
+from . import reference
 
 # One (token-chunk x V) block of logits, in the inputs' dtype, holds at most this many bytes.
 CHUNK_BYTES = 128 * 2**20
-
-# verl 0.9.1's agg_loss modes (fully masked rows are left out of every seq-mean mode).
-AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 # Order of the per-chunk sums the forward accumulates: the three loss terms, then the three token means.
 _SUMS = ("pg_loss", "entropy", "kl", "clipfrac", "approx_kl", "ratio_mean")
 
 
-def agg_weights(mask, shape, mode, dtype, device):
-    """Per-token weights w (rows, T) with agg_loss(x, mask, mode) = Σ w·x, from the mask alone (no host sync).
-
-    token-mean: m / Σm; token-sum: m; seq-mean-token-sum: m / S; seq-mean-token-mean: m / (Σ_t m · S);
-    seq-mean-token-sum-norm: m / (S · T); S = rows with a valid token (fully masked rows are left out), every
-    count at least 1 so that nothing valid gives 0.
+def agg_weights(mask, shape, mode, dtype, device, normalizer=None, horizon=None):
+    """Per-token weights w (rows, T) with agg_loss(x, mask, mode, normalizer=, horizon=) = Σ w·x, from the mask
+    alone (no host sync): token-mean m / Σm; token-sum m; seq-mean-token-sum m / S; seq-mean-token-mean
+    m / (Σ_t m · S); seq-mean-token-sum-norm m / (S · T); S = rows with a valid token. `normalizer` replaces
+    Σm, 1 or S, `horizon` replaces T, as in agg_loss.
     """
-    rows, steps = shape
+    steps = shape[1]
     m = torch.ones(shape, dtype=dtype, device=device) if mask is None else mask.reshape(shape).to(dtype)
-    if mode == "token-mean":
-        return m / m.sum().clamp(min=1)
-    if mode == "token-sum":
-        return m
     counts = m.sum(-1, keepdim=True)
-    seqs = (counts > 0).sum().clamp(min=1)
-    if mode == "seq-mean-token-sum":
-        return m / seqs
+    if normalizer is None:
+        normalizer = {"token-mean": counts.sum().clamp(min=1), "token-sum": 1}.get(
+            mode, (counts > 0).sum().clamp(min=1))
+    if mode == "seq-mean-token-mean":
+        m = m / counts.clamp(min=1)
     if mode == "seq-mean-token-sum-norm":
-        return m / (seqs * steps)
-    return m / (counts.clamp(min=1) * seqs)
+        normalizer = normalizer * (max(steps, 1) if horizon is None else horizon)
+    return m / normalizer
 
 
-def _kl_value_and_grad(logp, ref_logp, kind):
-    """kl_penalty(logp, ref_logp, kind) and its derivative with respect to logp, elementwise."""
+def _kl_grad(logp, ref_logp, kind):
+    """d kl_penalty(logp, ref_logp, kind) / d logp, elementwise (the value comes from the family's kl_penalty)."""
     diff = logp - ref_logp
-    if kind.endswith("+"):  # straight-through: the value of k1 / k3, the gradient of k2
-        return _kl_value_and_grad(logp, ref_logp, kind[:-1])[0], diff
+    if kind.endswith("+") or kind == "k2":  # straight-through kinds take the gradient of k2
+        return diff
     if kind == "k1":
-        return diff, torch.ones_like(diff)
+        return torch.ones_like(diff)
     if kind == "abs":
-        return diff.abs(), diff.sign()
-    if kind == "k2":
-        return 0.5 * diff.square(), diff
+        return diff.sign()
     d = (-diff).clamp(-20.0, 20.0)
-    raw = d.exp() - d - 1
-    value = raw.clamp(-10.0, 10.0)
-    live = (diff.abs() <= 20.0) & (raw.abs() <= 10.0)  # where neither clamp cuts the gradient
-    return value, torch.where(live, 1 - d.exp(), torch.zeros_like(diff))
+    expm1 = torch.expm1(d)
+    live = (diff.abs() <= 20.0) & ((expm1 - d).abs() <= 10.0)  # where neither of k3's clamps cuts the gradient
+    return torch.where(live, -expm1, torch.zeros_like(diff))
 
 
 def _token_terms(logp, entropy, chunk, opts):
@@ -90,8 +82,8 @@ def _token_terms(logp, entropy, chunk, opts):
         live = live & ~dual
     grad_logp = torch.where(live, pg_plain, torch.zeros_like(pg))
     if ref is not None:
-        kl, kl_grad = _kl_value_and_grad(logp, ref, opts["kl_kind"])
-        grad_logp = grad_logp + opts["kl_coef"] * kl_grad
+        kl = opts["kl_value"](logp, ref.to(logp.dtype), opts["kl_kind"])
+        grad_logp = grad_logp + opts["kl_coef"] * _kl_grad(logp, ref, opts["kl_kind"])
     else:
         kl = torch.zeros_like(pg)
     sums = torch.stack([pg * weight, entropy * weight, kl * weight, clipped.to(pg.dtype) * mean_weight,
@@ -130,7 +122,9 @@ class _TorchRows:
         p = log_p.exp()
         entropy = -(p * log_p.masked_fill(p == 0, 0)).sum(-1)
         ignored = labels == ignore_index
-        logp = log_p.gather(-1, labels.masked_fill(ignored, 0)[:, None])[:, 0].masked_fill(ignored, 0)
+        outside = ~ignored & ((labels < 0) | (labels >= logits.shape[-1]))  # NaN, as the kernels give
+        index = labels.masked_fill(ignored | outside, 0)[:, None]
+        logp = log_p.gather(-1, index)[:, 0].masked_fill(ignored, 0).masked_fill(outside, float("nan"))
         return logp, entropy, lse
 
     def backward_(self, grad_logp, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index):
@@ -140,8 +134,8 @@ class _TorchRows:
         grad = -p * grad_logp[:, None]
         if grad_entropy is not None:
             grad -= p * (log_p.masked_fill(p == 0, 0) + entropy[:, None]) * grad_entropy[:, None]
-        ignored = labels == ignore_index
-        grad.scatter_add_(1, labels.masked_fill(ignored, 0)[:, None], grad_logp.masked_fill(ignored, 0)[:, None])
+        skipped = (labels == ignore_index) | (labels < 0) | (labels >= logits.shape[-1])
+        grad.scatter_add_(1, labels.masked_fill(skipped, 0)[:, None], grad_logp.masked_fill(skipped, 0)[:, None])
         logits.copy_(grad / temperature)
 
 
@@ -220,8 +214,9 @@ def _finite(label, value) -> float:
 
 
 def linear_ppo_policy_loss(hidden, weight, labels, old_logp, advantages, mask=None, *, bias=None, temperature=1.0,
-                           clip_low=0.2, clip_high=0.2, dual_clip=None, agg="token-mean", entropy_coef=0.0,
-                           ref_logp=None, kl_coef=0.0, kl_kind="k3", ignore_index=-100, backend=None):
+                           clip_low=0.2, clip_high=0.2, dual_clip=None, agg="token-mean", normalizer=None,
+                           horizon=None, entropy_coef=0.0, ref_logp=None, kl_coef=0.0, kl_kind="k3",
+                           ignore_index=-100, check_labels=None, backend=None):
     """`ppo_policy_loss` of the log-probs of the lm_head logits hidden @ weight.T + bias, fused with the head.
 
     hidden: (..., T, H); weight: (V, H) (an lm_head's); bias: (V,) or None — one float dtype. labels: (..., T)
@@ -229,8 +224,8 @@ def linear_ppo_policy_loss(hidden, weight, labels, old_logp, advantages, mask=No
     (0 where the label is ignore_index); entropy H of that softmax; ratio = exp(clamp(logp - old_logp, ±20));
     pg = max(-A·ratio, -A·clamp(ratio, 1 - clip_low, 1 + clip_high)), with dual_clip c > 1 where A < 0:
     min(pg, -A·c). loss = agg(pg) - entropy_coef·agg(H) + kl_coef·agg(kl_penalty(logp, ref_logp, kl_kind)),
-    agg = agg_loss(·, mask, agg) with verl 0.9.1's modes (AGG_MODES; fully masked rows are left out of every
-    seq-mean mode; nothing valid gives 0).
+    agg = agg_loss(·, mask, agg, normalizer=normalizer, horizon=horizon) (verl 0.9.1's modes: rows without a
+    valid token are left out of every seq-mean mode; nothing valid gives 0).
 
     Returns (loss, stats): loss a 0-dim float32 tensor (float64 for float64 inputs on the torch backend); stats
     0-dim tensors, no host sync: "clipfrac", "approx_kl", "ratio_mean" (token means over the valid tokens, as
@@ -241,7 +236,8 @@ def linear_ppo_policy_loss(hidden, weight, labels, old_logp, advantages, mask=No
     matmul) and are computed during the forward, one (chunk, V) block of logits at a time (CHUNK_BYTES); the
     backward scales them by the loss's upstream gradient. old_logp, advantages and ref_logp are constants.
     Backends: the row math (log-sum-exp, log-prob, entropy, the logits' gradient) runs on rlhf_fast's log-prob
-    kernels (cpu / cuda / triton) or in torch (backend "torch"); the matmuls are torch's.
+    kernels (cpu / cuda / triton) or in torch (backend "torch"); the matmuls are torch's. Labels out of range
+    and check_labels: as in `logprobs` (NaN log-probs, no device sync on CUDA unless asked).
     """
     _logprobs.check_linear(hidden, weight, bias)
     if hidden.dim() < 2:
@@ -257,9 +253,11 @@ def linear_ppo_policy_loss(hidden, weight, labels, old_logp, advantages, mask=No
     check.positive_float("temperature", temperature)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    _logprobs._check_labels(labels, lead, hidden.device, weight.shape[0], ignore_index, "hidden.shape[:-1]")
-    if not isinstance(agg, str) or agg not in AGG_MODES:
-        raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
+    _logprobs._check_labels(labels, lead, hidden.device, weight.shape[0], ignore_index, "hidden.shape[:-1]",
+                            check_labels)
+    agg = _losses._check_mode("agg", agg)
+    normalizer = _losses._check_divisor("normalizer", normalizer)
+    horizon = _losses._check_divisor("horizon", horizon)
     opts = {"temperature": float(temperature), "ignore_index": ignore_index,
             "clip_low": _losses._check_clip("clip_low", clip_low),
             "clip_high": _losses._check_clip("clip_high", clip_high),
@@ -270,12 +268,13 @@ def linear_ppo_policy_loss(hidden, weight, labels, old_logp, advantages, mask=No
 
     name = _backend.select("linear_ppo_policy_loss", backend, hidden.device)
     rows = _TorchRows() if name == "torch" else _KernelRows(name)
+    opts["kl_value"] = reference.kl_penalty if name == "torch" else _backend.kernels(name, "losses").kl_penalty
     compute = torch.float64 if name == "torch" and hidden.dtype == torch.float64 else torch.float32
     shape = (lead[:-1].numel(), lead[-1])
     valid = torch.ones(shape, dtype=torch.bool, device=hidden.device) if mask is None else mask.reshape(shape)
     # Masked tokens' inputs are selected out (they may hold inf / nan) and weigh 0.
     clean = [torch.where(valid, t.reshape(shape).to(compute), 0).reshape(-1) for t in tensors]
-    weights = agg_weights(mask, shape, agg, compute, hidden.device).reshape(-1)
+    weights = agg_weights(mask, shape, agg, compute, hidden.device, normalizer, horizon).reshape(-1)
     mean_weights = agg_weights(mask, shape, "token-mean", compute, hidden.device).reshape(-1)
     per_token = [clean[0], clean[1], weights, mean_weights, clean[2] if ref_logp is not None else None]
 

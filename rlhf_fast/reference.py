@@ -291,20 +291,22 @@ def ppo_value_loss(values, old_values, returns, mask=None, *, clip=0.2, agg="tok
         stats = {"clipfrac": agg_loss(torch.gt(vf_losses2, vf_losses1).to(values.dtype), mask)}
     return loss, stats
 def linear_ppo_policy_loss(hidden, weight, labels, old_logp, advantages, mask=None, *, bias=None, temperature=1.0,
-                           clip_low=0.2, clip_high=0.2, dual_clip=None, agg="token-mean", entropy_coef=0.0,
-                           ref_logp=None, kl_coef=0.0, kl_kind="k3", ignore_index=-100):
+                           clip_low=0.2, clip_high=0.2, dual_clip=None, agg="token-mean", normalizer=None,
+                           horizon=None, entropy_coef=0.0, ref_logp=None, kl_coef=0.0, kl_kind="k3",
+                           ignore_index=-100):
     """The eager composition that rlhf_fast.linear_ppo_policy_loss fuses: full logits, log_softmax + gather and
     entropy, ppo_policy_loss, agg_loss of the entropy and of kl_penalty. Returns (loss, stats) with the stats of
     ppo_policy_loss plus the loss's terms pg_loss, entropy and (with ref_logp) kl."""
     logp, entropy = linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
                                     ignore_index=ignore_index, return_entropy=True)
+    scale = dict(normalizer=normalizer, horizon=horizon)
     pg_loss, stats = ppo_policy_loss(logp, old_logp, advantages, mask, clip_low=clip_low, clip_high=clip_high,
-                                     dual_clip=dual_clip, agg=agg)
-    entropy_term = agg_loss(entropy, mask, agg)
+                                     dual_clip=dual_clip, agg=agg, **scale)
+    entropy_term = agg_loss(entropy, mask, agg, **scale)
     loss = pg_loss - entropy_coef * entropy_term
     stats.update(pg_loss=pg_loss.detach(), entropy=entropy_term.detach())
     if ref_logp is not None:
-        kl = agg_loss(kl_penalty(logp, ref_logp, kl_kind), mask, agg)
+        kl = agg_loss(kl_penalty(logp, ref_logp, kl_kind), mask, agg, **scale)
         loss = loss + kl_coef * kl
         stats["kl"] = kl.detach()
     return loss, stats

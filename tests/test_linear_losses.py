@@ -8,47 +8,9 @@ from rlhf_fast import reference as ref
 from conftest import device_backend_pairs
 
 PAIRS = device_backend_pairs()
-AGG_MODES = list(linear_losses.AGG_MODES)
-
-
-def _agg(loss, mask, mode):
-    """verl 0.9.1's agg_loss in float64, written out: fully masked rows are left out of every seq-mean mode;
-    nothing valid gives 0."""
-    m = mask.double()
-    row_sums, counts = (loss * m).sum(-1), m.sum(-1)
-    seqs = (counts > 0).sum().clamp(min=1)
-    if mode == "token-mean":
-        return row_sums.sum() / counts.sum().clamp(min=1)
-    if mode == "token-sum":
-        return row_sums.sum()
-    if mode == "seq-mean-token-sum":
-        return row_sums.sum() / seqs
-    if mode == "seq-mean-token-sum-norm":
-        return row_sums.sum() / seqs / loss.shape[-1]
-    return (row_sums / counts.clamp(min=1)).sum() / seqs
-
-
-def _reference(hidden, weight, labels, old_logp, advantages, mask, *, bias=None, temperature=1.0, clip_low=0.2,
-               clip_high=0.2, dual_clip=None, agg="token-mean", entropy_coef=0.0, ref_logp=None, kl_coef=0.0,
-               kl_kind="k3"):
-    """The eager composition in float64: full logits, log_softmax + gather, the clipped objective, agg."""
-    logits = torch.nn.functional.linear(hidden, weight, bias)
-    logp, entropy = ref.logprobs(logits, labels, temperature=temperature, return_entropy=True)
-    old_logp, advantages = old_logp.double(), advantages.double()
-    log_ratio = torch.clamp(logp - old_logp, -20.0, 20.0)
-    ratio = log_ratio.exp()
-    pg1, pg2 = -advantages * ratio, -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
-    pg = torch.maximum(pg1, pg2)
-    if dual_clip is not None:
-        pg = torch.where(advantages < 0, torch.minimum(pg, -advantages * dual_clip), pg)
-    loss = _agg(pg, mask, agg) - entropy_coef * _agg(entropy, mask, agg)
-    stats = {"pg_loss": _agg(pg, mask, agg), "entropy": _agg(entropy, mask, agg),
-             "clipfrac": _agg((pg2 > pg1).double(), mask, "token-mean"),
-             "approx_kl": _agg(-log_ratio, mask, "token-mean"), "ratio_mean": _agg(ratio, mask, "token-mean")}
-    if ref_logp is not None:
-        kl = _agg(ref.kl_penalty(logp, ref_logp.double(), kl_kind), mask, agg)
-        loss, stats["kl"] = loss + kl_coef * kl, kl
-    return loss, {k: v.detach() for k, v in stats.items()}
+AGG_MODES = list(ref.AGG_MODES)
+# The float64 reference: the eager composition (full logits, log_softmax + gather, ppo_policy_loss, agg_loss).
+_reference = ref.linear_ppo_policy_loss
 
 
 def _inputs(device, dtype, batch=3, steps=7, hidden_size=24, vocab=331, bias=True):
@@ -127,13 +89,21 @@ def test_kl_estimators_and_no_bias(device, name, kl_kind, monkeypatch):
         _close(got, want, dict(rtol=1e-4, atol=1e-6))
 
 
-@pytest.mark.parametrize("device,name", PAIRS)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_within_eager_error(device, name, dtype, monkeypatch):
-    """bf16 / fp16 inputs: errors against float64 at most a few times eager's own error in that dtype."""
-    monkeypatch.setattr(linear_losses, "CHUNK_BYTES", 331 * 2 * 6)
-    inputs = _inputs(device, dtype)
-    opts = dict(agg="token-mean", entropy_coef=0.05, kl_coef=0.2, kl_kind="low_var_kl", dual_clip=2.5)
+@pytest.mark.parametrize("device,name", [p for p in PAIRS if p[1] != "torch"])
+def test_k3_near_zero_without_cancellation(device, name):
+    """k3 of a policy ~1e-3 from the reference: the kernels' kl_penalty (d²/2 series), not exp(d) - d - 1 in fp32."""
+    hidden, weight, bias, labels, old_logp, advantages, mask, _ = _inputs(device, torch.float32)
+    logp = ref.linear_logprobs(hidden.double(), weight.double(), labels, bias=bias.double())
+    ref_logp = (logp + 1e-3 * torch.randn_like(logp)).float()
+    _, stats = rf.linear_ppo_policy_loss(hidden, weight, labels, old_logp, advantages, mask, bias=bias,
+                                         ref_logp=ref_logp, kl_coef=0.1, kl_kind="k3", backend=name)
+    _, expected = _reference(hidden.double(), weight.double(), labels, old_logp, advantages, mask,
+                             bias=bias.double(), ref_logp=ref_logp, kl_coef=0.1, kl_kind="k3")
+    _close(stats["kl"], expected["kl"], dict(rtol=2e-3, atol=0))
+
+
+def _assert_within_eager_error(inputs, name, dtype, opts):
+    """Errors of the loss and the gradients against float64: at most a few times eager's own in `dtype`."""
     loss, _, grads, expected, _, expected_grads = _run(*inputs, name, **opts)
     eager_loss, eager_grads = _eager_error(*inputs, dtype, **opts)
     assert loss.dtype == torch.float32
@@ -142,6 +112,25 @@ def test_low_precision_within_eager_error(device, name, dtype, monkeypatch):
         eager_err = (eager.double() - want).abs().max().item()
         err = (got.double() - want).abs().max().item()
         assert err <= 4 * eager_err + 1e-3 * want.abs().max().item(), (err, eager_err)
+
+
+@pytest.mark.parametrize("device,name", PAIRS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_within_eager_error(device, name, dtype, monkeypatch):
+    monkeypatch.setattr(linear_losses, "CHUNK_BYTES", 331 * 2 * 6)
+    _assert_within_eager_error(_inputs(device, dtype), name, dtype,
+                               dict(agg="token-mean", entropy_coef=0.05, kl_coef=0.2, kl_kind="low_var_kl",
+                                    dual_clip=2.5))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["cuda", "triton"])
+def test_gpu_qwen_vocab_bf16(name):
+    """V = 151936 in bf16 with the default chunking."""
+    inputs = _inputs("cuda", torch.bfloat16, batch=4, steps=96, hidden_size=128, vocab=151936)
+    _assert_within_eager_error(inputs, name, torch.bfloat16,
+                               dict(agg="seq-mean-token-mean", entropy_coef=0.01, kl_coef=0.1, kl_kind="k3",
+                                    dual_clip=3.0))
 
 
 @pytest.mark.parametrize("device,name", PAIRS)
@@ -196,32 +185,49 @@ def test_everything_masked_gives_zero(device, name):
 
 
 @pytest.mark.parametrize("device,name", PAIRS)
-def test_matches_unfused_ops(device, name):
-    """The fused-head twin of linear_logprobs + ppo_policy_loss (token-mean, where their aggregations agree)."""
-    hidden, weight, bias, labels, old_logp, advantages, mask, _ = _inputs(device, torch.float32)
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_matches_unfused_ops(device, name, agg):
+    """The fused-head twin of linear_logprobs + ppo_policy_loss + agg_loss of the entropy and kl_penalty."""
+    hidden, weight, bias, labels, old_logp, advantages, mask, ref_logp = _inputs(device, torch.float32)
     h1, h2 = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
     loss, stats = rf.linear_ppo_policy_loss(h1, weight, labels, old_logp, advantages, mask, bias=bias,
-                                            dual_clip=3.0, backend=name)
-    logp = rf.linear_logprobs(h2, weight, labels, bias=bias, backend=name)
-    expected, expected_stats = rf.ppo_policy_loss(logp, old_logp, advantages, mask, dual_clip=3.0, backend=name)
+                                            dual_clip=3.0, agg=agg, entropy_coef=0.05, ref_logp=ref_logp,
+                                            kl_coef=0.2, kl_kind="k1+", backend=name)
+    logp, entropy = rf.linear_logprobs(h2, weight, labels, bias=bias, return_entropy=True, backend=name)
+    pg, expected_stats = rf.ppo_policy_loss(logp, old_logp, advantages, mask, dual_clip=3.0, agg=agg,
+                                            backend=name)
+    kl = rf.agg_loss(rf.kl_penalty(logp, ref_logp, "k1+", backend=name), mask, agg)
+    expected = pg - 0.05 * rf.agg_loss(entropy, mask, agg) + 0.2 * kl
     loss.backward()
     expected.backward()
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    expected_stats.update(pg_loss=pg, entropy=rf.agg_loss(entropy, mask, agg), kl=kl)
+    assert stats.keys() == expected_stats.keys()
     for key in expected_stats:
-        torch.testing.assert_close(stats[key], expected_stats[key], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(stats[key], expected_stats[key].detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-4, atol=1e-6)
 
 
-def test_agg_weights_follow_verl():
-    verl_core = pytest.importorskip("verl.trainer.ppo.core_algos")
+@pytest.mark.parametrize("scale", [{}, dict(normalizer=13.0, horizon=5.0)])
+def test_agg_weights_are_agg_loss(scale):
     loss = torch.randn(5, 9, dtype=torch.float64)
     mask = torch.rand(5, 9) > 0.4
     mask[2] = False
     mask[0, 0] = True
     for mode in AGG_MODES:
-        weights = linear_losses.agg_weights(mask, (5, 9), mode, torch.float64, "cpu")
-        expected = verl_core.agg_loss(loss, mask.double(), mode)
-        torch.testing.assert_close((weights * loss).sum(), expected.double(), rtol=1e-7, atol=1e-9)
+        weights = linear_losses.agg_weights(mask, (5, 9), mode, torch.float64, "cpu", **scale)
+        torch.testing.assert_close((weights * loss).sum(), ref.agg_loss(loss, mask, mode, **scale))
+
+
+@pytest.mark.parametrize("device,name", PAIRS)
+def test_normalizer_and_horizon(device, name):
+    inputs = _inputs(device, torch.float32)
+    for agg in ("token-mean", "seq-mean-token-sum-norm"):
+        opts = dict(agg=agg, normalizer=40.0, horizon=9.0, entropy_coef=0.1, kl_coef=0.2)
+        loss, stats, grads, expected, expected_stats, expected_grads = _run(*inputs, name, **opts)
+        _close(loss, expected, dict(rtol=1e-5, atol=1e-6))
+        for got, want in zip(grads, expected_grads):
+            _close(got, want, dict(rtol=1e-4, atol=1e-6))
 
 
 @pytest.mark.parametrize("device,name", PAIRS)
@@ -292,3 +298,24 @@ def test_bad_inputs_name_the_argument():
         call(hidden[0, 0], weight, labels[0, 0], old_logp[0, 0], advantages[0, 0])
     with pytest.raises(ValueError, match="entropy_coef"):
         call(hidden, weight, labels, old_logp, advantages, mask, entropy_coef=float("nan"))
+
+
+@pytest.mark.skipif(rf.backend.compiled() is None, reason="compiled library not built")
+def test_torch_compile_fullgraph_cpu(monkeypatch):
+    monkeypatch.setattr(linear_losses, "CHUNK_BYTES", 331 * 4 * 8)
+    hidden, weight, bias, labels, old_logp, advantages, mask, ref_logp = _inputs("cpu", torch.float32)
+
+    def step(h, w):
+        return rf.linear_ppo_policy_loss(h, w, labels, old_logp, advantages, mask, bias=bias, ref_logp=ref_logp,
+                                         kl_coef=0.1, entropy_coef=0.01, agg="seq-mean-token-sum", backend="cpu")
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    (got, got_stats), (expected, expected_stats) = compiled(h1, w1), step(h2, w2)
+    got.backward()
+    expected.backward()
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(got_stats, expected_stats)
+    torch.testing.assert_close(h1.grad, h2.grad)
+    torch.testing.assert_close(w1.grad, w2.grad)
