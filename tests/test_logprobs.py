@@ -260,6 +260,75 @@ def test_linear_logprobs_matches_reference(device, name, dtype, with_bias, monke
         torch.testing.assert_close(got.grad.double(), exp.grad, **tol)
 
 
+# (logit_scale, softcap, weight scale): Cohere's scale on large raw logits; Gemma's cap where most logits saturate
+# (|s y / c| up to ~10, tanh = +-1 in float32); both at once
+TRANSFORMS = {"scale": (0.0625, None, 4.0), "softcap": (1.0, 10.0, 6.0), "scale+softcap": (2.5, 10.0, 2.5)}
+
+
+def _relative_error(got, expected):
+    return float((got.detach().double() - expected.detach()).norm() / expected.detach().norm())
+
+
+@pytest.mark.parametrize("device,name", PAIRS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("transform", list(TRANSFORMS))
+def test_linear_logprobs_logit_transforms_match_float64(device, name, dtype, transform, monkeypatch):
+    # chunks of 128 vocab columns (the least _vocab_chunks takes): 1003 (Triton: 257) is not a multiple
+    monkeypatch.setattr(lp_module, "LINEAR_CHUNK_BYTES", 1)
+    logit_scale, softcap, spread = TRANSFORMS[transform]
+    vocab = _vocab(name)
+    hidden = torch.randn(3, 5, 48, device=device).to(dtype).requires_grad_()
+    weight = (torch.randn(vocab, 48, device=device) * spread).to(dtype).requires_grad_()
+    bias = torch.randn(vocab, device=device).to(dtype).requires_grad_()
+    labels = torch.randint(0, vocab, (3, 5), device=device)
+    labels[1, 2] = -100
+    options = dict(temperature=0.7, logit_scale=logit_scale, softcap=softcap)
+    logp, ent = rf.linear_logprobs(hidden, weight, labels, bias=bias, return_entropy=True, backend=name, **options)
+    g_lp, g_h = torch.randn(3, 5, device=device), torch.randn(3, 5, device=device)
+    torch.autograd.backward((logp, ent), (g_lp, g_h))
+
+    leaves = [t.detach().double().requires_grad_() for t in (hidden, weight, bias)]
+    raw = torch.nn.functional.linear(*leaves) * logit_scale
+    capped = raw if softcap is None else softcap * torch.tanh(raw / softcap)
+    if softcap is not None:
+        assert (raw.abs() > 3 * softcap).float().mean() > 0.2  # tanh saturates on many logits
+    exp_logp, exp_ent = ref.logprobs(capped, labels, temperature=0.7, return_entropy=True)
+    torch.autograd.backward((exp_logp, exp_ent), (g_lp.double(), g_h.double()))
+    assert logp.dtype == torch.float32 and logp.shape == (3, 5) and logp[1, 2] == 0
+    for got, exp in zip((hidden, weight, bias), leaves):
+        assert got.grad.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(logp.double(), exp_logp, **OUT_TOL)
+        torch.testing.assert_close(ent.double(), exp_ent, **OUT_TOL)
+        for got, exp in zip((hidden, weight, bias), leaves):
+            torch.testing.assert_close(got.grad.double(), exp.grad, rtol=1e-4, atol=1e-4)
+        return
+    # bfloat16: the lm_head output is rounded to bfloat16 (as the model's is; the transform is float32). Triton's
+    # fused forward and the backward's recomputed chunks may round a raw logit to different sides: up to ~2%.
+    for got, exp in [(logp, exp_logp), (ent, exp_ent)] + [(t.grad, e.grad) for t, e in zip((hidden, weight, bias),
+                                                                                            leaves)]:
+        assert _relative_error(got, exp) < 3e-2
+
+
+def test_linear_logprobs_transform_is_not_a_no_op():
+    # the transform changes the result (so the tests above can fail), and the plain options match no options
+    hidden, weight = torch.randn(4, 16), torch.randn(300, 16) * 3
+    labels = torch.randint(0, 300, (4,))
+    plain = rf.linear_logprobs(hidden, weight, labels, backend="torch")
+    torch.testing.assert_close(rf.linear_logprobs(hidden, weight, labels, logit_scale=1.0, softcap=None), plain,
+                               **OUT_TOL)
+    for options in (dict(logit_scale=0.5), dict(softcap=5.0)):
+        assert (rf.linear_logprobs(hidden, weight, labels, **options) - plain).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("argument", ["logit_scale", "softcap"])
+@pytest.mark.parametrize("value", [0.0, -2.0, float("inf"), float("nan"), True, "1"])
+def test_linear_logprobs_bad_transform_names_the_argument(argument, value):
+    with pytest.raises(ValueError, match=argument):
+        rf.linear_logprobs(torch.randn(2, 4), torch.randn(11, 4), torch.zeros(2, dtype=torch.long),
+                           **{argument: value})
+
+
 @pytest.mark.parametrize("device,name", PAIRS)
 def test_linear_logprobs_strided_labels_and_bias(device, name):
     # labels = ids[:, 1] and bias[::2] are strided views: read with their strides, never as if contiguous
@@ -467,6 +536,23 @@ def test_gpu_compile_and_linear(name):
     torch.testing.assert_close(ent.double(), exp_ent, rtol=3e-2, atol=3e-2)
     for got_leaf, exp_leaf in zip((hidden, weight, bias), leaves):
         torch.testing.assert_close(got_leaf.grad.double(), exp_leaf.grad, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["cuda", "triton"])
+def test_gpu_linear_logprobs_logit_transforms(name):
+    # Gemma's cap (30) on logits that reach past it, with a logit scale; vocab and tokens off the tile sizes
+    hidden = torch.randn(77, 200, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    weight = (torch.randn(50257, 200, device="cuda") * 2).to(torch.bfloat16).requires_grad_()
+    labels = torch.randint(0, 50257, (77,), device="cuda")
+    options = dict(temperature=0.9, logit_scale=1.5, softcap=30.0)
+    logp, ent = rf.linear_logprobs(hidden, weight, labels, return_entropy=True, backend=name, **options)
+    (logp.sum() + ent.sum()).backward()
+    leaves = [t.detach().double().requires_grad_() for t in (hidden, weight)]
+    exp_logp, exp_ent = ref.linear_logprobs(*leaves, labels, return_entropy=True, **options)
+    (exp_logp.sum() + exp_ent.sum()).backward()
+    for got, exp in ((logp, exp_logp), (ent, exp_ent), (hidden.grad, leaves[0].grad), (weight.grad, leaves[1].grad)):
+        assert _relative_error(got, exp) < 3e-2
 
 
 def test_per_row_loop_reference_agrees():
