@@ -224,6 +224,28 @@ def _chunked_linear_forward(hidden, weight, bias, labels, temperature, ignore_in
     return logp, entropy, lse
 
 
+# Head-scaling settings of other Hugging Face models (Granite, HyperCLOVA X, MiniCPM3, Falcon-H1, ...), each applied
+# its own way: head_transform refuses a config that sets one rather than give that model's log-probs wrongly.
+_UNREAD_HEAD_SCALES = ("logits_scaling", "output_multiplier", "lm_head_multiplier")
+
+
+def head_transform(config) -> dict:
+    """`linear_logprobs` keywords {logit_scale, softcap} for the head of a Hugging Face causal LM, from its config
+    (or a multimodal config's text config): `logit_scale` (Cohere; None or absent: 1.0) and
+    `final_logit_softcapping` (Gemma 2/3; None or absent: no cap), as the models' forward applies them to
+    lm_head(hidden) (scale, then cap). ValueError for a config that rescales its logits another way."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in _UNREAD_HEAD_SCALES:
+        value = getattr(text, name, None)
+        if value is not None and value != 1:
+            raise ValueError(f"{type(text).__name__} sets {name}={value}, a rescaling of the logits that "
+                             f"head_transform does not read; compute the log-probs from the model's own logits "
+                             f"(PPO loop: --no-fused-head)")
+    scale = getattr(text, "logit_scale", None)
+    cap = getattr(text, "final_logit_softcapping", None)
+    return {"logit_scale": 1.0 if scale is None else float(scale), "softcap": None if cap is None else float(cap)}
+
+
 class _LinearLogprobs(torch.autograd.Function):
     """linear_logprobs over (tokens, H) x (V, H): forward fused (Triton) or in vocab chunks; the backward
     recomputes each chunk's logits."""

@@ -565,3 +565,62 @@ def test_cuda_labels_out_of_range_raise():
     x = torch.randn(2, 11, device="cuda")
     with pytest.raises(ValueError, match="labels"):
         rf.logprobs(x, torch.tensor([3, 11], device="cuda"), backend="cuda")
+
+
+def test_head_transform_reads_hugging_face_configs():
+    from transformers import CohereConfig, Gemma2Config, Gemma3Config, GraniteConfig, LlamaConfig
+    assert lp_module.head_transform(Gemma2Config(final_logit_softcapping=30.0)) == {"logit_scale": 1.0,
+                                                                                     "softcap": 30.0}
+    assert lp_module.head_transform(CohereConfig(logit_scale=0.0625)) == {"logit_scale": 0.0625, "softcap": None}
+    assert lp_module.head_transform(CohereConfig(logit_scale=None)) == {"logit_scale": 1.0, "softcap": None}
+    assert lp_module.head_transform(LlamaConfig()) == {"logit_scale": 1.0, "softcap": None}
+    gemma3 = Gemma3Config(text_config={"final_logit_softcapping": 20.0})  # multimodal: read from its text config
+    assert lp_module.head_transform(gemma3) == {"logit_scale": 1.0, "softcap": 20.0}
+    assert lp_module.head_transform(GraniteConfig(logits_scaling=1.0)) == {"logit_scale": 1.0, "softcap": None}
+    with pytest.raises(ValueError, match="logits_scaling"):
+        lp_module.head_transform(GraniteConfig(logits_scaling=8.0))
+
+
+def _tiny_causal_lm(kind):
+    """A 2-layer model of `kind` with vocab 300 whose head transform matters: logits spread well past the cap."""
+    import transformers
+    shape = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=16, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if kind == "gemma2":
+        config = transformers.Gemma2Config(final_logit_softcapping=3.0, query_pre_attn_scalar=16, **shape)
+        model = transformers.Gemma2ForCausalLM(config)
+    else:
+        config = transformers.CohereConfig(logit_scale=0.25, **shape)
+        model = transformers.CohereForCausalLM(config)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.normal_(0, 1.0)
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "cohere"])
+def test_fused_head_applies_the_models_logit_transform(kind):
+    from rlhf_fast.ppo.models import LogProbModel, position_ids
+    from rlhf_fast.ppo.ops import get_ops
+    model = _tiny_causal_lm(kind)
+    input_ids = torch.randint(3, 300, (2, 9))
+    attention_mask = torch.ones(2, 9, dtype=torch.long)
+    attention_mask[1, :2] = 0  # left padding of the prompt
+    labels = input_ids[:, 4:].clone()
+    labels[0, -2:] = -100
+    results = []
+    for fused in (True, False):
+        model.zero_grad()
+        logp, ent = LogProbModel(model, get_ops(True), fused=fused, temperature=0.8)(
+            input_ids, attention_mask, labels, 4, return_entropy=True)
+        (logp.sum() + ent.sum()).backward()
+        results.append((logp, ent, model.get_output_embeddings().weight.grad.clone()))
+    (logp, ent, grad), (exp_logp, exp_ent, exp_grad) = results
+    torch.testing.assert_close(logp, exp_logp, **OUT_TOL)
+    torch.testing.assert_close(ent, exp_ent, **OUT_TOL)
+    torch.testing.assert_close(grad, exp_grad, rtol=1e-4, atol=1e-5)
+    # the transform matters here: the plain lm_head(hidden) gives other log-probs
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                              position_ids=position_ids(attention_mask)).last_hidden_state
+    plain = rf.linear_logprobs(hidden[:, 3:-1].detach(), model.get_output_embeddings().weight.detach(), labels,
+                               temperature=0.8)
+    assert (plain - exp_logp).abs().max() > 0.5

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import rlhf_fast as rf
+from rlhf_fast.logprobs import head_transform
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -97,8 +98,8 @@ class LogProbModel(nn.Module):
     that DistributedDataParallel sees the whole computation.
 
     fused=True feeds the trunk's hidden states and the lm-head weight to `linear_logprobs` (the full logits are
-    never formed); it assumes logits = lm_head(hidden), true of Llama/Qwen/Mistral-style models. fused=False
-    runs the model's own head and `logprobs`."""
+    never formed), with the logit scale / soft cap of the model's config (rlhf_fast.logprobs.head_transform:
+    Cohere, Gemma 2/3). fused=False runs the model's own head and `logprobs`."""
 
     def __init__(self, model, ops, *, fused: bool, temperature: float):
         super().__init__()
@@ -113,7 +114,8 @@ class LogProbModel(nn.Module):
             hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
                                            position_ids=positions).last_hidden_state
             return self.ops.linear_logprobs(hidden[:, n_prompt - 1:-1], head.weight, labels, bias=head.bias,
-                                            temperature=self.temperature, return_entropy=return_entropy)
+                                            temperature=self.temperature, return_entropy=return_entropy,
+                                            **head_transform(self.model.config))
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).logits
         return self.ops.logprobs(logits[:, n_prompt - 1:-1], labels, temperature=self.temperature,
                                  return_entropy=return_entropy)
