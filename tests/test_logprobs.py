@@ -484,6 +484,23 @@ def test_torch_compile_fullgraph_cpu():
     torch.testing.assert_close(w.grad, w_ref.grad)
 
 
+@pytest.mark.skipif(rf.backend.compiled() is None, reason="compiled library not built")
+def test_torch_compile_fullgraph_cpu_logit_transforms():
+    def step(hidden, weight, labels):
+        return rf.linear_logprobs(hidden, weight, labels, temperature=0.8, logit_scale=0.5, softcap=4.0,
+                                  return_entropy=True, backend="cpu")
+
+    hidden, labels = torch.randn(2, 5, 16), torch.randint(0, 50, (2, 5))
+    grads = []
+    for fn in (torch.compile(step, fullgraph=True, backend="aot_eager"), step):
+        weight = (torch.randn(50, 16, generator=torch.Generator().manual_seed(0)) * 3).requires_grad_()
+        logp, ent = fn(hidden, weight, labels)
+        (logp.sum() + ent.sum()).backward()
+        grads.append((logp, ent, weight.grad))
+    for got, exp in zip(*grads):
+        torch.testing.assert_close(got, exp)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

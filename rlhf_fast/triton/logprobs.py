@@ -162,7 +162,8 @@ def _linear_forward_kernel(hidden, weight, bias, labels, partial, label_logit, t
                            BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr):
     """One (BLOCK_N tokens x BLOCK_V vocab) tile of the logits, never stored: its rows' (max, sum e^(z - max),
     sum e^(z - max) (z - max)) go to partial[tile, :, row], and the label's logit where it falls in the tile.
-    z = y inv_t, or with SOFTCAP z = inv_t tanh(y cap_in) (the launcher folds the scale, cap and temperature)."""
+    z = y inv_t with inv_t = logit_scale / T, or with SOFTCAP z = inv_t tanh(y cap_in) with cap_in =
+    logit_scale / softcap and inv_t = softcap / T (y: the tile's logits as the lm_head gives them)."""
     # Grouped program order: GROUP_N token tiles walk the vocab tiles together (token tile fastest), so the
     # programs in flight share GROUP_N hidden tiles and a few weight tiles in L2; hidden is read about once and
     # the weight once per group, instead of all of hidden once per vocab tile.
