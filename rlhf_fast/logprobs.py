@@ -160,10 +160,11 @@ def entropy(logits, *, temperature=1.0, backend=None):
 
 
 def _chunk_bytes_per_logit(dtype, softcap):
-    """Workspace per logit of a chunk: the lm_head output in `dtype`, and with a soft cap also tanh(.) and the
-    capped logits in float32 (float64 for float64 inputs), alive together in the backward."""
+    """Workspace per logit of a chunk: the lm_head output in `dtype`; with a soft cap, the backward's tanh(.) and
+    capped logits in float32 (float64 for float64 inputs), and for 16-bit inputs the gradient rounded back."""
     itemsize = torch.tensor([], dtype=dtype).element_size()
-    return itemsize if softcap is None else itemsize + 2 * max(4, itemsize)
+    wide = max(4, itemsize)
+    return itemsize if softcap is None else 2 * wide + (itemsize if itemsize < wide else 0)
 
 
 def _vocab_chunks(tokens, vocab, itemsize):
@@ -187,8 +188,9 @@ def _slice_logits(hidden, weight, bias, start, end):
 
 
 def _cap_tanh(raw, logit_scale, softcap):
-    """tanh(logit_scale * raw / softcap), a new float32 tensor (float64 for float64 raw logits)."""
-    return torch.tanh(raw.to(torch.promote_types(raw.dtype, torch.float32)) * (logit_scale / softcap))
+    """tanh(logit_scale * raw / softcap) in float32 (float64 for float64 raw logits), written over `raw` when it
+    has that dtype already (its values are not needed afterwards)."""
+    return raw.to(torch.promote_types(raw.dtype, torch.float32)).mul_(logit_scale / softcap).tanh_()
 
 
 def _row_temperature(temperature, logit_scale, softcap):
@@ -288,8 +290,11 @@ class _LinearLogprobs(torch.autograd.Function):
                                    _slice_labels(labels, ctx.ignore_index, start)[None], lse[None], entropy[None],
                                    row_temperature, _SLICE_IGNORE)
             if tanh is not None:  # d(y) = d(c t) s (1 - t^2)
-                grad_logits = tanh.square_().neg_().add_(1).mul_(grad_logits).mul_(ctx.logit_scale).to(hidden.dtype)
+                grad_logits.addcmul_(grad_logits, tanh.square_(), value=-1.0)
                 del tanh
+                if ctx.logit_scale != 1.0:
+                    grad_logits.mul_(ctx.logit_scale)
+                grad_logits = grad_logits.to(hidden.dtype)
             if need_hidden:
                 grad_hidden += grad_logits @ weight[start:end]
             if need_weight:

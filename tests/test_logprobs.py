@@ -436,6 +436,11 @@ def test_linear_logprobs_empty_and_chunking(device, name):
     assert logp.shape == (0,) and weight.grad.shape == weight.shape and (weight.grad == 0).all()
     assert lp_module._vocab_chunks(16384, 151936, 2)[0] == (0, 4096)
     assert lp_module._vocab_chunks(4, 1003, 2) == [(0, 1003)]
+    # with a soft cap a bf16 chunk also holds float32 tanh and capped logits (10 bytes a logit): narrower chunks
+    per_logit = lp_module._chunk_bytes_per_logit(torch.bfloat16, 30.0)
+    assert per_logit == 10 and lp_module._vocab_chunks(16384, 151936, per_logit)[0] == (0, 768)
+    assert lp_module._chunk_bytes_per_logit(torch.float32, 30.0) == 8
+    assert lp_module._chunk_bytes_per_logit(torch.float32, None) == 4
 
 
 @pytest.mark.skipif(rf.backend.compiled() is None, reason="compiled library not built")
