@@ -19,7 +19,7 @@ from . import backend as _backend
 from . import reference
 
 # linear_logprobs holds one (tokens x vocab-chunk) block of logits at a time, at most this many bytes (with a
-# soft cap: the block plus its two float32 transforms, see _chunk_bytes_per_logit).
+# soft cap, counting its float32 working copies: _chunk_bytes_per_logit).
 LINEAR_CHUNK_BYTES = 128 * 2**20
 # Labels of a vocab slice are shifted into (-V, V); this marks ignored positions among them.
 _SLICE_IGNORE = -(2**62)
@@ -319,7 +319,7 @@ def linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, logit
     float32 (`head_transform(model.config)` gives both keywords for a Hugging Face model).
 
     Forward and backward walk the vocab in chunks of at most LINEAR_CHUNK_BYTES of logits (tokens x chunk, in the
-    inputs' dtype; with softcap also two float32 copies) and the chunks' log-sum-exps and entropies merge
+    inputs' dtype; with softcap counting its float32 working copies) and the chunks' log-sum-exps and entropies merge
     exactly. On the Triton backend the forward is one fused kernel instead (tiled matmul with the transform and
     log-sum-exp epilogue; float64 inputs take the chunked path). Gradients flow to hidden, weight and bias; the
     backward recomputes each chunk's logits. The `torch` backend is the eager reference (full logits).
