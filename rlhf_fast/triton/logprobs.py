@@ -193,7 +193,12 @@ def _linear_forward_kernel(hidden, weight, bias, labels, partial, label_logit, t
     if HAS_BIAS:
         acc += tl.load(bias + cols.to(tl.int64) * stride_bias, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     # Rounded to the inputs' dtype as an lm_head's output is (the backward recomputes them that way too).
-    z = acc.to(hidden.dtype.element_ty).to(tl.float32)
+    if DOT_FP32 and hidden.dtype.element_ty == tl.bfloat16:
+        # The interpreter (DOT_FP32) rounds float32 to bfloat16 toward zero; the GPU and torch round to nearest even.
+        bits = acc.to(tl.uint32, bitcast=True)
+        z = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    else:
+        z = acc.to(hidden.dtype.element_ty).to(tl.float32)
     if SOFTCAP:  # tanh(x) = 1 - 2 / (e^(2x) + 1): -1 and 1 at the ends (e^(2x) = 0, inf), never NaN
         z = 1.0 - 2.0 / (tl.exp2(z * (cap_in * 2.8853900817779268)) + 1.0)
     z = z * inv_t
@@ -220,7 +225,8 @@ def linear_config(dtype: torch.dtype) -> dict:
     16-bit inputs: a common Hopper tensor-core matmul tile. float32 inputs take full-precision (ieee) dots, which
     run on the FMA units with the tile in registers: 128 x 128 tiles spill several KB per thread on sm_90, 64 x 64
     ones do not (tests/test_triton_sm90.py). The interpreter gets small tiles (it runs them in Python) and
-    multiplies in float32 (DOT_FP32: its 16-bit tl.dot is wrong)."""
+    multiplies in float32 (DOT_FP32: its 16-bit tl.dot is wrong; it also rounds the logits to bfloat16 by hand,
+    as the interpreter's cast rounds toward zero)."""
     if triton_interpret():  # GROUP_N = 2: small inputs still span several groups and a short last one
         return {"PRECISION": "ieee", "DOT_FP32": True, "BLOCK_N": 16, "BLOCK_V": 64, "BLOCK_H": 16, "GROUP_N": 2,
                 "num_warps": 4, "num_stages": 1}
