@@ -19,7 +19,8 @@ from . import _validate as check
 from . import backend as _backend
 from . import reference
 
-# linear_logprobs holds one (tokens x vocab-chunk) block of logits at a time, at most this many bytes.
+# linear_logprobs holds one (tokens x vocab-chunk) block of logits at a time, at most this many bytes (with a
+# soft cap, counting its float32 working copies: _chunk_bytes_per_logit).
 LINEAR_CHUNK_BYTES = 128 * 2**20
 # Labels of a vocab slice are shifted into (-V, V); this marks ignored positions among them.
 _SLICE_IGNORE = -(2**62)
@@ -177,6 +178,14 @@ def entropy(logits, *, temperature=1.0, backend=None):
 # ---------------------------------------------------------------- linear_logprobs
 
 
+def _chunk_bytes_per_logit(dtype, softcap):
+    """Workspace per logit of a chunk: the lm_head output in `dtype`; with a soft cap, the backward's tanh(.) and
+    capped logits in float32 (float64 for float64 inputs), and for 16-bit inputs the gradient rounded back."""
+    itemsize = torch.tensor([], dtype=dtype).element_size()
+    wide = max(4, itemsize)
+    return itemsize if softcap is None else 2 * wide + (itemsize if itemsize < wide else 0)
+
+
 def _vocab_chunks(tokens, vocab, itemsize):
     chunk = max(1, min(vocab, LINEAR_CHUNK_BYTES // max(1, tokens * itemsize)))
     if chunk < vocab:
@@ -197,15 +206,31 @@ def _slice_logits(hidden, weight, bias, start, end):
     return torch.nn.functional.linear(hidden, weight[start:end], None if bias is None else bias[start:end])
 
 
-def _chunked_linear_forward(hidden, weight, bias, labels, temperature, ignore_index, chunks, ops):
+def _cap_tanh(raw, logit_scale, softcap):
+    """tanh(logit_scale * raw / softcap) in float32 (float64 for float64 raw logits), written over `raw` when it
+    has that dtype already (its values are not needed afterwards)."""
+    return raw.to(torch.promote_types(raw.dtype, torch.float32)).mul_(logit_scale / softcap).tanh_()
+
+
+def _row_temperature(temperature, logit_scale, softcap):
+    """The temperature the row kernels divide the (capped) logits by: a logit scale without a cap folds into it,
+    logit_scale * y / T = y / (T / logit_scale); with a cap it is applied inside the tanh."""
+    return temperature if softcap is not None else temperature / logit_scale
+
+
+def _chunked_linear_forward(hidden, weight, bias, labels, temperature, ignore_index, chunks, ops, logit_scale=1.0,
+                            softcap=None):
     """(logp, entropy, lse) (tokens,) fp32 from one vocab chunk of logits at a time, merged exactly: lse over the
     chunks' lse, entropy = lse - sum_c e^(lse_c - lse) E_c[z] with E_c[z] = lse_c - H_c."""
     chunk_lse, chunk_mean = [], []
     label_logit = torch.full((hidden.shape[0],), float("nan"), dtype=torch.float32, device=hidden.device)
+    row_temperature = _row_temperature(temperature, logit_scale, softcap)
     for start, end in chunks:
         logits = _slice_logits(hidden, weight, bias, start, end)
+        if softcap is not None:
+            logits = _cap_tanh(logits, logit_scale, softcap).mul_(softcap)
         local = _slice_labels(labels, ignore_index, start)
-        logp, ent, lse = ops.logprobs_forward(logits[None], local[None], temperature, _SLICE_IGNORE)
+        logp, ent, lse = ops.logprobs_forward(logits[None], local[None], row_temperature, _SLICE_IGNORE)
         inside = (local >= 0) & (local < end - start)
         label_logit = torch.where(inside, logp[0] + lse[0], label_logit)
         chunk_lse.append(lse[0])
@@ -220,22 +245,46 @@ def _chunked_linear_forward(hidden, weight, bias, labels, temperature, ignore_in
     return logp, entropy, lse
 
 
+# Head-scaling settings of other Hugging Face models (Granite, HyperCLOVA X, MiniCPM3, Falcon-H1, ...), each applied
+# its own way: head_transform refuses a config that sets one rather than give that model's log-probs wrongly.
+_UNREAD_HEAD_SCALES = ("logits_scaling", "output_multiplier", "lm_head_multiplier")
+
+
+def head_transform(config) -> dict:
+    """`linear_logprobs` keywords {logit_scale, softcap} for the head of a Hugging Face causal LM, from its config
+    (or a multimodal config's text config): `logit_scale` (Cohere; None or absent: 1.0) and
+    `final_logit_softcapping` (Gemma 2/3; None or absent: no cap), as the models' forward applies them to
+    lm_head(hidden) (scale, then cap). ValueError for a config that rescales its logits another way."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in _UNREAD_HEAD_SCALES:
+        value = getattr(text, name, None)
+        if value is not None and value != 1:
+            raise ValueError(f"{type(text).__name__} sets {name}={value}, a rescaling of the logits that "
+                             f"head_transform does not read; compute the log-probs from the model's own logits "
+                             f"(PPO loop: --no-fused-head)")
+    scale = getattr(text, "logit_scale", None)
+    cap = getattr(text, "final_logit_softcapping", None)
+    return {"logit_scale": 1.0 if scale is None else float(scale), "softcap": None if cap is None else float(cap)}
+
+
 class _LinearLogprobs(torch.autograd.Function):
     """linear_logprobs over (tokens, H) x (V, H): forward fused (Triton) or in vocab chunks; the backward
     recomputes each chunk's logits."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, name):
-        ctx.chunks = _vocab_chunks(hidden.shape[0], weight.shape[0], hidden.element_size())
+    def forward(ctx, hidden, weight, bias, labels, temperature, logit_scale, softcap, ignore_index, name):
+        ctx.chunks = _vocab_chunks(hidden.shape[0], weight.shape[0], _chunk_bytes_per_logit(hidden.dtype, softcap))
         if name == "triton" and hidden.dtype != torch.float64:
-            # Tiled matmul with the log-sum-exp / entropy epilogue: the logits never reach memory.
+            # Tiled matmul with the transform and log-sum-exp / entropy epilogue: the logits never reach memory.
             logp, entropy, lse = _kernels(name).linear_logprobs_forward(
-                _last_dim_contiguous(hidden), _last_dim_contiguous(weight), bias, labels, temperature, ignore_index)
+                _last_dim_contiguous(hidden), _last_dim_contiguous(weight), bias, labels, temperature, ignore_index,
+                logit_scale, softcap)
         else:
             logp, entropy, lse = _chunked_linear_forward(hidden, weight, bias, labels, temperature, ignore_index,
-                                                         ctx.chunks, _kernels(name))
+                                                         ctx.chunks, _kernels(name), logit_scale, softcap)
         ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
-        ctx.temperature, ctx.ignore_index, ctx.name = temperature, ignore_index, name
+        ctx.temperature, ctx.logit_scale, ctx.softcap = temperature, logit_scale, softcap
+        ctx.ignore_index, ctx.name = ignore_index, name
         ctx.set_materialize_grads(False)
         return logp, entropy
 
@@ -249,11 +298,22 @@ class _LinearLogprobs(torch.autograd.Function):
         grad_bias = torch.empty_like(bias) if need_bias else None
         rows = lambda t: None if t is None else t[None]  # noqa: E731
         ops = _kernels(ctx.name)
+        row_temperature = _row_temperature(ctx.temperature, ctx.logit_scale, ctx.softcap)
         for start, end in ctx.chunks:
             grad_logits = _slice_logits(hidden, weight, bias, start, end)  # the slice's logits, then their gradient
+            tanh = None
+            if ctx.softcap is not None:  # the kernels differentiate the capped logits c t, t = tanh(s y / c)
+                tanh = _cap_tanh(grad_logits, ctx.logit_scale, ctx.softcap)
+                grad_logits = tanh * ctx.softcap
             ops.logprobs_backward_(rows(grad_logp), rows(grad_entropy), grad_logits[None],
                                    _slice_labels(labels, ctx.ignore_index, start)[None], lse[None], entropy[None],
-                                   ctx.temperature, _SLICE_IGNORE)
+                                   row_temperature, _SLICE_IGNORE)
+            if tanh is not None:  # d(y) = d(c t) s (1 - t^2)
+                grad_logits.addcmul_(grad_logits, tanh.square_(), value=-1.0)
+                del tanh
+                if ctx.logit_scale != 1.0:
+                    grad_logits.mul_(ctx.logit_scale)
+                grad_logits = grad_logits.to(hidden.dtype)
             if need_hidden:
                 grad_hidden += grad_logits @ weight[start:end]
             if need_weight:
@@ -263,7 +323,7 @@ class _LinearLogprobs(torch.autograd.Function):
             del grad_logits  # before the next chunk is allocated
         if grad_hidden is not None:
             grad_hidden = grad_hidden.to(hidden.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
 
 
 def check_linear(hidden, weight, bias):
@@ -286,30 +346,39 @@ def check_linear(hidden, weight, bias):
         raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
 
 
-def linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, ignore_index=-100, return_entropy=False,
-                    check_labels=None, backend=None):
+def linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, logit_scale=1.0, softcap=None,
+                    ignore_index=-100, return_entropy=False, check_labels=None, backend=None):
     """`logprobs` of the lm_head logits hidden @ weight.T + bias without materialising them.
 
     hidden: (..., H), weight: (V, H) (an lm_head's), bias: (V,) or None, all one float dtype; labels: (...) int.
-    Returns logp (...) float32, or (logp, entropy). Forward and backward walk the vocab in chunks of at most
-    LINEAR_CHUNK_BYTES of logits (tokens x chunk, in the inputs' dtype, as an lm_head would produce them);
-    the chunks' log-sum-exps and entropies merge exactly. On the Triton backend the forward is one fused kernel
-    instead (tiled matmul with the log-sum-exp epilogue; float64 inputs take the chunked path). Gradients flow
-    to hidden, weight and bias; the backward recomputes each chunk's logits. The `torch` backend is the eager
-    reference (full logits). Labels out of range and check_labels: as in `logprobs`.
+    Returns logp (...) float32, or (logp, entropy). The logits are transformed as the model's head does before
+    the temperature applies, in this order: y = hidden @ weight.T + bias (rounded to the inputs' dtype, as an
+    lm_head's output is), z = logit_scale * y (Cohere's `logit_scale`), with softcap set z = softcap *
+    tanh(z / softcap) (Gemma 2/3's `final_logit_softcapping`), then softmax(z / temperature), the transform in
+    float32 (`head_transform(model.config)` gives both keywords for a Hugging Face model).
+
+    Forward and backward walk the vocab in chunks of at most LINEAR_CHUNK_BYTES of logits (tokens x chunk, in the
+    inputs' dtype; with softcap counting its float32 working copies) and the chunks' log-sum-exps and entropies merge
+    exactly. On the Triton backend the forward is one fused kernel instead (tiled matmul with the transform and
+    log-sum-exp epilogue; float64 inputs take the chunked path). Gradients flow to hidden, weight and bias; the
+    backward recomputes each chunk's logits. The `torch` backend is the eager reference (full logits). Labels out
+    of range and check_labels: as in `logprobs`.
     """
     check_linear(hidden, weight, bias)
     _check_options(temperature, ignore_index)
+    logit_scale = check.positive_float("logit_scale", logit_scale)
+    softcap = None if softcap is None else check.positive_float("softcap", softcap)
     _check_labels(labels, hidden.shape[:-1], hidden.device, weight.shape[0], ignore_index, "hidden.shape[:-1]",
                   check_labels)
     name = _backend.select("linear_logprobs", backend, hidden.device)
     if name == "torch":
         out = reference.linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
-                                        ignore_index=ignore_index, return_entropy=return_entropy)
+                                        logit_scale=logit_scale, softcap=softcap, ignore_index=ignore_index,
+                                        return_entropy=return_entropy)
         return tuple(t.float() for t in out) if return_entropy else out.float()
     lead = hidden.shape[:-1]
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_labels = labels.reshape(-1).long()
-    logp, entropy = _LinearLogprobs.apply(flat_hidden, weight, bias, flat_labels, float(temperature), ignore_index,
-                                          name)
+    logp, entropy = _LinearLogprobs.apply(flat_hidden, weight, bias, flat_labels, float(temperature), logit_scale,
+                                          softcap, ignore_index, name)
     return (logp.view(lead), entropy.view(lead)) if return_entropy else logp.view(lead)

@@ -162,10 +162,23 @@ def entropy(logits, *, temperature=1.0):
     return _entropy_of(torch.log_softmax(logits.to(dtype) / temperature, dim=-1))
 
 
-def linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, ignore_index=-100, return_entropy=False):
-    """`logprobs` of the lm_head logits hidden @ weight.T + bias (computed in the inputs' dtype, as eager does):
-    hidden (..., H), weight (V, H), bias (V,) or None, labels (...)."""
+def head_logits(hidden, weight, bias=None, *, logit_scale=1.0, softcap=None):
+    """The logits of an lm_head with a model's logit transform, before any temperature: the head's output
+    y = hidden @ weight.T + bias in the inputs' dtype (as eager computes it), then, in float32 (float64 for
+    float64 inputs), z = logit_scale * y (Cohere) and, with a soft cap, z = softcap * tanh(z / softcap)
+    (Gemma 2/3). hidden (..., H), weight (V, H), bias (V,) or None -> (..., V)."""
     logits = torch.nn.functional.linear(hidden, weight, bias)
+    if logit_scale == 1.0 and softcap is None:
+        return logits
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) * logit_scale
+    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
+
+
+def linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, logit_scale=1.0, softcap=None,
+                    ignore_index=-100, return_entropy=False):
+    """`logprobs` of softmax(head_logits(hidden, weight, bias, logit_scale, softcap) / temperature):
+    hidden (..., H), weight (V, H), bias (V,) or None, labels (...)."""
+    logits = head_logits(hidden, weight, bias, logit_scale=logit_scale, softcap=softcap)
     return logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy)
 
 

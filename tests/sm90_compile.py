@@ -63,11 +63,11 @@ def _logprobs(dtype):
         ops.logprobs_backward(grad_logp, grad_entropy, logits, _labels(2, 8), rows, rows, 1.0, -100)
 
 
-def _linear_logprobs(dtype):
+def _linear_logprobs(dtype, logit_scale=1.0, softcap=None):
     from rlhf_fast.triton import logprobs as ops
     hidden, weight = _empty(TOKENS, HIDDEN, dtype=dtype), _empty(V, HIDDEN, dtype=dtype)
     for bias in (None, _empty(V, dtype=dtype)):
-        ops.linear_logprobs_forward(hidden, weight, bias, _labels(TOKENS), 1.0, -100)
+        ops.linear_logprobs_forward(hidden, weight, bias, _labels(TOKENS), 1.0, -100, logit_scale, softcap)
 
 
 def _advantages(dtype):
@@ -154,6 +154,7 @@ CASES = {}
 for _dtype in DTYPES:
     CASES[f"logprobs-{_dtype}"] = (_logprobs, DTYPES[_dtype])
     CASES[f"linear_logprobs-{_dtype}"] = (_linear_logprobs, DTYPES[_dtype])
+    CASES[f"linear_logprobs_softcap-{_dtype}"] = (lambda dtype: _linear_logprobs(dtype, 0.0625, 30.0), DTYPES[_dtype])
     CASES[f"advantages-{_dtype}"] = (_advantages, DTYPES[_dtype])
     CASES[f"divergence-{_dtype}"] = (_divergence, DTYPES[_dtype])
     CASES[f"losses-{_dtype}"] = (_losses, DTYPES[_dtype])

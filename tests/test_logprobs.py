@@ -260,6 +260,74 @@ def test_linear_logprobs_matches_reference(device, name, dtype, with_bias, monke
         torch.testing.assert_close(got.grad.double(), exp.grad, **tol)
 
 
+# (logit_scale, softcap, weight scale): Cohere's scale on large raw logits; Gemma's cap where most logits saturate
+# (|s y / c| up to ~10, tanh = +-1 in float32); both at once
+TRANSFORMS = {"scale": (0.0625, None, 4.0), "softcap": (1.0, 10.0, 6.0), "scale+softcap": (2.5, 10.0, 2.5)}
+
+
+def _relative_error(got, expected):
+    return float((got.detach().double() - expected.detach()).norm() / expected.detach().norm())
+
+
+@pytest.mark.parametrize("device,name", PAIRS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("transform", list(TRANSFORMS))
+def test_linear_logprobs_logit_transforms_match_float64(device, name, dtype, transform, monkeypatch):
+    # chunks of 128 vocab columns (the least _vocab_chunks takes): 1003 (Triton: 257) is not a multiple
+    monkeypatch.setattr(lp_module, "LINEAR_CHUNK_BYTES", 1)
+    logit_scale, softcap, spread = TRANSFORMS[transform]
+    vocab = _vocab(name)
+    hidden = torch.randn(3, 5, 48, device=device).to(dtype).requires_grad_()
+    weight = (torch.randn(vocab, 48, device=device) * spread).to(dtype).requires_grad_()
+    bias = torch.randn(vocab, device=device).to(dtype).requires_grad_()
+    labels = torch.randint(0, vocab, (3, 5), device=device)
+    labels[1, 2] = -100
+    options = dict(temperature=0.7, logit_scale=logit_scale, softcap=softcap)
+    logp, ent = rf.linear_logprobs(hidden, weight, labels, bias=bias, return_entropy=True, backend=name, **options)
+    g_lp, g_h = torch.randn(3, 5, device=device), torch.randn(3, 5, device=device)
+    torch.autograd.backward((logp, ent), (g_lp, g_h))
+
+    leaves = [t.detach().double().requires_grad_() for t in (hidden, weight, bias)]
+    raw = torch.nn.functional.linear(*leaves) * logit_scale
+    capped = raw if softcap is None else softcap * torch.tanh(raw / softcap)
+    if softcap is not None:
+        assert (raw.abs() > 3 * softcap).float().mean() > 0.2  # tanh saturates on many logits
+    exp_logp, exp_ent = ref.logprobs(capped, labels, temperature=0.7, return_entropy=True)
+    torch.autograd.backward((exp_logp, exp_ent), (g_lp.double(), g_h.double()))
+    assert logp.dtype == torch.float32 and logp.shape == (3, 5) and logp[1, 2] == 0
+    for got, exp in zip((hidden, weight, bias), leaves):
+        assert got.grad.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(logp.double(), exp_logp, **OUT_TOL)
+        torch.testing.assert_close(ent.double(), exp_ent, **OUT_TOL)
+        for got, exp in zip((hidden, weight, bias), leaves):
+            torch.testing.assert_close(got.grad.double(), exp.grad, rtol=1e-4, atol=1e-4)
+        return
+    # bfloat16: the lm_head output is rounded to bfloat16 as the model's is (the transform is float32): <1% here
+    for got, exp in [(logp, exp_logp), (ent, exp_ent)] + [(t.grad, e.grad) for t, e in zip((hidden, weight, bias),
+                                                                                            leaves)]:
+        assert _relative_error(got, exp) < 1.5e-2
+
+
+def test_linear_logprobs_transform_is_not_a_no_op():
+    # the transform changes the result (so the tests above can fail), and the plain options match no options
+    hidden, weight = torch.randn(4, 16), torch.randn(300, 16) * 3
+    labels = torch.randint(0, 300, (4,))
+    plain = rf.linear_logprobs(hidden, weight, labels, backend="torch")
+    torch.testing.assert_close(rf.linear_logprobs(hidden, weight, labels, logit_scale=1.0, softcap=None), plain,
+                               **OUT_TOL)
+    for options in (dict(logit_scale=0.5), dict(softcap=5.0)):
+        assert (rf.linear_logprobs(hidden, weight, labels, **options) - plain).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("argument", ["logit_scale", "softcap"])
+@pytest.mark.parametrize("value", [0.0, -2.0, float("inf"), float("nan"), True, "1"])
+def test_linear_logprobs_bad_transform_names_the_argument(argument, value):
+    with pytest.raises(ValueError, match=argument):
+        rf.linear_logprobs(torch.randn(2, 4), torch.randn(11, 4), torch.zeros(2, dtype=torch.long),
+                           **{argument: value})
+
+
 @pytest.mark.parametrize("device,name", PAIRS)
 def test_linear_logprobs_strided_labels_and_bias(device, name):
     # labels = ids[:, 1] and bias[::2] are strided views: read with their strides, never as if contiguous
@@ -318,6 +386,19 @@ def test_triton_linear_logprobs_same_for_any_tile_order(group, monkeypatch):
 
 
 @pytest.mark.skipif("triton" not in [n for _, n in PAIRS], reason="Triton backend not live")
+def test_triton_fused_forward_rounds_bf16_logits_as_torch_does():
+    # the fused forward's logits are the lm_head's bf16 output (rounded to nearest, also under the interpreter),
+    # so its log-sum-exp is that of the logits the backward recomputes with torch
+    ops = importlib.import_module("rlhf_fast.triton.logprobs")
+    hidden, weight = torch.randn(40, 64).bfloat16(), (torch.randn(300, 64) * 0.4).bfloat16()
+    labels = torch.randint(0, 300, (40,))
+    logp, _, lse = ops.linear_logprobs_forward(hidden, weight, None, labels, 1.0, -100)
+    exp_logp, _ = _reference(hidden @ weight.t(), labels)
+    torch.testing.assert_close(lse, torch.logsumexp((hidden @ weight.t()).float(), -1), rtol=0, atol=1e-5)
+    torch.testing.assert_close(logp.double(), exp_logp, rtol=0, atol=1e-5)
+
+
+@pytest.mark.skipif("triton" not in [n for _, n in PAIRS], reason="Triton backend not live")
 def test_triton_ops_out_of_range_labels_give_nan():
     # the Triton kernels themselves (no host check in front): a label outside [0, V) other than ignore_index
     # reads nothing past its row and gives a NaN log-prob; the other rows, entropies and gradients are unharmed
@@ -367,6 +448,11 @@ def test_linear_logprobs_empty_and_chunking(device, name):
     assert logp.shape == (0,) and weight.grad.shape == weight.shape and (weight.grad == 0).all()
     assert lp_module._vocab_chunks(16384, 151936, 2)[0] == (0, 4096)
     assert lp_module._vocab_chunks(4, 1003, 2) == [(0, 1003)]
+    # with a soft cap a bf16 chunk also holds float32 tanh and capped logits (10 bytes a logit): narrower chunks
+    per_logit = lp_module._chunk_bytes_per_logit(torch.bfloat16, 30.0)
+    assert per_logit == 10 and lp_module._vocab_chunks(16384, 151936, per_logit)[0] == (0, 768)
+    assert lp_module._chunk_bytes_per_logit(torch.float32, 30.0) == 8
+    assert lp_module._chunk_bytes_per_logit(torch.float32, None) == 4
 
 
 @pytest.mark.skipif(rf.backend.compiled() is None, reason="compiled library not built")
@@ -413,6 +499,23 @@ def test_torch_compile_fullgraph_cpu():
     (logp.sum() + ent.sum() + full.sum() + lin.sum()).backward()
     torch.testing.assert_close(x.grad, x_ref.grad)
     torch.testing.assert_close(w.grad, w_ref.grad)
+
+
+@pytest.mark.skipif(rf.backend.compiled() is None, reason="compiled library not built")
+def test_torch_compile_fullgraph_cpu_logit_transforms():
+    def step(hidden, weight, labels):
+        return rf.linear_logprobs(hidden, weight, labels, temperature=0.8, logit_scale=0.5, softcap=4.0,
+                                  return_entropy=True, backend="cpu")
+
+    hidden, labels = torch.randn(2, 5, 16), torch.randint(0, 50, (2, 5))
+    grads = []
+    for fn in (torch.compile(step, fullgraph=True, backend="aot_eager"), step):
+        weight = (torch.randn(50, 16, generator=torch.Generator().manual_seed(0)) * 3).requires_grad_()
+        logp, ent = fn(hidden, weight, labels)
+        (logp.sum() + ent.sum()).backward()
+        grads.append((logp, ent, weight.grad))
+    for got, exp in zip(*grads):
+        torch.testing.assert_close(got, exp)
 
 
 @pytest.mark.gpu
@@ -467,6 +570,23 @@ def test_gpu_compile_and_linear(name):
     torch.testing.assert_close(ent.double(), exp_ent, rtol=3e-2, atol=3e-2)
     for got_leaf, exp_leaf in zip((hidden, weight, bias), leaves):
         torch.testing.assert_close(got_leaf.grad.double(), exp_leaf.grad, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["cuda", "triton"])
+def test_gpu_linear_logprobs_logit_transforms(name):
+    # Gemma's cap (30) on logits that reach past it, with a logit scale; vocab and tokens off the tile sizes
+    hidden = torch.randn(77, 200, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    weight = (torch.randn(50257, 200, device="cuda") * 2).to(torch.bfloat16).requires_grad_()
+    labels = torch.randint(0, 50257, (77,), device="cuda")
+    options = dict(temperature=0.9, logit_scale=1.5, softcap=30.0)
+    logp, ent = rf.linear_logprobs(hidden, weight, labels, return_entropy=True, backend=name, **options)
+    (logp.sum() + ent.sum()).backward()
+    leaves = [t.detach().double().requires_grad_() for t in (hidden, weight)]
+    exp_logp, exp_ent = ref.linear_logprobs(*leaves, labels, return_entropy=True, **options)
+    (exp_logp.sum() + exp_ent.sum()).backward()
+    for got, exp in ((logp, exp_logp), (ent, exp_ent), (hidden.grad, leaves[0].grad), (weight.grad, leaves[1].grad)):
+        assert _relative_error(got, exp) < 3e-2
 
 
 def test_per_row_loop_reference_agrees():
@@ -637,3 +757,62 @@ def _backward_of_view(base, view, labels, inplace):
     logp, ent = rf.logprobs(x, labels, return_entropy=True, inplace_backward=inplace, backend="cuda")
     torch.autograd.backward((logp, ent), (g_lp, g_h))
     return leaf.grad.as_strided(view.shape, view.stride(), view.storage_offset()), g_lp, g_h
+
+
+def test_head_transform_reads_hugging_face_configs():
+    from transformers import CohereConfig, Gemma2Config, Gemma3Config, GraniteConfig, LlamaConfig
+    assert lp_module.head_transform(Gemma2Config(final_logit_softcapping=30.0)) == {"logit_scale": 1.0,
+                                                                                     "softcap": 30.0}
+    assert lp_module.head_transform(CohereConfig(logit_scale=0.0625)) == {"logit_scale": 0.0625, "softcap": None}
+    assert lp_module.head_transform(CohereConfig(logit_scale=None)) == {"logit_scale": 1.0, "softcap": None}
+    assert lp_module.head_transform(LlamaConfig()) == {"logit_scale": 1.0, "softcap": None}
+    gemma3 = Gemma3Config(text_config={"final_logit_softcapping": 20.0})  # multimodal: read from its text config
+    assert lp_module.head_transform(gemma3) == {"logit_scale": 1.0, "softcap": 20.0}
+    assert lp_module.head_transform(GraniteConfig(logits_scaling=1.0)) == {"logit_scale": 1.0, "softcap": None}
+    with pytest.raises(ValueError, match="logits_scaling"):
+        lp_module.head_transform(GraniteConfig(logits_scaling=8.0))
+
+
+def _tiny_causal_lm(kind):
+    """A 2-layer model of `kind` with vocab 300 whose head transform matters: logits spread well past the cap."""
+    import transformers
+    shape = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=16, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if kind == "gemma2":
+        config = transformers.Gemma2Config(final_logit_softcapping=3.0, query_pre_attn_scalar=16, **shape)
+        model = transformers.Gemma2ForCausalLM(config)
+    else:
+        config = transformers.CohereConfig(logit_scale=0.25, **shape)
+        model = transformers.CohereForCausalLM(config)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.normal_(0, 1.0)
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "cohere"])
+def test_fused_head_applies_the_models_logit_transform(kind):
+    from rlhf_fast.ppo.models import LogProbModel, position_ids
+    from rlhf_fast.ppo.ops import get_ops
+    model = _tiny_causal_lm(kind)
+    input_ids = torch.randint(3, 300, (2, 9))
+    attention_mask = torch.ones(2, 9, dtype=torch.long)
+    attention_mask[1, :2] = 0  # left padding of the prompt
+    labels = input_ids[:, 4:].clone()
+    labels[0, -2:] = -100
+    results = []
+    for fused in (True, False):
+        model.zero_grad()
+        logp, ent = LogProbModel(model, get_ops(True), fused=fused, temperature=0.8)(
+            input_ids, attention_mask, labels, 4, return_entropy=True)
+        (logp.sum() + ent.sum()).backward()
+        results.append((logp, ent, model.get_output_embeddings().weight.grad.clone()))
+    (logp, ent, grad), (exp_logp, exp_ent, exp_grad) = results
+    torch.testing.assert_close(logp, exp_logp, **OUT_TOL)
+    torch.testing.assert_close(ent, exp_ent, **OUT_TOL)
+    torch.testing.assert_close(grad, exp_grad, rtol=1e-4, atol=1e-5)
+    # the transform matters here: the plain lm_head(hidden) gives other log-probs
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                              position_ids=position_ids(attention_mask)).last_hidden_state
+    plain = rf.linear_logprobs(hidden[:, 3:-1].detach(), model.get_output_embeddings().weight.detach(), labels,
+                               temperature=0.8)
+    assert (plain - exp_logp).abs().max() > 0.5

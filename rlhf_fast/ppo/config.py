@@ -28,7 +28,7 @@ class PPOConfig:
     kernels: str = _opt("on", "on: rlhf_fast fused ops; off: the eager torch references (A/B timing)",
                         ["on", "off"])
     fused_head: bool = _opt(True, "with kernels on, log-probs straight from hidden states and the lm-head weight "
-                                  "(linear_logprobs, no full logits); turn off for models that rescale logits")
+                                  "(linear_logprobs, no full logits; with the config's logit scale / soft cap)")
     save_every: int = _opt(25, "PPO steps between checkpoints (one is always written at the end)")
     progress: bool = _opt(True, "tqdm progress bar")
     plot: bool = _opt(True, "write reward_kl.png at the end")

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import rlhf_fast as rf
+from rlhf_fast.logprobs import head_transform
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -97,12 +98,16 @@ class LogProbModel(nn.Module):
     that DistributedDataParallel sees the whole computation.
 
     fused=True feeds the trunk's hidden states and the lm-head weight to `linear_logprobs` (the full logits are
-    never formed), or with `policy_loss` given to `linear_ppo_policy_loss`; it assumes logits = lm_head(hidden),
-    true of Llama/Qwen/Mistral-style models. fused=False runs the model's own head and `logprobs`."""
+    never formed), with the logit scale / soft cap of the model's config (rlhf_fast.logprobs.head_transform:
+    Cohere, Gemma 2/3), or with `policy_loss` given to `linear_ppo_policy_loss` (`fuses_policy_loss`: not with a
+    soft cap, which that op does not apply; a logit scale folds into its temperature). fused=False runs the
+    model's own head and `logprobs`."""
 
     def __init__(self, model, ops, *, fused: bool, temperature: float):
         super().__init__()
         self.model, self.ops, self.fused, self.temperature = model, ops, fused, temperature
+        self.transform = head_transform(model.config) if fused else {}
+        self.fuses_policy_loss = fused and self.transform["softcap"] is None
 
     def forward(self, input_ids, attention_mask, labels, n_prompt: int, return_entropy: bool = False,
                 policy_loss: dict | None = None):
@@ -115,10 +120,14 @@ class LogProbModel(nn.Module):
             hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
                                            position_ids=positions).last_hidden_state
             if policy_loss is not None:
-                return self.ops.linear_ppo_policy_loss(hidden[:, n_prompt - 1:-1], head.weight, labels,
-                                                       bias=head.bias, temperature=self.temperature, **policy_loss)
+                if not self.fuses_policy_loss:
+                    raise ValueError("policy_loss needs a head without a soft cap (fuses_policy_loss)")
+                return self.ops.linear_ppo_policy_loss(
+                    hidden[:, n_prompt - 1:-1], head.weight, labels, bias=head.bias,
+                    temperature=self.temperature / self.transform["logit_scale"], **policy_loss)
             return self.ops.linear_logprobs(hidden[:, n_prompt - 1:-1], head.weight, labels, bias=head.bias,
-                                            temperature=self.temperature, return_entropy=return_entropy)
+                                            temperature=self.temperature, return_entropy=return_entropy,
+                                            **self.transform)
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).logits
         return self.ops.logprobs(logits[:, n_prompt - 1:-1], labels, temperature=self.temperature,
                                  return_entropy=return_entropy)

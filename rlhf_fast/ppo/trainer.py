@@ -533,7 +533,7 @@ def training_steps(cfg: PPOConfig):
                 loss, stats = torch.zeros((), device=device), {}
                 if policy_moves:
                     loss, stats = minibatch_policy_loss(
-                        train_policy, ops, cfg, kl_coef, fused=policy_lp.fused, input_ids=input_ids[mb],
+                        train_policy, ops, cfg, kl_coef, fused=policy_lp.fuses_policy_loss, input_ids=input_ids[mb],
                         attention=attention[mb], labels=labels[mb], n_prompt=n_prompt, old_logp=old_logp[mb],
                         advantages=advantages[mb], mask=mask[mb], ref_logp=ref_logp[mb])
                     approx_kls.append(stats["approx_kl"])

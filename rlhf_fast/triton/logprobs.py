@@ -156,11 +156,14 @@ def logprobs_backward_(grad_logp: torch.Tensor | None, grad_entropy: torch.Tenso
 
 @triton.jit
 def _linear_forward_kernel(hidden, weight, bias, labels, partial, label_logit, tokens, vocab, hidden_size,
-                           stride_hidden, stride_weight, stride_bias, stride_labels, inv_t, HAS_BIAS: tl.constexpr,
-                           PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr):
+                           stride_hidden, stride_weight, stride_bias, stride_labels, inv_t, cap_in,
+                           HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
+                           DOT_FP32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                           BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr):
     """One (BLOCK_N tokens x BLOCK_V vocab) tile of the logits, never stored: its rows' (max, sum e^(z - max),
-    sum e^(z - max) (z - max)) go to partial[tile, :, row], and the label's logit where it falls in the tile."""
+    sum e^(z - max) (z - max)) go to partial[tile, :, row], and the label's logit where it falls in the tile.
+    z = y inv_t with inv_t = logit_scale / T, or with SOFTCAP z = inv_t tanh(y cap_in) with cap_in =
+    logit_scale / softcap and inv_t = softcap / T (y: the tile's logits as the lm_head gives them)."""
     # Grouped program order: GROUP_N token tiles walk the vocab tiles together (token tile fastest), so the
     # programs in flight share GROUP_N hidden tiles and a few weight tiles in L2; hidden is read about once and
     # the weight once per group, instead of all of hidden once per vocab tile.
@@ -190,7 +193,15 @@ def _linear_forward_kernel(hidden, weight, bias, labels, partial, label_logit, t
     if HAS_BIAS:
         acc += tl.load(bias + cols.to(tl.int64) * stride_bias, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     # Rounded to the inputs' dtype as an lm_head's output is (the backward recomputes them that way too).
-    z = acc.to(hidden.dtype.element_ty).to(tl.float32) * inv_t
+    if DOT_FP32 and hidden.dtype.element_ty == tl.bfloat16:
+        # The interpreter (DOT_FP32) rounds float32 to bfloat16 toward zero; the GPU and torch round to nearest even.
+        bits = acc.to(tl.uint32, bitcast=True)
+        z = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    else:
+        z = acc.to(hidden.dtype.element_ty).to(tl.float32)
+    if SOFTCAP:  # tanh(x) = 1 - 2 / (e^(2x) + 1): -1 and 1 at the ends (e^(2x) = 0, inf), never NaN
+        z = 1.0 - 2.0 / (tl.exp2(z * (cap_in * 2.8853900817779268)) + 1.0)
+    z = z * inv_t
     z = tl.where(col_ok[None, :], z, float("-inf"))  # the ragged last vocab tile contributes nothing
     m = tl.max(z, axis=1)
     # A row whose logits in this tile are all -inf (a padded vocab masked by a -inf bias): s = t = 0, not NaN.
@@ -214,7 +225,8 @@ def linear_config(dtype: torch.dtype) -> dict:
     16-bit inputs: a common Hopper tensor-core matmul tile. float32 inputs take full-precision (ieee) dots, which
     run on the FMA units with the tile in registers: 128 x 128 tiles spill several KB per thread on sm_90, 64 x 64
     ones do not (tests/test_triton_sm90.py). The interpreter gets small tiles (it runs them in Python) and
-    multiplies in float32 (DOT_FP32: its 16-bit tl.dot is wrong)."""
+    multiplies in float32 (DOT_FP32: its 16-bit tl.dot is wrong; it also rounds the logits to bfloat16 by hand,
+    as the interpreter's cast rounds toward zero)."""
     if triton_interpret():  # GROUP_N = 2: small inputs still span several groups and a short last one
         return {"PRECISION": "ieee", "DOT_FP32": True, "BLOCK_N": 16, "BLOCK_V": 64, "BLOCK_H": 16, "GROUP_N": 2,
                 "num_warps": 4, "num_stages": 1}
@@ -228,10 +240,11 @@ def linear_config(dtype: torch.dtype) -> dict:
 @triton_op("rlhf_fast_triton::linear_logprobs_forward", mutates_args=())
 @on_tensor_device
 def linear_logprobs_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                            labels: torch.Tensor, temperature: float,
-                            ignore_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                            labels: torch.Tensor, temperature: float, ignore_index: int, logit_scale: float = 1.0,
+                            softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden (N, H), weight (V, H) with contiguous last dims, bias (V,) or None and labels (N,) int64 of any
-    stride -> (logp, entropy, lse) (N,) fp32 of softmax((hidden @ weight.T + bias) / T), the logits never stored.
+    stride -> (logp, entropy, lse) (N,) fp32 of softmax(z / T), the logits never stored: y = hidden @ weight.T +
+    bias, z = logit_scale y, then z = softcap tanh(z / softcap) when softcap is set (rlhf_fast.linear_logprobs).
     float32 / bfloat16 / float16 only (float32 dots in full precision)."""
     tokens, hidden_size = hidden.shape
     vocab = weight.shape[0]
@@ -244,7 +257,8 @@ def linear_logprobs_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: to
         wrap_triton(_linear_forward_kernel)[(triton.cdiv(tokens, config["BLOCK_N"]) * tiles,)](
             hidden, weight, bias if bias is not None else hidden, labels, partial, label_logit, tokens, vocab,
             hidden_size, hidden.stride(0), weight.stride(0), bias.stride(0) if bias is not None else 0,
-            labels.stride(0), 1.0 / temperature, HAS_BIAS=bias is not None,
+            labels.stride(0), logit_scale / temperature if softcap is None else softcap / temperature,
+            1.0 if softcap is None else logit_scale / softcap, HAS_BIAS=bias is not None, SOFTCAP=softcap is not None,
             **config)
     tile_max, tile_sum, tile_weighted = partial.unbind(1)
     top = tile_max.max(dim=0).values
