@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace rlhf_fast {
@@ -204,16 +205,32 @@ at::Tensor qmatmul_int4_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
   return finish(out, bias, x);
 }
 
-// Per-token symmetric int8, exactly the float32 operations of reference.quantize_activations_int8.
+// |v| as bits: for non-negative floats the integer order is the float order, and a NaN lands above inf, so the
+// integer maximum of these is an amax that propagates NaN (std::max on floats drops it).
+RLHF_FAST_SIMD_CLONES uint32_t amax_bits(const float* x, int64_t n) {
+  uint32_t top = 0;
+#pragma omp simd reduction(max : top)
+  for (int64_t k = 0; k < n; ++k) {
+    uint32_t bits;
+    std::memcpy(&bits, x + k, sizeof bits);
+    top = std::max(top, bits & 0x7fffffffu);
+  }
+  return top;
+}
+
+// Per-token symmetric int8, exactly the float32 operations of reference.quantize_activations_int8: a NaN or inf in
+// a row gives inv = 0, q = 0 and scale NaN or inf (its output row is NaN); a NaN product gives q = 0.
 void quantize_rows(const float* x, int64_t rows, int64_t in_features, int8_t* q, float* scale) {
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
       const float* xr = x + m * in_features;
-      float amax = 0.f;
-      for (int64_t k = 0; k < in_features; ++k) amax = std::max(amax, std::fabs(xr[k]));
+      const uint32_t bits = amax_bits(xr, in_features);
+      float amax;
+      std::memcpy(&amax, &bits, sizeof amax);
       const float inv = amax > 0.f ? 127.f / amax : 0.f;
       for (int64_t k = 0; k < in_features; ++k) {
-        q[m * in_features + k] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(xr[k] * inv))));
+        const float p = xr[k] * inv;
+        q[m * in_features + k] = std::isnan(p) ? 0 : static_cast<int8_t>(std::clamp(std::nearbyint(p), -127.f, 127.f));
       }
       scale[m] = amax / 127.f;
     }

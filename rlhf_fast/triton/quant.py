@@ -30,27 +30,38 @@ SUM_BLOCK = 1024
 
 
 @triton.jit
-def _round_half_even(v):
-    f = tl.floor(v)
-    diff = v - f
-    odd = f - 2.0 * tl.floor(f * 0.5)
-    return tl.where(diff > 0.5, f + 1.0, tl.where(diff < 0.5, f, f + odd))
+def _quantize_activation(x, inv):
+    """int8 of round_half_even(x * inv) clamped to [-127, 127], NaN products giving 0 (reference.py).
+
+    The float32 product x * inv is only compared, truncated and selected afterwards, never added to: ptxas would
+    contract a multiply followed by an add (x * inv - floor(x * inv)) into an FMA, rounding with the exact product
+    instead of the float32 one the reference rounds. Truncation, not libdevice floor: no flush-to-zero variant.
+    """
+    p = x * inv
+    p = tl.minimum(tl.maximum(tl.where(p == p, p, 0.0), -127.0), 127.0)  # round(clamp) == clamp(round): integer bounds
+    a = tl.abs(p)
+    t = a.to(tl.int32)  # truncation: floor(|p|)
+    half = t.to(tl.float32) + 0.5
+    r = t + ((a > half) | ((a == half) & ((t & 1) == 1))).to(tl.int32)
+    return tl.where(p < 0, -r, r).to(tl.int8)
 
 
 @triton.jit
 def _quantize_rows_kernel(x, q, scale, K, BLOCK: tl.constexpr):
+    # amax as the integer maximum of the |x| bit patterns: the same order as the floats, NaN above inf (so a NaN
+    # propagates, which tl.maximum does not do), and no comparison that a flush-to-zero could apply to.
     row = tl.program_id(0).to(tl.int64)
-    amax = tl.zeros([BLOCK], tl.float32)
-    for k0 in range(0, K, BLOCK):
-        offs = k0 + tl.arange(0, BLOCK)
-        amax = tl.maximum(amax, tl.abs(tl.load(x + row * K + offs, mask=offs < K, other=0.0).to(tl.float32)))
-    top = tl.max(amax, axis=0)
-    inv = tl.where(top > 0, tl.math.div_rn(127.0, tl.maximum(top, 1e-30)), 0.0)
+    amax_bits = tl.zeros([BLOCK], tl.int32)
     for k0 in range(0, K, BLOCK):
         offs = k0 + tl.arange(0, BLOCK)
         v = tl.load(x + row * K + offs, mask=offs < K, other=0.0).to(tl.float32)
-        r = tl.minimum(tl.maximum(_round_half_even(v * inv), -127.0), 127.0)
-        tl.store(q + row * K + offs, r.to(tl.int8), mask=offs < K)
+        amax_bits = tl.maximum(amax_bits, v.to(tl.int32, bitcast=True) & 0x7FFFFFFF)
+    top = tl.max(amax_bits, axis=0).to(tl.float32, bitcast=True)
+    inv = tl.where(top > 0, tl.math.div_rn(127.0, top), 0.0)  # NaN or inf amax: 0
+    for k0 in range(0, K, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        v = tl.load(x + row * K + offs, mask=offs < K, other=0.0).to(tl.float32)
+        tl.store(q + row * K + offs, _quantize_activation(v, inv), mask=offs < K)
     tl.store(scale + row, tl.math.div_rn(top, 127.0))
 
 
