@@ -291,7 +291,7 @@ def dequantize_int8(qweight, scales, dtype=torch.float32):
 def unpack_int4(qweight):
     """uint8 (N, K/2), two values per byte (even k in the low nibble) -> uint8 (N, K) values in [0, 15]."""
     low, high = qweight & 0xF, qweight >> 4
-    return torch.stack((low, high), dim=-1).reshape(qweight.shape[0], -1)
+    return torch.stack((low, high), dim=-1).reshape(qweight.shape[0], 2 * qweight.shape[1])
 
 
 def dequantize_int4(qweight, scales, zeros, group_size, dtype=torch.float32):

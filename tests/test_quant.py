@@ -118,6 +118,31 @@ def test_qmatmul_backward_to_x_and_bias(device, name, scheme, dtype):
     torch.testing.assert_close(bias.grad.double(), grad.to(dtype).double().sum((0, 1)), **tol)
 
 
+def _empty_weight(scheme, out_features, in_features, device):
+    """A QuantizedWeight with N or K of zero (quantize_weight refuses empty weights; the kernels must not)."""
+    if scheme == "int4":
+        return QuantizedWeight("int4", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device),
+                               torch.ones(out_features, in_features // GROUP, device=device),
+                               torch.zeros(out_features, in_features // GROUP, dtype=torch.uint8, device=device), GROUP)
+    return QuantizedWeight(scheme, torch.zeros(out_features, in_features, dtype=torch.int8, device=device),
+                           torch.ones(out_features, device=device))
+
+
+@pytest.mark.parametrize("device,name", PAIRS)
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("rows,out_features,in_features", [(2, 0, 64), (20, 0, 64), (2, 24, 0), (20, 24, 0), (0, 24, 64)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_qmatmul_empty_n_k_or_m_gives_the_bias(device, name, scheme, rows, out_features, in_features, with_bias):
+    qw = _empty_weight(scheme, out_features, in_features, device) if 0 in (out_features, in_features) else \
+        _quantize(_weight(out_features, in_features, device), scheme)
+    bias = torch.randn(out_features, device=device) if with_bias else None
+    x = torch.randn(rows, in_features, device=device, dtype=torch.bfloat16)
+    out = rf.qmatmul(x, qw, bias, backend=name)
+    expected = torch.zeros(rows, out_features, device=device) + (0 if bias is None else bias)
+    assert out.dtype == x.dtype and out.shape == (rows, out_features)
+    assert torch.equal(out, expected.to(x.dtype))
+
+
 @pytest.mark.parametrize("device,name", PAIRS)
 @pytest.mark.parametrize("group_size", [16, 64, 192])
 def test_int4_group_sizes_smaller_and_larger_than_tiles(device, name, group_size):

@@ -86,6 +86,15 @@ at::Tensor finish(at::Tensor out, const c10::optional<at::Tensor>& bias, const a
   return out.to(x.scalar_type());
 }
 
+// M, N or K of zero: the (M, N) result is the bias (or zeros); the kernels below divide by N and K.
+bool empty_problem(int64_t rows, int64_t out_features, int64_t in_features) {
+  return rows == 0 || out_features == 0 || in_features == 0;
+}
+
+at::Tensor bias_only(const at::Tensor& x, int64_t out_features, const c10::optional<at::Tensor>& bias) {
+  return finish(at::zeros({x.size(0), out_features}, x.options().dtype(at::kFloat)), bias, x);
+}
+
 // Panels of ~kPanelElements weights (a few hundred output channels) spread over the threads: each thread
 // dequantizes its panel into its own float32 buffer and multiplies it with ATen's sgemm (single-threaded inside
 // the parallel region), writing its slice of out (M, N) float32. One parallel region per call; at most one panel
@@ -149,6 +158,7 @@ at::Tensor qmatmul_int8_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
   check_inputs("qmatmul_int8", x, qweight, qweight.size(1), scales, bias);
   TORCH_CHECK(scales.dim() == 1 && scales.size(0) == qweight.size(0), "qmatmul_int8: scales must be (N,)");
   const int64_t rows = x.size(0), out_features = qweight.size(0), in_features = qweight.size(1);
+  if (empty_problem(rows, out_features, in_features)) return bias_only(x, out_features, bias);
   const auto x32 = x.to(at::kFloat);
   const int8_t* q = qweight.data_ptr<int8_t>();
   const float* s = scales.data_ptr<float>();
@@ -176,6 +186,7 @@ at::Tensor qmatmul_int4_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
               "qmatmul_int4: scales must be (N, K / group_size)");
   TORCH_CHECK(zeros.scalar_type() == at::kByte && zeros.is_contiguous() && zeros.sizes() == scales.sizes(),
               "qmatmul_int4: zeros must be contiguous uint8 shaped like scales");
+  if (empty_problem(rows, out_features, in_features)) return bias_only(x, out_features, bias);
   const auto x32 = x.to(at::kFloat);
   const uint8_t* q = qweight.data_ptr<uint8_t>();
   const uint8_t* z = zeros.data_ptr<uint8_t>();
@@ -243,6 +254,7 @@ at::Tensor qmatmul_w8a8_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
   check_inputs("qmatmul_w8a8", x, qweight, qweight.size(1), scales, bias);
   TORCH_CHECK(scales.dim() == 1 && scales.size(0) == qweight.size(0), "qmatmul_w8a8: scales must be (N,)");
   const int64_t rows = x.size(0), out_features = qweight.size(0), in_features = qweight.size(1);
+  if (empty_problem(rows, out_features, in_features)) return bias_only(x, out_features, bias);
   const auto x32 = x.to(at::kFloat);
   auto xq = at::empty({rows, in_features}, x.options().dtype(at::kChar));
   auto x_scale = at::empty({rows}, x32.options());

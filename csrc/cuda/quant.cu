@@ -279,6 +279,17 @@ void with_rows(int rows, const Launch& launch) {
   }
 }
 
+// M, N or K of zero: the (M, N) result is the bias (or zeros); cuBLASLt's int8 GEMM and the kernels want more.
+bool empty_problem(int64_t rows, int64_t out_features, int64_t in_features) {
+  return rows == 0 || out_features == 0 || in_features == 0;
+}
+
+at::Tensor bias_only(const at::Tensor& x, int64_t out_features, const c10::optional<at::Tensor>& bias) {
+  auto out = at::zeros({x.size(0), out_features}, x.options().dtype(at::kFloat));
+  if (bias.has_value()) out.add_(*bias);
+  return out.to(x.scalar_type());
+}
+
 at::Tensor dequantized_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   const auto dtype = x.scalar_type();
   return at::linear(x, weight.to(dtype), bias.has_value() ? c10::optional<at::Tensor>(bias->to(dtype)) : c10::nullopt);
@@ -291,11 +302,11 @@ at::Tensor qmatmul_int8_cuda(const at::Tensor& x, const at::Tensor& qweight, con
   TORCH_CHECK(scales.dim() == 1 && scales.size(0) == qweight.size(0), "qmatmul_int8: scales must be (N,)");
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t rows = x.size(0), out_features = qweight.size(0), in_features = qweight.size(1);
+  if (empty_problem(rows, out_features, in_features)) return bias_only(x, out_features, bias);
   if (rows > kGemvMaxRows) {
     return dequantized_linear(x, qweight.to(at::kFloat).mul_(scales.unsqueeze(1)), bias);
   }
   auto out = at::empty({rows, out_features}, x.options());
-  if (rows == 0 || out_features == 0) return out;
   const bool vec = in_features % 16 == 0 && aligned16(x.data_ptr()) && aligned16(qweight.data_ptr());
   const float* b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -335,9 +346,9 @@ at::Tensor qmatmul_int4_cuda(const at::Tensor& x, const at::Tensor& qweight, con
                   zeros.device() == x.device(),
               "qmatmul_int4: zeros must be contiguous uint8 shaped like scales");
   const c10::cuda::CUDAGuard guard(x.device());
+  if (empty_problem(rows, out_features, in_features)) return bias_only(x, out_features, bias);
   if (rows > kGemvMaxRows) return dequantized_linear(x, dequantize_int4(qweight, scales, zeros, group_size), bias);
   auto out = at::empty({rows, out_features}, x.options());
-  if (rows == 0 || out_features == 0) return out;
   const bool vec = group_size % 32 == 0 && aligned16(x.data_ptr()) && aligned16(qweight.data_ptr());
   const float* b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -362,7 +373,7 @@ at::Tensor qmatmul_w8a8_cuda(const at::Tensor& x, const at::Tensor& qweight, con
   TORCH_CHECK(scales.dim() == 1 && scales.size(0) == qweight.size(0), "qmatmul_w8a8: scales must be (N,)");
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t rows = x.size(0), out_features = qweight.size(0), in_features = qweight.size(1);
-  if (rows == 0) return at::empty({0, out_features}, x.options());
+  if (empty_problem(rows, out_features, in_features)) return bias_only(x, out_features, bias);
   TORCH_CHECK(rows <= INT32_MAX, "qmatmul_w8a8: too many rows");
   auto xq = at::empty({rows, in_features}, x.options().dtype(at::kChar));
   auto x_scale = at::empty({rows}, x.options().dtype(at::kFloat));

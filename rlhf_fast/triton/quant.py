@@ -202,10 +202,11 @@ def plan(x, qweight, scales, zeros, group_size, bias, scheme, *, sm_count=None):
     """
     rows, in_features = x.shape
     out_features = qweight.shape[0]
-    out = torch.empty((rows, out_features), dtype=x.dtype, device=x.device)
     launches = []
-    if rows == 0:
-        return out, launches
+    if rows == 0 or out_features == 0 or in_features == 0:  # the bias (or zeros), no launch
+        out = torch.zeros((rows, out_features), dtype=torch.float32, device=x.device)
+        return (out if bias is None else out.add_(bias)).to(x.dtype), launches
+    out = torch.empty((rows, out_features), dtype=x.dtype, device=x.device)
     x_scale = None
     if scheme == "w8a8":  # quantize the activations first; the GEMM streams int8
         xq = torch.empty((rows, in_features), dtype=torch.int8, device=x.device)
