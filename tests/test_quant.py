@@ -557,6 +557,25 @@ def test_gpu_unaligned_shapes_and_compile(scheme):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_cuda_rows_agree_across_the_gemv_limit(scheme, dtype):
+    """The CUDA GEMV (M <= 16) and the cuBLAS fallback (M = 17) compute in float32: the same row gives the same
+    result to within float32 summation order, whatever M, and both match the CPU kernel."""
+    w = torch.randn(1000, 1024, device="cuda") * 0.02
+    qw = rf.quantize_weight(w, scheme, group_size=128)
+    bias = torch.randn(1000, device="cuda")
+    x = torch.randn(17, 1024, device="cuda").to(dtype)
+    sixteen = rf.qmatmul(x[:16], qw, bias, backend="cuda")
+    seventeen = rf.qmatmul(x, qw, bias, backend="cuda")[:16]
+    # an output rounding step of x's dtype at most (the old fallback rounded W and bias to x's dtype first)
+    torch.testing.assert_close(seventeen.float(), sixteen.float(), rtol=2 ** -7, atol=1e-3)
+    assert (seventeen != sixteen).float().mean() < 0.05
+    cpu = rf.qmatmul(x.cpu(), qw.to("cpu"), bias.cpu(), backend="cpu")
+    assert (seventeen.cpu() != cpu[:16]).float().mean() < 0.05
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("name", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_w8a8_activations_are_the_references_bit_for_bit(name, dtype):

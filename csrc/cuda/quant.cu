@@ -5,7 +5,7 @@
 // multiplies them with the matching slice of every activation row (vector loads, L1/L2-resident: x is tiny next
 // to W) and keeps one float accumulator per row; a warp shuffle reduction ends it. The weight is read once, so
 // the kernel is bound by the weight bytes: N*K (int8) or N*K/2 + groups (int4).
-// Larger M: dequantize the weight and run cuBLAS (at::linear), a documented fallback; the Triton backend has
+// Larger M: dequantize the weight and run cuBLAS (at::linear) in float32, a documented fallback; the Triton backend has
 // the tiled GEMM with the dequant in registers for that regime.
 // W8A8: a per-token activation quantisation kernel (bit for bit the float32 operations of the CPU and torch paths,
 // NaN rows included, whether or not nvcc runs with --use_fast_math),
@@ -290,9 +290,10 @@ at::Tensor bias_only(const at::Tensor& x, int64_t out_features, const c10::optio
   return out.to(x.scalar_type());
 }
 
+// Above kGemvMaxRows: cuBLAS on the float32 dequantized weight and bias, in float32 like the GEMV and the CPU
+// paths, then one cast of the output (rounding W and bias to x's dtype first made bf16 results jump at M = 17).
 at::Tensor dequantized_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
-  const auto dtype = x.scalar_type();
-  return at::linear(x, weight.to(dtype), bias.has_value() ? c10::optional<at::Tensor>(bias->to(dtype)) : c10::nullopt);
+  return at::linear(x.to(at::kFloat), weight, bias).to(x.scalar_type());
 }
 
 at::Tensor qmatmul_int8_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
