@@ -214,6 +214,22 @@ def test_w8a8_nan_or_inf_activation_gives_a_nan_row(device, name, rows, dtype):
     _assert_tight(out[finite], x[finite], qw, bias)
 
 
+@pytest.mark.parametrize("device,name", PAIRS)
+@pytest.mark.parametrize("rows", [3, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_exact_zero_weights_stay_exactly_zero(device, name, rows, dtype):
+    """The int4 range includes 0: a zero weight has q == z, and (q - z) * s is exactly 0 (q * s - z * s in one FMA
+    leaves the rounding residue of z * s). Read back through one-hot activations: out[m, n] = W[n, m]."""
+    w = _weight(48, 64, device)
+    w[:, ::3] = 0.0
+    qw = _quantize(w, "int4")
+    assert torch.equal(qw.dequantize()[w == 0], torch.zeros_like(w[w == 0]))
+    eye = torch.eye(64, device=device, dtype=dtype)[:rows]
+    out = rf.qmatmul(eye, qw, backend=name).t()
+    zero = w[:, :rows] == 0
+    assert torch.equal(out[zero], torch.zeros_like(out[zero]))
+
+
 def test_quantize_weight_layouts_and_edge_values():
     w = _weight(6, 64)
     w[0] = 0.0  # an all-zero channel

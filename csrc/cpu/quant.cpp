@@ -56,12 +56,13 @@ RLHF_FAST_SIMD_CLONES void dequantize_int8_row(const int8_t* w, float scale, flo
   for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<float>(w[k]) * scale;
 }
 
-// One int4 group: dst[2j] = (low(b[j]) - z) s, dst[2j+1] = (high(b[j]) - z) s.
-RLHF_FAST_SIMD_CLONES void dequantize_int4_group(const uint8_t* b, float scale, float offset, float* dst, int64_t n) {
+// One int4 group: dst[2j] = (low(b[j]) - z) s, dst[2j+1] = (high(b[j]) - z) s. The subtraction comes first (exact
+// on small integers), so q == z gives exactly 0; q * s - z * s, contracted into an FMA, left a rounding residue.
+RLHF_FAST_SIMD_CLONES void dequantize_int4_group(const uint8_t* b, float scale, float zero, float* dst, int64_t n) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
-    dst[2 * j] = static_cast<float>(b[j] & 0xF) * scale + offset;
-    dst[2 * j + 1] = static_cast<float>(b[j] >> 4) * scale + offset;
+    dst[2 * j] = (static_cast<float>(b[j] & 0xF) - zero) * scale;
+    dst[2 * j + 1] = (static_cast<float>(b[j] >> 4) - zero) * scale;
   }
 }
 
@@ -195,8 +196,8 @@ at::Tensor qmatmul_int4_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
     auto out = panel_matmul(x32, out_features, [&](int64_t n, float* dst) {
       for (int64_t g = 0; g < groups; ++g) {
         const uint8_t* b = q + n * half + g * half_group;
-        const float scale = s[n * groups + g], offset = -static_cast<float>(z[n * groups + g]) * scale;
-        dequantize_int4_group(b, scale, offset, dst + g * group_size, half_group);
+        dequantize_int4_group(b, s[n * groups + g], static_cast<float>(z[n * groups + g]), dst + g * group_size,
+                              half_group);
       }
     });
     return finish(out, bias, x);
@@ -207,8 +208,8 @@ at::Tensor qmatmul_int4_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
                                                         float* buffer, bool fresh) {
     if (fresh) {
       for (int64_t g = k0 / group_size; g < (k0 + len) / group_size; ++g) {
-        const float scale = s[n * groups + g], offset = -static_cast<float>(z[n * groups + g]) * scale;
-        dequantize_int4_group(q + n * half + g * half_group, scale, offset, buffer + g * group_size - k0, half_group);
+        dequantize_int4_group(q + n * half + g * half_group, s[n * groups + g], static_cast<float>(z[n * groups + g]),
+                              buffer + g * group_size - k0, half_group);
       }
     }
     return dot_f32(xc, buffer, len);

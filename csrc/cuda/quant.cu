@@ -121,12 +121,12 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) int4_gemv_kernel(
       const int4 raw = __ldg(reinterpret_cast<const int4*>(w) + c);
       const uint8_t* bytes = reinterpret_cast<const uint8_t*>(&raw);
       const int64_t g = c * 32 / group_size;
-      const float scale = __ldg(s + g), offset = -static_cast<float>(__ldg(z + g)) * scale;
+      const float scale = __ldg(s + g), zero = static_cast<float>(__ldg(z + g));
       float wf[32];
 #pragma unroll
-      for (int j = 0; j < 16; ++j) {
-        wf[2 * j] = fmaf(static_cast<float>(bytes[j] & 0xF), scale, offset);
-        wf[2 * j + 1] = fmaf(static_cast<float>(bytes[j] >> 4), scale, offset);
+      for (int j = 0; j < 16; ++j) {  // (q - z) * s: exactly 0 where q == z (an FMA q * s - z * s is not)
+        wf[2 * j] = (static_cast<float>(bytes[j] & 0xF) - zero) * scale;
+        wf[2 * j + 1] = (static_cast<float>(bytes[j] >> 4) - zero) * scale;
       }
 #pragma unroll
       for (int m = 0; m < ROWS; ++m) {

@@ -104,9 +104,9 @@ def _qmatmul_kernel(x, qweight, scales, zeros, x_scale, bias, out, M, N, K, grou
                 at = cols * groups + (2 * offs_p[:, None]) // group_size
                 g_ok = p_ok[:, None] & n_ok[None, :]
             s = tl.load(scales + at, mask=g_ok, other=0.0)
-            zs = tl.load(zeros + at, mask=g_ok, other=0).to(tl.float32) * s
-            w_lo = (packed & 0xF).to(tl.float32) * s - zs
-            w_hi = (packed >> 4).to(tl.float32) * s - zs
+            z = tl.load(zeros + at, mask=g_ok, other=0).to(tl.float32)
+            w_lo = ((packed & 0xF).to(tl.float32) - z) * s  # (q - z) * s: exactly 0 where q == z
+            w_hi = ((packed >> 4).to(tl.float32) - z) * s
             xm = m_ok[:, None] & p_ok[None, :]
             x_even = tl.load(x + rows + 2 * offs_p[None, :], mask=xm, other=0.0)
             x_odd = tl.load(x + rows + 2 * offs_p[None, :] + 1, mask=xm, other=0.0)
