@@ -605,6 +605,21 @@ def test_gpu_w8a8_activations_are_the_references_bit_for_bit(name, dtype):
     assert (seen != q.double()).sum().item() == 0
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("name", ["cuda", "triton"])
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_gpu_second_device(name, scheme):
+    """Tensors on cuda:1 while cuda:0 is current: the launches follow the tensors."""
+    qw = rf.quantize_weight(torch.randn(256, 512, device="cuda:1") * 0.02, scheme, group_size=128)
+    for rows in (3, 40):
+        x = torch.randn(rows, 512, device="cuda:1", dtype=torch.bfloat16)
+        with torch.cuda.device(0):
+            out = rf.qmatmul(x, qw, backend=name)
+        assert out.device == x.device
+        _assert_tight(out, x, qw, None)
+
+
 def test_bench_metric_rows_are_written(tmp_path):
     import csv
     import importlib

@@ -14,6 +14,7 @@ Block sizes are fixed, not autotuned (no GPU measurement yet); see benchmarks/NO
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import NamedTuple
 
@@ -240,10 +241,16 @@ def plan(x, qweight, scales, zeros, group_size, bias, scheme, *, sm_count=None):
     return out, launches
 
 
+def _on_device(device):
+    """Triton launches on the current CUDA device: make it x's (a tensor on cuda:1 while cuda:0 is current)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _run(x, qweight, scales, zeros, group_size, bias, scheme):
     out, launches = plan(x, qweight, scales, zeros, group_size, bias, scheme)
-    for launch in launches:
-        wrap_triton(launch.kernel)[launch.grid](*launch.args, **launch.options)
+    with _on_device(x.device):
+        for launch in launches:
+            wrap_triton(launch.kernel)[launch.grid](*launch.args, **launch.options)
     return out
 
 
