@@ -620,6 +620,26 @@ def test_gpu_second_device(name, scheme):
         _assert_tight(out, x, qw, None)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["cuda", "triton"])
+@pytest.mark.parametrize("scheme,out_features,in_features,group_size", [
+    ("int8", 96, 100, None), ("int4", 96, 192, 48), ("w8a8", 70, 100, None)])
+@pytest.mark.parametrize("rows", [1, 5, 16, 17, 40])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_odd_shapes(name, scheme, out_features, in_features, group_size, rows, dtype):
+    """Shapes off every vector and tile width: int8 K=100 (the GEMV's scalar walk), int4 groups of 48 (a 32-value
+    chunk straddles two groups), W8A8 N=70 / K=100 (cuBLASLt refuses them: the float32 fallback); and activations
+    at an address that is not 16-byte aligned."""
+    w = torch.randn(out_features, in_features, device="cuda") * 0.02
+    qw = rf.quantize_weight(w, scheme, group_size=group_size or 128)
+    bias = torch.randn(out_features, device="cuda")
+    x = torch.randn(rows, in_features, device="cuda").to(dtype)
+    _assert_tight(rf.qmatmul(x, qw, bias, backend=name), x, qw, bias)
+    shifted = torch.randn(rows * in_features + 1, device="cuda").to(dtype)[1:].view(rows, in_features)
+    assert shifted.is_contiguous() and shifted.data_ptr() % 16  # contiguous, but not 16-byte aligned
+    _assert_tight(rf.qmatmul(shifted, qw, None, backend=name), shifted, qw, None)
+
+
 def test_bench_metric_rows_are_written(tmp_path):
     import csv
     import importlib
