@@ -335,7 +335,7 @@ def test_torch_compile_fullgraph_cpu(scheme):
 # ---------------------------------------------------------------- Triton kernels compiled for sm_90
 
 # Run in a fresh process (no TRITON_INTERPRET, an empty cache): for every scheme, float32 and bfloat16, a decode-
-# sized and a GEMM-sized M, aligned (4096, int4 groups of 128) and odd (K=736, N=1000, groups of 32) shapes, each launch of
+# sized, a split-K GEMM-sized (4096 only) and a GEMM-sized M, aligned (4096, int4 groups of 128) and odd (K=736, N=1000, groups of 32) shapes, each launch of
 # rlhf_fast.triton.quant.plan goes through the real GPU compiler and ptxas for an H100/H200; prints the resources.
 _SM90_SCRIPT = """
 import json, sys
@@ -346,8 +346,8 @@ from rlhf_fast.triton import quant
 found = []
 for scheme in ("int8", "int4", "w8a8"):
     for dtype in (torch.float32, torch.bfloat16):
-        for rows in (8, 512):
-            for k, n, group in ((4096, 4096, 128), (736, 1000, 32)):
+        for k, n, group in ((4096, 4096, 128), (736, 1000, 32)):
+            for rows in (8, 64, 512) if k == 4096 else (8, 512):
                 packed = scheme == "int4"
                 qweight = torch.empty(n, k // 2 if packed else k, dtype=torch.uint8 if packed else torch.int8)
                 scales = torch.empty((n, k // group) if packed else (n,))
@@ -383,13 +383,14 @@ def test_triton_kernels_compile_for_sm90(sm90_kernels):
         for dtype in ("torch.float32", "torch.bfloat16"):
             assert (scheme, dtype, 8, "_sum_splits_kernel") in launched  # the split-K GEMV
             assert (scheme, dtype, 512, "_qmatmul_kernel") in launched
+            assert (scheme, dtype, 64, "_sum_splits_kernel") in launched  # the tiled GEMM, split K
     assert all("REG" in k for k in sm90_kernels), [k for k in sm90_kernels if "REG" not in k]
 
 
 def test_triton_activation_quantizer_has_no_fma_and_keeps_subnormals(sm90_kernels):
     # an FMA would round x * inv differently from the reference; .ftz would flush subnormal activations and scales
     ptx = [k["ptx"] for k in sm90_kernels if k["kernel"] == "_quantize_rows_kernel"]
-    assert len(ptx) == 8
+    assert len(ptx) == 10  # five shapes, float32 and bfloat16
     for text in ptx:
         assert "fma" not in text and ".ftz" not in text
 
