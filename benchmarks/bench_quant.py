@@ -136,7 +136,8 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
     if quick:
         sizes = [(1, 512), (64, 512)]
     elif device.type == "cuda":
-        sizes = [(rows, features) for features in (4096, 8192) for rows in (1, 16, 256, 8192)]
+        # 17 and 64: past the GEMV limit, where the tiled GEMM splits K (rlhf_fast.triton.quant.SPLIT_MAX_ROWS)
+        sizes = [(rows, features) for features in (4096, 8192) for rows in (1, 16, 17, 64, 256, 8192)]
     else:
         sizes = [(1, 4096), (256, 4096)]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

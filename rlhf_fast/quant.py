@@ -197,7 +197,7 @@ def qmatmul(x, qw, bias=None, *, backend=None):
             raise ValueError(f"bias must have shape ({qw.out_features},), got {tuple(bias.shape)}")
     _check_frozen(qw)
     lead = x.shape[:-1]
-    rows = x.reshape(-1, qw.in_features)
+    rows = x.reshape(lead.numel(), qw.in_features)  # not -1: K may be 0
     name = _backend.select("qmatmul" if rows.shape[0] <= DECODE_ROWS else "qmatmul_many_rows", backend, x.device)
     if name == "torch":
         out = reference.qmatmul(rows, qw, bias)

@@ -336,7 +336,7 @@ def dequantize_int8(qweight, scales, dtype=torch.float32):
 def unpack_int4(qweight):
     """uint8 (N, K/2), two values per byte (even k in the low nibble) -> uint8 (N, K) values in [0, 15]."""
     low, high = qweight & 0xF, qweight >> 4
-    return torch.stack((low, high), dim=-1).reshape(qweight.shape[0], -1)
+    return torch.stack((low, high), dim=-1).reshape(qweight.shape[0], 2 * qweight.shape[1])
 
 
 def dequantize_int4(qweight, scales, zeros, group_size, dtype=torch.float32):
@@ -350,13 +350,16 @@ def dequantize_int4(qweight, scales, zeros, group_size, dtype=torch.float32):
 def quantize_activations_int8(x):
     """Dynamic per-token symmetric int8: x (M, K) -> (q int8 (M, K), scale fp32 (M,)), x ~ q * scale.
 
-    scale = amax / 127 and q = round_half_even(x * (127 / amax)), both in float32 (rows of zeros: q = 0,
-    scale = 0); every backend quantizes with exactly these float32 operations.
+    scale = amax / 127 and q = round_half_even(x * (127 / amax)) clamped to [-127, 127], all in float32 with
+    subnormals kept (rows of zeros: q = 0, scale = 0); every backend quantizes with exactly these operations.
+    A NaN product (non-finite x, or 0 * inf when amax is so small that 127 / amax overflows) gives q = 0. A row
+    holding a NaN or an inf gets 127 / amax = 0, so q = 0 and scale = NaN or inf: its matmul output is NaN.
     """
     xf = x.float()
     amax = xf.abs().amax(dim=-1) if xf.shape[-1] else xf.new_zeros(xf.shape[:-1])
-    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
-    q = torch.round(xf * inv[:, None]).clamp_(-127, 127).to(torch.int8)
+    # a true float32 division: torch evaluates `127.0 / amax` as reciprocal(amax) * 127, rounded twice
+    inv = torch.where(amax > 0, amax.new_full((), 127.0) / amax, torch.zeros_like(amax))
+    q = torch.round(xf * inv[:, None]).nan_to_num_(nan=0.0).clamp_(-127, 127).to(torch.int8)
     return q, amax / 127.0
 
 

@@ -1,6 +1,8 @@
 import io
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -116,6 +118,31 @@ def test_qmatmul_backward_to_x_and_bias(device, name, scheme, dtype):
     torch.testing.assert_close(bias.grad.double(), grad.to(dtype).double().sum((0, 1)), **tol)
 
 
+def _empty_weight(scheme, out_features, in_features, device):
+    """A QuantizedWeight with N or K of zero (quantize_weight refuses empty weights; the kernels must not)."""
+    if scheme == "int4":
+        return QuantizedWeight("int4", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device),
+                               torch.ones(out_features, in_features // GROUP, device=device),
+                               torch.zeros(out_features, in_features // GROUP, dtype=torch.uint8, device=device), GROUP)
+    return QuantizedWeight(scheme, torch.zeros(out_features, in_features, dtype=torch.int8, device=device),
+                           torch.ones(out_features, device=device))
+
+
+@pytest.mark.parametrize("device,name", PAIRS)
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("rows,out_features,in_features", [(2, 0, 64), (20, 0, 64), (2, 24, 0), (20, 24, 0), (0, 24, 64)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_qmatmul_empty_n_k_or_m_gives_the_bias(device, name, scheme, rows, out_features, in_features, with_bias):
+    qw = _empty_weight(scheme, out_features, in_features, device) if 0 in (out_features, in_features) else \
+        _quantize(_weight(out_features, in_features, device), scheme)
+    bias = torch.randn(out_features, device=device) if with_bias else None
+    x = torch.randn(rows, in_features, device=device, dtype=torch.bfloat16)
+    out = rf.qmatmul(x, qw, bias, backend=name)
+    expected = torch.zeros(rows, out_features, device=device) + (0 if bias is None else bias)
+    assert out.dtype == x.dtype and out.shape == (rows, out_features)
+    assert torch.equal(out, expected.to(x.dtype))
+
+
 @pytest.mark.parametrize("device,name", PAIRS)
 @pytest.mark.parametrize("group_size", [16, 64, 192])
 def test_int4_group_sizes_smaller_and_larger_than_tiles(device, name, group_size):
@@ -123,6 +150,84 @@ def test_int4_group_sizes_smaller_and_larger_than_tiles(device, name, group_size
     for rows in (2, 21):
         x = torch.randn(rows, 192, device=device)
         _assert_tight(rf.qmatmul(x, qw, backend=name), x, qw, None)
+
+
+def _identity_w8a8(size, device):
+    """A w8a8 weight whose product shows the quantized activations: out[m, n] = q[m, n] * x_scale[m] * 127 s_w.
+    Its scale 2^64 / 127 keeps the outputs of rows of subnormal activations normal numbers, all bits kept."""
+    return rf.quantize_weight(torch.eye(size, device=device) * 2.0**64, "w8a8")
+
+
+def _activations_seen(out, qw, x):
+    """The int8 activations a w8a8 kernel used, read back from its output on the identity weight."""
+    _, scale = ref.quantize_activations_int8(x)
+    return torch.round(out.double() / (scale.double()[:, None] * 127 * qw.scales.double()[None, :]))
+
+
+@pytest.mark.parametrize("device,name", PAIRS)
+@pytest.mark.parametrize("rows", [3, 20])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_w8a8_activation_rounding_is_the_references(device, name, rows, dtype):
+    """Half-to-even ties, random rows and rows of subnormals quantize exactly as reference.quantize_activations_int8."""
+    size = 96
+    qw = _identity_w8a8(size, device)
+    x = torch.randn(rows, size, device=device) * torch.logspace(-3, 3, rows, device=device)[:, None]
+    x[0, :64] = torch.arange(-32, 32, device=device) + 0.5  # x * 127 / 127 lands exactly on .5: ties to even
+    x[0, 64:] = torch.arange(-32, 0, device=device) * 2 + 1.5
+    x[0, 0] = 127.0
+    x[1] = torch.randn(size, device=device) * 1e-38  # mostly subnormal; 127 / amax overflows
+    x[1, :4] = torch.tensor([1e-36, 5e-39, -3e-39, 0.0])
+    x[2] = torch.randn(size, device=device) * 4e-39
+    x[2, 0] = 2e-36  # amax normal, scale = amax / 127 subnormal, entries subnormal
+    x = x.to(dtype)
+    out = rf.qmatmul(x, qw, backend=name)
+    q, _ = ref.quantize_activations_int8(x)
+    assert q[0, 0] == 127 and (q[0, 1:] % 2 == 0).all()  # every other entry of row 0 is a tie
+    seen = _activations_seen(out, qw, x)
+    if name == "triton" and dtype == torch.bfloat16 and device == "cpu":
+        # The interpreter rounds float32 -> bfloat16 loosely (the output cannot be read back) and mangles bfloat16
+        # subnormals (the GPU's conversions are exact): check the quantizer's own int8 output on the normal rows.
+        from rlhf_fast.triton import quant as triton_quant
+        _, launches = triton_quant.plan(x, qw.qweight, qw.scales, None, 1, None, "w8a8")
+        quantizer = launches[0]
+        quantizer.kernel[quantizer.grid](*quantizer.args, **quantizer.options)
+        normal = [0, *range(3, rows)]
+        seen, q = quantizer.args[1][normal].double(), q[normal]
+    mismatch = (seen != q.double()).nonzero()
+    assert mismatch.numel() == 0, (mismatch[:10].tolist(), seen[mismatch[:10, 0], mismatch[:10, 1]].tolist())
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy on NaN
+@pytest.mark.parametrize("device,name", PAIRS)
+@pytest.mark.parametrize("rows", [3, 20])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_w8a8_nan_or_inf_activation_gives_a_nan_row(device, name, rows, dtype):
+    qw = _quantize(_weight(40, 96, device), "w8a8")
+    bias = torch.randn(40, device=device)
+    x = torch.randn(rows, 96, device=device).to(dtype)
+    x[0, 5] = float("nan")
+    x[rows - 1, 7] = float("inf")
+    out = rf.qmatmul(x, qw, bias, backend=name)
+    assert out[0].isnan().all() and out[rows - 1].isnan().all()
+    assert ref.qmatmul(x, qw, bias)[[0, rows - 1]].isnan().all()
+    finite = slice(1, rows - 1)
+    _assert_tight(out[finite], x[finite], qw, bias)
+
+
+@pytest.mark.parametrize("device,name", PAIRS)
+@pytest.mark.parametrize("rows", [3, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_exact_zero_weights_stay_exactly_zero(device, name, rows, dtype):
+    """The int4 range includes 0: a zero weight has q == z, and (q - z) * s is exactly 0 (q * s - z * s in one FMA
+    leaves the rounding residue of z * s). Read back through one-hot activations: out[m, n] = W[n, m]."""
+    w = _weight(48, 64, device)
+    w[:, ::3] = 0.0
+    qw = _quantize(w, "int4")
+    assert torch.equal(qw.dequantize()[w == 0], torch.zeros_like(w[w == 0]))
+    eye = torch.eye(64, device=device, dtype=dtype)[:rows]
+    out = rf.qmatmul(eye, qw, backend=name).t()
+    zero = w[:, :rows] == 0
+    assert torch.equal(out[zero], torch.zeros_like(out[zero]))
 
 
 def test_quantize_weight_layouts_and_edge_values():
@@ -230,7 +335,7 @@ def test_torch_compile_fullgraph_cpu(scheme):
 # ---------------------------------------------------------------- Triton kernels compiled for sm_90
 
 # Run in a fresh process (no TRITON_INTERPRET, an empty cache): for every scheme, float32 and bfloat16, a decode-
-# sized and a GEMM-sized M, aligned (4096, int4 groups of 128) and odd (K=736, N=1000, groups of 32) shapes, each launch of
+# sized, a split-K GEMM-sized (4096 only) and a GEMM-sized M, aligned (4096, int4 groups of 128) and odd (K=736, N=1000, groups of 32) shapes, each launch of
 # rlhf_fast.triton.quant.plan goes through the real GPU compiler and ptxas for an H100/H200; prints the resources.
 _SM90_SCRIPT = """
 import json, sys
@@ -241,8 +346,8 @@ from rlhf_fast.triton import quant
 found = []
 for scheme in ("int8", "int4", "w8a8"):
     for dtype in (torch.float32, torch.bfloat16):
-        for rows in (8, 512):
-            for k, n, group in ((4096, 4096, 128), (736, 1000, 32)):
+        for k, n, group in ((4096, 4096, 128), (736, 1000, 32)):
+            for rows in (8, 64, 512) if k == 4096 else (8, 512):
                 packed = scheme == "int4"
                 qweight = torch.empty(n, k // 2 if packed else k, dtype=torch.uint8 if packed else torch.int8)
                 scales = torch.empty((n, k // group) if packed else (n,))
@@ -278,13 +383,60 @@ def test_triton_kernels_compile_for_sm90(sm90_kernels):
         for dtype in ("torch.float32", "torch.bfloat16"):
             assert (scheme, dtype, 8, "_sum_splits_kernel") in launched  # the split-K GEMV
             assert (scheme, dtype, 512, "_qmatmul_kernel") in launched
+            assert (scheme, dtype, 64, "_sum_splits_kernel") in launched  # the tiled GEMM, split K
     assert all("REG" in k for k in sm90_kernels), [k for k in sm90_kernels if "REG" not in k]
+
+
+def test_triton_activation_quantizer_has_no_fma_and_keeps_subnormals(sm90_kernels):
+    # an FMA would round x * inv differently from the reference; .ftz would flush subnormal activations and scales
+    ptx = [k["ptx"] for k in sm90_kernels if k["kernel"] == "_quantize_rows_kernel"]
+    assert len(ptx) == 10  # five shapes, float32 and bfloat16
+    for text in ptx:
+        assert "fma" not in text and ".ftz" not in text
 
 
 def test_triton_kernels_do_not_spill_on_sm90(sm90_kernels):
     # no spill stack; shared memory within the 227 KB a block may have on sm_90
     bad = [k for k in sm90_kernels if k["STACK"] or k["LOCAL"] or k["SHARED"] + k["dyn_shared"] > 227 * 1024]
     assert not bad, [{key: v for key, v in k.items() if key != "ptx"} for k in bad]
+
+
+def _nvcc():
+    for candidate in (os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc"),
+                      shutil.which("nvcc") or ""):
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_nvcc() is None or torch.version.cuda is None, reason="needs nvcc and a CUDA build of torch")
+def test_cuda_activation_quantizer_ptx_keeps_subnormals_under_fast_math(tmp_path):
+    """csrc/cuda/quant.cu compiled to PTX with --use_fast_math (-ftz=true): the W8A8 activation quantizer and its
+    epilogue hold no flush-to-zero (.ftz) and no FMA instruction, so they round exactly like the reference."""
+    import glob
+    import sysconfig
+
+    import nvidia
+    from torch.utils.cpp_extension import include_paths
+
+    root = Path(__file__).parent.parent
+    nvcc = _nvcc()
+    includes = [str(root / "csrc"), *include_paths(), os.path.join(os.path.dirname(os.path.dirname(nvcc)), "include"),
+                *sorted(d for base in nvidia.__path__ for d in glob.glob(os.path.join(base, "cu*", "include"))),
+                sysconfig.get_paths()["include"]]
+    ptx = tmp_path / "quant.ptx"
+    done = subprocess.run([nvcc, "-ptx", "-O3", "--use_fast_math", "--expt-relaxed-constexpr", "-std=c++20",
+                           "-arch=sm_90a", "-DRLHF_FAST_WITH_CUDA=1", "-D__CUDA_NO_HALF_OPERATORS__",
+                           "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+                           "-D__CUDA_NO_HALF2_OPERATORS__", *(f"-I{d}" for d in includes),
+                           str(root / "csrc" / "cuda" / "quant.cu"), "-o", str(ptx)],
+                          capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-4000:]
+    kernels = re.findall(r"\.entry (\S*(?:quantize_rows|w8a8_epilogue)_kernel\S*)\((.*?)\n}\n", ptx.read_text(), re.S)
+    assert len(kernels) == 6  # float32, bfloat16 and float16 of each
+    for name, body in kernels:
+        assert ".ftz" not in body and "fma" not in body, name
 
 
 # ---------------------------------------------------------------- modules and a tiny Llama
@@ -419,6 +571,74 @@ def test_gpu_unaligned_shapes_and_compile(scheme):
         x = torch.randn(3, 9, 736, device="cuda", dtype=torch.bfloat16)
         compiled = torch.compile(lambda t, name=name: rf.qmatmul(t, qw, backend=name), fullgraph=True)
         _assert_tight(compiled(x), x, qw, None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_cuda_rows_agree_across_the_gemv_limit(scheme, dtype):
+    """The CUDA GEMV (M <= 16) and the cuBLAS fallback (M = 17) compute in float32: the same row gives the same
+    result to within float32 summation order, whatever M, and both match the CPU kernel."""
+    w = torch.randn(1000, 1024, device="cuda") * 0.02
+    qw = rf.quantize_weight(w, scheme, group_size=128)
+    bias = torch.randn(1000, device="cuda")
+    x = torch.randn(17, 1024, device="cuda").to(dtype)
+    sixteen = rf.qmatmul(x[:16], qw, bias, backend="cuda")
+    seventeen = rf.qmatmul(x, qw, bias, backend="cuda")[:16]
+    # an output rounding step of x's dtype at most (the old fallback rounded W and bias to x's dtype first)
+    torch.testing.assert_close(seventeen.float(), sixteen.float(), rtol=2 ** -7, atol=1e-3)
+    assert (seventeen != sixteen).float().mean() < 0.05
+    cpu = rf.qmatmul(x.cpu(), qw.to("cpu"), bias.cpu(), backend="cpu")
+    assert (seventeen.cpu() != cpu[:16]).float().mean() < 0.05
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_w8a8_activations_are_the_references_bit_for_bit(name, dtype):
+    """33.5M activations over 41 orders of magnitude (subnormal rows included): every int8 value equals the
+    reference's (an FMA-contracted x * inv, or a flushed subnormal, moves some by one)."""
+    qw = _identity_w8a8(4096, "cuda")
+    x = torch.randn(8192, 4096, device="cuda") * torch.logspace(-38, 3, 8192, device="cuda")[:, None]
+    x = x.to(dtype)
+    seen = _activations_seen(rf.qmatmul(x, qw, backend=name), qw, x)
+    q, _ = ref.quantize_activations_int8(x)
+    assert (seen != q.double()).sum().item() == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("name", ["cuda", "triton"])
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_gpu_second_device(name, scheme):
+    """Tensors on cuda:1 while cuda:0 is current: the launches follow the tensors."""
+    qw = rf.quantize_weight(torch.randn(256, 512, device="cuda:1") * 0.02, scheme, group_size=128)
+    for rows in (3, 40):
+        x = torch.randn(rows, 512, device="cuda:1", dtype=torch.bfloat16)
+        with torch.cuda.device(0):
+            out = rf.qmatmul(x, qw, backend=name)
+        assert out.device == x.device
+        _assert_tight(out, x, qw, None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["cuda", "triton"])
+@pytest.mark.parametrize("scheme,out_features,in_features,group_size", [
+    ("int8", 96, 100, None), ("int4", 96, 192, 48), ("w8a8", 70, 100, None)])
+@pytest.mark.parametrize("rows", [1, 5, 16, 17, 40])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_odd_shapes(name, scheme, out_features, in_features, group_size, rows, dtype):
+    """Shapes off every vector and tile width: int8 K=100 (the GEMV's scalar walk), int4 groups of 48 (a 32-value
+    chunk straddles two groups), W8A8 N=70 / K=100 (cuBLASLt refuses them: the float32 fallback); and activations
+    at an address that is not 16-byte aligned."""
+    w = torch.randn(out_features, in_features, device="cuda") * 0.02
+    qw = rf.quantize_weight(w, scheme, group_size=group_size or 128)
+    bias = torch.randn(out_features, device="cuda")
+    x = torch.randn(rows, in_features, device="cuda").to(dtype)
+    _assert_tight(rf.qmatmul(x, qw, bias, backend=name), x, qw, bias)
+    shifted = torch.randn(rows * in_features + 1, device="cuda").to(dtype)[1:].view(rows, in_features)
+    assert shifted.is_contiguous() and shifted.data_ptr() % 16  # contiguous, but not 16-byte aligned
+    _assert_tight(rf.qmatmul(shifted, qw, None, backend=name), shifted, qw, None)
 
 
 def test_bench_metric_rows_are_written(tmp_path):

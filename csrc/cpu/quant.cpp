@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace rlhf_fast {
@@ -55,12 +56,13 @@ RLHF_FAST_SIMD_CLONES void dequantize_int8_row(const int8_t* w, float scale, flo
   for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<float>(w[k]) * scale;
 }
 
-// One int4 group: dst[2j] = (low(b[j]) - z) s, dst[2j+1] = (high(b[j]) - z) s.
-RLHF_FAST_SIMD_CLONES void dequantize_int4_group(const uint8_t* b, float scale, float offset, float* dst, int64_t n) {
+// One int4 group: dst[2j] = (low(b[j]) - z) s, dst[2j+1] = (high(b[j]) - z) s. The subtraction comes first (exact
+// on small integers), so q == z gives exactly 0; q * s - z * s, contracted into an FMA, left a rounding residue.
+RLHF_FAST_SIMD_CLONES void dequantize_int4_group(const uint8_t* b, float scale, float zero, float* dst, int64_t n) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
-    dst[2 * j] = static_cast<float>(b[j] & 0xF) * scale + offset;
-    dst[2 * j + 1] = static_cast<float>(b[j] >> 4) * scale + offset;
+    dst[2 * j] = (static_cast<float>(b[j] & 0xF) - zero) * scale;
+    dst[2 * j + 1] = (static_cast<float>(b[j] >> 4) - zero) * scale;
   }
 }
 
@@ -83,6 +85,15 @@ void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& qweight
 at::Tensor finish(at::Tensor out, const c10::optional<at::Tensor>& bias, const at::Tensor& x) {
   if (bias.has_value()) out.add_(*bias);
   return out.to(x.scalar_type());
+}
+
+// M, N or K of zero: the (M, N) result is the bias (or zeros); the kernels below divide by N and K.
+bool empty_problem(int64_t rows, int64_t out_features, int64_t in_features) {
+  return rows == 0 || out_features == 0 || in_features == 0;
+}
+
+at::Tensor bias_only(const at::Tensor& x, int64_t out_features, const c10::optional<at::Tensor>& bias) {
+  return finish(at::zeros({x.size(0), out_features}, x.options().dtype(at::kFloat)), bias, x);
 }
 
 // Panels of ~kPanelElements weights (a few hundred output channels) spread over the threads: each thread
@@ -148,6 +159,7 @@ at::Tensor qmatmul_int8_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
   check_inputs("qmatmul_int8", x, qweight, qweight.size(1), scales, bias);
   TORCH_CHECK(scales.dim() == 1 && scales.size(0) == qweight.size(0), "qmatmul_int8: scales must be (N,)");
   const int64_t rows = x.size(0), out_features = qweight.size(0), in_features = qweight.size(1);
+  if (empty_problem(rows, out_features, in_features)) return bias_only(x, out_features, bias);
   const auto x32 = x.to(at::kFloat);
   const int8_t* q = qweight.data_ptr<int8_t>();
   const float* s = scales.data_ptr<float>();
@@ -175,6 +187,7 @@ at::Tensor qmatmul_int4_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
               "qmatmul_int4: scales must be (N, K / group_size)");
   TORCH_CHECK(zeros.scalar_type() == at::kByte && zeros.is_contiguous() && zeros.sizes() == scales.sizes(),
               "qmatmul_int4: zeros must be contiguous uint8 shaped like scales");
+  if (empty_problem(rows, out_features, in_features)) return bias_only(x, out_features, bias);
   const auto x32 = x.to(at::kFloat);
   const uint8_t* q = qweight.data_ptr<uint8_t>();
   const uint8_t* z = zeros.data_ptr<uint8_t>();
@@ -183,8 +196,8 @@ at::Tensor qmatmul_int4_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
     auto out = panel_matmul(x32, out_features, [&](int64_t n, float* dst) {
       for (int64_t g = 0; g < groups; ++g) {
         const uint8_t* b = q + n * half + g * half_group;
-        const float scale = s[n * groups + g], offset = -static_cast<float>(z[n * groups + g]) * scale;
-        dequantize_int4_group(b, scale, offset, dst + g * group_size, half_group);
+        dequantize_int4_group(b, s[n * groups + g], static_cast<float>(z[n * groups + g]), dst + g * group_size,
+                              half_group);
       }
     });
     return finish(out, bias, x);
@@ -195,8 +208,8 @@ at::Tensor qmatmul_int4_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
                                                         float* buffer, bool fresh) {
     if (fresh) {
       for (int64_t g = k0 / group_size; g < (k0 + len) / group_size; ++g) {
-        const float scale = s[n * groups + g], offset = -static_cast<float>(z[n * groups + g]) * scale;
-        dequantize_int4_group(q + n * half + g * half_group, scale, offset, buffer + g * group_size - k0, half_group);
+        dequantize_int4_group(q + n * half + g * half_group, s[n * groups + g], static_cast<float>(z[n * groups + g]),
+                              buffer + g * group_size - k0, half_group);
       }
     }
     return dot_f32(xc, buffer, len);
@@ -204,16 +217,32 @@ at::Tensor qmatmul_int4_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
   return finish(out, bias, x);
 }
 
-// Per-token symmetric int8, exactly the float32 operations of reference.quantize_activations_int8.
+// |v| as bits: for non-negative floats the integer order is the float order, and a NaN lands above inf, so the
+// integer maximum of these is an amax that propagates NaN (std::max on floats drops it).
+RLHF_FAST_SIMD_CLONES uint32_t amax_bits(const float* x, int64_t n) {
+  uint32_t top = 0;
+#pragma omp simd reduction(max : top)
+  for (int64_t k = 0; k < n; ++k) {
+    uint32_t bits;
+    std::memcpy(&bits, x + k, sizeof bits);
+    top = std::max(top, bits & 0x7fffffffu);
+  }
+  return top;
+}
+
+// Per-token symmetric int8, exactly the float32 operations of reference.quantize_activations_int8: a NaN or inf in
+// a row gives inv = 0, q = 0 and scale NaN or inf (its output row is NaN); a NaN product gives q = 0.
 void quantize_rows(const float* x, int64_t rows, int64_t in_features, int8_t* q, float* scale) {
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
       const float* xr = x + m * in_features;
-      float amax = 0.f;
-      for (int64_t k = 0; k < in_features; ++k) amax = std::max(amax, std::fabs(xr[k]));
+      const uint32_t bits = amax_bits(xr, in_features);
+      float amax;
+      std::memcpy(&amax, &bits, sizeof amax);
       const float inv = amax > 0.f ? 127.f / amax : 0.f;
       for (int64_t k = 0; k < in_features; ++k) {
-        q[m * in_features + k] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(xr[k] * inv))));
+        const float p = xr[k] * inv;
+        q[m * in_features + k] = std::isnan(p) ? 0 : static_cast<int8_t>(std::clamp(std::nearbyint(p), -127.f, 127.f));
       }
       scale[m] = amax / 127.f;
     }
@@ -226,6 +255,7 @@ at::Tensor qmatmul_w8a8_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
   check_inputs("qmatmul_w8a8", x, qweight, qweight.size(1), scales, bias);
   TORCH_CHECK(scales.dim() == 1 && scales.size(0) == qweight.size(0), "qmatmul_w8a8: scales must be (N,)");
   const int64_t rows = x.size(0), out_features = qweight.size(0), in_features = qweight.size(1);
+  if (empty_problem(rows, out_features, in_features)) return bias_only(x, out_features, bias);
   const auto x32 = x.to(at::kFloat);
   auto xq = at::empty({rows, in_features}, x.options().dtype(at::kChar));
   auto x_scale = at::empty({rows}, x32.options());

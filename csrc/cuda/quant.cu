@@ -5,9 +5,10 @@
 // multiplies them with the matching slice of every activation row (vector loads, L1/L2-resident: x is tiny next
 // to W) and keeps one float accumulator per row; a warp shuffle reduction ends it. The weight is read once, so
 // the kernel is bound by the weight bytes: N*K (int8) or N*K/2 + groups (int4).
-// Larger M: dequantize the weight and run cuBLAS (at::linear), a documented fallback; the Triton backend has
+// Larger M: dequantize the weight and run cuBLAS (at::linear) in float32, a documented fallback; the Triton backend has
 // the tiled GEMM with the dequant in registers for that regime.
-// W8A8: a per-token activation quantisation kernel (the same float32 operations as the CPU and torch paths),
+// W8A8: a per-token activation quantisation kernel (bit for bit the float32 operations of the CPU and torch paths,
+// NaN rows included, whether or not nvcc runs with --use_fast_math),
 // then the int8 x int8 -> int32 GEMM of cuBLASLt (at::_int_mm) and one fused epilogue pass (scales, bias, cast).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -27,12 +28,6 @@ constexpr int kQuantThreads = 256;
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
   return v;
 }
 
@@ -126,12 +121,12 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) int4_gemv_kernel(
       const int4 raw = __ldg(reinterpret_cast<const int4*>(w) + c);
       const uint8_t* bytes = reinterpret_cast<const uint8_t*>(&raw);
       const int64_t g = c * 32 / group_size;
-      const float scale = __ldg(s + g), offset = -static_cast<float>(__ldg(z + g)) * scale;
+      const float scale = __ldg(s + g), zero = static_cast<float>(__ldg(z + g));
       float wf[32];
 #pragma unroll
-      for (int j = 0; j < 16; ++j) {
-        wf[2 * j] = fmaf(static_cast<float>(bytes[j] & 0xF), scale, offset);
-        wf[2 * j + 1] = fmaf(static_cast<float>(bytes[j] >> 4), scale, offset);
+      for (int j = 0; j < 16; ++j) {  // (q - z) * s: exactly 0 where q == z (an FMA q * s - z * s is not)
+        wf[2 * j] = (static_cast<float>(bytes[j] & 0xF) - zero) * scale;
+        wf[2 * j + 1] = (static_cast<float>(bytes[j] >> 4) - zero) * scale;
       }
 #pragma unroll
       for (int m = 0; m < ROWS; ++m) {
@@ -158,32 +153,73 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) int4_gemv_kernel(
   store_rows<scalar_t, ROWS>(acc, rows, n, out_features, 1.f, bias, out);
 }
 
-// One block per row: amax, then q = rint(x * (127 / amax)) in [-127, 127], scale = amax / 127 (IEEE float32
-// division and product, whatever --use_fast_math says, so that every backend rounds the same way).
+// float32 arithmetic rounded to nearest with subnormals kept, never contracted into an FMA: inline PTX, because
+// under --use_fast_math (-ftz=true) even __fmul_rn / __fdiv_rn / __float2int_rn compile to .ftz instructions.
+__device__ __forceinline__ float add_rn_ieee(float a, float b) {
+  float r;
+  asm("add.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+
+__device__ __forceinline__ float mul_rn_ieee(float a, float b) {
+  float r;
+  asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+
+__device__ __forceinline__ float div_rn_ieee(float a, float b) {
+  float r;
+  asm("div.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+
+// Round half to even, saturating; NaN converts to 0.
+__device__ __forceinline__ int rint_to_int_ieee(float a) {
+  int r;
+  asm("cvt.rni.s32.f32 %0, %1;" : "=r"(r) : "f"(a));
+  return r;
+}
+
+// |v| as bits: for non-negative floats the integer order is the float order and a NaN lands above inf, so an
+// integer maximum is an amax that propagates NaN (fmaxf drops it) and that no flush-to-zero can touch.
+__device__ __forceinline__ unsigned abs_bits(float v) { return __float_as_uint(v) & 0x7fffffffu; }
+
+__device__ __forceinline__ unsigned warp_max_bits(unsigned v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+}
+
+// One block per row, exactly the float32 operations of reference.quantize_activations_int8 whatever nvcc's math
+// flags: amax, inv = 127 / amax (0 for a zero, NaN or inf amax), q = round_half_even(x * inv) clamped to
+// [-127, 127] (cvt.rni; a NaN product converts to 0), scale = amax / 127.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kQuantThreads) quantize_rows_kernel(const scalar_t* __restrict__ x,
                                                                      int64_t in_features, int8_t* __restrict__ q,
                                                                      float* __restrict__ scale) {
-  __shared__ float warp_amax[kQuantThreads / 32];
+  __shared__ unsigned warp_amax[kQuantThreads / 32];
   const scalar_t* xr = x + static_cast<int64_t>(blockIdx.x) * in_features;
   int8_t* qr = q + static_cast<int64_t>(blockIdx.x) * in_features;
-  float amax = 0.f;
-  for (int64_t k = threadIdx.x; k < in_features; k += kQuantThreads) amax = fmaxf(amax, fabsf(static_cast<float>(xr[k])));
-  amax = warp_max(amax);
-  if ((threadIdx.x & 31) == 0) warp_amax[threadIdx.x >> 5] = amax;
+  unsigned bits = 0;
+  for (int64_t k = threadIdx.x; k < in_features; k += kQuantThreads) bits = max(bits, abs_bits(static_cast<float>(xr[k])));
+  bits = warp_max_bits(bits);
+  if ((threadIdx.x & 31) == 0) warp_amax[threadIdx.x >> 5] = bits;
   __syncthreads();
-  amax = 0.f;
+  bits = 0;
 #pragma unroll
-  for (int w = 0; w < kQuantThreads / 32; ++w) amax = fmaxf(amax, warp_amax[w]);
-  const float inv = amax > 0.f ? __fdiv_rn(127.f, amax) : 0.f;
+  for (int w = 0; w < kQuantThreads / 32; ++w) bits = max(bits, warp_amax[w]);
+  const float amax = __uint_as_float(bits);
+  const bool positive_finite = bits != 0 && bits < 0x7f800000u;  // bit tests: no flushed comparison
+  const float inv = positive_finite ? div_rn_ieee(127.f, amax) : 0.f;
   for (int64_t k = threadIdx.x; k < in_features; k += kQuantThreads) {
-    const float v = rintf(__fmul_rn(static_cast<float>(xr[k]), inv));
-    qr[k] = static_cast<int8_t>(fminf(127.f, fmaxf(-127.f, v)));
+    const int v = rint_to_int_ieee(mul_rn_ieee(static_cast<float>(xr[k]), inv));
+    qr[k] = static_cast<int8_t>(min(127, max(-127, v)));
   }
-  if (threadIdx.x == 0) scale[blockIdx.x] = __fdiv_rn(amax, 127.f);
+  if (threadIdx.x == 0) scale[blockIdx.x] = div_rn_ieee(amax, 127.f);
 }
 
-// out[m, n] = acc[m, n] * x_scale[m] * w_scale[n] (+ bias[n]) in x's dtype: one pass over the int32 product.
+// out[m, n] = acc[m, n] * x_scale[m] * w_scale[n] (+ bias[n]) in x's dtype: one pass over the int32 product. The
+// products keep subnormal activation scales (tiny rows), as the CPU and torch paths do.
 template <typename scalar_t>
 __global__ void w8a8_epilogue_kernel(const int32_t* __restrict__ acc, int64_t acc_stride,
                                      const float* __restrict__ x_scale, const float* __restrict__ w_scale,
@@ -192,8 +228,8 @@ __global__ void w8a8_epilogue_kernel(const int32_t* __restrict__ acc, int64_t ac
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= rows * out_features) return;
   const int64_t m = i / out_features, n = i % out_features;
-  const float value = static_cast<float>(acc[m * acc_stride + n]) * x_scale[m] * w_scale[n];
-  out[i] = static_cast<scalar_t>(bias ? value + bias[n] : value);
+  const float value = mul_rn_ieee(mul_rn_ieee(static_cast<float>(acc[m * acc_stride + n]), x_scale[m]), w_scale[n]);
+  out[i] = static_cast<scalar_t>(bias ? add_rn_ieee(value, bias[n]) : value);
 }
 
 void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& qweight, int64_t in_features,
@@ -243,9 +279,21 @@ void with_rows(int rows, const Launch& launch) {
   }
 }
 
+// M, N or K of zero: the (M, N) result is the bias (or zeros); cuBLASLt's int8 GEMM and the kernels want more.
+bool empty_problem(int64_t rows, int64_t out_features, int64_t in_features) {
+  return rows == 0 || out_features == 0 || in_features == 0;
+}
+
+at::Tensor bias_only(const at::Tensor& x, int64_t out_features, const c10::optional<at::Tensor>& bias) {
+  auto out = at::zeros({x.size(0), out_features}, x.options().dtype(at::kFloat));
+  if (bias.has_value()) out.add_(*bias);
+  return out.to(x.scalar_type());
+}
+
+// Above kGemvMaxRows: cuBLAS on the float32 dequantized weight and bias, in float32 like the GEMV and the CPU
+// paths, then one cast of the output (rounding W and bias to x's dtype first made bf16 results jump at M = 17).
 at::Tensor dequantized_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
-  const auto dtype = x.scalar_type();
-  return at::linear(x, weight.to(dtype), bias.has_value() ? c10::optional<at::Tensor>(bias->to(dtype)) : c10::nullopt);
+  return at::linear(x.to(at::kFloat), weight, bias).to(x.scalar_type());
 }
 
 at::Tensor qmatmul_int8_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
@@ -255,11 +303,11 @@ at::Tensor qmatmul_int8_cuda(const at::Tensor& x, const at::Tensor& qweight, con
   TORCH_CHECK(scales.dim() == 1 && scales.size(0) == qweight.size(0), "qmatmul_int8: scales must be (N,)");
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t rows = x.size(0), out_features = qweight.size(0), in_features = qweight.size(1);
+  if (empty_problem(rows, out_features, in_features)) return bias_only(x, out_features, bias);
   if (rows > kGemvMaxRows) {
     return dequantized_linear(x, qweight.to(at::kFloat).mul_(scales.unsqueeze(1)), bias);
   }
   auto out = at::empty({rows, out_features}, x.options());
-  if (rows == 0 || out_features == 0) return out;
   const bool vec = in_features % 16 == 0 && aligned16(x.data_ptr()) && aligned16(qweight.data_ptr());
   const float* b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -299,9 +347,9 @@ at::Tensor qmatmul_int4_cuda(const at::Tensor& x, const at::Tensor& qweight, con
                   zeros.device() == x.device(),
               "qmatmul_int4: zeros must be contiguous uint8 shaped like scales");
   const c10::cuda::CUDAGuard guard(x.device());
+  if (empty_problem(rows, out_features, in_features)) return bias_only(x, out_features, bias);
   if (rows > kGemvMaxRows) return dequantized_linear(x, dequantize_int4(qweight, scales, zeros, group_size), bias);
   auto out = at::empty({rows, out_features}, x.options());
-  if (rows == 0 || out_features == 0) return out;
   const bool vec = group_size % 32 == 0 && aligned16(x.data_ptr()) && aligned16(qweight.data_ptr());
   const float* b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -326,7 +374,7 @@ at::Tensor qmatmul_w8a8_cuda(const at::Tensor& x, const at::Tensor& qweight, con
   TORCH_CHECK(scales.dim() == 1 && scales.size(0) == qweight.size(0), "qmatmul_w8a8: scales must be (N,)");
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t rows = x.size(0), out_features = qweight.size(0), in_features = qweight.size(1);
-  if (rows == 0) return at::empty({0, out_features}, x.options());
+  if (empty_problem(rows, out_features, in_features)) return bias_only(x, out_features, bias);
   TORCH_CHECK(rows <= INT32_MAX, "qmatmul_w8a8: too many rows");
   auto xq = at::empty({rows, in_features}, x.options().dtype(at::kChar));
   auto x_scale = at::empty({rows}, x.options().dtype(at::kFloat));

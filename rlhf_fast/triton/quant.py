@@ -1,19 +1,24 @@
 """Triton kernels of the quant family, registered as torch.library triton_ops (rlhf_fast_triton::qmatmul_*).
 
 One tiled kernel serves the three schemes. Each program owns a BLOCK_M x BLOCK_N tile of the output and walks
-its share of K: it loads the quantized weight tile, dequantizes it in registers (int8: a cast, the per-channel
-scale goes to the epilogue; int4: low and high nibbles minus the group zero point, times the group scale, dotted
-with the even and odd columns of x) and accumulates with tl.dot in float32 (W8A8: int8 x int8 tl.dot in int32).
-Large M: a grid over (M tiles, N tiles), the epilogue applies scales and bias and writes x's dtype.
+its share of K: it loads the activation tile contiguously and the quantized weight tile, dequantizes the weight in
+registers (int8: a cast, the per-channel scale goes to the epilogue; int4: the packed bytes as they lie, low and
+high nibbles minus the group zero point, times the group scale, interleaved back into K order) and accumulates
+with tl.dot in float32 (W8A8: int8 x int8 tl.dot in int32).
+Large M: a grid over (M tiles, N tiles), the epilogue applies scales and bias and writes x's dtype; up to
+SPLIT_MAX_ROWS rows, where the output tiles alone would leave SMs idle, K is also split over programs.
 M <= 16 (decode): the same kernel as a split-K GEMV, BLOCK_M = 16 and K split over SPLIT_K programs per N tile so
-that the weight stream keeps every SM busy; a second small kernel sums the float32 partials, adds the bias and
-casts (deterministic, no atomics).
-W8A8 quantizes the activations first with a separate small kernel (one program per row: amax, then int8 values),
-so the GEMM's inner loop streams int8 activations instead of re-reading and re-quantizing 16-bit ones per N tile.
-Block sizes are fixed, not autotuned (no GPU measurement yet); see benchmarks/NOTES.md.
+that the weight stream keeps every SM busy. Split K: a second small kernel sums the float32 partials, adds the bias
+and casts (deterministic, no atomics).
+W8A8 quantizes the activations first with a separate small kernel (one program per row: amax, then int8 values,
+bit for bit reference.quantize_activations_int8), so the GEMM's inner loop streams int8 activations instead of
+re-reading and re-quantizing 16-bit ones per N tile.
+Block sizes are fixed, not autotuned (no GPU measurement yet); `plan` lists every launch and tests/test_quant.py
+compiles each for sm_90 (no spills). See benchmarks/NOTES.md.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import NamedTuple
 
@@ -25,32 +30,44 @@ from torch.library import triton_op, wrap_triton
 from .. import backend as _backend
 
 GEMV_MAX_ROWS = 16
+SPLIT_MAX_ROWS = 256  # the tiled GEMM splits K up to this many rows (see _config)
 QUANT_BLOCK = 1024
 SUM_BLOCK = 1024
 
 
 @triton.jit
-def _round_half_even(v):
-    f = tl.floor(v)
-    diff = v - f
-    odd = f - 2.0 * tl.floor(f * 0.5)
-    return tl.where(diff > 0.5, f + 1.0, tl.where(diff < 0.5, f, f + odd))
+def _quantize_activation(x, inv):
+    """int8 of round_half_even(x * inv) clamped to [-127, 127], NaN products giving 0 (reference.py).
+
+    The float32 product x * inv is only compared, truncated and selected afterwards, never added to: ptxas would
+    contract a multiply followed by an add (x * inv - floor(x * inv)) into an FMA, rounding with the exact product
+    instead of the float32 one the reference rounds. Truncation, not libdevice floor: no flush-to-zero variant.
+    """
+    p = x * inv
+    p = tl.minimum(tl.maximum(tl.where(p == p, p, 0.0), -127.0), 127.0)  # round(clamp) == clamp(round): integer bounds
+    a = tl.abs(p)
+    t = a.to(tl.int32)  # truncation: floor(|p|)
+    half = t.to(tl.float32) + 0.5
+    r = t + ((a > half) | ((a == half) & ((t & 1) == 1))).to(tl.int32)
+    return tl.where(p < 0, -r, r).to(tl.int8)
 
 
 @triton.jit
 def _quantize_rows_kernel(x, q, scale, K, BLOCK: tl.constexpr):
+    # amax as the integer maximum of the |x| bit patterns: the same order as the floats, NaN above inf (so a NaN
+    # propagates, which tl.maximum does not do), and no comparison that a flush-to-zero could apply to.
     row = tl.program_id(0).to(tl.int64)
-    amax = tl.zeros([BLOCK], tl.float32)
-    for k0 in range(0, K, BLOCK):
-        offs = k0 + tl.arange(0, BLOCK)
-        amax = tl.maximum(amax, tl.abs(tl.load(x + row * K + offs, mask=offs < K, other=0.0).to(tl.float32)))
-    top = tl.max(amax, axis=0)
-    inv = tl.where(top > 0, tl.math.div_rn(127.0, tl.maximum(top, 1e-30)), 0.0)
+    amax_bits = tl.zeros([BLOCK], tl.int32)
     for k0 in range(0, K, BLOCK):
         offs = k0 + tl.arange(0, BLOCK)
         v = tl.load(x + row * K + offs, mask=offs < K, other=0.0).to(tl.float32)
-        r = tl.minimum(tl.maximum(_round_half_even(v * inv), -127.0), 127.0)
-        tl.store(q + row * K + offs, r.to(tl.int8), mask=offs < K)
+        amax_bits = tl.maximum(amax_bits, v.to(tl.int32, bitcast=True) & 0x7FFFFFFF)
+    top = tl.max(amax_bits, axis=0).to(tl.float32, bitcast=True)
+    inv = tl.where(top > 0, tl.math.div_rn(127.0, top), 0.0)  # NaN or inf amax: 0
+    for k0 in range(0, K, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        v = tl.load(x + row * K + offs, mask=offs < K, other=0.0).to(tl.float32)
+        tl.store(q + row * K + offs, _quantize_activation(v, inv), mask=offs < K)
     tl.store(scale + row, tl.math.div_rn(top, 127.0))
 
 
@@ -82,40 +99,36 @@ def _qmatmul_kernel(x, qweight, scales, zeros, x_scale, bias, out, M, N, K, grou
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < k_end
+        a = tl.load(x + rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0)  # contiguous along K
         if SCHEME == "int4":
-            offs_p = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # packed byte columns
+            # The packed (BLOCK_N, BLOCK_K / 2) tile as it lies in memory, both nibbles dequantized, interleaved back
+            # into K order (even k from the low nibble) and transposed: x is read contiguously, not as 2-strided
+            # even / odd gathers.
+            offs_p = k0 // 2 + tl.arange(0, BLOCK_K // 2)
             p_ok = offs_p < k_end // 2
-            packed = tl.load(qweight + cols * (K // 2) + offs_p[:, None], mask=p_ok[:, None] & n_ok[None, :], other=0)
+            channel = offs_n.to(tl.int64)[:, None]
+            packed = tl.load(qweight + channel * (K // 2) + offs_p[None, :], mask=n_ok[:, None] & p_ok[None, :], other=0)
             if GROUP_ALIGNED:  # the whole tile lies in one group
-                at = cols * groups + k0 // group_size
-                g_ok = n_ok[None, :]
+                at = channel * groups + k0 // group_size
+                g_ok = n_ok[:, None]
             else:
-                at = cols * groups + (2 * offs_p[:, None]) // group_size
-                g_ok = p_ok[:, None] & n_ok[None, :]
+                at = channel * groups + (2 * offs_p[None, :]) // group_size
+                g_ok = n_ok[:, None] & p_ok[None, :]
             s = tl.load(scales + at, mask=g_ok, other=0.0)
-            zs = tl.load(zeros + at, mask=g_ok, other=0).to(tl.float32) * s
-            w_lo = (packed & 0xF).to(tl.float32) * s - zs
-            w_hi = (packed >> 4).to(tl.float32) * s - zs
-            xm = m_ok[:, None] & p_ok[None, :]
-            x_even = tl.load(x + rows + 2 * offs_p[None, :], mask=xm, other=0.0)
-            x_odd = tl.load(x + rows + 2 * offs_p[None, :] + 1, mask=xm, other=0.0)
-            if UPCAST:
-                acc += tl.dot(x_even.to(tl.float32), w_lo, input_precision=PRECISION)
-                acc += tl.dot(x_odd.to(tl.float32), w_hi, input_precision=PRECISION)
-            else:
-                acc += tl.dot(x_even, w_lo.to(x_even.dtype), input_precision=PRECISION)
-                acc += tl.dot(x_odd, w_hi.to(x_odd.dtype), input_precision=PRECISION)
+            z = tl.load(zeros + at, mask=g_ok, other=0).to(tl.float32)
+            w_lo = ((packed & 0xF).to(tl.float32) - z) * s  # (q - z) * s: exactly 0 where q == z
+            w_hi = ((packed >> 4).to(tl.float32) - z) * s
+            w = tl.trans(tl.interleave(w_lo, w_hi))
         else:
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < k_end
-            a = tl.load(x + rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0)
             w = tl.load(qweight + cols * K + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0)
-            if SCHEME == "w8a8":
-                acc += tl.dot(a, w, out_dtype=tl.int32)
-            elif UPCAST:
-                acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision=PRECISION)
-            else:
-                acc += tl.dot(a, w.to(a.dtype), input_precision=PRECISION)  # |q| <= 127: exact in 16-bit floats
+        if SCHEME == "w8a8":
+            acc += tl.dot(a, w, out_dtype=tl.int32)
+        elif UPCAST:
+            acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision=PRECISION)
+        else:
+            acc += tl.dot(a, w.to(a.dtype), input_precision=PRECISION)  # int8 |q| <= 127: exact in 16-bit floats
 
     if SCHEME == "int8":
         acc = acc * tl.load(scales + offs_n, mask=n_ok, other=0.0)[None, :]
@@ -168,9 +181,15 @@ def _config(rows, in_features, out_features, scheme, dtype, sm_count):
         split = max(1, min(triton.cdiv(in_features, block_k),
                            triton.cdiv(4 * sm_count, triton.cdiv(out_features, block_n))))
         return 16, block_n, block_k, split, warps, 4
-    if ieee:
-        return 64, 128, 16, 1, 8, 3
-    return 128, 128, 128 if scheme == "w8a8" else 64, 1, 8, 3
+    block_m, block_n, block_k, warps, stages = (64, 128, 16, 8, 3) if ieee else \
+        (128, 128, 128 if scheme == "w8a8" else 64, 8, 3)
+    # Up to SPLIT_MAX_ROWS rows the output tiles alone leave SMs idle (32 CTAs for M <= 128, N = 4096 on 132
+    # SMs): split K so that about one wave runs, keeping >= 4 K tiles per split for the pipeline.
+    tiles = triton.cdiv(rows, block_m) * triton.cdiv(out_features, block_n)
+    split = 1
+    if rows <= SPLIT_MAX_ROWS:
+        split = max(1, min(sm_count // tiles, triton.cdiv(in_features, 4 * block_k)))
+    return block_m, block_n, block_k, split, warps, stages
 
 
 class Launch(NamedTuple):
@@ -191,10 +210,11 @@ def plan(x, qweight, scales, zeros, group_size, bias, scheme, *, sm_count=None):
     """
     rows, in_features = x.shape
     out_features = qweight.shape[0]
-    out = torch.empty((rows, out_features), dtype=x.dtype, device=x.device)
     launches = []
-    if rows == 0:
-        return out, launches
+    if rows == 0 or out_features == 0 or in_features == 0:  # the bias (or zeros), no launch
+        out = torch.zeros((rows, out_features), dtype=torch.float32, device=x.device)
+        return (out if bias is None else out.add_(bias)).to(x.dtype), launches
+    out = torch.empty((rows, out_features), dtype=x.dtype, device=x.device)
     x_scale = None
     if scheme == "w8a8":  # quantize the activations first; the GEMM streams int8
         xq = torch.empty((rows, in_features), dtype=torch.int8, device=x.device)
@@ -228,10 +248,16 @@ def plan(x, qweight, scales, zeros, group_size, bias, scheme, *, sm_count=None):
     return out, launches
 
 
+def _on_device(device):
+    """Triton launches on the current CUDA device: make it x's (a tensor on cuda:1 while cuda:0 is current)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _run(x, qweight, scales, zeros, group_size, bias, scheme):
     out, launches = plan(x, qweight, scales, zeros, group_size, bias, scheme)
-    for launch in launches:
-        wrap_triton(launch.kernel)[launch.grid](*launch.args, **launch.options)
+    with _on_device(x.device):
+        for launch in launches:
+            wrap_triton(launch.kernel)[launch.grid](*launch.args, **launch.options)
     return out
 
 
