@@ -125,20 +125,10 @@ def _sampling(dtype):
     ops.sample(logits, uniforms, 0.7, 50, 0.9, 0.05)  # every filter
 
 
-def _on_h100(quant):
-    """quant.py picks its GPU tiles from the tensors' device type and split-K from the SM count: present a CUDA
-    device of an H100's SM count to its config code, since the tensors here are CPU ones."""
-    config = quant._config
-    quant._sm_count = lambda index: H100_SMS
-    quant._config = lambda rows, k, n, scheme, device: config(rows, k, n, scheme, torch.device("cuda", 0))
-
-
 def _qmatmul(scheme, dtype):
-    import rlhf_fast.triton.quant as ops
-    _on_h100(ops)
-    k = n = QMATMUL_FEATURES
-    group_size = 128
-    for rows in QMATMUL_ROWS:
+    import rlhf_fast.triton.quant as ops  # off the GPU its split-K plans for an H100's 132 SMs
+    for rows, k, n, group_size in [(rows, QMATMUL_FEATURES, QMATMUL_FEATURES, 128) for rows in QMATMUL_ROWS] + [
+            (rows, 736, 1000, 32) for rows in (8, 512)]:  # and an odd shape (int4 groups of 32)
         x = _empty(rows, k, dtype=dtype)
         bias = _empty(n, dtype=dtype)
         if scheme == "int8":
@@ -237,7 +227,9 @@ def main(names):
         except Exception as exc:  # a compile error: reported, and the other cases still compile
             print(json.dumps({"case": name, "error": f"{type(exc).__name__}: {exc}"[-4000:]}), flush=True)
         for kernel_name, options, kernel, ptxas_log in compiled:
+            ptx = kernel.asm["ptx"]
             print(json.dumps({"case": name, "kernel": kernel_name, "options": options,
+                              "fma_or_ftz": bool(re.search(r"\bfma\.|\.ftz\b", ptx)),
                               **resources(kernel, ptxas_log)}, default=str), flush=True)
 
 

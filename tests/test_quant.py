@@ -1,10 +1,8 @@
 import io
-import json
 import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -332,73 +330,8 @@ def test_torch_compile_fullgraph_cpu(scheme):
     assert xg.grad is not None and xg.grad.shape == x.shape
 
 
-# ---------------------------------------------------------------- Triton kernels compiled for sm_90
-
-# Run in a fresh process (no TRITON_INTERPRET, an empty cache): for every scheme, float32 and bfloat16, a decode-
-# sized, a split-K GEMM-sized (4096 only) and a GEMM-sized M, aligned (4096, int4 groups of 128) and odd (K=736, N=1000, groups of 32) shapes, each launch of
-# rlhf_fast.triton.quant.plan goes through the real GPU compiler and ptxas for an H100/H200; prints the resources.
-_SM90_SCRIPT = """
-import json, sys
-sys.path.insert(0, sys.argv[1])
-import triton_sm90 as sm90
-import torch
-from rlhf_fast.triton import quant
-found = []
-for scheme in ("int8", "int4", "w8a8"):
-    for dtype in (torch.float32, torch.bfloat16):
-        for k, n, group in ((4096, 4096, 128), (736, 1000, 32)):
-            for rows in (8, 64, 512) if k == 4096 else (8, 512):
-                packed = scheme == "int4"
-                qweight = torch.empty(n, k // 2 if packed else k, dtype=torch.uint8 if packed else torch.int8)
-                scales = torch.empty((n, k // group) if packed else (n,))
-                zeros = torch.empty(n, k // group, dtype=torch.uint8) if packed else None
-                x = torch.empty(rows, k, dtype=dtype)
-                _, launches = quant.plan(x, qweight, scales, zeros, group, torch.empty(n), scheme)
-                for launch in launches:
-                    kernel = sm90.compile(launch.kernel, launch.args, grid=launch.grid, **launch.options)
-                    found.append(dict(scheme=scheme, dtype=str(dtype), rows=rows, k=k, n=n,
-                                      kernel=launch.kernel.__name__, options={key: str(v) for key, v in launch.options.items()},
-                                      ptx=kernel.asm["ptx"] if launch.kernel.__name__ == "_quantize_rows_kernel" else "",
-                                      **sm90.resources(kernel)))
-print(json.dumps(found))
-"""
-
-
-@pytest.fixture(scope="module")
-def sm90_kernels(tmp_path_factory):
-    """The resources (and the row quantizer's PTX) of every launch plan() makes, compiled for sm_90."""
-    pytest.importorskip("triton")
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton_cache"))
-    tests = Path(__file__).parent
-    done = subprocess.run([sys.executable, "-c", _SM90_SCRIPT, str(tests)], cwd=tests.parent, env=env,
-                          capture_output=True, text=True, timeout=1800)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def test_triton_kernels_compile_for_sm90(sm90_kernels):
-    launched = {(k["scheme"], k["dtype"], k["rows"], k["kernel"]) for k in sm90_kernels}
-    for scheme in SCHEMES:
-        for dtype in ("torch.float32", "torch.bfloat16"):
-            assert (scheme, dtype, 8, "_sum_splits_kernel") in launched  # the split-K GEMV
-            assert (scheme, dtype, 512, "_qmatmul_kernel") in launched
-            assert (scheme, dtype, 64, "_sum_splits_kernel") in launched  # the tiled GEMM, split K
-    assert all("REG" in k for k in sm90_kernels), [k for k in sm90_kernels if "REG" not in k]
-
-
-def test_triton_activation_quantizer_has_no_fma_and_keeps_subnormals(sm90_kernels):
-    # an FMA would round x * inv differently from the reference; .ftz would flush subnormal activations and scales
-    ptx = [k["ptx"] for k in sm90_kernels if k["kernel"] == "_quantize_rows_kernel"]
-    assert len(ptx) == 10  # five shapes, float32 and bfloat16
-    for text in ptx:
-        assert "fma" not in text and ".ftz" not in text
-
-
-def test_triton_kernels_do_not_spill_on_sm90(sm90_kernels):
-    # no spill stack; shared memory within the 227 KB a block may have on sm_90
-    bad = [k for k in sm90_kernels if k["STACK"] or k["LOCAL"] or k["SHARED"] + k["dyn_shared"] > 227 * 1024]
-    assert not bad, [{key: v for key, v in k.items() if key != "ptx"} for k in bad]
+# Every Triton qmatmul launch is compiled for sm_90 (no spill, shared memory, no fma/.ftz in the activation
+# quantizer) by tests/test_triton_sm90.py.
 
 
 def _nvcc():

@@ -58,6 +58,9 @@ def test_kernels_compile_for_sm90(compiled, case):
         bound = SPILL_BOUNDS.get(k["kernel"], 0)
         assert k["spill_stores"] <= bound and k["stack"] <= bound, f"spills on sm_90: {where}"
         assert k["shared"] <= sm90_compile.H100_SHARED_BYTES, f"needs more shared memory than an H100 has: {where}"
+        if k["kernel"] == "_quantize_rows_kernel":
+            # an FMA would round x * inv differently from the reference; .ftz would flush subnormal activations
+            assert not k["fma_or_ftz"], f"the W8A8 activation quantizer holds an fma or .ftz instruction: {where}"
 
 
 def _ops_on(device):

@@ -18,7 +18,6 @@ compiles each for sm_90 (no spills). See benchmarks/NOTES.md.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 from typing import NamedTuple
 
@@ -28,6 +27,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from .. import backend as _backend
+from . import on_tensor_device
 
 GEMV_MAX_ROWS = 16
 SPLIT_MAX_ROWS = 256  # the tiled GEMM splits K up to this many rows (see _config)
@@ -248,16 +248,11 @@ def plan(x, qweight, scales, zeros, group_size, bias, scheme, *, sm_count=None):
     return out, launches
 
 
-def _on_device(device):
-    """Triton launches on the current CUDA device: make it x's (a tensor on cuda:1 while cuda:0 is current)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
+@on_tensor_device
 def _run(x, qweight, scales, zeros, group_size, bias, scheme):
     out, launches = plan(x, qweight, scales, zeros, group_size, bias, scheme)
-    with _on_device(x.device):
-        for launch in launches:
-            wrap_triton(launch.kernel)[launch.grid](*launch.args, **launch.options)
+    for launch in launches:
+        wrap_triton(launch.kernel)[launch.grid](*launch.args, **launch.options)
     return out
 
 
