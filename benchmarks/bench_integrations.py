@@ -282,13 +282,15 @@ def _trl_cases(device: torch.device, quick: bool) -> list[Case]:
 def _pairs(adapter_module):
     """{name: (the peer's function, our replacement)} for an adapter's targets (and, for OpenRLHF, its
     methods, keyed Class.method), built without patching the peer."""
+    from rlhf_fast.integrations._patching import dispatching
+
     pairs = {}
     for target in adapter_module.TARGETS:
         original = getattr(importlib.import_module(target.module), target.name)
         pairs[target.name] = (original, target.make(original))
-    for module_name, class_name, method, make, _ in getattr(adapter_module, "METHODS", ()):
+    for module_name, class_name, method, ours, params in getattr(adapter_module, "METHODS", ()):
         original = vars(getattr(importlib.import_module(module_name), class_name))[method]
-        pairs[f"{class_name}.{method}"] = (original, make(original))
+        pairs[f"{class_name}.{method}"] = (original, dispatching(original, ours, params))
     return pairs
 
 
