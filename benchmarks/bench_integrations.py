@@ -295,10 +295,12 @@ def _pairs(adapter_module):
 
 
 def _peer_cases(peer, pairs, specs):
-    """One Case per (name, mode, shape, dtype, call, x): `call(fn)` runs the function once; for fwd+bwd `x` is
-    the leaf whose gradient is taken (upstream gradients of ones for a scalar, random for per-token outputs)."""
+    """One Case per (name, mode, shape, dtype, call, x[, reference]): `call(fn)` runs the function once; for
+    fwd+bwd `x` is the leaf whose gradient is taken (upstream gradients of ones); `reference(fn)`, for
+    low-precision forward cases, runs the peer's function in float64 (the ground truth the outputs are checked
+    against, since the peer's own bf16 arithmetic is further off than ours)."""
     cases = []
-    for name, mode, shape, dtype, call, x in specs:
+    for name, mode, shape, dtype, call, x, *reference in specs:
         original, replacement = pairs[name]
         if mode == "fwd":
             providers = {"eager": lambda c=call, f=original: c(f), "patched": lambda c=call, f=replacement: c(f)}
@@ -314,8 +316,8 @@ def _peer_cases(peer, pairs, specs):
                 return run
             providers = {"eager": backward_of(original), "patched": backward_of(replacement)}
         atol = 2e-2 if dtype != torch.float32 else 1e-3
-        cases.append(Case(f"{peer}.{name}", shape, dtype, mode,
-                          providers, atol=atol))
+        reference = (lambda r=reference[0], f=original: r(f)) if reference else None
+        cases.append(Case(f"{peer}.{name}", shape, dtype, mode, providers, atol=atol, reference=reference))
     return cases
 
 
@@ -329,9 +331,16 @@ def _logits_specs(names, tokens, vocab, dtype, device, modes=("fwd", "fwd+bwd"))
     for name, takes_labels in names:
         for mode in modes:
             source = logits if mode == "fwd" else x
-            call = (lambda f, t=source: f(t * 1 if t.requires_grad else t, labels)) if takes_labels else \
-                (lambda f, t=source: f(t * 1 if t.requires_grad else t))
-            specs.append((name, mode, shape, dtype, call, x))
+            call = (lambda f, t=source: f(t, labels)) if takes_labels else (lambda f, t=source: f(t))
+            if dtype == torch.float32 or mode != "fwd":
+                specs.append((name, mode, shape, dtype, call, x))
+                continue
+
+            def reference(f, takes_labels=takes_labels):  # in row chunks: (N, V) in float64 would not fit
+                rows, row_labels = logits.view(-1, vocab).split(256), labels.view(-1).split(256)
+                outs = [f(r.double(), lab) if takes_labels else f(r.double()) for r, lab in zip(rows, row_labels)]
+                return torch.cat(outs).view(labels.shape)
+            specs.append((name, mode, shape, dtype, call, x, reference))
     return specs
 
 

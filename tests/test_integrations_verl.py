@@ -130,6 +130,8 @@ def test_masked_functions_fall_back_or_raise_like_verl():
     one_valid[1, 2] = 1
     with rf_verl.patch():
         assert torch.equal(verl_f.masked_mean(values, weights), original("masked_mean")(values, weights))
+        counts = torch.randint(0, 3, (4, 5))  # an integer mask that is not 0/1 weights tokens too
+        assert torch.equal(verl_f.masked_mean(values, counts), original("masked_mean")(values, counts))
         assert torch.equal(verl_f.masked_mean(values, weights, axis=-1),
                            original("masked_mean")(values, weights, axis=-1))
         assert verl_f.masked_mean(values, torch.zeros(4, 5)).item() == 0.0
