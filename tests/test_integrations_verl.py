@@ -1,5 +1,6 @@
 """rlhf_fast.integrations.verl: every patched function against verl's own (captured before patching), forward
 and backward, fp32 and bf16, masks with holes and fully masked rows; bindings and registries restored."""
+import ast
 import contextlib
 
 import numpy as np
@@ -345,7 +346,7 @@ def test_patch_is_idempotent_and_unpatch_restores_every_binding_and_registry():
         for place in places:
             module_name, _, attr = place.partition("[")[0].rpartition(".")
             holder = getattr(__import__(module_name, fromlist=["_"]), attr)
-            value = holder[eval(place.partition("[")[2][:-1])] if "[" in place else holder
+            value = holder[ast.literal_eval(place.partition("[")[2][:-1])] if "[" in place else holder
             assert value is ORIGINAL[qualname], place
     for name, snapshot in REGISTRIES.items():
         registry = getattr(core, name)
