@@ -215,9 +215,10 @@ def test_value_loss_matches_openrlhf(dtype, global_info):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_mask", [True, False])
-def test_gae_matches_openrlhf(dtype, with_mask):
-    values, rewards = rounded(dtype, torch.randn(5, 41), torch.randn(5, 41))
-    mask = mask_with_holes(5, 41) if with_mask else None
+@pytest.mark.parametrize("steps", [41, 1])
+def test_gae_matches_openrlhf(dtype, with_mask, steps):
+    values, rewards = rounded(dtype, torch.randn(5, steps), torch.randn(5, steps))
+    mask = mask_with_holes(5, steps) if with_mask else None
     maker = object.__new__(experience_maker.RemoteExperienceMaker)  # the method reads nothing from self
     out = {}
     for label, dt in RUNS:

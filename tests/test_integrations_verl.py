@@ -143,9 +143,10 @@ def test_masked_functions_fall_back_or_raise_like_verl():
 # ------------------------------------------------------------------ advantages
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_gae_matches_verl(dtype):
-    rewards, values = rounded(dtype, torch.randn(5, 41), torch.randn(5, 41))
-    mask = mask_with_holes(5, 41)
+@pytest.mark.parametrize("steps", [41, 1])
+def test_gae_matches_verl(dtype, steps):
+    rewards, values = rounded(dtype, torch.randn(5, steps), torch.randn(5, steps))
+    mask = mask_with_holes(5, 41) if steps > 1 else torch.tensor([[1], [0], [1], [1], [0]])
     gamma, lam = torch.tensor(0.99), 0.95
     gae = original("compute_gae_advantage_return")
     peer = gae(rewards.to(dtype), values.to(dtype), mask, gamma, lam)
