@@ -282,21 +282,25 @@ def _trl_cases(device: torch.device, quick: bool) -> list[Case]:
 def _pairs(adapter_module):
     """{name: (the peer's function, our replacement)} for an adapter's targets (and, for OpenRLHF, its
     methods, keyed Class.method), built without patching the peer."""
+    from rlhf_fast.integrations._patching import dispatching
+
     pairs = {}
     for target in adapter_module.TARGETS:
         original = getattr(importlib.import_module(target.module), target.name)
         pairs[target.name] = (original, target.make(original))
-    for module_name, class_name, method, make, _ in getattr(adapter_module, "METHODS", ()):
+    for module_name, class_name, method, ours, params in getattr(adapter_module, "METHODS", ()):
         original = vars(getattr(importlib.import_module(module_name), class_name))[method]
-        pairs[f"{class_name}.{method}"] = (original, make(original))
+        pairs[f"{class_name}.{method}"] = (original, dispatching(original, ours, params))
     return pairs
 
 
 def _peer_cases(peer, pairs, specs):
-    """One Case per (name, mode, shape, dtype, call, x): `call(fn)` runs the function once; for fwd+bwd `x` is
-    the leaf whose gradient is taken (upstream gradients of ones for a scalar, random for per-token outputs)."""
+    """One Case per (name, mode, shape, dtype, call, x[, reference]): `call(fn)` runs the function once; for
+    fwd+bwd `x` is the leaf whose gradient is taken (upstream gradients of ones); `reference(fn)`, for
+    low-precision forward cases, runs the peer's function in float64 (the ground truth the outputs are checked
+    against, since the peer's own bf16 arithmetic is further off than ours)."""
     cases = []
-    for name, mode, shape, dtype, call, x in specs:
+    for name, mode, shape, dtype, call, x, *reference in specs:
         original, replacement = pairs[name]
         if mode == "fwd":
             providers = {"eager": lambda c=call, f=original: c(f), "patched": lambda c=call, f=replacement: c(f)}
@@ -312,8 +316,8 @@ def _peer_cases(peer, pairs, specs):
                 return run
             providers = {"eager": backward_of(original), "patched": backward_of(replacement)}
         atol = 2e-2 if dtype != torch.float32 else 1e-3
-        cases.append(Case(f"{peer}.{name}", shape, dtype, mode,
-                          providers, atol=atol))
+        reference = (lambda r=reference[0], f=original: r(f)) if reference else None
+        cases.append(Case(f"{peer}.{name}", shape, dtype, mode, providers, atol=atol, reference=reference))
     return cases
 
 
@@ -327,9 +331,16 @@ def _logits_specs(names, tokens, vocab, dtype, device, modes=("fwd", "fwd+bwd"))
     for name, takes_labels in names:
         for mode in modes:
             source = logits if mode == "fwd" else x
-            call = (lambda f, t=source: f(t * 1 if t.requires_grad else t, labels)) if takes_labels else \
-                (lambda f, t=source: f(t * 1 if t.requires_grad else t))
-            specs.append((name, mode, shape, dtype, call, x))
+            call = (lambda f, t=source: f(t, labels)) if takes_labels else (lambda f, t=source: f(t))
+            if dtype == torch.float32 or mode != "fwd":
+                specs.append((name, mode, shape, dtype, call, x))
+                continue
+
+            def reference(f, takes_labels=takes_labels):  # in row chunks: (N, V) in float64 would not fit
+                rows, row_labels = logits.view(-1, vocab).split(256), labels.view(-1).split(256)
+                outs = [f(r.double(), lab) if takes_labels else f(r.double()) for r, lab in zip(rows, row_labels)]
+                return torch.cat(outs).view(labels.shape)
+            specs.append((name, mode, shape, dtype, call, x, reference))
     return specs
 
 

@@ -149,27 +149,31 @@ def _policy_inputs(dtype):
 GLOBAL = [{}, {"dp_size": 2, "batch_num_tokens": 300, "global_batch_size": 11}]
 
 
+POLICY_SETTINGS = [(token_level, dual) for token_level in (True, False) for dual in (None, 2.5)]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("token_level_loss", [True, False])
-@pytest.mark.parametrize("dual_clip", [None, 2.5])
 @pytest.mark.parametrize("global_info", GLOBAL, ids=["local", "dp2"])
-def test_policy_loss_matches_openrlhf(dtype, token_level_loss, dual_clip, global_info):
+def test_policy_loss_matches_openrlhf(dtype, global_info):
     old, adv, new = _policy_inputs(dtype)
     mask = mask_with_holes(6, 29)
-    module = orl_loss.PolicyLoss(clip_eps_low=0.15, clip_eps_high=0.28, dual_clip=dual_clip,
-                                 token_level_loss=token_level_loss)
     out = {}
     for label, dt in RUNS:
         dt = dt or dtype
-        logp = leaf(new, dt)
-        with patched(label):
-            forward = module.forward if label == "ours" else METHODS["PolicyLoss.forward"].__get__(module)
-            loss, clip_ratio, ppo_kl, vllm_kl, filtered = forward(logp, old.to(dt), adv.to(dt), mask, **global_info)
-        loss.float().backward()
-        assert vllm_kl is None and filtered is None
-        out[label] = (loss, logp.grad, clip_ratio, ppo_kl)
-    for o, p, r in zip(out["ours"], out["peer"], out["ref"]):
-        assert_matches(o, p, r)
+        with patched(label):  # one patch for every setting (patching scans every module)
+            for token_level_loss, dual_clip in POLICY_SETTINGS:
+                module = orl_loss.PolicyLoss(clip_eps_low=0.15, clip_eps_high=0.28, dual_clip=dual_clip,
+                                             token_level_loss=token_level_loss)
+                logp = leaf(new, dt)
+                forward = module.forward if label == "ours" else METHODS["PolicyLoss.forward"].__get__(module)
+                loss, clip_ratio, ppo_kl, vllm_kl, filtered = forward(logp, old.to(dt), adv.to(dt), mask,
+                                                                      **global_info)
+                loss.float().backward()
+                assert vllm_kl is None and filtered is None
+                out[label, token_level_loss, dual_clip] = (loss, logp.grad, clip_ratio, ppo_kl)
+    for setting in POLICY_SETTINGS:
+        for o, p, r in zip(out[("ours",) + setting], out[("peer",) + setting], out[("ref",) + setting]):
+            assert_matches(o, p, r)
 
 
 def test_policy_loss_without_mask_and_with_gspo():
@@ -184,33 +188,37 @@ def test_policy_loss_without_mask_and_with_gspo():
         torch.testing.assert_close(o.float(), p.float())
 
 
+VALUE_SETTINGS = [(token_level, clip) for token_level in (True, False) for clip in (None, 0.2)]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("token_level_loss", [True, False])
-@pytest.mark.parametrize("clip_eps", [None, 0.2])
 @pytest.mark.parametrize("global_info", GLOBAL, ids=["local", "dp2"])
-def test_value_loss_matches_openrlhf(dtype, token_level_loss, clip_eps, global_info):
+def test_value_loss_matches_openrlhf(dtype, global_info):
     old, ret = torch.randn(6, 29), torch.randn(6, 29)
     old, ret, new = rounded(dtype, old, ret, old + torch.randn(6, 29) * 0.3)
     mask = mask_with_holes(6, 29)
-    module = orl_loss.ValueLoss(clip_eps=clip_eps, token_level_loss=token_level_loss)
     out = {}
     for label, dt in RUNS:
         dt = dt or dtype
-        values = leaf(new, dt)
         with patched(label):
-            forward = module.forward if label == "ours" else METHODS["ValueLoss.forward"].__get__(module)
-            loss = forward(values, old.to(dt), ret.to(dt), mask, **global_info)
-        loss.float().backward()
-        out[label] = (loss, values.grad)
-    for o, p, r in zip(out["ours"], out["peer"], out["ref"]):
-        assert_matches(o, p, r)
+            for token_level_loss, clip_eps in VALUE_SETTINGS:
+                module = orl_loss.ValueLoss(clip_eps=clip_eps, token_level_loss=token_level_loss)
+                values = leaf(new, dt)
+                forward = module.forward if label == "ours" else METHODS["ValueLoss.forward"].__get__(module)
+                loss = forward(values, old.to(dt), ret.to(dt), mask, **global_info)
+                loss.float().backward()
+                out[label, token_level_loss, clip_eps] = (loss, values.grad)
+    for setting in VALUE_SETTINGS:
+        for o, p, r in zip(out[("ours",) + setting], out[("peer",) + setting], out[("ref",) + setting]):
+            assert_matches(o, p, r)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_mask", [True, False])
-def test_gae_matches_openrlhf(dtype, with_mask):
-    values, rewards = rounded(dtype, torch.randn(5, 41), torch.randn(5, 41))
-    mask = mask_with_holes(5, 41) if with_mask else None
+@pytest.mark.parametrize("steps", [41, 1])
+def test_gae_matches_openrlhf(dtype, with_mask, steps):
+    values, rewards = rounded(dtype, torch.randn(5, steps), torch.randn(5, steps))
+    mask = mask_with_holes(5, steps) if with_mask else None
     maker = object.__new__(experience_maker.RemoteExperienceMaker)  # the method reads nothing from self
     out = {}
     for label, dt in RUNS:

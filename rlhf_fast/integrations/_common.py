@@ -28,6 +28,11 @@ def binary_mask(mask, like: torch.Tensor) -> bool:
         return False
     if mask.dtype == torch.bool:
         return True
+    if mask.numel() == 0:
+        return True
+    if not mask.is_floating_point() and not mask.is_complex():  # integers: 0/1 iff within [0, 1], one pass
+        low, high = torch.aminmax(mask)
+        return bool(low >= 0) and bool(high <= 1)
     return bool(((mask == 0) | (mask == 1)).all())
 
 

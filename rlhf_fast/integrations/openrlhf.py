@@ -18,7 +18,6 @@ returns, and every argument OpenRLHF itself rejects.
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import inspect
 
@@ -27,7 +26,7 @@ import torch
 import rlhf_fast as rf
 
 from ._common import aggregation, binary_mask, discount, kernel_floats, needs_grad
-from ._patching import Adapter, Patch, Target
+from ._patching import Adapter, Patch, Target, dispatching
 
 PEER = "openrlhf"
 PINNED = "0.11.2"
@@ -36,55 +35,39 @@ LOSS = "openrlhf.models.loss"
 EXPERIENCE = "openrlhf.trainer.ppo_utils.experience_maker"
 
 
-def _replaces(original):
-    """Decorator: the replacement keeps the original's name, docstring and signature (`__wrapped__`)."""
-    return functools.wraps(original)
-
-
 # ------------------------------------------------------------------ openrlhf.models.utils
+# Each function below gets the call's arguments by name and returns NotImplemented where OpenRLHF's original
+# runs (see _patching.dispatching).
 
-def _compute_approx_kl(original):
-    @_replaces(original)
-    def compute_approx_kl(log_probs, log_probs_base, log_probs_old=None, kl_estimator="k1",
-                          unbiased_gradient=False):
-        if (unbiased_gradient or kl_estimator not in ("k1", "k2", "k3") or not isinstance(log_probs, torch.Tensor)
-                or not isinstance(log_probs_base, torch.Tensor) or log_probs.shape != log_probs_base.shape):
-            return original(log_probs, log_probs_base, log_probs_old, kl_estimator, unbiased_gradient)
-        # OpenRLHF computes in float32 and clamps every estimator to ±10; our k3 clamps the same way (its ±20
-        # clamp of the log-ratio only acts where the value is already past 10).
-        value = rf.kl_penalty(log_probs.float(), log_probs_base.float(), kl_estimator)
-        return value if kl_estimator == "k3" else value.clamp(min=-10, max=10)
-    return compute_approx_kl
-
-
-def _log_probs_from_logits(original):
-    @_replaces(original)
-    def log_probs_from_logits(logits, labels, temperature=1.0):
-        if temperature != 1.0:
-            logits.div_(temperature)  # OpenRLHF's side effect: callers may read the scaled logits
-        if not kernel_floats(logits) or not isinstance(labels, torch.Tensor) or labels.is_floating_point():
-            return original(logits, labels, 1.0)
-        return rf.logprobs(logits, labels)
-    return log_probs_from_logits
+def _compute_approx_kl(a):
+    log_probs, base, estimator = a["log_probs"], a["log_probs_base"], a["kl_estimator"]
+    if (a["unbiased_gradient"] or estimator not in ("k1", "k2", "k3") or not isinstance(log_probs, torch.Tensor)
+            or not isinstance(base, torch.Tensor) or log_probs.shape != base.shape):
+        return NotImplemented
+    # OpenRLHF computes in float32 and clamps every estimator to ±10; our k3 clamps the same way (its ±20 clamp
+    # of the log-ratio only acts where the value is already past 10).
+    value = rf.kl_penalty(log_probs.float(), base.float(), estimator)
+    return value if estimator == "k3" else value.clamp(min=-10, max=10)
 
 
-def _compute_entropy(original):
-    @_replaces(original)
-    def compute_entropy(logits):
-        if not kernel_floats(logits):
-            return original(logits)
-        return rf.entropy(logits)
-    return compute_entropy
+def _log_probs_from_logits(a):
+    logits, labels = a["logits"], a["labels"]
+    if not kernel_floats(logits) or not isinstance(labels, torch.Tensor) or labels.is_floating_point():
+        return NotImplemented
+    if a["temperature"] != 1.0:
+        logits.div_(a["temperature"])  # OpenRLHF's side effect: callers may read the scaled logits
+    return rf.logprobs(logits, labels)
 
 
-def _masked_mean(original):
-    @_replaces(original)
-    def masked_mean(tensor, mask, dim=None):
-        if dim is not None or mask is None or not kernel_floats(tensor) or not binary_mask(mask, tensor):
-            return original(tensor, mask, dim)
-        mean = rf.masked_mean(tensor, mask)
-        return torch.where(mask.bool().any(), mean, float("nan"))  # OpenRLHF's 0 / 0 with nothing valid
-    return masked_mean
+def _compute_entropy(a):
+    return rf.entropy(a["logits"]) if kernel_floats(a["logits"]) else NotImplemented
+
+
+def _masked_mean(a):
+    tensor, mask = a["tensor"], a["mask"]
+    if a["dim"] is not None or mask is None or not kernel_floats(tensor) or not binary_mask(mask, tensor):
+        return NotImplemented
+    return torch.where(mask.bool().any(), rf.masked_mean(tensor, mask), float("nan"))  # OpenRLHF's 0 / 0
 
 
 # ------------------------------------------------------------------ losses and GAE (methods)
@@ -92,10 +75,8 @@ def _masked_mean(original):
 def _plan(action_mask, like, token_level_loss, dp_size, batch_num_tokens, global_batch_size):
     """(our mode, factor) for OpenRLHF's aggregate_loss, or None for the original. The global counts are
     only used when given (OpenRLHF ignores dp_size without them)."""
-    if action_mask is None:  # a plain mean over every token; the sequence-level loss needs a mask
-        if not token_level_loss:
-            return None
-        return "token-mean", 1.0 if batch_num_tokens is None else like.numel() / batch_num_tokens * dp_size
+    if action_mask is None:  # a plain mean over every token; OpenRLHF needs a mask for anything else
+        return ("token-mean", 1.0) if token_level_loss and batch_num_tokens is None else None
     if not binary_mask(action_mask, like):
         return None
     if token_level_loss:
@@ -108,78 +89,71 @@ def _same_shape(first, *others):
     return all(isinstance(t, torch.Tensor) and t.shape == first.shape for t in others) and first.dim() >= 1
 
 
-def _policy_forward(original):
-    masked_mean = importlib.import_module(UTILS).masked_mean
-
-    @_replaces(original)
-    def forward(self, log_probs, old_log_probs, advantages, action_mask=None, rollout_log_probs=None, dp_size=1,
-                batch_num_tokens=None, global_batch_size=None):
-        clips = [discount(v) for v in (self.clip_eps_low, self.clip_eps_high)]
-        plan = None
-        if (self.policy_loss_type == "ppo" and self.is_correction_level == "off"
-                and all(c is not None and c >= 0 for c in clips)
-                and kernel_floats(log_probs, old_log_probs, advantages)
-                and _same_shape(log_probs, old_log_probs, advantages) and not needs_grad(old_log_probs, advantages)):
-            plan = _plan(action_mask, log_probs, self.token_level_loss, dp_size, batch_num_tokens,
-                         global_batch_size)
-        if plan is None:
-            return original(self, log_probs, old_log_probs, advantages, action_mask, rollout_log_probs, dp_size,
-                            batch_num_tokens, global_batch_size)
-        mode, factor = plan
-        loss, stats = rf.ppo_policy_loss(log_probs, old_log_probs, advantages, action_mask, clip_low=clips[0],
-                                         clip_high=clips[1], dual_clip=self.dual_clip, agg=mode)
-        clip_ratio = stats["clipfrac"]
-        if action_mask is not None:
-            clip_ratio = torch.where(action_mask.bool().any(), clip_ratio, float("nan"))
-        # OpenRLHF's ppo_kl uses the log-ratio before its ±20 clamp (ours after it): computed as it does.
-        ppo_kl = masked_mean(-(log_probs - old_log_probs).detach(), action_mask, dim=None)
-        return loss * factor, clip_ratio, ppo_kl, None, None
-    return forward
+def _loss_plan(a, module, first, constants):
+    """_plan for a loss forward's arguments, or None where the original runs (gradients wanted for the
+    constants of our fused losses, dtypes or shapes the kernels do not take)."""
+    tensors = (a[first],) + tuple(a[name] for name in constants)
+    if not kernel_floats(*tensors) or not _same_shape(*tensors) or needs_grad(*tensors[1:]):
+        return None
+    return _plan(a["action_mask"], a[first], module.token_level_loss, a["dp_size"], a["batch_num_tokens"],
+                 a["global_batch_size"])
 
 
-def _value_forward(original):
-    @_replaces(original)
-    def forward(self, values, old_values, returns, action_mask=None, dp_size=1, batch_num_tokens=None,
-                global_batch_size=None):
-        clip = None if self.clip_eps is None else discount(self.clip_eps)
-        plan = None
-        if ((self.clip_eps is None or (clip is not None and clip >= 0))
-                and kernel_floats(values, old_values, returns) and _same_shape(values, old_values, returns)
-                and not needs_grad(old_values, returns)):
-            plan = _plan(action_mask, values, self.token_level_loss, dp_size, batch_num_tokens, global_batch_size)
-        if plan is None:
-            return original(self, values, old_values, returns, action_mask, dp_size, batch_num_tokens,
-                            global_batch_size)
-        mode, factor = plan
-        loss, _ = rf.ppo_value_loss(values, old_values, returns, action_mask, clip=clip, agg=mode)
-        return loss * factor
-    return forward
+def _policy_forward(a):
+    module, logp, old, adv, mask = (a[k] for k in ("self", "log_probs", "old_log_probs", "advantages",
+                                                   "action_mask"))
+    clips = [discount(v) for v in (module.clip_eps_low, module.clip_eps_high)]
+    if (module.policy_loss_type != "ppo" or module.is_correction_level != "off"
+            or any(c is None or c < 0 for c in clips)):
+        return NotImplemented
+    plan = _loss_plan(a, module, "log_probs", ("old_log_probs", "advantages"))
+    if plan is None:
+        return NotImplemented
+    mode, factor = plan
+    loss, stats = rf.ppo_policy_loss(logp, old, adv, mask, clip_low=clips[0], clip_high=clips[1],
+                                     dual_clip=module.dual_clip, agg=mode)
+    clip_ratio = stats["clipfrac"]
+    if mask is not None:
+        clip_ratio = torch.where(mask.bool().any(), clip_ratio, float("nan"))
+    # OpenRLHF's ppo_kl takes the log-ratio before its ±20 clamp (ours after it): computed as it does.
+    ppo_kl = importlib.import_module(UTILS).masked_mean(-(logp - old).detach(), mask, dim=None)
+    return loss * factor, clip_ratio, ppo_kl, None, None
 
 
-def _gae_method(original):
-    @_replaces(original)
-    @torch.no_grad()
-    def get_advantages_and_returns(self, values, rewards, action_mask, gamma, lambd):
-        gamma_f, lam_f = discount(gamma), discount(lambd)
-        if (gamma_f is None or lam_f is None or not kernel_floats(values, rewards) or values.dim() != 2
-                or values.shape != rewards.shape
-                or (action_mask is not None and not binary_mask(action_mask, values))):
-            return original(self, values, rewards, action_mask, gamma, lambd)
+def _value_forward(a):
+    module = a["self"]
+    clip = None if module.clip_eps is None else discount(module.clip_eps)
+    if module.clip_eps is not None and (clip is None or clip < 0):
+        return NotImplemented
+    plan = _loss_plan(a, module, "values", ("old_values", "returns"))
+    if plan is None:
+        return NotImplemented
+    mode, factor = plan
+    loss, _ = rf.ppo_value_loss(a["values"], a["old_values"], a["returns"], a["action_mask"], clip=clip, agg=mode)
+    return loss * factor
+
+
+def _gae_method(a):
+    values, rewards, mask = a["values"], a["rewards"], a["action_mask"]
+    gamma, lam = discount(a["gamma"]), discount(a["lambd"])
+    if (gamma is None or lam is None or not kernel_floats(values, rewards) or values.dim() != 2
+            or values.shape != rewards.shape or (mask is not None and not binary_mask(mask, values))):
+        return NotImplemented
+    with torch.no_grad():
         # OpenRLHF zeroes rewards and values at masked tokens and runs its loop over every position.
-        if action_mask is not None:
-            values, rewards = action_mask * values, action_mask * rewards
-        return rf.gae(rewards, values, None, gamma=gamma_f, lam=lam_f)
-    return get_advantages_and_returns
+        if mask is not None:
+            values, rewards = mask * values, mask * rewards
+        return rf.gae(rewards, values, None, gamma=gamma, lam=lam)
 
 
 METHODS = (
     (LOSS, "PolicyLoss", "forward", _policy_forward,
-     ("log_probs", "old_log_probs", "advantages", "action_mask", "rollout_log_probs", "dp_size", "batch_num_tokens",
-      "global_batch_size")),
+     ("self", "log_probs", "old_log_probs", "advantages", "action_mask", "rollout_log_probs", "dp_size",
+      "batch_num_tokens", "global_batch_size")),
     (LOSS, "ValueLoss", "forward", _value_forward,
-     ("values", "old_values", "returns", "action_mask", "dp_size", "batch_num_tokens", "global_batch_size")),
+     ("self", "values", "old_values", "returns", "action_mask", "dp_size", "batch_num_tokens", "global_batch_size")),
     (EXPERIENCE, "RemoteExperienceMaker", "get_advantages_and_returns", _gae_method,
-     ("values", "rewards", "action_mask", "gamma", "lambd")),
+     ("self", "values", "rewards", "action_mask", "gamma", "lambd")),
 )
 
 
@@ -188,7 +162,7 @@ def _patch_methods():
     a class that does not import, or whose method lacks a parameter, is left alone and listed as skipped."""
     handle = _ADAPTER.handle
     undo = []
-    for module_name, class_name, method, make, params in METHODS:
+    for module_name, class_name, method, ours, params in METHODS:
         qualname = f"{module_name}.{class_name}.{method}"
         try:
             cls = getattr(importlib.import_module(module_name), class_name)
@@ -201,7 +175,7 @@ def _patch_methods():
         if missing:
             handle.skipped[qualname] = f"its signature lacks {', '.join(missing)}"
             continue
-        replacement = make(original)
+        replacement = dispatching(original, ours, params)
         setattr(cls, method, replacement)
         handle.replaced[qualname] = (original, replacement)
         handle.bindings[qualname] = [qualname]
@@ -213,12 +187,17 @@ def _patch_methods():
     return restore
 
 
+def _target(name, ours, params):
+    """Target `openrlhf.models.utils.name` replaced by a dispatcher to `ours` (calls that set only `params`)."""
+    return Target(UTILS, name, lambda original: dispatching(original, ours, params), params)
+
+
 TARGETS = (
-    Target(UTILS, "compute_approx_kl", _compute_approx_kl,
-           ("log_probs", "log_probs_base", "log_probs_old", "kl_estimator", "unbiased_gradient")),
-    Target(UTILS, "log_probs_from_logits", _log_probs_from_logits, ("logits", "labels", "temperature")),
-    Target(UTILS, "compute_entropy", _compute_entropy, ("logits",)),
-    Target(UTILS, "masked_mean", _masked_mean, ("tensor", "mask", "dim")),
+    _target("compute_approx_kl", _compute_approx_kl,
+            ("log_probs", "log_probs_base", "log_probs_old", "kl_estimator", "unbiased_gradient")),
+    _target("log_probs_from_logits", _log_probs_from_logits, ("logits", "labels", "temperature")),
+    _target("compute_entropy", _compute_entropy, ("logits",)),
+    _target("masked_mean", _masked_mean, ("tensor", "mask", "dim")),
 )
 
 # OpenRLHF modules that bind the targets by name (imported first so that patch() finds them).

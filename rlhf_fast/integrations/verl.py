@@ -26,15 +26,13 @@ unchanged). Results are float32 where verl would return bf16/fp16.
 """
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import torch
 
 import rlhf_fast as rf
 
 from ._common import aggregation, binary_mask, discount, kernel_floats, needs_grad
-from ._patching import Adapter, Patch, Target
+from ._patching import Adapter, Patch, Target, dispatching
 
 PEER = "verl"
 PINNED = "0.9.1"
@@ -46,51 +44,38 @@ _KL_NAMES = {"kl": "k1", "k1": "k1", "abs": "abs", "mse": "k2", "k2": "k2", "low
              "kl+": "k1+", "k1+": "k1+", "mse+": "k2", "k2+": "k2", "low_var_kl+": "k3+", "k3+": "k3+"}
 
 
-def _replaces(original):
-    """Decorator: the replacement keeps the original's name, docstring and signature (`__wrapped__`)."""
-    return functools.wraps(original)
-
-
 # ------------------------------------------------------------------ torch_functional
 
-def _logprobs_from_logits(original):
-    @_replaces(original)
-    def logprobs_from_logits(logits, labels, inplace_backward=True):
-        if not kernel_floats(logits) or not isinstance(labels, torch.Tensor) or labels.is_floating_point():
-            return original(logits, labels, inplace_backward)
-        # In place only over an intermediate (model output), never over a leaf's storage.
-        base = logits if logits._base is None else logits._base
-        inplace = bool(inplace_backward) and not base.is_leaf
-        return rf.logprobs(logits, labels, inplace_backward=inplace)
-    return logprobs_from_logits
+# Each function below gets the call's arguments by name and returns NotImplemented where verl's original runs
+# (see _patching.dispatching).
+
+def _logprobs_from_logits(a):
+    logits, labels = a["logits"], a["labels"]
+    if not kernel_floats(logits) or not isinstance(labels, torch.Tensor) or labels.is_floating_point():
+        return NotImplemented
+    # In place only over an intermediate (model output), never over a leaf's storage.
+    base = logits if logits._base is None else logits._base
+    inplace = bool(a["inplace_backward"]) and not base.is_leaf
+    return rf.logprobs(logits, labels, inplace_backward=inplace)
 
 
-def _entropy_from_logits(original):
-    @_replaces(original)
-    def entropy_from_logits(logits):
-        if not kernel_floats(logits):
-            return original(logits)
-        return rf.entropy(logits)
-    return entropy_from_logits
+def _entropy_from_logits(a):
+    return rf.entropy(a["logits"]) if kernel_floats(a["logits"]) else NotImplemented
 
 
-def _masked_mean(original):
-    @_replaces(original)
-    def masked_mean(values, mask, axis=None):
-        if axis is not None or not kernel_floats(values) or not binary_mask(mask, values):
-            return original(values, mask, axis)
-        return rf.masked_mean(values, mask)
-    return masked_mean
+def _masked_mean(a):
+    values, mask = a["values"], a["mask"]
+    if a["axis"] is not None or not kernel_floats(values) or not binary_mask(mask, values):
+        return NotImplemented
+    return rf.masked_mean(values, mask)
 
 
-def _masked_whiten(original):
-    @_replaces(original)
-    def masked_whiten(values, mask, shift_mean=True):
-        # verl raises for fewer than two valid entries: those calls go to it.
-        if not kernel_floats(values) or not binary_mask(mask, values) or int(mask.sum()) < 2:
-            return original(values, mask, shift_mean)
-        return rf.masked_whiten(values, mask, shift_mean=shift_mean)
-    return masked_whiten
+def _masked_whiten(a):
+    values, mask = a["values"], a["mask"]
+    # verl raises for fewer than two valid entries: those calls go to it.
+    if not kernel_floats(values) or not binary_mask(mask, values) or int(mask.sum()) < 2:
+        return NotImplemented
+    return rf.masked_whiten(values, mask, shift_mean=a["shift_mean"])
 
 
 # ------------------------------------------------------------------ advantages
@@ -106,22 +91,19 @@ def _carry_into_holes(advantages, valid):
     return padded.gather(-1, next_valid)
 
 
-def _gae(original):
-    @_replaces(original)
-    def compute_gae_advantage_return(token_level_rewards, values, response_mask, gamma, lam):
-        gamma_f, lam_f = discount(gamma), discount(lam)
-        if (gamma_f is None or lam_f is None or not kernel_floats(token_level_rewards, values)
-                or token_level_rewards.dim() != 2 or values.shape != token_level_rewards.shape
-                or not binary_mask(response_mask, token_level_rewards) or int(response_mask.sum()) < 2):
-            return original(token_level_rewards, values, response_mask, gamma, lam)
-        with torch.no_grad():
-            valid = response_mask.bool()
-            advantages, _ = rf.gae(token_level_rewards, values, valid, gamma=gamma_f, lam=lam_f)
-            advantages = _carry_into_holes(advantages, valid)
-            returns = advantages + values
-            advantages = rf.masked_whiten(advantages, valid)
-        return advantages, returns
-    return compute_gae_advantage_return
+def _gae(a):
+    rewards, values, mask = a["token_level_rewards"], a["values"], a["response_mask"]
+    gamma, lam = discount(a["gamma"]), discount(a["lam"])
+    if (gamma is None or lam is None or not kernel_floats(rewards, values) or rewards.dim() != 2
+            or values.shape != rewards.shape or not binary_mask(mask, rewards) or int(mask.sum()) < 2):
+        return NotImplemented  # (verl's whitening raises for fewer than two valid tokens)
+    with torch.no_grad():
+        valid = mask.bool()
+        advantages, _ = rf.gae(rewards, values, valid, gamma=gamma, lam=lam)
+        advantages = _carry_into_holes(advantages, valid)
+        returns = advantages + values
+        advantages = rf.masked_whiten(advantages, valid)
+    return advantages, returns
 
 
 def _uniform_groups(index, batch):
@@ -150,71 +132,55 @@ def _group_advantage(scores, index, kernel):
     return out
 
 
-def _outcome_inputs_ok(token_level_rewards, response_mask):
-    return (kernel_floats(token_level_rewards) and token_level_rewards.dim() == 2
-            and isinstance(response_mask, torch.Tensor))
+def _outcome_advantage(a, kernel):
+    """verl's outcome advantages (score = row sum of the token rewards, one per sample, broadcast over the
+    response mask) with kernel(sorted scores, group size), or NotImplemented."""
+    rewards, mask = a["token_level_rewards"], a["response_mask"]
+    if not kernel_floats(rewards) or rewards.dim() != 2 or not isinstance(mask, torch.Tensor):
+        return NotImplemented
+    with torch.no_grad():
+        advantages = _group_advantage(rewards.sum(dim=-1), a["index"], kernel)
+    if advantages is None:
+        return NotImplemented
+    advantages = advantages.unsqueeze(-1) * mask
+    return advantages, advantages
 
 
-def _grpo(original):
-    @_replaces(original)
-    def compute_grpo_outcome_advantage(token_level_rewards, response_mask, index, epsilon=1e-6,
-                                       norm_adv_by_std_in_grpo=True, config=None):
-        advantages = None
-        if _outcome_inputs_ok(token_level_rewards, response_mask) and discount(epsilon) is not None:
-            with torch.no_grad():
-                scores = token_level_rewards.sum(dim=-1)
-                advantages = _group_advantage(scores, index, lambda s, g: rf.grpo_advantages(
-                    s, g, norm_std=bool(norm_adv_by_std_in_grpo), eps=float(epsilon)))
-        if advantages is None:
-            return original(token_level_rewards, response_mask, index, epsilon, norm_adv_by_std_in_grpo, config)
-        advantages = advantages.unsqueeze(-1) * response_mask
-        return advantages, advantages
-    return compute_grpo_outcome_advantage
+def _grpo(a):
+    eps = discount(a["epsilon"])
+    if eps is None:
+        return NotImplemented
+    norm_std = bool(a["norm_adv_by_std_in_grpo"])
+    return _outcome_advantage(a, lambda s, g: rf.grpo_advantages(s, g, norm_std=norm_std, eps=eps))
 
 
-def _rloo(original):
-    @_replaces(original)
-    def compute_rloo_outcome_advantage(token_level_rewards, response_mask, index, epsilon=1e-6, config=None,
-                                       **kwargs):
-        advantages = None
-        if _outcome_inputs_ok(token_level_rewards, response_mask):
-            with torch.no_grad():
-                scores = token_level_rewards.sum(dim=-1)
-                advantages = _group_advantage(scores, index, rf.rloo_advantages)
-        if advantages is None:
-            return original(token_level_rewards, response_mask, index, epsilon, config, **kwargs)
-        advantages = advantages.unsqueeze(-1) * response_mask
-        return advantages, advantages
-    return compute_rloo_outcome_advantage
+def _rloo(a):
+    return _outcome_advantage(a, rf.rloo_advantages)  # verl's RLOO ignores epsilon, config and **kwargs
 
 
 # ------------------------------------------------------------------ losses
 
-def _kl_penalty(original):
-    @_replaces(original)
-    def kl_penalty(logprob, ref_logprob, kl_penalty):
-        kind = _KL_NAMES.get(kl_penalty) if isinstance(kl_penalty, str) else None
-        if (kind is None or not kernel_floats(logprob, ref_logprob) or not isinstance(ref_logprob, torch.Tensor)
-                or logprob.shape != ref_logprob.shape):
-            return original(logprob, ref_logprob, kl_penalty)
-        return rf.kl_penalty(logprob, ref_logprob, kind)
-    return kl_penalty
+def _kl_penalty(a):
+    logprob, ref_logprob = a["logprob"], a["ref_logprob"]
+    kind = _KL_NAMES.get(a["kl_penalty"]) if isinstance(a["kl_penalty"], str) else None
+    if (kind is None or not kernel_floats(logprob, ref_logprob) or not isinstance(ref_logprob, torch.Tensor)
+            or logprob.shape != ref_logprob.shape):
+        return NotImplemented
+    return rf.kl_penalty(logprob, ref_logprob, kind)
 
 
-def _agg_loss(original):
-    @_replaces(original)
-    def agg_loss(loss_mat, loss_mask, loss_agg_mode, dp_size=1, batch_num_tokens=None, global_batch_size=None,
-                 loss_scale_factor=None):
-        plan = None
-        if kernel_floats(loss_mat) and loss_mat.dim() >= 1 and binary_mask(loss_mask, loss_mat):
-            plan = aggregation(loss_mask, loss_agg_mode, dp_size, batch_num_tokens, global_batch_size,
-                                loss_scale_factor)
-        if plan is None:
-            return original(loss_mat, loss_mask, loss_agg_mode, dp_size, batch_num_tokens, global_batch_size,
-                            loss_scale_factor)
-        mode, factor = plan
-        return rf.agg_loss(loss_mat, loss_mask, mode) * factor
-    return agg_loss
+_GLOBAL_COUNTS = ("dp_size", "batch_num_tokens", "global_batch_size", "loss_scale_factor")
+
+
+def _agg_loss(a):
+    loss, mask = a["loss_mat"], a["loss_mask"]
+    if not kernel_floats(loss) or loss.dim() < 1 or not binary_mask(mask, loss):
+        return NotImplemented
+    plan = aggregation(mask, a["loss_agg_mode"], **{k: a[k] for k in _GLOBAL_COUNTS})
+    if plan is None:
+        return NotImplemented
+    mode, factor = plan
+    return rf.agg_loss(loss, mask, mode) * factor
 
 
 def _clip_ranges(config):
@@ -229,80 +195,71 @@ def _clip_ranges(config):
     return values
 
 
-def _policy_loss(original):
-    @_replaces(original)
-    def compute_policy_loss_vanilla(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
-                                    config=None, rollout_is_weights=None):
-        ranges = plan = None
-        if (config is not None and rollout_is_weights is None and kernel_floats(old_log_prob, log_prob, advantages)
-                and old_log_prob.shape == log_prob.shape == advantages.shape and log_prob.dim() >= 1
-                and not needs_grad(old_log_prob, advantages) and binary_mask(response_mask, log_prob)):
-            ranges = _clip_ranges(config)
-            if ranges is not None:
-                plan = aggregation(response_mask, loss_agg_mode, **config.global_batch_info)
-        if plan is None:
-            return original(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
-                            rollout_is_weights)
-        low, high, dual = ranges
-        mode, factor = plan
-        loss, stats = rf.ppo_policy_loss(log_prob, old_log_prob, advantages, response_mask, clip_low=low,
-                                         clip_high=high, dual_clip=dual, agg=mode)
-        with torch.no_grad():
-            # Dual clip binds where A < 0 and the ratio exceeds c (the clipped term never does: 1 - low < c).
-            ratio = torch.exp(torch.clamp(log_prob.detach().float() - old_log_prob.float(), -20.0, 20.0))
-            lower = rf.masked_mean(((advantages < 0) & (ratio > dual)).float(), response_mask)
-        metrics = {
-            "actor/pg_clipfrac": stats["clipfrac"].item(),
-            "actor/ppo_kl": stats["approx_kl"].item(),
-            "actor/pg_clipfrac_lower": lower.item(),
-        }
-        return loss * factor, metrics
-    return compute_policy_loss_vanilla
+def _policy_loss(a):
+    old, logp, adv, mask, config = (a[k] for k in ("old_log_prob", "log_prob", "advantages", "response_mask",
+                                                   "config"))
+    if (config is None or a["rollout_is_weights"] is not None or not kernel_floats(old, logp, adv)
+            or not old.shape == logp.shape == adv.shape or logp.dim() < 1 or needs_grad(old, adv)
+            or not binary_mask(mask, logp)):
+        return NotImplemented
+    ranges = _clip_ranges(config)
+    plan = None if ranges is None else aggregation(mask, a["loss_agg_mode"], **config.global_batch_info)
+    if plan is None:
+        return NotImplemented
+    (low, high, dual), (mode, factor) = ranges, plan
+    loss, stats = rf.ppo_policy_loss(logp, old, adv, mask, clip_low=low, clip_high=high, dual_clip=dual, agg=mode)
+    with torch.no_grad():
+        # Dual clip binds where A < 0 and the ratio exceeds c (the clipped term never does: 1 - low < c).
+        ratio = torch.exp(torch.clamp(logp.detach().float() - old.float(), -20.0, 20.0))
+        lower = rf.masked_mean(((adv < 0) & (ratio > dual)).float(), mask)
+    metrics = {
+        "actor/pg_clipfrac": stats["clipfrac"].item(),
+        "actor/ppo_kl": stats["approx_kl"].item(),
+        "actor/pg_clipfrac_lower": lower.item(),
+    }
+    return loss * factor, metrics
 
 
-def _value_loss(original):
-    @_replaces(original)
-    def compute_value_loss(vpreds, returns, values, response_mask, cliprange_value, loss_agg_mode="token-mean",
-                           dp_size=1, batch_num_tokens=None, global_batch_size=None, loss_scale_factor=None):
-        plan = None
-        clip = discount(cliprange_value)
-        if (clip is not None and clip >= 0 and kernel_floats(vpreds, returns, values)
-                and vpreds.shape == returns.shape == values.shape and vpreds.dim() >= 1
-                and not needs_grad(returns, values) and binary_mask(response_mask, vpreds)):
-            plan = aggregation(response_mask, loss_agg_mode, dp_size, batch_num_tokens, global_batch_size,
-                                loss_scale_factor)
-        if plan is None:
-            return original(vpreds, returns, values, response_mask, cliprange_value, loss_agg_mode, dp_size,
-                            batch_num_tokens, global_batch_size, loss_scale_factor)
-        mode, factor = plan
-        loss, stats = rf.ppo_value_loss(vpreds, values, returns, response_mask, clip=clip, agg=mode)
-        return loss * factor, stats["clipfrac"]
-    return compute_value_loss
+def _value_loss(a):
+    vpreds, returns, values, mask = a["vpreds"], a["returns"], a["values"], a["response_mask"]
+    clip = discount(a["cliprange_value"])
+    if (clip is None or clip < 0 or not kernel_floats(vpreds, returns, values)
+            or not vpreds.shape == returns.shape == values.shape or vpreds.dim() < 1 or needs_grad(returns, values)
+            or not binary_mask(mask, vpreds)):
+        return NotImplemented
+    plan = aggregation(mask, a["loss_agg_mode"], **{k: a[k] for k in _GLOBAL_COUNTS})
+    if plan is None:
+        return NotImplemented
+    mode, factor = plan
+    loss, stats = rf.ppo_value_loss(vpreds, values, returns, mask, clip=clip, agg=mode)
+    return loss * factor, stats["clipfrac"]
 
 
 # ------------------------------------------------------------------ the adapter
 
+def _target(module, name, ours, params):
+    """Target `module.name` replaced by a dispatcher to `ours`, which handles calls that set only `params`."""
+    return Target(module, name, lambda original: dispatching(original, ours, params), params)
+
+
 TARGETS = (
-    Target(TF, "logprobs_from_logits", _logprobs_from_logits, ("logits", "labels", "inplace_backward")),
-    Target(TF, "entropy_from_logits", _entropy_from_logits, ("logits",)),
-    Target(TF, "masked_mean", _masked_mean, ("values", "mask", "axis")),
-    Target(TF, "masked_whiten", _masked_whiten, ("values", "mask", "shift_mean")),
-    Target(CORE, "compute_gae_advantage_return", _gae,
-           ("token_level_rewards", "values", "response_mask", "gamma", "lam")),
-    Target(CORE, "compute_grpo_outcome_advantage", _grpo,
-           ("token_level_rewards", "response_mask", "index", "epsilon", "norm_adv_by_std_in_grpo", "config")),
-    Target(CORE, "compute_rloo_outcome_advantage", _rloo,
-           ("token_level_rewards", "response_mask", "index", "epsilon", "config")),
-    Target(CORE, "kl_penalty", _kl_penalty, ("logprob", "ref_logprob", "kl_penalty")),
-    Target(CORE, "agg_loss", _agg_loss,
-           ("loss_mat", "loss_mask", "loss_agg_mode", "dp_size", "batch_num_tokens", "global_batch_size",
-            "loss_scale_factor")),
-    Target(CORE, "compute_policy_loss_vanilla", _policy_loss,
-           ("old_log_prob", "log_prob", "advantages", "response_mask", "loss_agg_mode", "config",
-            "rollout_is_weights")),
-    Target(CORE, "compute_value_loss", _value_loss,
-           ("vpreds", "returns", "values", "response_mask", "cliprange_value", "loss_agg_mode", "dp_size",
-            "batch_num_tokens", "global_batch_size", "loss_scale_factor")),
+    _target(TF, "logprobs_from_logits", _logprobs_from_logits, ("logits", "labels", "inplace_backward")),
+    _target(TF, "entropy_from_logits", _entropy_from_logits, ("logits",)),
+    _target(TF, "masked_mean", _masked_mean, ("values", "mask", "axis")),
+    _target(TF, "masked_whiten", _masked_whiten, ("values", "mask", "shift_mean")),
+    _target(CORE, "compute_gae_advantage_return", _gae,
+            ("token_level_rewards", "values", "response_mask", "gamma", "lam")),
+    _target(CORE, "compute_grpo_outcome_advantage", _grpo,
+            ("token_level_rewards", "response_mask", "index", "epsilon", "norm_adv_by_std_in_grpo", "config")),
+    _target(CORE, "compute_rloo_outcome_advantage", _rloo,
+            ("token_level_rewards", "response_mask", "index", "epsilon", "config", "kwargs")),
+    _target(CORE, "kl_penalty", _kl_penalty, ("logprob", "ref_logprob", "kl_penalty")),
+    _target(CORE, "agg_loss", _agg_loss, ("loss_mat", "loss_mask", "loss_agg_mode") + _GLOBAL_COUNTS),
+    _target(CORE, "compute_policy_loss_vanilla", _policy_loss,
+            ("old_log_prob", "log_prob", "advantages", "response_mask", "loss_agg_mode", "config",
+             "rollout_is_weights")),
+    _target(CORE, "compute_value_loss", _value_loss,
+            ("vpreds", "returns", "values", "response_mask", "cliprange_value", "loss_agg_mode") + _GLOBAL_COUNTS),
 )
 
 # Names registered while patched: registry -> {name: qualified name of the patched target it selects}.
