@@ -11,6 +11,8 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 
+from . import presets
+
 
 def _opt(default, help: str, choices=None):
     return field(default=default, metadata={"help": help, "choices": choices})
@@ -29,6 +31,11 @@ class PPOConfig:
                         ["on", "off"])
     fused_head: bool = _opt(True, "with kernels on, log-probs straight from hidden states and the lm-head weight "
                                   "(linear_logprobs, no full logits); turn off for models that rescale logits")
+    dtype: str = _opt("fp32", "bf16: the policy and critic run under bf16 autocast (float32 master weights and "
+                              "optimiser state), the frozen reference and reward model hold bf16 weights; "
+                              "log-probs and losses stay float32", ["fp32", "bf16"])
+    grad_checkpointing: bool = _opt(False, "recompute each decoder layer's activations in the backward (policy and "
+                                           "critic) instead of keeping them")
     save_every: int = _opt(25, "PPO steps between checkpoints (one is always written at the end)")
     progress: bool = _opt(True, "tqdm progress bar")
     plot: bool = _opt(True, "write reward_kl.png at the end")
@@ -46,10 +53,14 @@ class PPOConfig:
                              ["none", "int8", "int4", "w8a8"])
     quant_group_size: int = _opt(128, "int4 group size along K for --ref-quant / --reward-quant (must divide "
                                       "every quantized layer's input size)")
+    preset: str | None = _opt(None, "a named model shape (rlhf_fast.ppo.presets) filling the fields left at their "
+                                    "defaults; qwen-shape: Qwen2.5-0.5B's vocabulary (151936) and tied embeddings "
+                                    "on a h128 L2 trunk", ["qwen-shape"])
     task_length: int = _opt(6, "default task: digits per prompt")
     hidden_size: int = _opt(64, "embedded tiny Llama: hidden size (MLP is twice that)")
     num_layers: int = _opt(2, "embedded tiny Llama: decoder layers")
     num_heads: int = _opt(4, "embedded tiny Llama: attention heads")
+    tie_embeddings: bool = _opt(False, "embedded Llama: the lm head shares the input embedding (as in Qwen2.5-0.5B)")
     vocab_size: int = _opt(0, "embedded Llama: vocabulary rows; 0: the tokenizer's; more pads the lm head to a "
                               "real model's size (ids past the tokenizer decode to nothing), for timing")
     eval_size: int = _opt(256, "held-out prompts for the greedy evaluation before and after training")
@@ -104,6 +115,9 @@ class PPOConfig:
     target_kl: float | None = _opt(None, "early stop the epochs of a step when approx KL(old||new) > 1.5 x this")
     loss_agg: str = _opt("token-mean", "loss aggregation",
                          ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+
+    def __post_init__(self):
+        presets.apply(self)
 
     def validate(self) -> None:
         """Checks that need no files; path checks happen in the trainer before any work."""
