@@ -60,6 +60,8 @@ class Case:
     # > 0: the providers are timed in alternation, one call each per round, for this many rounds (long calls
     # such as a trainer step, where drift of a shared machine would bias providers timed one after another)
     interleaved: int = 0
+    # measures the case its own way instead (e.g. providers stepped in turn): quick -> results, each naming its case
+    measure: Callable[[bool], list["Result"]] | None = None
 
 
 @dataclasses.dataclass
@@ -226,6 +228,8 @@ def _run_interleaved(case: Case, device: torch.device, checked: dict[str, str]) 
 
 
 def run_case(case: Case, device: torch.device, quick: bool) -> list[Result]:
+    if case.measure is not None:
+        return case.measure(quick)
     if "eager" not in case.providers:
         raise ValueError(f"benchmark case {case.op} {case.shape} has no 'eager' provider")
     results = []

@@ -111,10 +111,21 @@ def kernels(name: str, family: str):
     return torch.ops.rlhf_fast
 
 
+def call(op, *args):
+    """op(*args) for a compiled or Triton op; when no tensor argument needs a gradient, below the autograd layer:
+    the Python autograd kernel that torch.library.register_autograd installs costs ~2 us a call even then, as
+    much as a small kernel itself. Under torch.compile, the plain call (the graph sees the op as it is)."""
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
+            isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
 def _warn_once(key: str, message: str) -> None:
     if key not in _warned:
         _warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
+        warnings.warn(message, RuntimeWarning, stacklevel=5)
 
 
 def requested(backend: str | None) -> str:
@@ -125,9 +136,23 @@ def requested(backend: str | None) -> str:
     return name
 
 
+# select()'s answers, keyed by everything they depend on: the op, the backend asked for, the device type, the
+# Triton interpreter switch and the compiled library's load state. A hit costs a dict lookup, not the checks.
+_selected: dict[tuple, str] = {}
+
+
 def select(op: str, backend: str | None, device: torch.device) -> str:
-    """The backend that runs `op` on tensors of `device`."""
+    """The backend that runs `op` on tensors of `device` (cached per op, request, device type and environment;
+    a request that cannot run raises every time)."""
     name = requested(backend)
+    key = (op, name, device.type, os.environ.get("TRITON_INTERPRET"), _compiled, _compiled_error)
+    choice = _selected.get(key)
+    if choice is None:
+        choice = _selected[key] = _select(op, name, device)
+    return choice
+
+
+def _select(op: str, name: str, device: torch.device) -> str:
     if name != "auto":
         reason = why_not(name, device)
         if reason:

@@ -127,7 +127,8 @@ def _forward(logits, labels, temperature, ignore_index, inplace_backward, name):
     if inplace_backward and rows.requires_grad and torch.is_grad_enabled():
         logp, entropy, _ = _InplaceBackward.apply(rows, row_labels, float(temperature), ignore_index, name)
     else:
-        logp, entropy, _ = _kernels(name).logprobs_forward(rows, row_labels, float(temperature), ignore_index)
+        logp, entropy, _ = _backend.call(_kernels(name).logprobs_forward, rows, row_labels, float(temperature),
+                                         ignore_index)
     return (None if labels is None else logp.view(lead)), entropy.view(lead)
 
 
@@ -222,6 +223,13 @@ def _chunked_linear_forward(hidden, weight, bias, labels, temperature, ignore_in
                             softcap=None):
     """(logp, entropy, lse) (tokens,) fp32 from one vocab chunk of logits at a time, merged exactly: lse over the
     chunks' lse, entropy = lse - sum_c e^(lse_c - lse) E_c[z] with E_c[z] = lse_c - H_c."""
+    if len(chunks) == 1:  # the whole vocab at once: the kernel's own results, nothing to merge
+        logits = _slice_logits(hidden, weight, bias, 0, weight.shape[0])
+        if softcap is not None:
+            logits = _cap_tanh(logits, logit_scale, softcap).mul_(softcap)
+        logp, entropy, lse = _backend.call(ops.logprobs_forward, logits[None], labels[None],
+                                           _row_temperature(temperature, logit_scale, softcap), ignore_index)
+        return logp[0], entropy[0], lse[0]
     chunk_lse, chunk_mean = [], []
     label_logit = torch.full((hidden.shape[0],), float("nan"), dtype=torch.float32, device=hidden.device)
     row_temperature = _row_temperature(temperature, logit_scale, softcap)
@@ -293,7 +301,10 @@ class _LinearLogprobs(torch.autograd.Function):
         hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_logp, grad_entropy = _per_row(grad_logp), _per_row(grad_entropy)
-        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_hidden else None
+        whole = len(ctx.chunks) == 1
+        # several chunks add their parts of d(hidden) in fp32; one chunk writes it directly
+        grad_hidden = (torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+                       if need_hidden and not whole else None)
         grad_weight = torch.empty_like(weight) if need_weight else None
         grad_bias = torch.empty_like(bias) if need_bias else None
         rows = lambda t: None if t is None else t[None]  # noqa: E731
@@ -301,20 +312,23 @@ class _LinearLogprobs(torch.autograd.Function):
         row_temperature = _row_temperature(ctx.temperature, ctx.logit_scale, ctx.softcap)
         for start, end in ctx.chunks:
             grad_logits = _slice_logits(hidden, weight, bias, start, end)  # the slice's logits, then their gradient
+            chunk_labels = labels if whole else _slice_labels(labels, ctx.ignore_index, start)
             tanh = None
             if ctx.softcap is not None:  # the kernels differentiate the capped logits c t, t = tanh(s y / c)
                 tanh = _cap_tanh(grad_logits, ctx.logit_scale, ctx.softcap)
                 grad_logits = tanh * ctx.softcap
-            ops.logprobs_backward_(rows(grad_logp), rows(grad_entropy), grad_logits[None],
-                                   _slice_labels(labels, ctx.ignore_index, start)[None], lse[None], entropy[None],
-                                   row_temperature, _SLICE_IGNORE)
+            ops.logprobs_backward_(rows(grad_logp), rows(grad_entropy), grad_logits[None], chunk_labels[None],
+                                   lse[None], entropy[None], row_temperature,
+                                   ctx.ignore_index if whole else _SLICE_IGNORE)
             if tanh is not None:  # d(y) = d(c t) s (1 - t^2)
                 grad_logits.addcmul_(grad_logits, tanh.square_(), value=-1.0)
                 del tanh
                 if ctx.logit_scale != 1.0:
                     grad_logits.mul_(ctx.logit_scale)
                 grad_logits = grad_logits.to(hidden.dtype)
-            if need_hidden:
+            if need_hidden and whole:
+                grad_hidden = grad_logits @ weight
+            elif need_hidden:
                 grad_hidden += grad_logits @ weight[start:end]
             if need_weight:
                 torch.mm(grad_logits.t(), hidden, out=grad_weight[start:end])

@@ -64,7 +64,7 @@ def kl_penalty(logp, ref_logp, kind="k1", *, backend=None):
     name = _backend.select("kl_penalty", backend, logp.device)
     if name == "torch":
         return reference.kl_penalty(logp, ref_logp, kind)
-    return _kernels(name).kl_penalty(logp.contiguous(), ref_logp.contiguous(), kind)
+    return _backend.call(_kernels(name).kl_penalty, logp.contiguous(), ref_logp.contiguous(), kind)
 
 
 def masked_sum(x, mask=None, *, dim=None):

@@ -1,4 +1,5 @@
 """The PPO loop: CLI smoke run and outputs, kernels on/off agreement, resume, torchrun, learning, user paths."""
+import copy
 import json
 import math
 import os
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf_fast.ppo import PPOConfig, models, tasks, train
+from rlhf_fast.ppo import PPOConfig, models, precision, tasks, train
 from rlhf_fast.ppo.__main__ import build_parser, config_from_args
 from rlhf_fast.ppo.ops import OP_NAMES, get_ops
 from rlhf_fast.ppo.policy_loss import minibatch_policy_loss
@@ -427,3 +428,77 @@ def test_critic_from_the_reward_model_starts_at_its_scores():
         scores = reward_model.score(hidden)[..., 0]
     torch.testing.assert_close(values, scores[:, 3:-1], rtol=1e-5, atol=1e-5)
     assert next(critic.trunk.parameters()).data_ptr() != next(reward_model.model.parameters()).data_ptr()
+
+
+# ---------------------------------------------------------------- precision, presets, generation
+
+
+def test_preset_fills_the_fields_left_at_their_defaults():
+    cfg = PPOConfig(preset="qwen-shape", hidden_size=256)
+    assert (cfg.vocab_size, cfg.tie_embeddings, cfg.num_layers, cfg.hidden_size) == (151936, True, 2, 256)
+    assert config_from_args(build_parser().parse_args(["--preset", "qwen-shape"])) == PPOConfig(preset="qwen-shape")
+    with pytest.raises(ValueError, match="--preset must be one of"):
+        PPOConfig(preset="nope")
+    policy = models.tiny_llama(64, PPOConfig(tie_embeddings=True, hidden_size=16, num_heads=2, num_layers=1))
+    assert policy.get_output_embeddings().weight is policy.get_input_embeddings().weight
+
+
+def test_generation_with_last_logits_only_equals_full_logits(monkeypatch):
+    tokenizer = tasks.CharTokenizer()
+    policy = models.tiny_llama(tokenizer.vocab_size, PPOConfig(hidden_size=32, num_layers=1, num_heads=2))
+    ids, mask = encode_prompts(tokenizer, ["12=", "3456=", "7="], "cpu")
+    sample = lambda: models.generate(policy, ids, mask, max_new_tokens=6, eos_token_id=1, pad_token_id=0,  # noqa
+                                     generator=torch.Generator().manual_seed(3))
+    assert models._last_logits_kwarg(policy) == {"logits_to_keep": 1}
+    last_only = sample()
+    monkeypatch.setattr(models, "_last_logits_kwarg", lambda model: {})
+    full = sample()
+    assert torch.equal(last_only[0], full[0]) and torch.equal(last_only[1], full[1])
+
+
+def test_grad_checkpointing_keeps_generation_and_gradients():
+    tokenizer = tasks.CharTokenizer()
+    torch.manual_seed(0)
+    plain = models.tiny_llama(tokenizer.vocab_size, PPOConfig(hidden_size=32, num_layers=2, num_heads=2))
+    checkpointed = precision.trainable(copy.deepcopy(plain), PPOConfig(grad_checkpointing=True))
+    input_ids, attention, labels, n_prompt, mask = _rollout(tokenizer)
+    grads = []
+    for model in (plain, checkpointed):
+        lp = models.LogProbModel(model, get_ops(True), fused=True, temperature=1.0)
+        lp(input_ids, attention, labels, n_prompt).sum().backward()
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    ids, prompt_mask = encode_prompts(tokenizer, ["12=", "3456="], "cpu")
+    outs = [models.generate(m.train(), ids, prompt_mask, max_new_tokens=6, eos_token_id=1, pad_token_id=0,
+                            generator=torch.Generator().manual_seed(5)) for m in (plain, checkpointed)]
+    assert torch.equal(outs[0][0], outs[1][0])
+
+
+def test_bf16_models_give_float32_log_probs_and_values():
+    tokenizer = tasks.CharTokenizer()
+    cfg = PPOConfig(hidden_size=32, num_layers=1, num_heads=2, dtype="bf16")
+    policy = models.tiny_llama(tokenizer.vocab_size, cfg)
+    reference = models.frozen_copy(policy, precision.DTYPES[cfg.dtype])
+    critic = precision.critic(models.ValueModel.from_policy(policy), cfg, torch.device("cpu"))
+    assert next(reference.parameters()).dtype == torch.bfloat16
+    assert next(policy.parameters()).dtype == torch.float32 and next(critic.parameters()).dtype == torch.float32
+    input_ids, attention, labels, n_prompt, mask = _rollout(tokenizer)
+    for kernels in (True, False):
+        policy_lp = models.LogProbModel(policy, get_ops(kernels), fused=kernels, temperature=1.0,
+                                        autocast=precision.compute_dtype(cfg))
+        ref_lp = models.LogProbModel(reference, get_ops(kernels), fused=kernels, temperature=1.0)
+        logp, ref_logp = policy_lp(input_ids, attention, labels, n_prompt), ref_lp(input_ids, attention, labels,
+                                                                                  n_prompt)
+        assert logp.dtype == ref_logp.dtype == torch.float32
+        torch.testing.assert_close(logp, ref_logp, rtol=0.05, atol=0.05)  # the same weights, rounded to bf16
+        logp.sum().backward()
+        assert all(p.grad.dtype == torch.float32 for p in policy.parameters() if p.grad is not None)
+    assert critic(input_ids, attention, n_prompt).dtype == torch.float32
+
+
+def test_bf16_run_learns_the_default_task(tmp_path):
+    """A short bf16 run (autocast policy and critic, bf16 reference): the held-out greedy reward rises."""
+    summary = train(PPOConfig(out=str(tmp_path), dtype="bf16", total_steps=60, eval_size=128, lr=5e-4,
+                              critic_warmup_steps=0, progress=False, plot=False))
+    assert summary["eval_reward_after"] > summary["eval_reward_before"] + 0.05, summary

@@ -1,8 +1,10 @@
 """Every knob of `rlhf-fast train`, one documented dataclass field each; the command line is built from it.
 
 The PPO-max switches (MOSS-RLHF, "Secrets of RLHF in Large Language Models Part I") default to the paper's
-values: reward normalisation and clipping at 10, token-level KL penalty 0.02 in the reward, advantage
-whitening, policy clip 0.2, value clip 0.2, global gradient clip 1.0, gamma 1, lambda 0.95.
+values: reward normalisation and clipping at 10, token-level KL penalty in the reward, advantage whitening,
+policy clip 0.2, value clip 0.2, global gradient clip 1.0, gamma 1, lambda 0.95. The KL penalty is the exception:
+PPO-max's fixed 0.02 let the default task's KL(policy || ref) reach 11 nats, so it starts at 0.3 under the adaptive
+controller (target 2.5 nats per sequence) after a longer warm-up (25 supervised steps).
 """
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import argparse
 import dataclasses
 import typing
 from dataclasses import dataclass, field
+
+from . import presets
 
 
 def _opt(default, help: str, choices=None):
@@ -29,6 +33,11 @@ class PPOConfig:
                         ["on", "off"])
     fused_head: bool = _opt(True, "with kernels on, log-probs straight from hidden states and the lm-head weight "
                                   "(linear_logprobs, no full logits; with the config's logit scale / soft cap)")
+    dtype: str = _opt("fp32", "bf16: the policy and critic run under bf16 autocast (float32 master weights and "
+                              "optimiser state), the frozen reference and reward model hold bf16 weights; "
+                              "log-probs and losses stay float32", ["fp32", "bf16"])
+    grad_checkpointing: bool = _opt(False, "recompute each decoder layer's activations in the backward (policy and "
+                                           "critic) instead of keeping them")
     save_every: int = _opt(25, "PPO steps between checkpoints (one is always written at the end)")
     progress: bool = _opt(True, "tqdm progress bar")
     plot: bool = _opt(True, "write reward_kl.png at the end")
@@ -46,16 +55,21 @@ class PPOConfig:
                              ["none", "int8", "int4", "w8a8"])
     quant_group_size: int = _opt(128, "int4 group size along K for --ref-quant / --reward-quant (must divide "
                                       "every quantized layer's input size)")
+    preset: str | None = _opt(None, "a named model shape (rlhf_fast.ppo.presets) filling the fields left at their "
+                                    "defaults; qwen-shape: Qwen2.5-0.5B's vocabulary (151936) and tied embeddings "
+                                    "on a h128 L2 trunk", ["qwen-shape"])
     task_length: int = _opt(6, "default task: digits per prompt")
     hidden_size: int = _opt(64, "embedded tiny Llama: hidden size (MLP is twice that)")
     num_layers: int = _opt(2, "embedded tiny Llama: decoder layers")
     num_heads: int = _opt(4, "embedded tiny Llama: attention heads")
+    tie_embeddings: bool = _opt(False, "embedded Llama: the lm head shares the input embedding (as in Qwen2.5-0.5B)")
     vocab_size: int = _opt(0, "embedded Llama: vocabulary rows; 0: the tokenizer's; more pads the lm head to a "
                               "real model's size (ids past the tokenizer decode to nothing), for timing")
     eval_size: int = _opt(256, "held-out prompts for the greedy evaluation before and after training")
 
     # ---- supervised warm-up on the task's demonstrations (skipped when there are none)
-    warmup_steps: int = _opt(12, "supervised steps before RL (short on purpose: it leaves room to improve)")
+    warmup_steps: int = _opt(25, "supervised steps before RL: a reference that already knows the format, so RL has "
+                                 "to move it less (short enough to leave room to improve)")
     warmup_batch: int = _opt(64, "demonstrations per warm-up step")
     warmup_lr: float = _opt(3e-3, "warm-up learning rate (AdamW)")
 
@@ -83,14 +97,16 @@ class PPOConfig:
     # ---- PPO-max switches
     reward_norm: bool = _opt(True, "normalise scores by running mean and std")
     reward_clip: float = _opt(10.0, "clip normalised scores to +-this")
-    kl_coef: float = _opt(0.02, "KL coefficient (beta)")
+    kl_coef: float = _opt(0.3, "KL coefficient (beta), the adaptive controller's starting value (PPO-max's 0.02 let "
+                               "the default task's KL(policy || ref) reach 11 nats)")
     kl_in_loss: bool = _opt(False, "KL as a loss term (estimator kl_estimator) instead of a token-level penalty "
                                    "in the reward")
     kl_estimator: str = _opt("k1", "KL estimator for the penalty or loss",
                              ["k1", "abs", "k2", "mse", "k3", "low_var_kl", "k1+", "k3+"])
-    adaptive_kl: bool = _opt(False, "adaptive KL controller (Ziegler et al.) towards kl_target")
-    kl_target: float = _opt(0.5, "adaptive KL: target sequence KL")
-    kl_horizon: int = _opt(10000, "adaptive KL: horizon in samples")
+    adaptive_kl: bool = _opt(True, "adaptive KL controller (Ziegler et al.) towards kl_target")
+    kl_target: float = _opt(2.5, "adaptive KL: target sequence KL(policy || ref), nats")
+    kl_horizon: int = _opt(1280, "adaptive KL: horizon in samples (beta moves by at most 20% x samples / horizon per "
+                                 "step: 1% per step at 64 samples)")
     whiten_advantages: bool = _opt(True, "whiten advantages over the batch")
     clip_low: float = _opt(0.2, "policy ratio clip below 1")
     clip_high: float = _opt(0.2, "policy ratio clip above 1")
@@ -103,7 +119,10 @@ class PPOConfig:
     ptx_coef: float = _opt(0.0, "PPO-ptx: weight of the supervised loss on demonstrations mixed into each update")
     target_kl: float | None = _opt(None, "early stop the epochs of a step when approx KL(old||new) > 1.5 x this")
     loss_agg: str = _opt("token-mean", "loss aggregation",
-                         ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+                         ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+
+    def __post_init__(self):
+        presets.apply(self)
 
     def validate(self) -> None:
         """Checks that need no files; path checks happen in the trainer before any work."""

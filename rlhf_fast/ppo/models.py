@@ -18,6 +18,8 @@ from torch import nn
 import rlhf_fast as rf
 from rlhf_fast.logprobs import head_transform
 
+from . import precision
+
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that skip left padding: 0 at each row's first real token."""
@@ -29,7 +31,8 @@ def tiny_llama(vocab_size: int, cfg):
     from transformers import LlamaConfig, LlamaForCausalLM
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=cfg.hidden_size, intermediate_size=2 * cfg.hidden_size,
                          num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-                         num_key_value_heads=cfg.num_heads, max_position_embeddings=4096, tie_word_embeddings=False,
+                         num_key_value_heads=cfg.num_heads, max_position_embeddings=4096,
+                         tie_word_embeddings=cfg.tie_embeddings,
                          pad_token_id=0, eos_token_id=1, bos_token_id=None)
     return LlamaForCausalLM(config)
 
@@ -48,8 +51,9 @@ def load_policy(cfg, vocab_size: int):
     return AutoModelForCausalLM.from_pretrained(cfg.model, **float32_kwargs())
 
 
-def frozen_copy(model):
-    ref = copy.deepcopy(model).eval()
+def frozen_copy(model, dtype: torch.dtype = torch.float32):
+    """An eval-mode copy of `model` in `dtype` that needs no gradient (the reference)."""
+    ref = copy.deepcopy(model).to(dtype).eval()
     ref.requires_grad_(False)
     return ref
 
@@ -59,14 +63,26 @@ def _cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def _last_logits_kwarg(model) -> dict:
+    """Asks the model for the last position's logits only (`logits_to_keep`, `num_logits_to_keep` before
+    transformers 4.50): at a 151936-row vocabulary the prompt's full (B, P, V) float32 logits cost more than the
+    decoder itself. Models without the argument compute them all."""
+    params = inspect.signature(model.forward).parameters
+    for name in ("logits_to_keep", "num_logits_to_keep"):
+        if name in params:
+            return {name: 1}
+    return {}
+
+
 @torch.no_grad()
 def generate(model, prompt_ids, prompt_mask, *, max_new_tokens, eos_token_id, pad_token_id, temperature=1.0,
-             generator=None):
+             generator=None, autocast: torch.dtype | None = None):
     """Samples responses with a KV cache: prompt_ids, prompt_mask (B, P) left-padded. generator=None decodes
     greedily; otherwise tokens are drawn with torch.multinomial from softmax(logits / temperature) with that
     generator (deterministic for a given generator state). Returns response (B, R) right-padded with
-    pad_token_id and its mask (B, R) bool, which includes the end-of-sequence token."""
-    cache_arg = _cache_kwarg(model)
+    pad_token_id and its mask (B, R) bool, which includes the end-of-sequence token. autocast: run the model
+    under autocast to this dtype (None: as it is)."""
+    cache_arg, last_only = _cache_kwarg(model), _last_logits_kwarg(model)
     batch = prompt_ids.shape[0]
     attention = prompt_mask.long()
     positions = position_ids(attention)
@@ -74,8 +90,9 @@ def generate(model, prompt_ids, prompt_mask, *, max_new_tokens, eos_token_id, pa
     finished = torch.zeros(batch, dtype=torch.bool, device=prompt_ids.device)
     out_tokens, out_mask = [], []
     for _ in range(max_new_tokens):
-        out = model(input_ids=tokens, attention_mask=attention, position_ids=positions, use_cache=True,
-                    **{cache_arg: cache})
+        with precision.autocast(autocast, prompt_ids.device):
+            out = model(input_ids=tokens, attention_mask=attention, position_ids=positions, use_cache=True,
+                        **{cache_arg: cache}, **last_only)
         cache = out.cache if cache_arg == "cache" else out.past_key_values
         logits = out.logits[:, -1].float()
         if generator is None:
@@ -101,11 +118,13 @@ class LogProbModel(nn.Module):
     never formed), with the logit scale / soft cap of the model's config (rlhf_fast.logprobs.head_transform:
     Cohere, Gemma 2/3), or with `policy_loss` given to `linear_ppo_policy_loss` (`fuses_policy_loss`: not with a
     soft cap, which that op does not apply; a logit scale folds into its temperature). fused=False runs the
-    model's own head and `logprobs`."""
+    model's own head and `logprobs`. autocast: the forward runs under autocast to this dtype (the fused head too,
+    in that dtype); None: in the model's own dtype."""
 
-    def __init__(self, model, ops, *, fused: bool, temperature: float):
+    def __init__(self, model, ops, *, fused: bool, temperature: float, autocast: torch.dtype | None = None):
         super().__init__()
         self.model, self.ops, self.fused, self.temperature = model, ops, fused, temperature
+        self.autocast = autocast
         self.transform = head_transform(model.config) if fused else {}
         self.fuses_policy_loss = fused and self.transform["softcap"] is None
 
@@ -114,20 +133,25 @@ class LogProbModel(nn.Module):
         """input_ids, attention_mask (B, P + R); labels (B, R) with -100 at padding -> logp (B, R) fp32
         [, entropy (B, R) fp32]. With `policy_loss` (fused only: the keyword arguments of
         linear_ppo_policy_loss after the labels) -> its (loss, stats) instead."""
+        with precision.autocast(self.autocast, input_ids.device):
+            return self._forward(input_ids, attention_mask, labels, n_prompt, return_entropy, policy_loss)
+
+    def _forward(self, input_ids, attention_mask, labels, n_prompt, return_entropy, policy_loss):
         positions = position_ids(attention_mask)
         if self.fused:
             head = self.model.get_output_embeddings()
             hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
                                            position_ids=positions).last_hidden_state
+            hidden, weight, bias = precision.head_inputs(hidden[:, n_prompt - 1:-1], head.weight, head.bias,
+                                                         self.autocast)
             if policy_loss is not None:
                 if not self.fuses_policy_loss:
                     raise ValueError("policy_loss needs a head without a soft cap (fuses_policy_loss)")
-                return self.ops.linear_ppo_policy_loss(
-                    hidden[:, n_prompt - 1:-1], head.weight, labels, bias=head.bias,
-                    temperature=self.temperature / self.transform["logit_scale"], **policy_loss)
-            return self.ops.linear_logprobs(hidden[:, n_prompt - 1:-1], head.weight, labels, bias=head.bias,
-                                            temperature=self.temperature, return_entropy=return_entropy,
-                                            **self.transform)
+                return self.ops.linear_ppo_policy_loss(hidden, weight, labels, bias=bias,
+                                                       temperature=self.temperature / self.transform["logit_scale"],
+                                                       **policy_loss)
+            return self.ops.linear_logprobs(hidden, weight, labels, bias=bias, temperature=self.temperature,
+                                            return_entropy=return_entropy, **self.transform)
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).logits
         return self.ops.logprobs(logits[:, n_prompt - 1:-1], labels, temperature=self.temperature,
                                  return_entropy=return_entropy)
@@ -139,6 +163,7 @@ class ValueModel(nn.Module):
     def __init__(self, trunk, hidden_size: int):
         super().__init__()
         self.trunk = trunk
+        self.autocast: torch.dtype | None = None  # the forward's autocast dtype (--dtype)
         self.head = nn.Linear(hidden_size, 1)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
@@ -164,9 +189,10 @@ class ValueModel(nn.Module):
 
     def forward(self, input_ids, attention_mask, n_prompt: int):
         """(B, P + R) -> values (B, R) fp32."""
-        hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask,
-                            position_ids=position_ids(attention_mask)).last_hidden_state
-        return self.head(hidden[:, n_prompt - 1:-1]).squeeze(-1).float()
+        with precision.autocast(self.autocast, input_ids.device):
+            hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask,
+                                position_ids=position_ids(attention_mask)).last_hidden_state
+            return self.head(hidden[:, n_prompt - 1:-1]).squeeze(-1).float()
 
 
 class RewardFunction:

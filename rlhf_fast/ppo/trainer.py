@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from . import models, tasks
+from . import models, plots, precision, tasks
 from .config import PPOConfig
 from .ops import get_ops
 from .policy_loss import minibatch_policy_loss
@@ -317,7 +317,8 @@ def evaluate(policy, task, tokenizer, score, cfg, device, d: Dist) -> tuple[floa
         prompt_ids, prompt_mask = encode_prompts(tokenizer, chunk, device)
         response, response_mask = models.generate(policy, prompt_ids, prompt_mask, max_new_tokens=cfg.max_new_tokens,
                                                   eos_token_id=tokenizer.eos_token_id,
-                                                  pad_token_id=tokenizer.pad_token_id)
+                                                  pad_token_id=tokenizer.pad_token_id,
+                                                  autocast=precision.compute_dtype(cfg))
         texts = decode(tokenizer, response, response_mask)
         rewards = score(chunk, texts)
         total += float(rewards.sum())
@@ -338,22 +339,6 @@ def save_checkpoint(folder: Path, state: dict, rng: dict, d: Dist) -> None:
         os.replace(folder / "state.tmp", folder / "state.pt")
     torch.save(rng, folder / f"rng_rank{d.rank}.tmp")
     os.replace(folder / f"rng_rank{d.rank}.tmp", folder / f"rng_rank{d.rank}.pt")
-
-
-def plot_curves(metrics: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    steps = [m["step"] for m in metrics]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
-    top.plot(steps, [m["reward_mean"] for m in metrics])
-    top.set_ylabel("reward (mean)")
-    bottom.plot(steps, [m["kl"] for m in metrics], color="tab:red")
-    bottom.set_ylabel("KL(policy || ref)")
-    bottom.set_xlabel("PPO step")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------- the loop
@@ -392,9 +377,9 @@ def training_steps(cfg: PPOConfig):
     torch.manual_seed(cfg.seed)
     generator = torch.Generator(device="cpu").manual_seed(cfg.seed * 1000 + d.rank)
     sample_gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + d.rank + 1)
-    policy = models.load_policy(cfg, tokenizer.vocab_size).to(device)
+    policy = precision.trainable(models.load_policy(cfg, tokenizer.vocab_size).to(device), cfg)
     policy_lp = models.LogProbModel(policy, ops, fused=cfg.kernels == "on" and cfg.fused_head,
-                                    temperature=cfg.temperature)
+                                    temperature=cfg.temperature, autocast=precision.compute_dtype(cfg))
     rm_critic = None
     if reward_fn is not None:
         score = models.RewardFunction(reward_fn)
@@ -407,7 +392,7 @@ def training_steps(cfg: PPOConfig):
         models.check_quantizable(policy, cfg.ref_quant, cfg.quant_group_size, "--ref-quant")
         if isinstance(score, models.RewardModel):
             models.check_quantizable(score.model, cfg.reward_quant, cfg.quant_group_size, "--reward-quant")
-            models.quantize(score.model, cfg.reward_quant, cfg.quant_group_size)
+            models.quantize(precision.frozen(score.model, cfg), cfg.reward_quant, cfg.quant_group_size)
     except ValueError as exc:
         raise SetupError(str(exc)) from exc
 
@@ -417,8 +402,9 @@ def training_steps(cfg: PPOConfig):
         warmup_loss = supervised_warmup(policy_lp, task, tokenizer, cfg, device, generator)
         warmup_time = time.perf_counter() - warmup_start
         eval_before, examples_before = evaluate(policy, task, tokenizer, score, cfg, device, d)
-    reference = models.frozen_copy(policy)
-    critic = (rm_critic or models.ValueModel.from_policy(policy)).to(device) if cfg.algo == "ppo" else None
+    reference = models.frozen_copy(policy, precision.DTYPES[cfg.dtype])
+    critic = (precision.critic(rm_critic or models.ValueModel.from_policy(policy), cfg, device)
+              if cfg.algo == "ppo" else None)
     if state is not None:
         policy.load_state_dict(state["policy"])
         reference.load_state_dict(state["reference"])
@@ -475,7 +461,8 @@ def training_steps(cfg: PPOConfig):
                                                   max_new_tokens=cfg.max_new_tokens,
                                                   eos_token_id=tokenizer.eos_token_id,
                                                   pad_token_id=tokenizer.pad_token_id,
-                                                  temperature=cfg.temperature, generator=sample_gen)
+                                                  temperature=cfg.temperature, generator=sample_gen,
+                                                  autocast=policy_lp.autocast)
         input_ids, attention, labels = join(prompt_ids, prompt_mask, response, response_mask)
         mask = response_mask
         timings["generate"] = time.perf_counter() - t0
@@ -619,7 +606,7 @@ def training_steps(cfg: PPOConfig):
     if d.main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         if cfg.plot and metrics:
-            plot_curves(metrics, out / "reward_kl.png")
+            plots.reward_kl(metrics, out / "reward_kl.png", cfg)
         policy.save_pretrained(out / "policy")
         tokenizer.save(out / "policy")
         print(f"eval reward (greedy, {len(task.eval_prompts())} held-out prompts): {eval_before:.3f} -> "
