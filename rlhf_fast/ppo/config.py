@@ -119,7 +119,8 @@ class PPOConfig:
     ptx_coef: float = _opt(0.0, "PPO-ptx: weight of the supervised loss on demonstrations mixed into each update")
     target_kl: float | None = _opt(None, "early stop the epochs of a step when approx KL(old||new) > 1.5 x this")
     loss_agg: str = _opt("token-mean", "loss aggregation",
-                         ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+                         ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean",
+                          "seq-mean-token-sum-norm"])
 
     def __post_init__(self):
         presets.apply(self)
