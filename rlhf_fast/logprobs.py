@@ -227,7 +227,7 @@ def _chunked_linear_forward(hidden, weight, bias, labels, temperature, ignore_in
         logits = _slice_logits(hidden, weight, bias, 0, weight.shape[0])
         if softcap is not None:
             logits = _cap_tanh(logits, logit_scale, softcap).mul_(softcap)
-        logp, entropy, lse = _backend.call(ops.logprobs_forward, logits[None], labels[None],
+        logp, entropy, lse = _backend.call(ops.logprobs_forward, logits[None], labels.contiguous()[None],
                                            _row_temperature(temperature, logit_scale, softcap), ignore_index)
         return logp[0], entropy[0], lse[0]
     chunk_lse, chunk_mean = [], []
@@ -312,7 +312,7 @@ class _LinearLogprobs(torch.autograd.Function):
         row_temperature = _row_temperature(ctx.temperature, ctx.logit_scale, ctx.softcap)
         for start, end in ctx.chunks:
             grad_logits = _slice_logits(hidden, weight, bias, start, end)  # the slice's logits, then their gradient
-            chunk_labels = labels if whole else _slice_labels(labels, ctx.ignore_index, start)
+            chunk_labels = labels.contiguous() if whole else _slice_labels(labels, ctx.ignore_index, start)
             tanh = None
             if ctx.softcap is not None:  # the kernels differentiate the capped logits c t, t = tanh(s y / c)
                 tanh = _cap_tanh(grad_logits, ctx.logit_scale, ctx.softcap)
