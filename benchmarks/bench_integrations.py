@@ -284,6 +284,7 @@ def _trl_cases(device: torch.device, quick: bool):
 
 
 def cases(device: torch.device, quick: bool):
-    """The cases of every installed peer, made lazily (a generator), so one group's inputs are alive at a time."""
+    """The cases of every installed peer, made lazily (a generator): run each case before asking for the next,
+    as the harness does; a group's inputs are dropped when the next group is made."""
     if importlib.util.find_spec("trl") is not None:
         yield from _trl_cases(device, quick)
