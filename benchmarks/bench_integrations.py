@@ -45,70 +45,67 @@ def _trl_pairs():
     return pairs
 
 
-def _trl_logits_cases(pairs, batch, steps, vocab, dtype, device):
-    """selective_log_softmax, entropy_from_logits and selective_log_softmax_and_entropy on (B, T, V) logits."""
-    logits = (torch.randn(batch, steps, vocab, device=device) * 3).to(dtype)
-    index = torch.randint(0, vocab, (batch, steps), device=device)
+def _trl_logits_cases(pairs, inputs, batch, steps, vocab, dtype, device):
+    """selective_log_softmax, entropy_from_logits and selective_log_softmax_and_entropy on (B, T, V) logits.
+    The tensors live in `inputs` (one logits tensor: the forward cases read it detached)."""
+    inputs["logits"] = (torch.randn(batch, steps, vocab, device=device) * 3).to(dtype).requires_grad_()
+    inputs["index"] = torch.randint(0, vocab, (batch, steps), device=device)
+    inputs["upstream"] = (torch.randn(batch, steps, device=device), torch.randn(batch, steps, device=device))
     shape = f"N={batch * steps},V={vocab}"
-    x = logits.clone().requires_grad_()
-    upstream = (torch.randn(batch, steps, device=device), torch.randn(batch, steps, device=device))
     atol = 2e-2 if dtype != torch.float32 else 1e-3
-
+    calls = {  # how a trainer calls each function
+        "selective_log_softmax": lambda f, t: f(t, inputs["index"]),
+        "entropy_from_logits": lambda f, t: f(t),
+        "selective_log_softmax_and_entropy": lambda f, t: f(t, inputs["index"]),
+    }
     # On CUDA the patch keeps TRL's Triton kernel (`patched` = `eager` there); `rlhf_fast` is the op the patch
     # would call, measured against it.
     direct = {
-        "selective_log_softmax": lambda t: rf.logprobs(t, index).to(t.dtype),
+        "selective_log_softmax": lambda t: rf.logprobs(t, inputs["index"]).to(t.dtype),
         "entropy_from_logits": lambda t: rf.entropy(t).to(t.dtype),
         "selective_log_softmax_and_entropy": lambda t: tuple(
-            o.to(t.dtype) for o in rf.logprobs(t, index, return_entropy=True)),
-    } if device.type == "cuda" else {}
+            o.to(t.dtype) for o in rf.logprobs(t, inputs["index"], return_entropy=True)),
+    }
 
-    def both(name, fn):
+    def providers(name, backward):
         original, replacement = pairs[name]
-        providers = {"eager": lambda: fn(original, logits), "patched": lambda: fn(replacement, logits)}
-        if name in direct:
-            providers["rlhf_fast"] = lambda: direct[name](logits)
-        return providers
+        fns = {"eager": lambda t: calls[name](original, t), "patched": lambda t: calls[name](replacement, t)}
+        if device.type == "cuda":
+            fns["rlhf_fast"] = direct[name]
+        if backward:
+            return {p: (lambda fn=fn: _backward_of(fn, inputs["logits"], inputs["upstream"])())
+                    for p, fn in fns.items()}
+        return {p: (lambda fn=fn: fn(inputs["logits"].detach())) for p, fn in fns.items()}
 
-    def both_bwd(name, fn):
-        original, replacement = pairs[name]
-        providers = {"eager": _backward_of(lambda t: fn(original, t), x, upstream),
-                     "patched": _backward_of(lambda t: fn(replacement, t), x, upstream)}
-        if name in direct:
-            providers["rlhf_fast"] = _backward_of(direct[name], x, upstream)
-        return providers
-
-    logp = lambda f, t: f(t, index)  # noqa: E731
-    entropy = lambda f, t: f(t)  # noqa: E731
-    logp_entropy = lambda f, t: f(t, index)  # noqa: E731
     return [
-        Case("trl.selective_log_softmax", shape, dtype, "fwd", both("selective_log_softmax", logp), atol=atol),
-        Case("trl.selective_log_softmax", shape, dtype, "fwd+bwd", both_bwd("selective_log_softmax", logp),
+        Case("trl.selective_log_softmax", shape, dtype, "fwd", providers("selective_log_softmax", False), atol=atol),
+        Case("trl.selective_log_softmax", shape, dtype, "fwd+bwd", providers("selective_log_softmax", True),
              atol=atol),
-        Case("trl.entropy_from_logits", shape, dtype, "fwd", both("entropy_from_logits", entropy), atol=atol),
+        Case("trl.entropy_from_logits", shape, dtype, "fwd", providers("entropy_from_logits", False), atol=atol),
         Case("trl.selective_log_softmax_and_entropy", shape, dtype, "fwd+bwd",
-             both_bwd("selective_log_softmax_and_entropy", logp_entropy), atol=atol),
+             providers("selective_log_softmax_and_entropy", True), atol=atol),
     ]
 
 
-def _trl_head_case(pairs, tokens, hidden_size, vocab, device):
+def _trl_head_cases(pairs, inputs, tokens, hidden_size, vocab, device):
     """TRL's fused LM head (ChunkedLogProbFunction, as GRPOTrainer calls it: log-probs and entropy) fwd+bwd."""
     original, replacement = pairs["ChunkedLogProbFunction"]
     from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
 
-    h = torch.randn(tokens, hidden_size, device=device).requires_grad_()
-    w = (torch.randn(vocab, hidden_size, device=device) / hidden_size**0.5 * 3).requires_grad_()
-    targets = torch.randint(0, vocab, (tokens,), device=device)
-    upstream = (torch.randn(tokens, device=device), torch.randn(tokens, device=device))
+    inputs["h"] = torch.randn(tokens, hidden_size, device=device).requires_grad_()
+    inputs["w"] = (torch.randn(vocab, hidden_size, device=device) / hidden_size**0.5 * 3).requires_grad_()
+    inputs["targets"] = torch.randint(0, vocab, (tokens,), device=device)
+    inputs["upstream"] = (torch.randn(tokens, device=device), torch.randn(tokens, device=device))
 
     def trl_head(function):
-        return lambda: function.apply(h, w, None, targets, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0,
-                                      ("log_probs", "entropy"))[:2]
+        return lambda h, w, targets: function.apply(h, w, None, targets, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None,
+                                                    1.0, ("log_probs", "entropy"))[:2]
 
     def run(head):
         def call():
-            out = head()
-            torch.autograd.backward(out, upstream)
+            h, w = inputs["h"], inputs["w"]
+            out = head(h, w, inputs["targets"])
+            torch.autograd.backward(out, inputs["upstream"])
             grads = (h.grad, w.grad)
             h.grad = w.grad = None
             return tuple(o.detach() for o in out), grads
@@ -116,10 +113,10 @@ def _trl_head_case(pairs, tokens, hidden_size, vocab, device):
 
     providers = {"eager": run(trl_head(original)), "patched": run(trl_head(replacement))}
     if device.type == "cuda":  # see _trl_logits_cases
-        providers["rlhf_fast"] = run(lambda: rf.linear_logprobs(h, w, targets, return_entropy=True))
+        providers["rlhf_fast"] = run(lambda h, w, targets: rf.linear_logprobs(h, w, targets, return_entropy=True))
     flops = 3 * 2 * tokens * hidden_size * vocab
-    return Case("trl.ChunkedLogProbFunction", f"N={tokens},H={hidden_size},V={vocab}", torch.float32, "fwd+bwd",
-                providers, flops=flops, atol=2e-2)
+    return [Case("trl.ChunkedLogProbFunction", f"N={tokens},H={hidden_size},V={vocab}", torch.float32, "fwd+bwd",
+                 providers, flops=flops, atol=2e-2)]
 
 
 def word_tokenizer(vocab_size: int):
@@ -163,7 +160,7 @@ def tiny_grpo_trainer(vocab_size: int, hidden_size: int, layers: int, samples: i
                        processing_class=word_tokenizer(vocab_size))
 
 
-def _grpo_case(vocab, hidden_size, layers, samples, completion_tokens, rounds):
+def _grpo_case(inputs, vocab, hidden_size, layers, samples, completion_tokens, rounds):
     """One GRPOTrainer step (TRL defaults: bf16 autocast on the CPU) per call, unpatched vs patched. Extra
     metrics: the median phases of the timed calls, and the peak resident set of one step in a fresh process."""
     shape = f"V={vocab},h{hidden_size} L{layers},{samples}x{completion_tokens} tokens"
@@ -171,7 +168,7 @@ def _grpo_case(vocab, hidden_size, layers, samples, completion_tokens, rounds):
     case = Case("trl.GRPOTrainer step", shape, torch.bfloat16, "fwd+bwd", {}, interleaved=rounds)
 
     def stepper(provider, patched):
-        state = {}
+        state = inputs.setdefault(provider, {})
 
         def step():
             if "trainer" not in state:  # built on the warm-up call, not while the cases are listed
@@ -262,18 +259,25 @@ def _timed(method, state, name):
     return timed
 
 
-def _trl_cases(device: torch.device, quick: bool) -> list[Case]:
+def _trl_cases(device: torch.device, quick: bool):
+    """The TRL block, one group of cases at a time: a group's tensors are made when the bench reaches it and
+    dropped when it moves on (the suite's results keep the cases)."""
     pairs = _trl_pairs()
     if quick:
-        return (_trl_logits_cases(pairs, 4, 64, 4096, torch.float32, device)
-                + [_trl_head_case(pairs, 256, 64, 4096, device)]
-                + ([_grpo_case(32000, 32, 1, 8, 16, rounds=2)] if device.type == "cpu" else []))
-    cases = (_trl_logits_cases(pairs, 8, 512, 32000, torch.float32, device)
-             + _trl_logits_cases(pairs, 8, 512, 151936, torch.bfloat16, device)
-             + [_trl_head_case(pairs, 4096, 128, 151936, device)])
+        groups = [lambda inputs: _trl_logits_cases(pairs, inputs, 4, 64, 4096, torch.float32, device),
+                  lambda inputs: _trl_head_cases(pairs, inputs, 256, 64, 4096, device)]
+        grpo = (32000, 32, 1, 8, 16, 2)
+    else:
+        groups = [lambda inputs: _trl_logits_cases(pairs, inputs, 8, 512, 32000, torch.float32, device),
+                  lambda inputs: _trl_logits_cases(pairs, inputs, 8, 512, 151936, torch.bfloat16, device),
+                  lambda inputs: _trl_head_cases(pairs, inputs, 4096, 128, 151936, device)]
+        grpo = (151936, 128, 2, 32, 64, 3)
     if device.type == "cpu":  # the trainer runs on the CPU here (use_cpu=True)
-        cases.append(_grpo_case(151936, 128, 2, 32, 64, rounds=3))
-    return cases
+        groups.append(lambda inputs: [_grpo_case(inputs, *grpo)])
+    for group in groups:
+        inputs = {}
+        yield from group(inputs)
+        inputs.clear()
 
 
 # ---------------------------------------------------------------- verl and OpenRLHF
@@ -431,12 +435,12 @@ def _importable(*modules) -> bool:
 # ---------------------------------------------------------------- entry point
 
 
-def cases(device: torch.device, quick: bool) -> list[Case]:
-    out = []
+def cases(device: torch.device, quick: bool):
+    """The cases of every installed peer, made lazily (a generator): run each case before asking for the next,
+    as the harness does; a group's inputs are dropped when the next group is made."""
     if importlib.util.find_spec("trl") is not None:
-        out += _trl_cases(device, quick)
+        yield from _trl_cases(device, quick)
     if _importable("verl.trainer.ppo.core_algos", "omegaconf"):
-        out += _verl_cases(device, quick)
+        yield from _verl_cases(device, quick)
     if _importable("openrlhf.models.utils", "openrlhf.models.loss", "openrlhf.trainer.ppo_utils.experience_maker"):
-        out += _openrlhf_cases(device, quick)
-    return out
+        yield from _openrlhf_cases(device, quick)

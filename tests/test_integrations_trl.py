@@ -366,6 +366,7 @@ def test_grpo_trainer_patched_matches_unpatched(monkeypatch):
     assert calls, "the patched run must go through rf.linear_logprobs"
     assert len(patched) == len(unpatched) == 2
     for ours, theirs in zip(patched, unpatched):
-        assert ours["reward"] == theirs["reward"] and ours["completions/mean_length"] == theirs["completions/mean_length"]
+        for key in ("reward", "completions/mean_length"):
+            assert ours[key] == theirs[key], key
         for key in ("loss", "entropy", "kl", "grad_norm"):
             assert ours[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-6), key

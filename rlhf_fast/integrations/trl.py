@@ -103,7 +103,7 @@ def _head_ours(a, compute_dtype) -> bool:
     """The fused head's call is one our linear_logprobs does: CPU, no softcap, a positive logit scale, only
     log-probs and entropy requested, targets in range."""
     hidden, weight, bias, targets = a["hidden"], a["weight"], a["bias"], a["targets"]
-    tensors = [t for t in (hidden, weight, bias, targets) if t is not None]
+    tensors = [hidden, weight, targets] + ([] if bias is None else [bias])
     return (all(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in tensors)
             and compute_dtype in _DTYPES and hidden.dim() == 2 and weight.dim() == 2
             and weight.shape[1] == hidden.shape[1] and weight.shape[0] > 0
