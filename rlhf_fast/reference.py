@@ -488,6 +488,15 @@ def sample(logits, uniforms, *, temperature=1.0, top_k=None, top_p=None, min_p=N
     return tokens, logp.gather(-1, pick)[..., 0].float(), full.gather(-1, pick)[..., 0].float()
 
 
+def sample_rows(logits, *, temperature=1.0, generator=None):
+    """The eager form of `rf.sample(logits, temperature=T, generator=g, logprob="full")` for (N, V) logits: the
+    same uniforms from `generator`, so the same tokens (but at a cumulative boundary that rounds the other way),
+    through softmax, cumsum and searchsorted in float64. Returns (tokens int64, logp fp32)."""
+    uniforms = torch.rand(logits.shape[:-1], dtype=torch.float64, device=logits.device, generator=generator)
+    tokens, _, full = sample(logits, uniforms, temperature=temperature)
+    return tokens, full
+
+
 def sample_with_warpers(logits, *, temperature=1.0, top_k=None, top_p=None, min_p=None, generator=None):
     """What trainers run today: Hugging Face's logits warpers, softmax and torch.multinomial. logits (N, V)."""
     from transformers.generation.logits_process import (MinPLogitsWarper, TemperatureLogitsWarper,

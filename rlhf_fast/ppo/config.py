@@ -84,6 +84,8 @@ class PPOConfig:
     group_size: int = _opt(1, "samples per prompt (grpo/rloo need >= 2)")
     max_new_tokens: int = _opt(8, "response length limit")
     temperature: float = _opt(1.0, "sampling temperature (log-probs use the same)")
+    rollout_logprobs: bool = _opt(False, "take the old log-probs (and entropies) of the PPO update from the sampler "
+                                         "during the rollout instead of a second policy forward pass")
     ppo_epochs: int = _opt(4, "passes over each rollout batch")
     minibatch_size: int = _opt(32, "sequences per optimiser step (per process)")
     lr: float = _opt(3e-4, "policy learning rate (AdamW)")

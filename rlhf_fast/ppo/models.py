@@ -76,19 +76,22 @@ def _last_logits_kwarg(model) -> dict:
 
 @torch.no_grad()
 def generate(model, prompt_ids, prompt_mask, *, max_new_tokens, eos_token_id, pad_token_id, temperature=1.0,
-             generator=None, autocast: torch.dtype | None = None):
+             generator=None, autocast: torch.dtype | None = None, ops=None, return_logprobs: bool = False):
     """Samples responses with a KV cache: prompt_ids, prompt_mask (B, P) left-padded. generator=None decodes
     greedily; otherwise tokens are drawn with torch.multinomial from softmax(logits / temperature) with that
     generator (deterministic for a given generator state). Returns response (B, R) right-padded with
     pad_token_id and its mask (B, R) bool, which includes the end-of-sequence token. autocast: run the model
-    under autocast to this dtype (None: as it is)."""
+    under autocast to this dtype (None: as it is). ops (rlhf_fast.ppo.ops): draw with ops.sample (rf.sample with
+    kernels on) instead of torch.multinomial; with return_logprobs also the drawn tokens' log-probs and the
+    entropies of softmax(logits / temperature) at each step, (B, R) fp32 each, 0 at padding (the rollout policy's
+    own log-probs: no second forward pass needed for them)."""
     cache_arg, last_only = _cache_kwarg(model), _last_logits_kwarg(model)
     batch = prompt_ids.shape[0]
     attention = prompt_mask.long()
     positions = position_ids(attention)
     tokens, cache = prompt_ids, None
     finished = torch.zeros(batch, dtype=torch.bool, device=prompt_ids.device)
-    out_tokens, out_mask = [], []
+    out_tokens, out_mask, out_logp, out_entropy = [], [], [], []
     for _ in range(max_new_tokens):
         with precision.autocast(autocast, prompt_ids.device):
             out = model(input_ids=tokens, attention_mask=attention, position_ids=positions, use_cache=True,
@@ -97,6 +100,11 @@ def generate(model, prompt_ids, prompt_mask, *, max_new_tokens, eos_token_id, pa
         logits = out.logits[:, -1].float()
         if generator is None:
             nxt = logits.argmax(-1)
+        elif ops is not None:
+            nxt, logp = ops.sample(logits, temperature=temperature, generator=generator)
+            if return_logprobs:
+                out_logp.append(torch.where(finished, 0.0, logp))
+                out_entropy.append(torch.where(finished, 0.0, ops.entropy(logits, temperature=temperature).float()))
         else:
             nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator).squeeze(-1)
         out_mask.append(~finished)
@@ -107,7 +115,12 @@ def generate(model, prompt_ids, prompt_mask, *, max_new_tokens, eos_token_id, pa
         tokens = nxt[:, None]
         attention = torch.cat([attention, attention.new_ones(batch, 1)], dim=1)
         positions = positions[:, -1:] + 1
-    return torch.stack(out_tokens, 1), torch.stack(out_mask, 1)
+    response = (torch.stack(out_tokens, 1), torch.stack(out_mask, 1))
+    if return_logprobs:
+        if not out_logp:
+            raise ValueError("return_logprobs needs sampling with ops (a generator and ops given)")
+        return (*response, torch.stack(out_logp, 1), torch.stack(out_entropy, 1))
+    return response
 
 
 class LogProbModel(nn.Module):

@@ -2,7 +2,7 @@
 
 `get_ops(kernels=True)` gives the rlhf_fast public ops (fused kernels, backend chosen by rlhf_fast.backend);
 `get_ops(kernels=False)` gives the eager references in rlhf_fast.reference with the same names, for A/B runs
-(`--kernels off`). The trainer calls nothing else for log-probs, KL, advantages and losses.
+(`--kernels off`). The trainer calls nothing else for sampling, log-probs, KL, advantages and losses.
 """
 from __future__ import annotations
 
@@ -16,7 +16,14 @@ OP_NAMES = ("logprobs", "linear_logprobs", "entropy", "kl_penalty", "masked_sum"
             "rloo_advantages")
 
 
+def _sample(logits, *, temperature, generator):
+    """One token per row of (N, V) logits from softmax(logits / T), and its log-prob (the full softmax's)."""
+    return rf.sample(logits, temperature=temperature, generator=generator, logprob="full")
+
+
 def get_ops(kernels: bool = True) -> SimpleNamespace:
-    """A namespace with every op of OP_NAMES, from rlhf_fast (kernels=True) or rlhf_fast.reference."""
+    """A namespace with every op of OP_NAMES, from rlhf_fast (kernels=True) or rlhf_fast.reference, and
+    `sample(logits, *, temperature, generator) -> (tokens, logp)` (rf.sample, or its eager form)."""
     source = rf if kernels else reference
-    return SimpleNamespace(kernels=kernels, **{name: getattr(source, name) for name in OP_NAMES})
+    return SimpleNamespace(kernels=kernels, sample=_sample if kernels else reference.sample_rows,
+                           **{name: getattr(source, name) for name in OP_NAMES})

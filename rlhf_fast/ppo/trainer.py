@@ -457,12 +457,11 @@ def training_steps(cfg: PPOConfig):
         prompts = [p for p in task.train_prompts(local_prompts, generator) for _ in range(cfg.group_size)]
         prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
         n_prompt = prompt_ids.shape[1]
-        response, response_mask = models.generate(policy, prompt_ids, prompt_mask,
-                                                  max_new_tokens=cfg.max_new_tokens,
-                                                  eos_token_id=tokenizer.eos_token_id,
-                                                  pad_token_id=tokenizer.pad_token_id,
-                                                  temperature=cfg.temperature, generator=sample_gen,
-                                                  autocast=policy_lp.autocast)
+        rollout = models.generate(policy, prompt_ids, prompt_mask, max_new_tokens=cfg.max_new_tokens,
+                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                  temperature=cfg.temperature, generator=sample_gen, autocast=policy_lp.autocast,
+                                  ops=ops, return_logprobs=cfg.rollout_logprobs)
+        response, response_mask = rollout[:2]
         input_ids, attention, labels = join(prompt_ids, prompt_mask, response, response_mask)
         mask = response_mask
         timings["generate"] = time.perf_counter() - t0
@@ -471,7 +470,8 @@ def training_steps(cfg: PPOConfig):
         t0 = time.perf_counter()
         raw_scores = score(prompts, decode(tokenizer, response, response_mask)).to(device)
         with torch.no_grad():
-            old_logp, entropy = policy_lp(input_ids, attention, labels, n_prompt, return_entropy=True)
+            old_logp, entropy = rollout[2:] if cfg.rollout_logprobs else policy_lp(input_ids, attention, labels,
+                                                                                   n_prompt, return_entropy=True)
             ref_logp = ref_lp(input_ids, attention, labels, n_prompt)
             old_values = critic(input_ids, attention, n_prompt) if critic is not None else None
         timings["score"] = time.perf_counter() - t0
