@@ -42,6 +42,13 @@ def test_patch_fuses_the_warpers_and_unpatch_restores():
     assert generation.GenerationMixin.__dict__["_get_logits_processor"] is original_processor
 
 
+def test_plain_sampling_gets_the_fused_sampler_too():
+    processors = lp.LogitsProcessorList([lp.RepetitionPenaltyLogitsProcessor(1.2)])
+    fused = rf_transformers.fuse_warpers(processors)
+    assert isinstance(fused[0], lp.RepetitionPenaltyLogitsProcessor) and len(fused) == 2
+    assert (fused[1].temperature, fused[1].top_k, fused[1].top_p, fused[1].min_p) == (1.0, None, None, None)
+
+
 def test_other_warpers_are_left_alone():
     processors = lp.LogitsProcessorList([lp.TemperatureLogitsWarper(0.7), lp.TopKLogitsWarper(10),
                                          lp.TypicalLogitsWarper(0.9)])

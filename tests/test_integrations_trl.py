@@ -8,6 +8,7 @@ inputs, ours no further off than TRL's own bf16 result.
 import contextlib
 import importlib
 import importlib.metadata
+import math
 import sys
 import tempfile
 
@@ -345,7 +346,7 @@ def test_other_trl_version_warns_once(monkeypatch):
 # ---------------------------------------------------------------- end to end: GRPOTrainer on CPU
 
 
-def grpo_run(patched, steps=2):
+def grpo_run(patched, steps=2, generate=False):
     """Two GRPOTrainer steps of a one-layer Llama (hidden 32, vocab 32000, built with its tokenizer in code),
     fp32, with a KL term; the logged metrics of each step."""
     from rlhf_fast.cli import _benchmarks_package
@@ -353,7 +354,7 @@ def grpo_run(patched, steps=2):
     bench = importlib.import_module(f"{_benchmarks_package().__name__}.bench_integrations")
     trainer = bench.tiny_grpo_trainer(32000, 32, 1, samples=4, completion_tokens=8, steps=steps, bf16=False,
                                       learning_rate=1e-2)
-    with rf_trl.patch() if patched else contextlib.nullcontext():
+    with rf_trl.patch(generate=generate) if patched else contextlib.nullcontext():
         trainer.train()
     return [h for h in trainer.state.log_history if "loss" in h]
 
@@ -370,3 +371,14 @@ def test_grpo_trainer_patched_matches_unpatched(monkeypatch):
             assert ours[key] == theirs[key], key
         for key in ("loss", "entropy", "kl", "grad_norm"):
             assert ours[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-6), key
+
+
+def test_grpo_trainer_generates_with_the_fused_sampler(monkeypatch):
+    """patch() (generate=True) also puts transformers' sampling on rf.sample; the trainer runs and learns from
+    those completions; unpatch leaves generate as it was."""
+    from transformers.generation import utils as generation
+    calls = _spy(monkeypatch, "sample")
+    logs = grpo_run(patched=True, generate=True)
+    assert calls, "generation must go through rf.sample"
+    assert len(logs) == 2 and all(math.isfinite(h["loss"]) and math.isfinite(h["reward"]) for h in logs)
+    assert generation.torch is torch

@@ -74,8 +74,9 @@ _ORDER = ("temperature", "top_k", "top_p", "min_p")
 
 
 def fuse_warpers(processors):
-    """The processor list with its trailing temperature/top-k/top-p/min-p warpers (in Hugging Face's order)
-    replaced by one FusedSampling; unchanged if anything else is mixed in or follows them."""
+    """The processor list with its trailing temperature/top-k/top-p/min-p warpers (in Hugging Face's order; none
+    for plain sampling) replaced by one FusedSampling; unchanged when another warper (typical-p, epsilon, eta, or
+    one keeping more than one token) sits at or before the end of that run, since sampling must come after it."""
     settings, start = {}, len(processors)
     while start > 0:
         found = _warper_settings(processors[start - 1])
@@ -83,7 +84,7 @@ def fuse_warpers(processors):
             break
         settings[found[0]] = found[1]
         start -= 1
-    if not settings:
+    if start > 0 and type(processors[start - 1]).__name__.endswith("LogitsWarper"):
         return processors
     fused = type(processors)(list(processors[:start]))
     fused.append(FusedSampling(**settings))

@@ -14,6 +14,9 @@ Patched, with TRL's signatures and semantics (output dtype = the logits' dtype, 
   GRPOTrainer uses for its log-probs and entropies) -> `rf.linear_logprobs`; the logit scale folds into the
   temperature, autocast is honoured as TRL does (the head runs in the autocast dtype).
 
+With `patch(generate=True)` (the default) TRL's generation samples through `rlhf_fast.integrations.transformers`
+(transformers' warpers + multinomial step on `rf.sample`).
+
 Patched on CPU tensors only: on CUDA/XPU tensors TRL 1.16 runs its own Triton kernels, and those stay until
 ours are measured faster there. TRL's original also runs for every input outside what our kernels do: an
 index of shape (..., K), float64 logits, indices that are not int64 or not in [0, V) (TRL raises its own error),
@@ -157,6 +160,25 @@ TARGETS = (
 
 # Trainer modules bind these by name when imported; those loaded before patch() are found in sys.modules, those
 # imported later bind the patched function, and unpatch() finds both.
-_ADAPTER = Adapter("trl", PINNED, TARGETS)
-patch = _ADAPTER.patch
+def _generate_hook():
+    """GRPOTrainer samples its completions with transformers' generate: its warpers + multinomial step on
+    rf.sample too (rlhf_fast.integrations.transformers), unless that is patched already or not wanted."""
+    from . import transformers as rf_transformers
+    if not _options["generate"] or rf_transformers._ADAPTER.handle is not None:
+        return lambda: None
+    rf_transformers.patch()
+    return rf_transformers.unpatch
+
+
+_options = {"generate": True}
+_ADAPTER = Adapter("trl", PINNED, TARGETS, hooks=(_generate_hook,))
 unpatch = _ADAPTER.unpatch
+
+
+def patch(*, generate: bool = True):
+    """Patches TRL (see the module docstring); generate=True also runs the sampling of transformers' generate,
+    which TRL's trainers call for their completions, on rf.sample (rlhf_fast.integrations.transformers: the same
+    law, one pass over the vocabulary, but other random numbers than torch.multinomial draws, so not the same
+    completions as unpatched for a seed). Idempotent: while patched it returns the same handle."""
+    _options["generate"] = generate
+    return _ADAPTER.patch()
