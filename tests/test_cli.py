@@ -33,3 +33,10 @@ def test_bench_quick_writes_long_format_rows(tmp_path):
 def test_bench_rejects_unknown_family():
     out = _cli("bench", "--quick", "--family", "nope", "--no-save")
     assert out.returncode != 0 and "unknown --family nope" in out.stderr
+
+
+def test_help_of_every_command():
+    for command in ("info", "bench", "train"):
+        out = _cli(command, "--help")
+        assert out.returncode == 0 and "usage" in out.stdout, out.stderr
+    assert "--rollout-logprobs" in _cli("train", "--help").stdout
