@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 
 from . import _validate as check
 from . import backend as _backend

@@ -4,7 +4,7 @@ import torch
 import rlhf_fast as rf
 from rlhf_fast import reference as ref
 
-from conftest import device_backend_pairs, live_backends, HAS_CUDA
+from conftest import device_backend_pairs
 
 PAIRS = device_backend_pairs()
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -10,7 +10,6 @@ import importlib
 import importlib.metadata
 import math
 import sys
-import tempfile
 
 import pytest
 import torch

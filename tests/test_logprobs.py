@@ -6,7 +6,7 @@ import torch
 import rlhf_fast as rf
 from rlhf_fast import reference as ref
 
-from conftest import HAS_CUDA, device_backend_pairs
+from conftest import device_backend_pairs
 
 lp_module = importlib.import_module("rlhf_fast.logprobs")  # the package attribute `logprobs` is the function
 PAIRS = device_backend_pairs()
