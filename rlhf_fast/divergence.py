@@ -36,6 +36,17 @@ def _check_kind(kind, alpha):
         raise ValueError(f"alpha is only used by kind='alpha'; got alpha={alpha!r} with kind={kind!r}")
 
 
+def _check_mask(mask, lead, ref_name, ref, what):
+    """None, or `mask` (nonzero = valid) as a bool tensor shaped `lead` (ref_name's shape `what`)."""
+    if mask is None:
+        return None
+    check.tensor("mask", mask)
+    if mask.shape != lead:
+        raise ValueError(f"mask must have shape {tuple(lead)} ({ref_name} {what}), got {tuple(mask.shape)}")
+    check.same_device("mask", mask, ref_name, ref)
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
 def _rows(x: torch.Tensor, vocab: int) -> torch.Tensor:
     """x as (rows, vocab) with a unit vocab stride; a view when possible."""
     x = x.reshape(-1, vocab)
@@ -59,13 +70,7 @@ def f_divergence(logits_p, logits_q, kind, *, alpha=None, temperature=1.0, mask=
     if logits_p.dim() < 1 or logits_p.shape[-1] == 0:
         raise ValueError(f"logits_p must have a non-empty last (vocab) dim (..., V), got shape {tuple(logits_p.shape)}")
     lead, vocab = logits_p.shape[:-1], logits_p.shape[-1]
-    if mask is not None:
-        check.tensor("mask", mask)
-        if mask.shape != lead:
-            raise ValueError(f"mask must have shape {tuple(lead)} (logits_p without its vocab dim), got "
-                             f"{tuple(mask.shape)}")
-        check.same_device("mask", mask, "logits_p", logits_p)
-        mask = mask if mask.dtype == torch.bool else mask != 0
+    mask = _check_mask(mask, lead, "logits_p", logits_p, "without its vocab dim")
     name = _backend.select("f_divergence", backend, logits_p.device)
     if name == "torch":
         return reference.f_divergence(logits_p, logits_q, kind, alpha=alpha, temperature=temperature, mask=mask)
@@ -251,13 +256,8 @@ def linear_f_divergence(hidden_p, weight_p, hidden_q, weight_q, kind, *, bias_p=
         raise ValueError(f"weight_p and weight_q must have the same vocab size V >= 1, got {weight_p.shape[0]} and "
                          f"{weight_q.shape[0]}")
     lead = hidden_p.shape[:-1]
-    if mask is not None:
-        check.tensor("mask", mask)
-        if mask.shape != lead:
-            raise ValueError(f"mask must have shape {tuple(lead)} (hidden_p without its last dim), got "
-                             f"{tuple(mask.shape)}")
-        check.same_device("mask", mask, "hidden_p", hidden_p)
-        mask = (mask if mask.dtype == torch.bool else mask != 0).reshape(-1).contiguous()
+    mask = _check_mask(mask, lead, "hidden_p", hidden_p, "without its last dim")
+    mask = None if mask is None else mask.reshape(-1).contiguous()
     name = _backend.select("f_divergence", backend, hidden_p.device)
     flat_p = hidden_p.reshape(-1, hidden_p.shape[-1])
     flat_q = hidden_q.reshape(-1, hidden_q.shape[-1])

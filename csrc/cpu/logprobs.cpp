@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include "../logprobs_common.h"
+#include "float_rows.h"
 #include "simd_clones.h"
 
 #include <algorithm>
@@ -38,34 +39,11 @@ constexpr int64_t kChunk = 1024;
 // epilogue: at a vocab of 46, 14 scalar polynomial exps per row took two thirds of the forward's time.
 constexpr int64_t kLanes = 16;
 static_assert(kChunk % kLanes == 0);
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+using rows::exp2_approx;
+using rows::kNegInf;
+using rows::max_of;
+using rows::widen;
 constexpr float kLog2e = 1.44269504f;
-
-// 2^v for v <= 0 with ~2e-7 relative error, written so that loops over it vectorise (no libm call):
-// v = k + r with k = round(v), |r| <= 1/2, 2^r by a degree-5 minimax polynomial, 2^k built in the exponent
-// bits. 0 below -125 (and for -inf); NaN stays NaN. About 11 vector instructions.
-inline float exp2_approx(float v) {
-  // 1.5 * 2^23 + 127: adding it rounds v to an integer and leaves k + 127 (the biased exponent of 2^k) in
-  // the low mantissa bits, so 2^k needs no float-to-int conversion
-  const float magic = 12583039.f;
-  const float shifted = v + magic;
-  const float r = v - (shifted - magic);
-  float p = 1.32647238e-3f;
-  p = p * r + 9.67151299e-3f;
-  p = p * r + 5.55073358e-2f;
-  p = p * r + 2.40222424e-1f;
-  p = p * r + 6.93147004e-1f;
-  p = p * r + 1.f;
-  const float scale = std::bit_cast<float>(std::bit_cast<uint32_t>(shifted) << 23);
-  return v < -125.f ? 0.f : p * scale;
-}
-
-RLHF_FAST_SIMD_CLONES float max_of(const float* x, int64_t n) {
-  float m = kNegInf;
-#pragma omp simd reduction(max : m)
-  for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
-  return m;
-}
 
 // s += sum 2^u, t += sum 2^u u over u = (x - m) * scale (base-2 units; terms with 2^u = 0 add 0, also for
 // -inf). x - m before the scaling: exact for the x near the max, which carry the sums.
@@ -94,23 +72,12 @@ RLHF_FAST_SIMD_CLONES void softmax_grad(const float* x, float* out, int64_t n, f
   }
 }
 
-// Conversions between float blocks and rows of another dtype; the bf16 ones a vector at a time (widening
-// shifts the bits into a float's top half; narrowing rounds to nearest even, as c10 does).
-RLHF_FAST_SIMD_CLONES void widen(const c10::BFloat16* x, int64_t n, float* out) {
-  const auto* bits = reinterpret_cast<const uint16_t*>(x);
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) out[i] = std::bit_cast<float>(static_cast<uint32_t>(bits[i]) << 16);
-}
-
+// Float blocks back to rows of another dtype (widening: float_rows.h); bf16 a vector at a time, rounded to
+// nearest even as c10 does.
 RLHF_FAST_SIMD_CLONES void narrow(const float* x, int64_t n, c10::BFloat16* out) {
   auto* bits = reinterpret_cast<uint16_t*>(out);
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) bits[i] = c10::detail::round_to_nearest_even(x[i]);
-}
-
-template <typename scalar_t>
-void widen(const scalar_t* x, int64_t n, float* out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(x[i]);
 }
 
 template <typename scalar_t>
