@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
+
+from rlhf_fast.reference import F_DIVERGENCES
 
 from . import presets
 
@@ -105,6 +108,11 @@ class PPOConfig:
                                    "in the reward")
     kl_estimator: str = _opt("k1", "KL estimator for the penalty or loss",
                              ["k1", "abs", "k2", "mse", "k3", "low_var_kl", "k1+", "k3+"])
+    kl_full_vocab: str | None = _opt(None, "KL as a loss term that is the exact per-token f-divergence of the "
+                                           "policy from the reference over the whole vocabulary (f_divergence, or "
+                                           "linear_f_divergence with the fused head) instead of a sampled estimator",
+                                     list(F_DIVERGENCES))
+    kl_full_vocab_alpha: float | None = _opt(None, "the alpha of --kl-full-vocab alpha (not 0 or 1)")
     adaptive_kl: bool = _opt(True, "adaptive KL controller (Ziegler et al.) towards kl_target")
     kl_target: float = _opt(2.5, "adaptive KL: target sequence KL(policy || ref), nats")
     kl_horizon: int = _opt(1280, "adaptive KL: horizon in samples (beta moves by at most 20% x samples / horizon per "
@@ -137,10 +145,38 @@ class PPOConfig:
             raise ValueError(f"--dual-clip must be > 1, got {self.dual_clip}")
         if self.divergence is not None and self.kl_coef <= 0:
             raise ValueError("--divergence needs --kl-coef > 0 (it is the temperature beta of the target)")
+        if self.kl_full_vocab is not None:
+            self._validate_kl_full_vocab()
+        elif self.kl_full_vocab_alpha is not None:
+            raise ValueError("--kl-full-vocab-alpha is only used by --kl-full-vocab alpha")
         for name in ("total_steps", "batch_size", "group_size", "ppo_epochs", "minibatch_size", "max_new_tokens",
                      "save_every", "eval_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+
+    def _validate_kl_full_vocab(self) -> None:
+        if self.kl_in_loss:
+            raise ValueError("--kl-full-vocab is the KL loss term; it replaces --kl-in-loss's sampled estimator: "
+                             "give one of them")
+        if self.divergence is not None:
+            raise ValueError("--kl-full-vocab with --divergence: f-DPG already regularises towards the reference "
+                             "through its target p ~ ref * exp(r / kl_coef); drop one of them")
+        if self.kl_coef <= 0:
+            raise ValueError(f"--kl-full-vocab needs --kl-coef > 0 (the weight of the term), got {self.kl_coef}")
+        if self.kl_full_vocab == "alpha":
+            alpha = self.kl_full_vocab_alpha
+            if alpha is None or not math.isfinite(alpha) or alpha in (0, 1):
+                raise ValueError(f"--kl-full-vocab alpha needs a finite --kl-full-vocab-alpha other than 0 and 1 "
+                                 f"(those limits are reverse_kl and kl), got {alpha}")
+        elif self.kl_full_vocab_alpha is not None:
+            raise ValueError(f"--kl-full-vocab-alpha is only used by --kl-full-vocab alpha, not "
+                             f"{self.kl_full_vocab}")
+
+    @property
+    def kl_in_reward(self) -> bool:
+        """Whether the KL regulariser is the token-level penalty in the reward: not with f-DPG (--divergence, whose
+        pseudo-reward holds it) nor as a loss term (--kl-in-loss, --kl-full-vocab)."""
+        return self.divergence is None and not self.kl_in_loss and self.kl_full_vocab is None
 
 
 _FIELD_TYPES = typing.get_type_hints(PPOConfig)

@@ -11,6 +11,7 @@ import copy
 import importlib
 import inspect
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -142,14 +143,15 @@ class LogProbModel(nn.Module):
         self.fuses_policy_loss = fused and self.transform["softcap"] is None
 
     def forward(self, input_ids, attention_mask, labels, n_prompt: int, return_entropy: bool = False,
-                policy_loss: dict | None = None):
+                policy_loss: dict | None = None, tap=None):
         """input_ids, attention_mask (B, P + R); labels (B, R) with -100 at padding -> logp (B, R) fp32
         [, entropy (B, R) fp32]. With `policy_loss` (fused only: the keyword arguments of
-        linear_ppo_policy_loss after the labels) -> its (loss, stats) instead."""
+        linear_ppo_policy_loss after the labels) -> its (loss, stats) instead. With `tap` (a function of the
+        response positions' `Head`) -> (that result, tap(head))."""
         with precision.autocast(self.autocast, input_ids.device):
-            return self._forward(input_ids, attention_mask, labels, n_prompt, return_entropy, policy_loss)
+            return self._forward(input_ids, attention_mask, labels, n_prompt, return_entropy, policy_loss, tap)
 
-    def _forward(self, input_ids, attention_mask, labels, n_prompt, return_entropy, policy_loss):
+    def _forward(self, input_ids, attention_mask, labels, n_prompt, return_entropy, policy_loss, tap):
         positions = position_ids(attention_mask)
         if self.fused:
             head = self.model.get_output_embeddings()
@@ -157,17 +159,33 @@ class LogProbModel(nn.Module):
                                            position_ids=positions).last_hidden_state
             hidden, weight, bias = precision.head_inputs(hidden[:, n_prompt - 1:-1], head.weight, head.bias,
                                                          self.autocast)
+            tapped = None if tap is None else tap(Head(hidden, weight, bias, self.transform, None))
             if policy_loss is not None:
                 if not self.fuses_policy_loss:
                     raise ValueError("policy_loss needs a head without a soft cap (fuses_policy_loss)")
-                return self.ops.linear_ppo_policy_loss(hidden, weight, labels, bias=bias,
-                                                       temperature=self.temperature / self.transform["logit_scale"],
-                                                       **policy_loss)
-            return self.ops.linear_logprobs(hidden, weight, labels, bias=bias, temperature=self.temperature,
-                                            return_entropy=return_entropy, **self.transform)
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).logits
-        return self.ops.logprobs(logits[:, n_prompt - 1:-1], labels, temperature=self.temperature,
-                                 return_entropy=return_entropy)
+                out = self.ops.linear_ppo_policy_loss(hidden, weight, labels, bias=bias,
+                                                      temperature=self.temperature / self.transform["logit_scale"],
+                                                      **policy_loss)
+            else:
+                out = self.ops.linear_logprobs(hidden, weight, labels, bias=bias, temperature=self.temperature,
+                                               return_entropy=return_entropy, **self.transform)
+        else:
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                                position_ids=positions).logits[:, n_prompt - 1:-1]
+            tapped = None if tap is None else tap(Head(None, None, None, None, logits))
+            out = self.ops.logprobs(logits, labels, temperature=self.temperature, return_entropy=return_entropy)
+        return out if tap is None else (out, tapped)
+
+
+class Head(NamedTuple):
+    """The lm head at the response positions, as a LogProbModel's `tap` sees it: with the fused head its inputs
+    hidden (B, R, H), weight (V, H), bias (V,) or None (in the forward's dtype) and `transform`
+    (head_transform's {logit_scale, softcap}), logits None; otherwise only the model's own logits (B, R, V)."""
+    hidden: torch.Tensor | None
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    transform: dict | None
+    logits: torch.Tensor | None
 
 
 class ValueModel(nn.Module):

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from . import models, plots, precision, tasks
+from . import kl_full, models, plots, precision, tasks
 from .config import PPOConfig
 from .ops import get_ops
 from .policy_loss import minibatch_policy_loss
@@ -412,6 +412,7 @@ def training_steps(cfg: PPOConfig):
             critic.load_state_dict(state["critic"])
     models.quantize(reference, cfg.ref_quant, cfg.quant_group_size)
     ref_lp = models.LogProbModel(reference, ops, fused=policy_lp.fused, temperature=cfg.temperature)
+    full_kl = kl_full.FullVocabKL(cfg, ops, ref_lp)
 
     train_policy, train_critic = policy_lp, critic
     if d.world > 1:
@@ -472,7 +473,7 @@ def training_steps(cfg: PPOConfig):
         with torch.no_grad():
             old_logp, entropy = rollout[2:] if cfg.rollout_logprobs else policy_lp(input_ids, attention, labels,
                                                                                    n_prompt, return_entropy=True)
-            ref_logp = ref_lp(input_ids, attention, labels, n_prompt)
+            ref_logp, ref_hidden = full_kl.reference_scores(input_ids, attention, labels, n_prompt)
             old_values = critic(input_ids, attention, n_prompt) if critic is not None else None
         timings["score"] = time.perf_counter() - t0
 
@@ -488,14 +489,12 @@ def training_steps(cfg: PPOConfig):
                 baseline = fdpg_baseline.mean if fdpg_baseline.count else 0.0
                 fdpg_baseline.update(pseudo, d)
                 scores = pseudo - baseline
-                kl_in_reward = False
             else:
                 scores = raw_scores
                 if cfg.reward_norm:
                     moments.update(raw_scores, d)
                     scores = ((raw_scores - moments.mean) / moments.std).clamp(-cfg.reward_clip, cfg.reward_clip)
-                kl_in_reward = not cfg.kl_in_loss
-            penalty = -kl_coef * token_kl if kl_in_reward else torch.zeros_like(token_kl)
+            penalty = -kl_coef * token_kl if cfg.kl_in_reward else torch.zeros_like(token_kl)
             last = mask.sum(-1) - 1
             if critic is not None:
                 rewards = penalty.clone()
@@ -522,7 +521,8 @@ def training_steps(cfg: PPOConfig):
                     loss, stats = minibatch_policy_loss(
                         train_policy, ops, cfg, kl_coef, fused=policy_lp.fuses_policy_loss, input_ids=input_ids[mb],
                         attention=attention[mb], labels=labels[mb], n_prompt=n_prompt, old_logp=old_logp[mb],
-                        advantages=advantages[mb], mask=mask[mb], ref_logp=ref_logp[mb])
+                        advantages=advantages[mb], mask=mask[mb], ref_logp=ref_logp[mb], full_kl=full_kl,
+                        ref_hidden=None if ref_hidden is None else ref_hidden[mb])
                     approx_kls.append(stats["approx_kl"])
                     if cfg.ptx_coef > 0:
                         ptx = demonstration_loss(train_policy, task, tokenizer, len(mb), device, generator)
