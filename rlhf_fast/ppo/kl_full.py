@@ -31,7 +31,8 @@ class FullVocabKL:
         update needs them (the term with the fused head), else None)."""
         if self.kind is None or not self.ref_lp.fused:
             return self.ref_lp(input_ids, attention, labels, n_prompt), None
-        return self.ref_lp(input_ids, attention, labels, n_prompt, tap=lambda head: head.hidden)
+        # a copy: the tapped slice is a view that would keep the prompt positions' states alive too
+        return self.ref_lp(input_ids, attention, labels, n_prompt, tap=lambda head: head.hidden.clone())
 
     def tap(self, ref_hidden, input_ids, attention, labels, n_prompt: int, mask):
         """A `tap` for the policy's LogProbModel on these rows (None when the term is off): the per-token

@@ -29,4 +29,5 @@ def get_ops(kernels: bool = True) -> SimpleNamespace:
     source = rf if kernels else reference
     linear_f_divergence = rf.linear_f_divergence if kernels else partial(rf.linear_f_divergence, backend="torch")
     return SimpleNamespace(kernels=kernels, sample=_sample if kernels else reference.sample_rows,
-                           linear_f_divergence=linear_f_divergence, **{name: getattr(source, name) for name in OP_NAMES})
+                           linear_f_divergence=linear_f_divergence,
+                           **{name: getattr(source, name) for name in OP_NAMES})
