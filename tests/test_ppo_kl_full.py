@@ -196,6 +196,22 @@ def test_bf16_term_close_to_float64():
 
 # ---------------------------------------------------------------- the default task
 
+TINY = dict(warmup_steps=3, eval_size=8, batch_size=8, minibatch_size=4, ppo_epochs=2, critic_warmup_steps=0,
+            max_new_tokens=7, progress=False, plot=False)
+
+
+@pytest.mark.parametrize("extra", [dict(kl_full_vocab="kl", algo="grpo", group_size=2),
+                                   dict(kl_full_vocab="js", dtype="bf16"),
+                                   dict(kl_full_vocab="reverse_kl", ref_quant="int8", fused_head=False),
+                                   dict(kl_full_vocab="alpha", kl_full_vocab_alpha=0.5, kernels="off",
+                                        loss_agg="seq-mean-token-sum")])
+def test_two_steps_with_other_switches(tmp_path, extra):
+    """The term with a critic-free algorithm, bf16, a quantized reference without the fused head, kernels off."""
+    train(PPOConfig(out=str(tmp_path), total_steps=2, **{**TINY, **extra}))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["kl_full_vocab"] >= 0 and r["kl_loss"] is not None for r in rows)
+    assert rows[-1]["kl_full_vocab"] > 0
+
 
 @pytest.mark.parametrize("kind, kl_bound", [("kl", 2.5), ("tv", 4.5)])
 def test_short_run_learns_with_the_kl_bounded(tmp_path, kind, kl_bound):
