@@ -108,10 +108,10 @@ class PPOConfig:
                                    "in the reward")
     kl_estimator: str = _opt("k1", "KL estimator for the penalty or loss",
                              ["k1", "abs", "k2", "mse", "k3", "low_var_kl", "k1+", "k3+"])
-    kl_full_vocab: str | None = _opt(None, "KL as a loss term that is the exact per-token f-divergence of the "
-                                           "policy from the reference over the whole vocabulary (f_divergence, or "
-                                           "linear_f_divergence with the fused head) instead of a sampled estimator",
-                                     list(F_DIVERGENCES))
+    kl_full_vocab: str | None = _opt(None, "KL as the loss term kl_coef x agg(D), D the exact per-token f-divergence "
+                                           "of the policy from the reference over the whole vocabulary (f_divergence; "
+                                           "linear_f_divergence with the fused head), instead of a sampled estimator "
+                                           "(no KL penalty in the reward)", list(F_DIVERGENCES))
     kl_full_vocab_alpha: float | None = _opt(None, "the alpha of --kl-full-vocab alpha (not 0 or 1)")
     adaptive_kl: bool = _opt(True, "adaptive KL controller (Ziegler et al.) towards kl_target")
     kl_target: float = _opt(2.5, "adaptive KL: target sequence KL(policy || ref), nats")
