@@ -51,6 +51,19 @@ def load_policy(cfg, vocab_size: int):
     return AutoModelForCausalLM.from_pretrained(cfg.model, **float32_kwargs())
 
 
+def sparse_tied_embedding_grad(model) -> bool:
+    """With tied input and output embeddings, makes the input embedding's backward sparse: autograd adds the rows
+    of the batch's tokens into the lm head's dense (V, H) gradient of the same weight, instead of adding a
+    zero-filled dense (V, H) gradient of its own (one (V, H) allocation, fill and add less per backward; the same
+    sum, up to float rounding). Untied weights are left alone (their gradient would be sparse alone). Not for
+    DistributedDataParallel, which expects a sparse gradient of a sparse embedding. Returns whether it applied."""
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = isinstance(embedding, nn.Embedding) and head is not None and head.weight is embedding.weight
+    if tied:
+        embedding.sparse = True
+    return tied
+
+
 def frozen_copy(model, dtype: torch.dtype = torch.float32):
     """An eval-mode copy of `model` in `dtype` that needs no gradient (the reference)."""
     ref = copy.deepcopy(model).to(dtype).eval()
@@ -183,7 +196,11 @@ class ValueModel(nn.Module):
 
     @classmethod
     def from_policy(cls, policy):
-        return cls(copy.deepcopy(policy.base_model), policy.config.hidden_size)
+        trunk = copy.deepcopy(policy.base_model)
+        embedding = trunk.get_input_embeddings()
+        if isinstance(embedding, nn.Embedding):  # without the policy's tied head its gradient must be dense
+            embedding.sparse = False
+        return cls(trunk, policy.config.hidden_size)
 
     @classmethod
     def from_reward_model(cls, reward_model):
@@ -199,6 +216,19 @@ class ValueModel(nn.Module):
             if head.bias is not None:
                 critic.head.bias.copy_(head.bias[:1])
         return critic
+
+    def freeze_embedding(self, source=None) -> None:
+        """Stops training the trunk's input embedding: no gradient and no optimiser state for its (V, H) table.
+        With `source`, a frozen model whose input embedding holds the same values in the same dtype and device
+        (the reference or the reward model the critic was copied from), the trunk reads through that table and
+        drops its own copy."""
+        own = self.trunk.get_input_embeddings()
+        theirs = None if source is None else source.get_input_embeddings()
+        if (theirs is not None and not theirs.weight.requires_grad and theirs.weight.dtype == own.weight.dtype
+                and theirs.weight.device == own.weight.device and torch.equal(theirs.weight, own.weight)):
+            self.trunk.set_input_embeddings(theirs)
+        else:
+            own.requires_grad_(False)
 
     def forward(self, input_ids, attention_mask, n_prompt: int):
         """(B, P + R) -> values (B, R) fp32."""
