@@ -143,7 +143,8 @@ def _token_chunks(tokens, vocab, itemsize):
     """(start, end) token ranges: as few as keep each (chunk, V) block within CHUNK_BYTES, of even sizes (256
     tokens at V=151936 fp32: two blocks of 78 MB rather than 128 MB + 22 MB)."""
     most = max(1, CHUNK_BYTES // max(1, vocab * itemsize))
-    step = max(1, -(-tokens // -(-tokens // most))) if tokens else 1
+    count = -(-tokens // most)  # ceil
+    step = -(-tokens // count) if tokens else 1
     return [(start, min(tokens, start + step)) for start in range(0, tokens, step)]
 
 

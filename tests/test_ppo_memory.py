@@ -83,34 +83,3 @@ def test_fused_adamw_is_the_default_update_and_the_step_drops_the_gradients():
         assert not torch.equal(ours, start[0] if ours.dim() == 2 else start[1])
         torch.testing.assert_close(ours, default, rtol=1e-6, atol=1e-6)
 
-
-@pytest.mark.parametrize("kernels", [True, False])
-def test_sparse_tied_embedding_gradient_is_the_dense_one(kernels):
-    from rlhf_fast.ppo.ops import get_ops
-    from rlhf_fast.ppo.trainer import encode_responses, join
-    tokenizer = tasks.CharTokenizer()
-    cfg = PPOConfig(hidden_size=32, num_layers=1, num_heads=2, tie_embeddings=True, vocab_size=301)
-    torch.manual_seed(0)
-    dense = models.tiny_llama(tokenizer.vocab_size, cfg)
-    sparse = models.tiny_llama(tokenizer.vocab_size, cfg)
-    sparse.load_state_dict(dense.state_dict())
-    assert models.sparse_tied_embedding_grad(sparse) and sparse.get_input_embeddings().sparse
-    prompt_ids, prompt_mask = encode_prompts(tokenizer, ["12=", "3456=", "7="], "cpu")
-    response, response_mask = encode_responses(tokenizer, ["12", "3456", ""], "cpu")
-    input_ids, attention, labels = join(prompt_ids, prompt_mask, response, response_mask)
-    grads = []
-    for model in (dense, sparse):
-        lp = models.LogProbModel(model, get_ops(kernels), fused=kernels, temperature=0.9)
-        lp(input_ids, attention, labels, prompt_ids.shape[1]).sum().backward()
-        grads.append(model.get_input_embeddings().weight.grad)
-    assert grads[1].layout == torch.strided and grads[0].abs().sum() > 0
-    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
-    critic = models.ValueModel.from_policy(sparse)
-    assert not critic.trunk.get_input_embeddings().sparse
-    critic(input_ids, attention, prompt_ids.shape[1]).sum().backward()
-    assert critic.trunk.get_input_embeddings().weight.grad.layout == torch.strided
-
-
-def test_untied_embedding_keeps_a_dense_gradient():
-    policy = models.tiny_llama(40, PPOConfig(hidden_size=16, num_layers=1, num_heads=2))
-    assert not models.sparse_tied_embedding_grad(policy) and not policy.get_input_embeddings().sparse

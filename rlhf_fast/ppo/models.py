@@ -51,19 +51,6 @@ def load_policy(cfg, vocab_size: int):
     return AutoModelForCausalLM.from_pretrained(cfg.model, **float32_kwargs())
 
 
-def sparse_tied_embedding_grad(model) -> bool:
-    """With tied input and output embeddings, makes the input embedding's backward sparse: autograd adds the rows
-    of the batch's tokens into the lm head's dense (V, H) gradient of the same weight, instead of adding a
-    zero-filled dense (V, H) gradient of its own (one (V, H) allocation, fill and add less per backward; the same
-    sum, up to float rounding). Untied weights are left alone (their gradient would be sparse alone). Not for
-    DistributedDataParallel, which expects a sparse gradient of a sparse embedding. Returns whether it applied."""
-    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
-    tied = isinstance(embedding, nn.Embedding) and head is not None and head.weight is embedding.weight
-    if tied:
-        embedding.sparse = True
-    return tied
-
-
 def frozen_copy(model, dtype: torch.dtype = torch.float32):
     """An eval-mode copy of `model` in `dtype` that needs no gradient (the reference)."""
     ref = copy.deepcopy(model).to(dtype).eval()
@@ -196,11 +183,7 @@ class ValueModel(nn.Module):
 
     @classmethod
     def from_policy(cls, policy):
-        trunk = copy.deepcopy(policy.base_model)
-        embedding = trunk.get_input_embeddings()
-        if isinstance(embedding, nn.Embedding):  # without the policy's tied head its gradient must be dense
-            embedding.sparse = False
-        return cls(trunk, policy.config.hidden_size)
+        return cls(copy.deepcopy(policy.base_model), policy.config.hidden_size)
 
     @classmethod
     def from_reward_model(cls, reward_model):

@@ -376,8 +376,6 @@ def training_steps(cfg: PPOConfig):
     generator = torch.Generator(device="cpu").manual_seed(cfg.seed * 1000 + d.rank)
     sample_gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + d.rank + 1)
     policy = precision.trainable(models.load_policy(cfg, tokenizer.vocab_size).to(device), cfg)
-    if d.world == 1:
-        models.sparse_tied_embedding_grad(policy)
     policy_lp = models.LogProbModel(policy, ops, fused=cfg.kernels == "on" and cfg.fused_head,
                                     temperature=cfg.temperature, autocast=precision.compute_dtype(cfg))
     rm_critic = None
