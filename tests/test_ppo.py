@@ -275,6 +275,7 @@ def test_generation_is_deterministic_for_a_generator_state():
     dict(adaptive_kl=True, target_kl=0.01, dual_clip=3.0, entropy_coef=0.01, ptx_coef=0.5,
          loss_agg="seq-mean-token-sum-norm", value_clip=None),
     dict(ref_quant="int8"), dict(ref_quant="int4", quant_group_size=32), dict(ref_quant="w8a8"),
+    dict(critic_embedding="trainable"),
 ])
 def test_algorithms_and_switches_run(tmp_path, extra):
     train(PPOConfig(out=str(tmp_path), total_steps=2, **{**TINY, **extra}))

@@ -96,6 +96,10 @@ class PPOConfig:
     critic_init: str = _opt("auto", "critic trunk and value head from the reward model (PPO-max; needs --reward-model "
                                     "with the policy's tokenizer) or from the policy's trunk with a zero head; auto: "
                                     "the reward model when there is one", ["auto", "reward-model", "policy"])
+    critic_embedding: str = _opt("frozen", "the critic's input embedding: frozen (read through the reference's or "
+                                           "the reward model's table when it holds the same values: no copy, "
+                                           "gradient or optimiser state of its own) or trainable (its own copy)",
+                                 ["frozen", "trainable"])
     gamma: float = _opt(1.0, "discount")
     lam: float = _opt(0.95, "GAE lambda")
 

@@ -218,6 +218,19 @@ class ValueModel(nn.Module):
                 critic.head.bias.copy_(head.bias[:1])
         return critic
 
+    def freeze_embedding(self, source=None) -> None:
+        """Stops training the trunk's input embedding: no gradient and no optimiser state for its (V, H) table.
+        With `source`, a frozen model whose input embedding holds the same values in the same dtype and device
+        (the reference or the reward model the critic was copied from), the trunk reads through that table and
+        drops its own copy."""
+        own = self.trunk.get_input_embeddings()
+        theirs = None if source is None else source.get_input_embeddings()
+        if (theirs is not None and not theirs.weight.requires_grad and theirs.weight.dtype == own.weight.dtype
+                and theirs.weight.device == own.weight.device and torch.equal(theirs.weight, own.weight)):
+            self.trunk.set_input_embeddings(theirs)
+        else:
+            own.requires_grad_(False)
+
     def forward(self, input_ids, attention_mask, n_prompt: int):
         """(B, P + R) -> values (B, R) fp32."""
         with precision.autocast(self.autocast, input_ids.device):

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from . import kl_full, models, plots, precision, tasks
+from . import kl_full, models, optim, plots, precision, tasks
 from .config import PPOConfig
 from .ops import get_ops
 from .policy_loss import minibatch_policy_loss
@@ -283,14 +283,12 @@ def supervised_warmup(policy_lp, task, tokenizer, cfg, device, generator) -> flo
     """Next-token training on the task's demonstrations (none: skipped); returns the last loss."""
     if not task.has_demonstrations:
         return float("nan")
-    optimizer = torch.optim.AdamW(policy_lp.parameters(), lr=cfg.warmup_lr)
+    optimizer = optim.adamw(policy_lp.parameters(), lr=cfg.warmup_lr)
     loss = torch.tensor(float("nan"))
     for _ in range(cfg.warmup_steps):
         loss = demonstration_loss(policy_lp, task, tokenizer, cfg.warmup_batch, device, generator)
-        optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy_lp.parameters(), cfg.max_grad_norm)
-        optimizer.step()
+        optim.clip_and_step(optimizer, policy_lp.parameters(), cfg.max_grad_norm)
     return loss.item()
 
 
@@ -410,6 +408,8 @@ def training_steps(cfg: PPOConfig):
         reference.load_state_dict(state["reference"])
         if critic is not None:
             critic.load_state_dict(state["critic"])
+    if critic is not None and cfg.critic_embedding == "frozen":  # after loading: shares only equal tables
+        critic.freeze_embedding(score.model if rm_critic is not None else reference)
     models.quantize(reference, cfg.ref_quant, cfg.quant_group_size)
     ref_lp = models.LogProbModel(reference, ops, fused=policy_lp.fused, temperature=cfg.temperature)
     full_kl = kl_full.FullVocabKL(cfg, ops, ref_lp)
@@ -419,8 +419,8 @@ def training_steps(cfg: PPOConfig):
         ids = [device.index] if device.type == "cuda" else None
         train_policy = DistributedDataParallel(policy_lp, device_ids=ids)
         train_critic = DistributedDataParallel(critic, device_ids=ids) if critic is not None else None
-    policy_opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
-    critic_opt = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr) if critic is not None else None
+    policy_opt = optim.adamw(policy.parameters(), lr=cfg.lr)
+    critic_opt = optim.adamw(critic.parameters(), lr=cfg.critic_lr) if critic is not None else None
     moments, kl_coef, log_z_estimate, fdpg_baseline = RunningMoments(), cfg.kl_coef, RunningLogZ(), RunningMoments()
     start_step, metrics = 0, []
     if state is not None:
@@ -534,17 +534,12 @@ def training_steps(cfg: PPOConfig):
                                                          clip=cfg.value_clip, agg=cfg.loss_agg)
                     loss = loss + cfg.vf_coef * v_loss
                     stats.update(value_loss=v_loss.item(), value_clipfrac=v_stats["clipfrac"].item())
-                policy_opt.zero_grad(set_to_none=True)
-                if critic_opt is not None:
-                    critic_opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if policy_moves:
-                    stats["policy_grad_norm"] = torch.nn.utils.clip_grad_norm_(policy.parameters(),
-                                                                               cfg.max_grad_norm).item()
-                    policy_opt.step()
+                    stats["policy_grad_norm"] = optim.clip_and_step(policy_opt, policy.parameters(),
+                                                                    cfg.max_grad_norm).item()
                 if critic is not None:
-                    torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.max_grad_norm)
-                    critic_opt.step()
+                    optim.clip_and_step(critic_opt, critic.parameters(), cfg.max_grad_norm)
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v
                 count += 1
