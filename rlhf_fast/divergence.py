@@ -89,7 +89,7 @@ _POWER = {"hellinger": (0.5, -1.0), "chi2": (2.0, 1.0)}
 # Bytes of one (tokens x chunk) buffer of a side's logits or gradient; a pass holds at most four (both sides'
 # logits, then both gradients). Under glibc's largest mmap threshold (32 MiB), so that the gradient the backward
 # kernel returns for each chunk lands in the heap memory the previous chunk's freed (no fresh pages to fault in).
-LINEAR_BUFFER_BYTES = 8 * 2**20
+LINEAR_BUFFER_BYTES = 28 * 2**20
 
 
 def _power_params(kind, alpha):
