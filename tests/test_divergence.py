@@ -287,6 +287,8 @@ def test_second_pass_sums_over_column_blocks(device, name, kind):
     zero = torch.zeros_like(out)
     torch.testing.assert_close(value, torch.where(mask, out, zero), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(statistic, torch.where(mask, stats[:, 2], zero), rtol=1e-4, atol=1e-6)
+    with pytest.raises((ValueError, RuntimeError), match="'js' or 'tv'"):
+        ops.f_divergence_second_pass(p, q, mask, stats, "kl", 0.8)
 
 
 @needs_compiled

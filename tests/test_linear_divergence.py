@@ -142,6 +142,39 @@ def test_padded_vocab_and_no_bias(small_chunks):
     assert torch.isfinite(out2).all()
 
 
+def test_strided_views_and_mixed_dtypes(small_chunks):
+    """Non-contiguous hidden states and weights (views of wider tensors), a bf16 p head against a float32 q head."""
+    t = _inputs(6, 300, 12, torch.float32, seed=12)
+    # each column twice: the even columns are the original values, as a strided view
+    wide = {k: torch.stack([v.detach(), v.detach()], -1).flatten(-2).requires_grad_() for k, v in t.items()
+            if not k.startswith("bias")}
+    views = {k: v[..., ::2] for k, v in wide.items()}
+    out = rf.linear_f_divergence(views["hidden_p"], views["weight_p"], views["hidden_q"], views["weight_q"], "tv",
+                                 bias_p=t["bias_p"], bias_q=t["bias_q"], logit_scale=1.2)
+    expected, d = _reference(t, "tv", None, 1.0, None, (1.2, 1.2))
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-5)
+    out.sum().backward()
+    expected.sum().backward()
+    for k in wide:
+        grad = wide[k].grad[..., ::2]
+        assert torch.equal(wide[k].grad[..., 1::2], torch.zeros_like(grad))
+        torch.testing.assert_close(grad.double(), d[k].grad, rtol=2e-3, atol=2e-3 * float(d[k].grad.abs().max()))
+
+    m = _inputs(6, 300, 12, torch.float32, seed=13)
+    p16 = {k: m[k].detach().to(torch.bfloat16).requires_grad_() for k in ("hidden_p", "weight_p", "bias_p")}
+    out = rf.linear_f_divergence(p16["hidden_p"], p16["weight_p"], m["hidden_q"], m["weight_q"], "kl",
+                                 bias_p=p16["bias_p"], bias_q=m["bias_q"], softcap=(3.0, None))
+    m.update({k: v for k, v in p16.items()})
+    expected, d = _reference(m, "kl", None, 1.0, None, softcap=(3.0, None))
+    torch.testing.assert_close(out.double(), expected, rtol=3e-2, atol=3e-3)
+    out.sum().backward()
+    expected.sum().backward()
+    for name in ("hidden_p", "weight_p", "bias_p", "hidden_q", "weight_q", "bias_q"):
+        assert m[name].grad.dtype == m[name].dtype
+        err = (m[name].grad.double() - d[name].grad).abs().max()
+        assert err <= 3e-2 * d[name].grad.abs().max() + 1e-3, name
+
+
 @pytest.mark.parametrize("rows", [0, 1])
 def test_empty_and_single_token(rows, small_chunks):
     t = _inputs(rows, 300, 8, torch.float32, seed=9)
