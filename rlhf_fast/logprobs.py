@@ -188,7 +188,7 @@ def _chunk_bytes_per_logit(dtype, softcap):
 
 
 def _vocab_chunks(tokens, vocab, itemsize, budget=None):
-    """[(start, end)) vocab chunks of at most `budget` bytes (default LINEAR_CHUNK_BYTES) of tokens x chunk x itemsize."""
+    """[start, end) vocab chunks of at most `budget` bytes (default LINEAR_CHUNK_BYTES) of tokens x chunk."""
     budget = LINEAR_CHUNK_BYTES if budget is None else budget
     chunk = max(1, min(vocab, budget // max(1, tokens * itemsize)))
     if chunk < vocab:

@@ -251,7 +251,8 @@ at::Tensor f_divergence_second_pass_cpu(const at::Tensor& logits_p, const at::Te
   const Params p = check_second_pass_inputs(logits_p, logits_q, mask, stats, std::string(kind), temperature);
   auto sums = at::empty({logits_p.size(0), 2}, logits_p.options().dtype(at::kFloat));
   const bool* m = mask.has_value() ? mask->data_ptr<bool>() : nullptr;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits_p.scalar_type(), "f_divergence_second_pass_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits_p.scalar_type(), "f_divergence_second_pass_cpu",
+                                  [&] {
     if (p.kind == kJS) {
       second_pass_rows<kJS, scalar_t>(logits_p, logits_q, m, stats.data_ptr<float>(), p, sums.data_ptr<float>());
     } else {

@@ -92,8 +92,8 @@ __device__ __forceinline__ void raise_max(Stream& s, float tile_max) {
 
 // The block's second-pass sums of one row against its log-normalisers; the result is valid in thread 0.
 template <int Kind, int Vec, typename scalar_t>
-__device__ Pair second_pass_sums(const scalar_t* __restrict__ xp, const scalar_t* __restrict__ xq, int64_t vocab,
-                                 const Params& p, float lse_a, float lse_b) {
+__device__ __forceinline__ Pair second_pass_sums(const scalar_t* __restrict__ xp, const scalar_t* __restrict__ xq,
+                                                 int64_t vocab, const Params& p, float lse_a, float lse_b) {
   Pair t{0.f, 0.f};
   for (int64_t i = static_cast<int64_t>(threadIdx.x) * Vec; i < vocab; i += kThreads * Vec) {
     float a[Vec], b[Vec];
