@@ -241,6 +241,18 @@ inline Params check_forward_inputs(const at::Tensor& logits_p, const at::Tensor&
   return params;
 }
 
+// The second pass alone (js, tv over some vocab columns, the rows' lse_p and lse_q given in stats (rows, 3)).
+inline Params check_second_pass_inputs(const at::Tensor& logits_p, const at::Tensor& logits_q,
+                                       const c10::optional<at::Tensor>& mask, const at::Tensor& stats,
+                                       const std::string& kind, double temperature) {
+  const Params p = check_forward_inputs(logits_p, logits_q, mask, kind, 0.0, temperature);
+  TORCH_CHECK(two_pass(p.kind), "f_divergence_second_pass: kind must be 'js' or 'tv', got '", kind, "'");
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == logits_p.size(0) && stats.size(1) == 3 &&
+                  stats.scalar_type() == at::kFloat && stats.is_contiguous() && stats.device() == logits_p.device(),
+              "f_divergence_second_pass: stats must be contiguous float32 (rows, 3) holding (lse_p, lse_q, unused)");
+  return p;
+}
+
 inline void check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& logits_p, const at::Tensor& out,
                                   const at::Tensor& stats) {
   const int64_t rows = logits_p.size(0);

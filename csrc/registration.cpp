@@ -78,6 +78,10 @@ TORCH_LIBRARY(rlhf_fast, m) {
   // alpha (alpha used only by the last).
   m.def("f_divergence(Tensor logits_p, Tensor logits_q, Tensor? mask, str kind, float alpha, float temperature) "
         "-> (Tensor out, Tensor stats)");
+  // js / tv over some vocab columns given the rows' log-normalisers (stats (rows, 3): lse_p, lse_q, unused):
+  // (rows, 2) fp32 sums, js: (sum P log(P/M), sum Q log(Q/M)); tv: (sum |P - Q|, sum P sign(P - Q)); masked rows 0.
+  m.def("f_divergence_second_pass(Tensor logits_p, Tensor logits_q, Tensor? mask, Tensor stats, str kind, "
+        "float temperature) -> Tensor");
   // Gradients in the logits' dtype, (rows, V) contiguous, or (0,) when not needed.
   m.def("f_divergence_backward(Tensor grad_out, Tensor logits_p, Tensor logits_q, Tensor? mask, Tensor out, "
         "Tensor stats, str kind, float alpha, float temperature, bool need_grad_p, bool need_grad_q) "

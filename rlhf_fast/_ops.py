@@ -143,6 +143,10 @@ def _f_divergence_backward_fake(grad_out, logits_p, logits_q, mask, out, stats, 
             logits_q.new_empty(logits_q.shape if need_grad_q else (0,)))
 
 
+def _f_divergence_second_pass_fake(logits_p, logits_q, mask, stats, kind, temperature):
+    return logits_p.new_empty((logits_p.shape[0], 2), dtype=torch.float32)
+
+
 def _f_divergence_setup_context(ctx, inputs, output):
     logits_p, logits_q, mask, kind, alpha, temperature = inputs
     out, stats = output
@@ -164,6 +168,7 @@ def f_divergence_backward(backward_op, ctx, grad_out, _grad_stats):
 def _register_divergence() -> None:
     torch.library.register_fake("rlhf_fast::f_divergence")(_f_divergence_fake)
     torch.library.register_fake("rlhf_fast::f_divergence_backward")(_f_divergence_backward_fake)
+    torch.library.register_fake("rlhf_fast::f_divergence_second_pass")(_f_divergence_second_pass_fake)
     torch.library.register_autograd(
         "rlhf_fast::f_divergence",
         lambda ctx, g, gs: f_divergence_backward(torch.ops.rlhf_fast.f_divergence_backward, ctx, g, gs),

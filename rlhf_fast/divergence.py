@@ -9,12 +9,14 @@ hellinger = 1 - sum sqrt(PQ); chi2 = sum (P-Q)^2 / Q; alpha = (sum P^a Q^(1-a) -
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
 from . import _validate as check
 from . import backend as _backend
 from . import reference
+from .logprobs import _vocab_chunks
 
 KINDS = reference.F_DIVERGENCES
 
@@ -84,6 +86,12 @@ def f_divergence(logits_p, logits_q, kind, *, alpha=None, temperature=1.0, mask=
 
 # one-pass kinds whose chunk values merge exactly (chain rule); js and tv need P and Q themselves (a second pass)
 _POWER = {"hellinger": (0.5, -1.0), "chi2": (2.0, 1.0)}
+# Bytes of one (tokens x chunk) buffer of a side's logits or gradient; a pass holds at most four (both sides'
+# logits, then both gradients). Under glibc's largest mmap threshold (32 MiB), so that the gradient the backward
+# kernel returns for each chunk lands in the heap memory the previous chunk's freed (no fresh pages to fault in);
+# not much smaller, since each chunk costs a handful of parallel regions (matmuls, kernels), each a thread barrier
+# that a busy machine makes expensive (4 MiB buffers made the op ~1.4x slower than 32 MiB at 1024 tokens there).
+LINEAR_BUFFER_BYTES = 28 * 2**20
 
 
 def _power_params(kind, alpha):
@@ -92,48 +100,83 @@ def _power_params(kind, alpha):
     return _POWER[kind]
 
 
-def _chunk_logits(hidden, weight, bias, start, end):
-    return torch.nn.functional.linear(hidden, weight[start:end], None if bias is None else bias[start:end])
-
-
 def _weighted_sum(weights, values):
     """sum_c weights * values over chunks (last dim), where a chunk of zero weight adds 0 (its values may be nan)."""
     return torch.where(weights > 0, weights * values, torch.zeros_like(values)).sum(-1)
 
 
-def _second_pass_terms(logits_p, logits_q, lse_p, lse_q, kind, temperature):
-    """js: (sum of the js terms, sum P log(P/M)); tv: (sum |P - Q| / 2, sum P sign(P - Q)) over one chunk, fp32."""
-    lp = logits_p.float() / temperature - lse_p[:, None]
-    lq = logits_q.float() / temperature - lse_q[:, None]
-    p, q = lp.exp(), lq.exp()
-    if kind == "tv":
-        sign = torch.sign(p - q)
-        return 0.5 * (p - q).abs().sum(-1), (p * sign).sum(-1)
-    lm = torch.logaddexp(lp, lq) - math.log(2.0)
-    k_p = torch.where(p > 0, p * (lp - lm), torch.zeros_like(p))
-    k_q = torch.where(q > 0, q * (lq - lm), torch.zeros_like(q))
-    return 0.5 * (k_p + k_q).sum(-1), k_p.sum(-1)
+class _Head(NamedTuple):
+    """One side's lm head and the logits the divergence kernels see for it, with y = hidden @ weight.T + bias:
+    gain * y without a soft cap, factor * cap * tanh(scale * y / cap) with one (factor = kernel T / T, and
+    gain = scale * factor: the logit scale and the temperature folded into one multiplier)."""
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    scale: float
+    cap: float | None
+    factor: float
+
+    @property
+    def gain(self):
+        return self.scale * self.factor
+
+    def logits(self, start, end, out):
+        """out (tokens, end - start) <- the kernels' logits of vocab entries [start, end)."""
+        weight = self.weight[start:end].T
+        bias = None if self.bias is None else self.bias[start:end]
+        gain = self.gain if self.cap is None else 1.0
+        if out.dtype != self.hidden.dtype:  # the other side is wider, or capped (float32 kernels' logits)
+            out.copy_(torch.nn.functional.linear(self.hidden, weight.T, bias))
+            if gain != 1.0:
+                out.mul_(gain)
+        elif bias is not None:
+            torch.addmm(bias, self.hidden, weight, beta=gain, alpha=gain, out=out)
+        elif gain != 1.0:
+            out.addmm_(self.hidden, weight, beta=0.0, alpha=gain)
+        else:
+            torch.mm(self.hidden, weight, out=out)
+        if self.cap is not None:
+            out.mul_(self.scale / self.cap).tanh_().mul_(self.cap * self.factor)
+        return out
+
+    def to_head_gradient(self, grad, logits):
+        """The gradient of the logits y given that of the kernels' logits (`logits`, overwritten), in place:
+        without a cap the gain is left to the gradient matmuls (returned); with one, d/dy = gain (1 - t^2) d/dz."""
+        if self.cap is None:
+            return self.gain
+        tanh_squared = logits.mul_(1.0 / (self.cap * self.factor)).square_()
+        grad.mul_(tanh_squared.mul_(-self.gain).add_(self.gain))
+        return 1.0
+
+
+def _buffers(count, tokens, chunk, dtype, device):
+    """`count` flat buffers for (tokens x chunk) blocks, and a function viewing one as (tokens, n) for n <= chunk."""
+    flat = [torch.empty(tokens * chunk, dtype=dtype, device=device) for _ in range(count)]
+    return flat, lambda buffer, n: buffer[:tokens * n].view(tokens, n)
 
 
 class _LinearFDivergence(torch.autograd.Function):
     """Chunked f-divergence of lm-head logits; the backward recomputes each chunk and feeds the divergence
-    backward kernel the whole rows' statistics (its per-entry gradient needs only them and the entry)."""
+    backward kernel the whole rows' statistics (its per-entry gradient needs only them and the entry). Each pass
+    reuses one buffer per side (and per needed gradient) across its chunks."""
 
     @staticmethod
     def forward(ctx, hidden_p, weight_p, bias_p, hidden_q, weight_q, bias_q, mask, kind, alpha, temperature, name,
-                chunks):
+                chunks, transforms, dtype):
         ops = _backend.kernels(name, "divergence")
+        heads = (_Head(hidden_p, weight_p, bias_p, *transforms[0]), _Head(hidden_q, weight_q, bias_q, *transforms[1]))
+        tokens, width = hidden_p.shape[0], chunks[0][1] - chunks[0][0]
+        (buffer_a, buffer_b), view = _buffers(2, tokens, width, dtype, hidden_p.device)
         first_kind = "kl" if kind in ("js", "tv") else kind
         lse_p, lse_q, values, aux = [], [], [], []
         for start, end in chunks:
-            a = _chunk_logits(hidden_p, weight_p, bias_p, start, end)
-            b = _chunk_logits(hidden_q, weight_q, bias_q, start, end)
-            out, stats = ops.f_divergence(a, b, None, first_kind, float(alpha or 0.0), temperature)
+            a = heads[0].logits(start, end, view(buffer_a, end - start))
+            b = heads[1].logits(start, end, view(buffer_b, end - start))
+            out, stats = ops.f_divergence(a, b, mask, first_kind, float(alpha or 0.0), temperature)
             lse_p.append(stats[:, 0])
             lse_q.append(stats[:, 1])
             values.append(out)
             aux.append(stats[:, 2])
-            del a, b
         lse_p_c, lse_q_c = torch.stack(lse_p, -1), torch.stack(lse_q, -1)  # (rows, chunks)
         row_lse_p, row_lse_q = torch.logsumexp(lse_p_c, -1), torch.logsumexp(lse_q_c, -1)
         w = torch.exp(lse_p_c - row_lse_p[:, None])  # each chunk's share of P and of Q
@@ -146,15 +189,15 @@ class _LinearFDivergence(torch.autograd.Function):
             value = _weighted_sum(v, values + lse_q_c - lse_p_c) - row_lse_q + row_lse_p
             statistic = value
         elif kind in ("js", "tv"):
-            value = torch.zeros_like(row_lse_p)
-            statistic = torch.zeros_like(row_lse_p)
+            normalisers = torch.stack([row_lse_p, row_lse_q, torch.zeros_like(row_lse_p)], -1).contiguous()
+            sums = torch.zeros(tokens, 2, dtype=torch.float32, device=hidden_p.device)
             for start, end in chunks:
-                a = _chunk_logits(hidden_p, weight_p, bias_p, start, end)
-                b = _chunk_logits(hidden_q, weight_q, bias_q, start, end)
-                term, stat = _second_pass_terms(a, b, row_lse_p, row_lse_q, kind, temperature)
-                value += term
-                statistic += stat
-                del a, b
+                a = heads[0].logits(start, end, view(buffer_a, end - start))
+                b = heads[1].logits(start, end, view(buffer_b, end - start))
+                sums += ops.f_divergence_second_pass(a, b, mask, normalisers, kind, temperature)
+            # js: the sums are KL(P || M), KL(Q || M); tv: sum |P - Q|, sum P sign(P - Q)
+            value = 0.5 * sums.sum(-1) if kind == "js" else 0.5 * sums[:, 0]
+            statistic = sums[:, 0] if kind == "js" else sums[:, 1]
         else:
             e, scale = _power_params(kind, alpha)
             terms = (e * (lse_p_c - row_lse_p[:, None]) + (1 - e) * (lse_q_c - row_lse_q[:, None])
@@ -168,45 +211,75 @@ class _LinearFDivergence(torch.autograd.Function):
         stats = torch.stack([row_lse_p, row_lse_q, statistic], -1).float().contiguous()
         value = value.float().contiguous()
         ctx.save_for_backward(hidden_p, weight_p, bias_p, hidden_q, weight_q, bias_q, mask, value, stats)
-        ctx.options = kind, float(alpha or 0.0), temperature, name, chunks
+        ctx.options = kind, float(alpha or 0.0), temperature, name, chunks, transforms, dtype
         return value
 
     @staticmethod
     def backward(ctx, grad_out):
         hidden_p, weight_p, bias_p, hidden_q, weight_q, bias_q, mask, value, stats = ctx.saved_tensors
-        kind, alpha, temperature, name, chunks = ctx.options
+        kind, alpha, temperature, name, chunks, transforms, dtype = ctx.options
+        heads = (_Head(hidden_p, weight_p, bias_p, *transforms[0]), _Head(hidden_q, weight_q, bias_q, *transforms[1]))
         ops = _backend.kernels(name, "divergence")
         need = ctx.needs_input_grad
-        need_p, need_q = any(need[0:3]), any(need[3:6])
+        need_side = (any(need[0:3]), any(need[3:6]))
         grads = [None] * 6
-        if need[0]:
-            grads[0] = torch.zeros(hidden_p.shape, dtype=torch.float32, device=hidden_p.device)
-        if need[3]:
-            grads[3] = torch.zeros(hidden_q.shape, dtype=torch.float32, device=hidden_q.device)
-        for index in (1, 2, 4, 5):
-            source = (weight_p, bias_p, None, weight_q, bias_q)[index - 1]
-            if need[index]:
-                grads[index] = torch.empty_like(source)
+        for side, head in enumerate(heads):
+            offset = 3 * side
+            if need[offset]:
+                grads[offset] = torch.zeros(head.hidden.shape, dtype=torch.float32, device=head.hidden.device)
+            if need[offset + 1]:
+                grads[offset + 1] = torch.empty_like(head.weight)
+            if need[offset + 2]:
+                grads[offset + 2] = torch.empty(head.bias.shape, dtype=torch.float32, device=head.bias.device)
         grad_out = grad_out.float().contiguous()
+        tokens, width = hidden_p.shape[0], chunks[0][1] - chunks[0][0]
+        buffers, view = _buffers(2, tokens, width, dtype, hidden_p.device)
         for start, end in chunks:
-            a = _chunk_logits(hidden_p, weight_p, bias_p, start, end)
-            b = _chunk_logits(hidden_q, weight_q, bias_q, start, end)
-            grad_a, grad_b = ops.f_divergence_backward(grad_out, a, b, mask, value, stats, kind, alpha, temperature,
-                                                       need_p, need_q)
-            del a, b
-            for grad, hidden, weight, offset in ((grad_a, hidden_p, weight_p, 0), (grad_b, hidden_q, weight_q, 3)):
-                if not (need_p if offset == 0 else need_q):
+            logits = [head.logits(start, end, view(buffer, end - start)) for head, buffer in zip(heads, buffers)]
+            chunk_grads = ops.f_divergence_backward(grad_out, *logits, mask, value, stats, kind, alpha, temperature,
+                                                    *need_side)
+            for side, head in enumerate(heads):
+                if not need_side[side]:
                     continue
+                offset = 3 * side
+                grad = chunk_grads[side]
+                gain = head.to_head_gradient(grad, logits[side])
                 if need[offset]:
-                    grads[offset].addmm_(grad.float(), weight[start:end].float())
+                    grads[offset].addmm_(grad.float(), head.weight[start:end].float(), alpha=gain)
+                grad = grad.to(head.hidden.dtype)
                 if need[offset + 1]:
-                    grads[offset + 1][start:end] = (grad.T @ hidden).to(weight.dtype)
+                    grads[offset + 1][start:end].addmm_(grad.T, head.hidden, beta=0.0, alpha=gain)
                 if need[offset + 2]:
-                    grads[offset + 2][start:end] = grad.float().sum(0).to(grads[offset + 2].dtype)
-        for index, source in ((0, hidden_p), (3, hidden_q)):
+                    torch.sum(grad, 0, dtype=torch.float32, out=grads[offset + 2][start:end])
+                    if gain != 1.0:
+                        grads[offset + 2][start:end].mul_(gain)
+            del chunk_grads, grad
+        for index, source in ((0, hidden_p), (2, bias_p), (3, hidden_q), (5, bias_q)):
             if grads[index] is not None:
                 grads[index] = grads[index].to(source.dtype)
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None)
+
+
+def _per_side(name, value, check_one):
+    """A keyword given once for both heads, or as a (p, q) pair: (value_p, value_q), each checked."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{name} must be one value for both heads or a (p, q) pair, got {value!r}")
+        return tuple(check_one(f"{name}[{i}]", v) for i, v in enumerate(value))
+    value = check_one(name, value)
+    return value, value
+
+
+def _optional_cap(name, value):
+    return None if value is None else check.positive_float(name, value)
+
+
+def _transforms(logit_scale, softcap, temperature):
+    """(the kernels' temperature, per side (scale, cap, factor)) for `_Head`: without a cap on the p side the
+    kernels take T / scale_p and its logits go through untouched."""
+    kernel_t = temperature if softcap[0] is not None else temperature / logit_scale[0]
+    factor = kernel_t / temperature
+    return kernel_t, tuple((scale, cap, factor) for scale, cap in zip(logit_scale, softcap))
 
 
 def _check_head(name, hidden, weight, bias):
@@ -227,25 +300,31 @@ def _check_head(name, hidden, weight, bias):
 
 
 def linear_f_divergence(hidden_p, weight_p, hidden_q, weight_q, kind, *, bias_p=None, bias_q=None, alpha=None,
-                        temperature=1.0, mask=None, backend=None):
+                        temperature=1.0, logit_scale=1.0, softcap=None, mask=None, backend=None):
     """`f_divergence` between the lm-head logits of two models, never holding either model's full logits.
 
-    P = softmax((hidden_p @ weight_p.T + bias_p) / T), Q likewise from the q side; hidden_p (..., H_p) and
-    hidden_q (..., H_q) with the same leading shape, weight_p (V, H_p), weight_q (V, H_q). Returns (...) float32,
-    the same kinds and semantics as `f_divergence` (mask: (...) nonzero = valid; masked positions 0 with no
-    gradient). Gradients flow to both hidden states, both weights and both biases; a frozen side (tensors
+    P = softmax(z_p / T) with z_p the p head's logits as `linear_logprobs` transforms them: y = hidden_p @
+    weight_p.T + bias_p, z = logit_scale * y, with softcap set z = softcap * tanh(z / softcap) (in float32); Q
+    likewise from the q side. hidden_p (..., H_p) and hidden_q (..., H_q) with the same leading shape, weight_p
+    (V, H_p), weight_q (V, H_q). `logit_scale` and `softcap` take one value for both heads or a (p, q) pair (e.g.
+    `**` of `head_transform(config)` when both models share an architecture; a pair when they differ). Returns
+    (...) float32, the same kinds and semantics as `f_divergence` (mask: (...) nonzero = valid; masked positions 0
+    with no gradient). Gradients flow to both hidden states, both weights and both biases; a frozen side (tensors
     without grad, e.g. the reference model) costs no gradient work.
 
-    The vocab is walked in chunks: at most one (tokens x chunk) block of logits per side is alive, about 64 MiB
-    each (the chunk of `linear_logprobs` for two sides), plus (tokens, chunks) float32 statistics. kl,
-    reverse_kl and the power kinds merge the chunks' own divergences exactly (chain rule over the chunks'
-    shares of P and Q): one matmul per side; js and tv need the rows' normalisers first, so they compute each
-    chunk twice. The backward recomputes each chunk's logits, turns them into their gradient with the
-    divergence backward kernel (the rows' statistics make the per-entry gradient exact), and accumulates
-    grad_hidden in float32 and grad_weight / grad_bias chunk by chunk.
+    The vocab is walked in chunks: one (tokens x chunk) buffer per side (and per side's gradient in the
+    backward), each at most LINEAR_BUFFER_BYTES and reused from chunk to chunk, plus (tokens, chunks) float32
+    statistics. kl, reverse_kl and the power kinds merge the chunks' own divergences exactly (chain rule over the
+    chunks' shares of P and Q): one matmul per side; js and tv need the rows' normalisers first, so they compute
+    each chunk twice (the second time a kernel sums the chunk's terms against the rows' normalisers). The
+    backward recomputes each chunk's logits, turns them into their gradient with the divergence backward kernel
+    (the rows' statistics make the per-entry gradient exact), and accumulates grad_hidden in float32 and
+    grad_weight / grad_bias chunk by chunk.
     """
     _check_kind(kind, alpha)
     temperature = check.positive_float("temperature", temperature)
+    logit_scale = _per_side("logit_scale", logit_scale, check.positive_float)
+    softcap = _per_side("softcap", softcap, _optional_cap)
     _check_head("p", hidden_p, weight_p, bias_p)
     _check_head("q", hidden_q, weight_q, bias_q)
     check.same_device("hidden_q", hidden_q, "hidden_p", hidden_p)
@@ -262,12 +341,17 @@ def linear_f_divergence(hidden_p, weight_p, hidden_q, weight_q, kind, *, bias_p=
     flat_p = hidden_p.reshape(-1, hidden_p.shape[-1])
     flat_q = hidden_q.reshape(-1, hidden_q.shape[-1])
     if name == "torch":
-        logits_p = torch.nn.functional.linear(flat_p, weight_p, bias_p)
-        logits_q = torch.nn.functional.linear(flat_q, weight_q, bias_q)
-        out = reference.f_divergence(logits_p, logits_q, kind, alpha=alpha, temperature=temperature, mask=mask)
+        logits = [reference.head_logits(h, w, b, logit_scale=s, softcap=c) for h, w, b, s, c in
+                  ((flat_p, weight_p, bias_p, logit_scale[0], softcap[0]), (flat_q, weight_q, bias_q, logit_scale[1],
+                                                                            softcap[1]))]
+        out = reference.f_divergence(*logits, kind, alpha=alpha, temperature=temperature, mask=mask)
         return out.view(lead)
-    from .logprobs import _vocab_chunks
-    chunks = _vocab_chunks(flat_p.shape[0], weight_p.shape[0], 2 * max(flat_p.element_size(), flat_q.element_size()))
+    # the kernels take both sides' logits in one dtype: the wider one, float32 where a soft cap is applied
+    dtype = torch.promote_types(hidden_p.dtype, hidden_q.dtype)
+    if softcap != (None, None):
+        dtype = torch.promote_types(dtype, torch.float32)
+    chunks = _vocab_chunks(flat_p.shape[0], weight_p.shape[0], dtype.itemsize, LINEAR_BUFFER_BYTES)
+    kernel_t, transforms = _transforms(logit_scale, softcap, temperature)
     out = _LinearFDivergence.apply(flat_p, weight_p, bias_p, flat_q, weight_q, bias_q, mask, kind, alpha,
-                                   temperature, name, chunks)
+                                   kernel_t, name, chunks, transforms, dtype)
     return out.view(lead)

@@ -187,8 +187,10 @@ def _chunk_bytes_per_logit(dtype, softcap):
     return itemsize if softcap is None else 2 * wide + (itemsize if itemsize < wide else 0)
 
 
-def _vocab_chunks(tokens, vocab, itemsize):
-    chunk = max(1, min(vocab, LINEAR_CHUNK_BYTES // max(1, tokens * itemsize)))
+def _vocab_chunks(tokens, vocab, itemsize, budget=None):
+    """[start, end) vocab chunks of at most `budget` bytes (default LINEAR_CHUNK_BYTES) of tokens x chunk."""
+    budget = LINEAR_CHUNK_BYTES if budget is None else budget
+    chunk = max(1, min(vocab, budget // max(1, tokens * itemsize)))
     if chunk < vocab:
         chunk = max(128, chunk // 128 * 128)  # whole cache lines of the weight and the logits
     return [(start, min(vocab, start + chunk)) for start in range(0, vocab, chunk)]

@@ -94,6 +94,9 @@ def _divergence(dtype):
     for kind in ("kl", "reverse_kl", "js", "tv", "alpha"):  # hellinger and chi2 share alpha's kernel code
         ops.f_divergence(logits, logits, mask, kind, 0.5, 1.0)
         ops.f_divergence(logits, logits, None, kind, 0.5, 1.0)
+        if kind in ("js", "tv"):  # linear_f_divergence's second pass over a vocab chunk
+            ops.f_divergence_second_pass(logits, logits, mask, stats, kind, 1.0)
+            ops.f_divergence_second_pass(logits, logits, None, stats, kind, 1.0)
         for need_p, need_q in ((True, True), (True, False), (False, True)):
             ops.f_divergence_backward(per_row, logits, logits, mask, per_row, stats, kind, 0.5, 1.0, need_p, need_q)
 

@@ -31,6 +31,7 @@ ALLOWED = {
     "logprobs_backward_kernel": ({"ex2.approx.ftz.f32"}, "the same fast_exp2 for p = 2^(log p log2 e)"),
     "f_divergence_forward_kernel": ({"ex2.approx.f32", "lg2.approx.f32", "ex2.approx.ftz.f32"}, DIVERGENCE_FAST),
     "f_divergence_backward_kernel": ({"ex2.approx.f32", "lg2.approx.f32", "ex2.approx.ftz.f32"}, DIVERGENCE_FAST),
+    "f_divergence_second_pass_kernel": ({"ex2.approx.f32", "lg2.approx.f32", "ex2.approx.ftz.f32"}, DIVERGENCE_FAST),
     "kl_penalty_kernel": ({"ex2.approx.ftz.f32", "ex2.approx.f32"}, LIBDEVICE_EXPF + "; k3's expm1f (libdevice, "
                           "1 ulp) scales an ex2.approx core the same way"),
     "kl_penalty_backward_kernel": ({"ex2.approx.ftz.f32", "ex2.approx.f32"}, LIBDEVICE_EXPF + "; and expm1f's"),

@@ -266,6 +266,29 @@ def test_opcheck_compiled_ops():
             torch.library.opcheck(torch.ops.rlhf_fast.f_divergence_backward.default,
                                   (torch.randn(rows), p.detach(), q.detach(), mask, out, stats, kind, alpha, 0.7,
                                    True, False))
+            if kind == "js":
+                torch.library.opcheck(torch.ops.rlhf_fast.f_divergence_second_pass.default,
+                                      (p.detach(), q.detach(), mask, stats, kind, 0.7))
+
+
+@pytest.mark.parametrize("device, name", [pair for pair in PAIRS if pair[1] != "torch"])
+@pytest.mark.parametrize("kind", ["js", "tv"])
+def test_second_pass_sums_over_column_blocks(device, name, kind):
+    """f_divergence_second_pass (linear_f_divergence's second pass) over blocks of columns, against the rows'
+    log-normalisers, adds up to the forward's value and statistic; masked rows give 0."""
+    ops = rf.backend.kernels(name, "divergence")
+    vocab = _vocab(device, name)
+    p, q = _logits(6, vocab, torch.float32, device), _logits(6, vocab, torch.float32, device)
+    mask = _holes(6, device)
+    out, stats = ops.f_divergence(p, q, None, kind, 0.0, 0.8)
+    sums = sum(ops.f_divergence_second_pass(p[:, s:s + 100], q[:, s:s + 100], mask, stats, kind, 0.8)
+               for s in range(0, vocab, 100))
+    value, statistic = (0.5 * sums.sum(-1), sums[:, 0]) if kind == "js" else (0.5 * sums[:, 0], sums[:, 1])
+    zero = torch.zeros_like(out)
+    torch.testing.assert_close(value, torch.where(mask, out, zero), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(statistic, torch.where(mask, stats[:, 2], zero), rtol=1e-4, atol=1e-6)
+    with pytest.raises((ValueError, RuntimeError), match="'js' or 'tv'"):
+        ops.f_divergence_second_pass(p, q, mask, stats, "kl", 0.8)
 
 
 @needs_compiled

@@ -110,7 +110,18 @@ RLHF_FAST_SIMD_CLONES void second_pass_chunk(const scalar_t* xp, const scalar_t*
   t2 += u2;
 }
 
+// The second-pass sums of one row (or part of one) of n entries against the given log-normalisers.
 template <int Kind, typename scalar_t>
+Pair second_pass_row(const scalar_t* rp, const scalar_t* rq, int64_t n, const Params& p, float lse_a, float lse_b) {
+  float t1 = 0.f, t2 = 0.f;
+  for (int64_t c = 0; c < n; c += kChunk) {
+    second_pass_chunk<Kind>(rp + c, rq + c, std::min(kChunk, n - c), p, lse_a, lse_b, t1, t2);
+  }
+  return {t1, t2};
+}
+
+// NeedP / NeedQ: which gradients to write; the other side's terms (e.g. an exp) then compile away.
+template <int Kind, bool NeedP, bool NeedQ, typename scalar_t>
 RLHF_FAST_SIMD_CLONES void grad_chunk(const scalar_t* xp, const scalar_t* xq, int64_t n, const Params& p,
                                       const RowGrad& r, scalar_t* gp, scalar_t* gq) {
   float a[kChunk], b[kChunk];
@@ -120,14 +131,14 @@ RLHF_FAST_SIMD_CLONES void grad_chunk(const scalar_t* xp, const scalar_t* xq, in
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     const Pair d = grad_entry<Kind, VecMath>(a[i], b[i], params, row);
-    a[i] = d.first;  // the buffers now hold the gradients
-    b[i] = d.second;
+    if (NeedP) a[i] = d.first;  // the buffers now hold the gradients
+    if (NeedQ) b[i] = d.second;
   }
-  if (gp) {
+  if (NeedP) {
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) gp[i] = static_cast<scalar_t>(a[i]);
   }
-  if (gq) {
+  if (NeedQ) {
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) gq[i] = static_cast<scalar_t>(b[i]);
   }
@@ -155,16 +166,33 @@ void forward_rows(const at::Tensor& logits_p, const at::Tensor& logits_q, const 
       }
       RowResult r = finish_first_pass(p, state);
       if (two_pass(Kind)) {
-        float t1 = 0.f, t2 = 0.f;
-        for (int64_t c = 0; c < vocab; c += kChunk) {
-          second_pass_chunk<Kind>(rp + c, rq + c, std::min(kChunk, vocab - c), p, r.lse_a, r.lse_b, t1, t2);
-        }
-        finish_second_pass(Kind, t1, t2, r);
+        const Pair t = second_pass_row<Kind>(rp, rq, vocab, p, r.lse_a, r.lse_b);
+        finish_second_pass(Kind, t.first, t.second, r);
       }
       out[row] = r.out;
       row_stats[0] = r.lse_a;
       row_stats[1] = r.lse_b;
       row_stats[2] = r.aux;
+    }
+  });
+}
+
+template <int Kind, typename scalar_t>
+void second_pass_rows(const at::Tensor& logits_p, const at::Tensor& logits_q, const bool* mask, const float* stats,
+                      const Params& p, float* sums) {
+  const int64_t rows = logits_p.size(0), vocab = logits_p.size(1);
+  const int64_t stride_p = logits_p.stride(0), stride_q = logits_q.stride(0);
+  const scalar_t* xp = logits_p.data_ptr<scalar_t>();
+  const scalar_t* xq = logits_q.data_ptr<scalar_t>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      Pair t{0.f, 0.f};
+      if (!mask || mask[row]) {
+        t = second_pass_row<Kind>(xp + row * stride_p, xq + row * stride_q, vocab, p, stats[3 * row],
+                                  stats[3 * row + 1]);
+      }
+      sums[2 * row] = t.first;
+      sums[2 * row + 1] = t.second;
     }
   });
 }
@@ -176,6 +204,7 @@ void backward_rows(const float* grad_out, const at::Tensor& logits_p, const at::
   const int64_t stride_p = logits_p.stride(0), stride_q = logits_q.stride(0);
   const scalar_t* xp = logits_p.data_ptr<scalar_t>();
   const scalar_t* xq = logits_q.data_ptr<scalar_t>();
+  if (!grad_p && !grad_q) return;
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       scalar_t* gp = grad_p ? grad_p + row * vocab : nullptr;
@@ -188,8 +217,12 @@ void backward_rows(const float* grad_out, const at::Tensor& logits_p, const at::
       const RowGrad r{stats[3 * row], stats[3 * row + 1], stats[3 * row + 2], out[row],
                       grad_out[row] * p.inv_temperature};
       for (int64_t c = 0; c < vocab; c += kChunk) {
-        grad_chunk<Kind>(xp + row * stride_p + c, xq + row * stride_q + c, std::min(kChunk, vocab - c), p, r,
-                         gp ? gp + c : nullptr, gq ? gq + c : nullptr);
+        const scalar_t* rp = xp + row * stride_p + c;
+        const scalar_t* rq = xq + row * stride_q + c;
+        const int64_t n = std::min(kChunk, vocab - c);
+        if (gp && gq) grad_chunk<Kind, true, true>(rp, rq, n, p, r, gp + c, gq + c);
+        else if (gp) grad_chunk<Kind, true, false>(rp, rq, n, p, r, gp + c, gq);
+        else grad_chunk<Kind, false, true>(rp, rq, n, p, r, gp, gq + c);
       }
     }
   });
@@ -210,6 +243,23 @@ std::tuple<at::Tensor, at::Tensor> f_divergence_cpu(const at::Tensor& logits_p, 
     });
   });
   return {out, stats};
+}
+
+at::Tensor f_divergence_second_pass_cpu(const at::Tensor& logits_p, const at::Tensor& logits_q,
+                                        const c10::optional<at::Tensor>& mask, const at::Tensor& stats,
+                                        c10::string_view kind, double temperature) {
+  const Params p = check_second_pass_inputs(logits_p, logits_q, mask, stats, std::string(kind), temperature);
+  auto sums = at::empty({logits_p.size(0), 2}, logits_p.options().dtype(at::kFloat));
+  const bool* m = mask.has_value() ? mask->data_ptr<bool>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits_p.scalar_type(), "f_divergence_second_pass_cpu",
+                                  [&] {
+    if (p.kind == kJS) {
+      second_pass_rows<kJS, scalar_t>(logits_p, logits_q, m, stats.data_ptr<float>(), p, sums.data_ptr<float>());
+    } else {
+      second_pass_rows<kTV, scalar_t>(logits_p, logits_q, m, stats.data_ptr<float>(), p, sums.data_ptr<float>());
+    }
+  });
+  return sums;
 }
 
 std::tuple<at::Tensor, at::Tensor> f_divergence_backward_cpu(
@@ -235,6 +285,7 @@ std::tuple<at::Tensor, at::Tensor> f_divergence_backward_cpu(
 
 TORCH_LIBRARY_IMPL(rlhf_fast, CPU, m) {
   m.impl("f_divergence", &f_divergence_cpu);
+  m.impl("f_divergence_second_pass", &f_divergence_second_pass_cpu);
   m.impl("f_divergence_backward", &f_divergence_backward_cpu);
 }
 

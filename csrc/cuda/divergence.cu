@@ -90,6 +90,25 @@ __device__ __forceinline__ void raise_max(Stream& s, float tile_max) {
   }
 }
 
+// The block's second-pass sums of one row against its log-normalisers; the result is valid in thread 0.
+template <int Kind, int Vec, typename scalar_t>
+__device__ __forceinline__ Pair second_pass_sums(const scalar_t* __restrict__ xp, const scalar_t* __restrict__ xq,
+                                                 int64_t vocab, const Params& p, float lse_a, float lse_b) {
+  Pair t{0.f, 0.f};
+  for (int64_t i = static_cast<int64_t>(threadIdx.x) * Vec; i < vocab; i += kThreads * Vec) {
+    float a[Vec], b[Vec];
+    load_scaled<scalar_t, Vec>(xp, i, p.inv_temperature, a);
+    load_scaled<scalar_t, Vec>(xq, i, p.inv_temperature, b);
+#pragma unroll
+    for (int j = 0; j < Vec; ++j) {
+      const Pair term = second_pass_terms<Kind, DeviceMath>(a[j], b[j], lse_a, lse_b);
+      t.first += term.first;
+      t.second += term.second;
+    }
+  }
+  return block_sum(t);
+}
+
 template <int Kind, int Vec, typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     f_divergence_forward_kernel(const scalar_t* __restrict__ logits_p, const scalar_t* __restrict__ logits_q,
@@ -133,20 +152,7 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) result = finish_first_pass(p, s);
   __syncthreads();
   if (two_pass(Kind)) {
-    const float lse_a = result.lse_a, lse_b = result.lse_b;
-    Pair t{0.f, 0.f};
-    for (int64_t i = static_cast<int64_t>(threadIdx.x) * Vec; i < vocab; i += kThreads * Vec) {
-      float a[Vec], b[Vec];
-      load_scaled<scalar_t, Vec>(xp, i, p.inv_temperature, a);
-      load_scaled<scalar_t, Vec>(xq, i, p.inv_temperature, b);
-#pragma unroll
-      for (int j = 0; j < Vec; ++j) {
-        const Pair term = second_pass_terms<Kind, DeviceMath>(a[j], b[j], lse_a, lse_b);
-        t.first += term.first;
-        t.second += term.second;
-      }
-    }
-    t = block_sum(t);
+    const Pair t = second_pass_sums<Kind, Vec>(xp, xq, vocab, p, result.lse_a, result.lse_b);
     if (threadIdx.x == 0) finish_second_pass(Kind, t.first, t.second, result);
   }
   if (threadIdx.x == 0) {
@@ -154,6 +160,23 @@ __global__ void __launch_bounds__(kThreads)
     stats[3 * row] = result.lse_a;
     stats[3 * row + 1] = result.lse_b;
     stats[3 * row + 2] = result.aux;
+  }
+}
+
+template <int Kind, int Vec, typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    f_divergence_second_pass_kernel(const scalar_t* __restrict__ logits_p, const scalar_t* __restrict__ logits_q,
+                                    const bool* __restrict__ mask, const float* __restrict__ stats, int64_t vocab,
+                                    int64_t stride_p, int64_t stride_q, Params p, float* __restrict__ sums) {
+  const int64_t row = blockIdx.x;
+  Pair t{0.f, 0.f};
+  if (!mask || mask[row]) {
+    t = second_pass_sums<Kind, Vec>(logits_p + row * stride_p, logits_q + row * stride_q, vocab, p, stats[3 * row],
+                                    stats[3 * row + 1]);
+  }
+  if (threadIdx.x == 0) {
+    sums[2 * row] = t.first;
+    sums[2 * row + 1] = t.second;
   }
 }
 
@@ -231,6 +254,38 @@ std::tuple<at::Tensor, at::Tensor> f_divergence_cuda(const at::Tensor& logits_p,
   return {out, stats};
 }
 
+at::Tensor f_divergence_second_pass_cuda(const at::Tensor& logits_p, const at::Tensor& logits_q,
+                                         const c10::optional<at::Tensor>& mask, const at::Tensor& stats,
+                                         c10::string_view kind, double temperature) {
+  const Params p = check_second_pass_inputs(logits_p, logits_q, mask, stats, std::string(kind), temperature);
+  const c10::cuda::CUDAGuard guard(logits_p.device());
+  const int64_t rows = logits_p.size(0), vocab = logits_p.size(1);
+  auto sums = at::empty({rows, 2}, logits_p.options().dtype(at::kFloat));
+  if (rows == 0) return sums;
+  TORCH_CHECK(rows <= INT32_MAX, "f_divergence_second_pass: too many rows");
+  const bool* m = mask.has_value() ? mask->data_ptr<bool>() : nullptr;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits_p.scalar_type(), "f_divergence_second_pass_cuda",
+                                  [&] {
+    constexpr int vec = 16 / sizeof(scalar_t);
+    const bool vectorised = vector_loads_fit<scalar_t>(logits_p, logits_q);
+    auto launch = [&](auto kernel) {
+      kernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
+          logits_p.data_ptr<scalar_t>(), logits_q.data_ptr<scalar_t>(), m, stats.data_ptr<float>(), vocab,
+          logits_p.stride(0), logits_q.stride(0), p, sums.data_ptr<float>());
+    };
+    if (p.kind == kJS) {
+      if (vectorised) launch(f_divergence_second_pass_kernel<kJS, vec, scalar_t>);
+      else launch(f_divergence_second_pass_kernel<kJS, 1, scalar_t>);
+    } else {
+      if (vectorised) launch(f_divergence_second_pass_kernel<kTV, vec, scalar_t>);
+      else launch(f_divergence_second_pass_kernel<kTV, 1, scalar_t>);
+    }
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return sums;
+}
+
 std::tuple<at::Tensor, at::Tensor> f_divergence_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& logits_p, const at::Tensor& logits_q,
     const c10::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& stats, c10::string_view kind,
@@ -268,6 +323,7 @@ std::tuple<at::Tensor, at::Tensor> f_divergence_backward_cuda(
 
 TORCH_LIBRARY_IMPL(rlhf_fast, CUDA, m) {
   m.impl("f_divergence", &f_divergence_cuda);
+  m.impl("f_divergence_second_pass", &f_divergence_second_pass_cuda);
   m.impl("f_divergence_backward", &f_divergence_backward_cuda);
 }
 

@@ -63,6 +63,30 @@ def _load_tile(xp, xq, cols, vocab, inv_t):
 
 
 @triton.jit
+def _second_pass_sums(xp, xq, end, vocab, inv_t, lse_a, lse_b, KIND: tl.constexpr, BLOCK: tl.constexpr):
+    """Entries [0, end) of a row against its log-normalisers: js (sum P (lp - lm), sum Q (lq - lm)); tv (sum |P - Q|,
+    sum P sign(P - Q))."""
+    lane = tl.arange(0, BLOCK)
+    t1 = tl.zeros([], tl.float32)
+    t2 = tl.zeros([], tl.float32)
+    for start in range(0, end, BLOCK):
+        a, b = _load_tile(xp, xq, start + lane, vocab, inv_t)
+        lp = a - lse_a
+        lq = b - lse_b
+        p = tl.exp(lp)
+        q = tl.exp(lq)
+        if KIND == 2:
+            lm = tl.log(p + q) - LN2
+            t1 += tl.sum(tl.where(p > 0, p * (lp - lm), 0.0), axis=0)
+            t2 += tl.sum(tl.where(q > 0, q * (lq - lm), 0.0), axis=0)
+        else:
+            d = p - q
+            t1 += tl.sum(tl.abs(d), axis=0)
+            t2 += tl.sum(tl.where(d > 0, p, tl.where(d < 0, -p, 0.0)), axis=0)
+    return t1, t2
+
+
+@triton.jit
 def _forward_kernel(xp, xq, mask, out, stats, vocab, stride_p, stride_q, inv_t, exponent, scale,
                     KIND: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -104,7 +128,6 @@ def _forward_kernel(xp, xq, mask, out, stats, vocab, stride_p, stride_q, inv_t, 
     weighted_a = tl.sum(acc_wa, axis=0)
     weighted_b = tl.sum(acc_wb, axis=0)
     max_c = max_c + tl.log(tl.sum(acc_c, axis=0))  # lse of the power logits
-    zero = tl.zeros([], tl.float32)
     lse_a = max_a + tl.log(sum_a)
     lse_b = max_b + tl.log(sum_b)
     if KIND == 0:
@@ -119,22 +142,7 @@ def _forward_kernel(xp, xq, mask, out, stats, vocab, stride_p, stride_q, inv_t, 
         aux = 1.0 + s_minus_1
         value = scale * s_minus_1
     else:
-        t1 = zero
-        t2 = zero
-        for start in range(0, end, BLOCK):
-            a, b = _load_tile(xp, xq, start + lane, vocab, inv_t)
-            lp = a - lse_a
-            lq = b - lse_b
-            p = tl.exp(lp)
-            q = tl.exp(lq)
-            if KIND == 2:
-                lm = tl.log(p + q) - LN2
-                t1 += tl.sum(tl.where(p > 0, p * (lp - lm), 0.0), axis=0)
-                t2 += tl.sum(tl.where(q > 0, q * (lq - lm), 0.0), axis=0)
-            else:
-                d = p - q
-                t1 += tl.sum(tl.abs(d), axis=0)
-                t2 += tl.sum(tl.where(d > 0, p, tl.where(d < 0, -p, 0.0)), axis=0)
+        t1, t2 = _second_pass_sums(xp, xq, end, vocab, inv_t, lse_a, lse_b, KIND, BLOCK)
         if KIND == 2:
             value = 0.5 * (t1 + t2)
             aux = t1
@@ -150,6 +158,19 @@ def _forward_kernel(xp, xq, mask, out, stats, vocab, stride_p, stride_q, inv_t, 
     tl.store(stats + 3 * row + 0, lse_a)
     tl.store(stats + 3 * row + 1, lse_b)
     tl.store(stats + 3 * row + 2, aux)
+
+
+@triton.jit
+def _second_pass_kernel(xp, xq, mask, stats, sums, vocab, stride_p, stride_q, inv_t, KIND: tl.constexpr,
+                        HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    end = vocab
+    if HAS_MASK:
+        end = tl.where(tl.load(mask + row) != 0, vocab, 0)  # masked rows read nothing and sum to 0
+    t1, t2 = _second_pass_sums(xp + row * stride_p, xq + row * stride_q, end, vocab, inv_t,
+                               tl.load(stats + 3 * row + 0), tl.load(stats + 3 * row + 1), KIND, BLOCK)
+    tl.store(sums + 2 * row + 0, t1)
+    tl.store(sums + 2 * row + 1, t2)
 
 
 @triton.jit
@@ -219,6 +240,23 @@ def f_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor, mask: torch.Ten
             logits_q.stride(0), 1.0 / temperature, exponent, scale, KIND=code, HAS_MASK=mask is not None,
             BLOCK=_block(vocab), num_warps=8)
     return out, stats
+
+
+@triton_op("rlhf_fast_triton::f_divergence_second_pass", mutates_args=())
+@on_tensor_device
+def f_divergence_second_pass(logits_p: torch.Tensor, logits_q: torch.Tensor, mask: torch.Tensor | None,
+                             stats: torch.Tensor, kind: str, temperature: float) -> torch.Tensor:
+    """Same contract as torch.ops.rlhf_fast.f_divergence_second_pass: (rows, 2) fp32 js / tv sums."""
+    if kind not in ("js", "tv"):
+        raise ValueError(f"f_divergence_second_pass: kind must be 'js' or 'tv', got {kind!r}")
+    rows, vocab = logits_p.shape
+    sums = torch.empty((rows, 2), dtype=torch.float32, device=logits_p.device)
+    if rows > 0:
+        wrap_triton(_second_pass_kernel)[(rows,)](
+            logits_p, logits_q, mask if mask is not None else logits_p, stats, sums, vocab, logits_p.stride(0),
+            logits_q.stride(0), 1.0 / temperature, KIND=KIND_CODES[kind], HAS_MASK=mask is not None,
+            BLOCK=_block(vocab), num_warps=8)
+    return sums
 
 
 @triton_op("rlhf_fast_triton::f_divergence_backward", mutates_args=())
