@@ -167,8 +167,8 @@ def test_whole_loss_same_on_every_path():
 @pytest.mark.parametrize("transform", [{"logit_scale": 0.5}, {"final_logit_softcapping": 2.0},
                                        {"logit_scale": 3.0, "final_logit_softcapping": 5.0}])
 def test_fused_head_with_a_logit_transform_matches_float64(transform):
-    """A logit scale (folded into the temperature of linear_f_divergence) and a soft cap (the logits path, until
-    linear_f_divergence takes one): the term of the transformed logits."""
+    """A logit scale and a soft cap from the model's config, passed to linear_f_divergence: the term of the
+    transformed logits."""
     tokenizer, policy, ref = _models(transform)
     cfg = PPOConfig(kl_full_vocab="kl")
     batch = _rollout(tokenizer)

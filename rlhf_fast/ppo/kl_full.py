@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_fast import reference
-
 
 class FullVocabKL:
     """The --kl-full-vocab term for the loop's reference model (a models.LogProbModel); inert when cfg.kl_full_vocab
@@ -23,7 +21,7 @@ class FullVocabKL:
 
     def __init__(self, cfg, ops, ref_lp):
         self.kind, self.ops, self.ref_lp = cfg.kl_full_vocab, ops, ref_lp
-        self.options = dict(alpha=cfg.kl_full_vocab_alpha, temperature=ref_lp.temperature)  # the sampling one
+        self.options = {"alpha": cfg.kl_full_vocab_alpha, "temperature": ref_lp.temperature}  # the sampling one
 
     @torch.no_grad()
     def reference_scores(self, input_ids, attention, labels, n_prompt: int):
@@ -48,15 +46,7 @@ class FullVocabKL:
         def divergence(head):
             if head.logits is not None:
                 return self.ops.f_divergence(head.logits, ref_logits, self.kind, mask=mask, **self.options)
-            # linear_f_divergence takes no logit transform yet: a logit scale folds into the temperature, a soft cap
-            # takes the logits path. Once it accepts logit_scale / softcap (as linear_logprobs does), pass
-            # **head.transform to it here and drop the fallback.
-            scale, softcap = head.transform["logit_scale"], head.transform["softcap"]
-            if softcap is not None:
-                logits_p = reference.head_logits(head.hidden, head.weight, head.bias, **head.transform)
-                logits_q = reference.head_logits(ref_hidden, ref_head.weight, ref_head.bias, **head.transform)
-                return self.ops.f_divergence(logits_p, logits_q, self.kind, mask=mask, **self.options)
-            options = {**self.options, "temperature": self.options["temperature"] / scale}
             return self.ops.linear_f_divergence(head.hidden, head.weight, ref_hidden, ref_head.weight, self.kind,
-                                                bias_p=head.bias, bias_q=ref_head.bias, mask=mask, **options)
+                                                bias_p=head.bias, bias_q=ref_head.bias, mask=mask,
+                                                **head.transform, **self.options)
         return divergence
