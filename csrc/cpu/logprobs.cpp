@@ -40,6 +40,7 @@ constexpr int64_t kChunk = 1024;
 constexpr int64_t kLanes = 16;
 static_assert(kChunk % kLanes == 0);
 using rows::exp2_approx;
+using rows::grain_rows;
 using rows::kNegInf;
 using rows::max_of;
 using rows::widen;
@@ -132,8 +133,6 @@ void advise_huge_pages(const at::Tensor& t) {
   if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
 #endif
 }
-
-int64_t grain_rows(int64_t vocab) { return std::max<int64_t>(1, 32768 / vocab); }
 
 bool valid_label(int64_t label, int64_t vocab) { return label >= 0 && label < vocab; }
 
