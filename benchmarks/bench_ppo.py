@@ -1,5 +1,5 @@
-"""PPO loop: per-call cost of every op the loop uses at the default task's shapes, and time per PPO step and
-phase of real runs, kernels off (`eager`: the torch references) vs on (`rlhf_fast`: the fused ops).
+"""PPO loop: time per PPO step and phase of real runs, kernels off (`eager`: the torch references) vs on
+(`rlhf_fast`: the fused ops). The per-call cost of each op the loop uses is bench_tiny.py's.
 
 The step cases run two training runs, one per mode, each in its own process (rlhf_fast.ppo.stepper), stepped in
 turn (off, on, off, on, ...) so both see the same machine load; the first step (set-up, warm-up, evaluation) is
@@ -18,64 +18,12 @@ from pathlib import Path
 
 import torch
 
-import rlhf_fast as rf
-from rlhf_fast import reference
 from rlhf_fast.ppo import stepper
 
 from .harness import Case, Result
 
 PHASES = ("generate", "score", "advantages", "update", "step")
 ROOT = Path(__file__).resolve().parent.parent
-
-
-# ---------------------------------------------------------------- per-call cost of the loop's ops
-
-
-def _op_cases(device: torch.device) -> list[Case]:
-    """Each op of rlhf_fast.ppo.ops at the default task's shapes (64 sequences x 8 response tokens, vocab 46,
-    hidden 64; minibatches of 32) against its eager reference: at these sizes the time is the per-call cost."""
-    g = torch.Generator(device="cpu").manual_seed(0)
-    rand = lambda *shape: torch.randn(*shape, generator=g).to(device)  # noqa: E731
-    batch, steps, vocab, hidden_size, mini = 64, 8, 46, 64, 32
-    logits, hidden, weight = rand(batch, steps, vocab), rand(batch, steps, hidden_size), rand(vocab, hidden_size)
-    labels = torch.randint(0, vocab, (batch, steps), generator=g).to(device)
-    mask = (torch.rand(batch, steps, generator=g) > 0.2).to(device)
-    labels = torch.where(mask, labels, torch.full_like(labels, -100))
-    logp, ref_logp, adv = rand(batch, steps), rand(batch, steps), rand(batch, steps)
-    mlogp, mold, madv, mmask = logp[:mini], ref_logp[:mini], adv[:mini], mask[:mini]
-    trained = lambda *ts: [t.detach().clone().requires_grad_() for t in ts]  # noqa: E731
-    g_hidden, g_weight = trained(hidden, weight)
-    (g_logits,) = trained(logits)
-    (g_logp,) = trained(mlogp)
-    shape = f"B={batch} T={steps} V={vocab} H={hidden_size}"
-
-    def both(op, eager, ours, mode="fwd"):
-        return Case(f"loop:{op}", shape, torch.float32, mode, {"eager": eager, "rlhf_fast": ours})
-
-    def backward(fn):
-        def run():
-            out = fn()
-            (out[0] if isinstance(out, tuple) else out).sum().backward()
-        return run
-    eager_lp = lambda lg: torch.log_softmax(lg.float(), -1).gather(  # noqa: E731
-        -1, labels.clamp(min=0)[..., None]).squeeze(-1) * mask
-    return [
-        both("logprobs", lambda: eager_lp(logits), lambda: rf.logprobs(logits, labels) * mask),
-        both("logprobs", backward(lambda: eager_lp(g_logits)), backward(lambda: rf.logprobs(g_logits, labels) * mask),
-             "fwd+bwd"),
-        both("linear_logprobs+entropy", lambda: reference.linear_logprobs(hidden, weight, labels, return_entropy=True),
-             lambda: rf.linear_logprobs(hidden, weight, labels, return_entropy=True)),
-        both("linear_logprobs", backward(lambda: reference.linear_logprobs(g_hidden, g_weight, labels)),
-             backward(lambda: rf.linear_logprobs(g_hidden, g_weight, labels)), "fwd+bwd"),
-        both("kl_penalty", lambda: reference.kl_penalty(logp, ref_logp, "k1"), lambda: rf.kl_penalty(logp, ref_logp)),
-        both("gae", lambda: reference.gae(logp, ref_logp, mask), lambda: rf.gae(logp, ref_logp, mask)),
-        both("masked_whiten", lambda: reference.masked_whiten(adv, mask), lambda: rf.masked_whiten(adv, mask)),
-        both("ppo_policy_loss", backward(lambda: reference.ppo_policy_loss(g_logp, mold, madv, mmask)),
-             backward(lambda: rf.ppo_policy_loss(g_logp, mold, madv, mmask)), "fwd+bwd"),
-        both("ppo_value_loss", backward(lambda: reference.ppo_value_loss(g_logp, mold, madv, mmask)),
-             backward(lambda: rf.ppo_value_loss(g_logp, mold, madv, mmask)), "fwd+bwd"),
-        both("agg_loss", lambda: reference.agg_loss(logp, mask), lambda: rf.agg_loss(logp, mask)),
-    ]
 
 
 # ---------------------------------------------------------------- PPO steps, kernels off and on in turn
@@ -137,9 +85,9 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
     qwen = _interleaved("qwen-shape (V=151936 tied, h128 L2, B=64, 8 tokens)", torch.float32, (2, 6),
                         preset="qwen-shape", **run)
     if quick:
-        return _op_cases(device) + [default]
+        return [default]
     if device.type == "cuda":  # ~0.47 B parameters, Qwen-sized vocabulary, 128-token responses, bf16
-        return _op_cases(device) + [default, qwen, _interleaved(
+        return [default, qwen, _interleaved(
             "Llama h1024 L16 V=151936, B=64, 128 tokens", torch.bfloat16, (2, 6), hidden_size=1024, num_layers=16,
             num_heads=16, vocab_size=151936, max_new_tokens=128, dtype="bf16", **run)]
-    return _op_cases(device) + [default, qwen]
+    return [default, qwen]

@@ -9,6 +9,19 @@ import torch
 
 from . import backend
 
+
+def _register_autograd(name: str, backward, setup_context) -> None:
+    """The backward of the compiled op rlhf_fast::<name>, for the dispatcher (torch.compile, direct torch.ops
+    calls) and for the eager calls of backend.call."""
+    torch.library.register_autograd(f"rlhf_fast::{name}", backward, setup_context=setup_context)
+    backend.register_eager_autograd(getattr(torch.ops.rlhf_fast, name), backward, setup_context)
+
+
+def _register_triton_autograd(op, backward, setup_context) -> None:
+    """The same for a Triton triton_op."""
+    op.register_autograd(backward, setup_context=setup_context)
+    backend.register_eager_autograd(op, backward, setup_context)
+
 # ---------------------------------------------------------------- advantages
 
 
@@ -112,19 +125,18 @@ def logprobs_backward(backward_op, ctx, grad_logp, grad_entropy, grad_lse):
 
 def register_logprobs_triton_autograd(module) -> None:
     """Called by rlhf_fast.triton.logprobs once its triton_ops exist."""
-    module.logprobs_forward.register_autograd(
-        lambda ctx, *grads: logprobs_backward(module.logprobs_backward, ctx, *grads),
-        setup_context=_logprobs_setup_context)
+    _register_triton_autograd(module.logprobs_forward,
+                              lambda ctx, *grads: logprobs_backward(module.logprobs_backward, ctx, *grads),
+                              _logprobs_setup_context)
 
 
 def _register_logprobs_compiled() -> None:
     torch.library.register_fake("rlhf_fast::logprobs_forward")(_logprobs_forward_fake)
     torch.library.register_fake("rlhf_fast::logprobs_backward")(_logprobs_backward_fake)
     torch.library.register_fake("rlhf_fast::logprobs_backward_")(_logprobs_backward_inplace_fake)
-    torch.library.register_autograd(
-        "rlhf_fast::logprobs_forward",
-        lambda ctx, *grads: logprobs_backward(torch.ops.rlhf_fast.logprobs_backward, ctx, *grads),
-        setup_context=_logprobs_setup_context)
+    _register_autograd("logprobs_forward",
+                       lambda ctx, *grads: logprobs_backward(torch.ops.rlhf_fast.logprobs_backward, ctx, *grads),
+                       _logprobs_setup_context)
 
 
 if backend.compiled() is not None:
@@ -169,17 +181,16 @@ def _register_divergence() -> None:
     torch.library.register_fake("rlhf_fast::f_divergence")(_f_divergence_fake)
     torch.library.register_fake("rlhf_fast::f_divergence_backward")(_f_divergence_backward_fake)
     torch.library.register_fake("rlhf_fast::f_divergence_second_pass")(_f_divergence_second_pass_fake)
-    torch.library.register_autograd(
-        "rlhf_fast::f_divergence",
-        lambda ctx, g, gs: f_divergence_backward(torch.ops.rlhf_fast.f_divergence_backward, ctx, g, gs),
-        setup_context=_f_divergence_setup_context)
+    _register_autograd("f_divergence",
+                       lambda ctx, g, gs: f_divergence_backward(torch.ops.rlhf_fast.f_divergence_backward, ctx, g, gs),
+                       _f_divergence_setup_context)
 
 
 def register_triton_divergence_autograd(module) -> None:
     """Called by rlhf_fast.triton.divergence once its triton_ops exist."""
-    module.f_divergence.register_autograd(
-        lambda ctx, g, gs: f_divergence_backward(module.f_divergence_backward, ctx, g, gs),
-        setup_context=_f_divergence_setup_context)
+    _register_triton_autograd(module.f_divergence,
+                              lambda ctx, g, gs: f_divergence_backward(module.f_divergence_backward, ctx, g, gs),
+                              _f_divergence_setup_context)
 
 
 # ---------------------------------------------------------------- registration
@@ -189,17 +200,16 @@ def _register_compiled() -> None:
     torch.library.register_fake("rlhf_fast::gae")(_gae_fake)
     torch.library.register_fake("rlhf_fast::group_advantages")(_group_advantages_fake)
     torch.library.register_fake("rlhf_fast::masked_moments")(_masked_moments_fake)
-    torch.library.register_autograd(
-        "rlhf_fast::gae", lambda ctx, ga, gr: gae_backward(torch.ops.rlhf_fast.gae, ctx, ga, gr),
-        setup_context=_gae_setup_context)
+    _register_autograd("gae", lambda ctx, ga, gr: gae_backward(torch.ops.rlhf_fast.gae, ctx, ga, gr),
+                       _gae_setup_context)
     _register_divergence()
 
 
 def register_triton_autograd(module) -> None:
     """Called by the Triton family modules once their triton_ops exist."""
     if hasattr(module, "gae"):
-        module.gae.register_autograd(lambda ctx, ga, gr: gae_backward(module.gae, ctx, ga, gr),
-                                     setup_context=_gae_setup_context)
+        _register_triton_autograd(module.gae, lambda ctx, ga, gr: gae_backward(module.gae, ctx, ga, gr),
+                                  _gae_setup_context)
 
 
 if backend.compiled() is not None:
@@ -256,26 +266,26 @@ def _register_losses_compiled() -> None:
     ops = torch.ops.rlhf_fast
     torch.library.register_fake("rlhf_fast::kl_penalty")(_kl_penalty_fake)
     torch.library.register_fake("rlhf_fast::kl_penalty_backward")(_kl_penalty_backward_fake)
-    torch.library.register_autograd("rlhf_fast::kl_penalty",
-                                    lambda ctx, g: kl_penalty_backward(ops.kl_penalty_backward, ctx, g),
-                                    setup_context=_kl_penalty_setup_context)
+    _register_autograd("kl_penalty", lambda ctx, g: kl_penalty_backward(ops.kl_penalty_backward, ctx, g),
+                       _kl_penalty_setup_context)
     for op in ("ppo_policy_loss", "ppo_value_loss"):
         backward_op = getattr(ops, f"{op}_backward")
         torch.library.register_fake(f"rlhf_fast::{op}")(_ppo_loss_fake)
         torch.library.register_fake(f"rlhf_fast::{op}_backward")(_ppo_loss_backward_fake)
-        torch.library.register_autograd(
-            f"rlhf_fast::{op}", lambda ctx, gl, gs, backward_op=backward_op: ppo_loss_backward(backward_op, ctx, gl, gs),
-            setup_context=_ppo_loss_setup_context)
+        _register_autograd(op, lambda ctx, gl, gs, backward_op=backward_op: ppo_loss_backward(backward_op, ctx, gl, gs),
+                           _ppo_loss_setup_context)
 
 
 def register_losses_triton_autograd(module) -> None:
     """Called by rlhf_fast.triton.losses once its triton_ops exist."""
-    module.kl_penalty.register_autograd(lambda ctx, g: kl_penalty_backward(module.kl_penalty_backward, ctx, g),
-                                        setup_context=_kl_penalty_setup_context)
+    _register_triton_autograd(module.kl_penalty,
+                              lambda ctx, g: kl_penalty_backward(module.kl_penalty_backward, ctx, g),
+                              _kl_penalty_setup_context)
     for op, backward_op in ((module.ppo_policy_loss, module.ppo_policy_loss_backward),
                             (module.ppo_value_loss, module.ppo_value_loss_backward)):
-        op.register_autograd(lambda ctx, gl, gs, backward_op=backward_op: ppo_loss_backward(backward_op, ctx, gl, gs),
-                             setup_context=_ppo_loss_setup_context)
+        _register_triton_autograd(
+            op, lambda ctx, gl, gs, backward_op=backward_op: ppo_loss_backward(backward_op, ctx, gl, gs),
+            _ppo_loss_setup_context)
 
 
 if backend.compiled() is not None:

@@ -53,11 +53,10 @@ def bool_mask(name: str, mask, ref_name: str, ref: torch.Tensor) -> torch.Tensor
 
 def common_float(**named: torch.Tensor) -> list[torch.Tensor]:
     """Checks the tensors are floating and brings them to one dtype (copies only those that differ)."""
+    dtype = None
     for name, x in named.items():
         floating(name, x)
-    dtype = None
-    for x in named.values():
-        dtype = x.dtype if dtype is None else torch.promote_types(dtype, x.dtype)
+        dtype = x.dtype if dtype is None or dtype == x.dtype else torch.promote_types(dtype, x.dtype)
     return [x if x.dtype == dtype else x.to(dtype) for x in named.values()]
 
 

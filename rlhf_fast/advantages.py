@@ -22,8 +22,8 @@ def _kernels(name: str):
 def _packed_gae(rewards, values, mask, last_value, cu_seqlens, gamma, lam, name):
     ops = _kernels(name)
     lv = None if last_value is None else last_value.float().contiguous()
-    return ops.gae(rewards.contiguous(), values.contiguous(), None if mask is None else mask.contiguous(), lv,
-                   cu_seqlens, float(gamma), float(lam))
+    return _backend.call(ops.gae, rewards.contiguous(), values.contiguous(),
+                         None if mask is None else mask.contiguous(), lv, cu_seqlens, float(gamma), float(lam))
 
 
 def _check_discount(gamma, lam):

@@ -77,8 +77,8 @@ def f_divergence(logits_p, logits_q, kind, *, alpha=None, temperature=1.0, mask=
     if name == "torch":
         return reference.f_divergence(logits_p, logits_q, kind, alpha=alpha, temperature=temperature, mask=mask)
     flat_mask = None if mask is None else mask.reshape(-1).contiguous()
-    out, _ = _kernels(name).f_divergence(_rows(logits_p, vocab), _rows(logits_q, vocab), flat_mask, kind,
-                                         float(alpha) if alpha is not None else 0.0, float(temperature))
+    out, _ = _backend.call(_kernels(name).f_divergence, _rows(logits_p, vocab), _rows(logits_q, vocab), flat_mask,
+                           kind, float(alpha) if alpha is not None else 0.0, float(temperature))
     return out.view(lead)
 
 

@@ -258,8 +258,8 @@ def linear_ppo_policy_loss(hidden, weight, labels, old_logp, advantages, mask=No
     check.positive_float("temperature", temperature)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    _logprobs._check_labels(labels, lead, hidden.device, weight.shape[0], ignore_index, "hidden.shape[:-1]",
-                            check_labels)
+    _logprobs._check_labels(labels, lead, hidden.device, "hidden.shape[:-1]", check_labels)
+    _logprobs._check_label_range(labels, weight.shape[0], ignore_index, check_labels)
     agg = _losses._check_mode("agg", agg)
     normalizer = _losses._check_divisor("normalizer", normalizer)
     horizon = _losses._check_divisor("horizon", horizon)

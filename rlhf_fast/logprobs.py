@@ -52,11 +52,8 @@ def _range_check_wanted(check_labels, device):
     return device.type == "cpu" or os.environ.get(CHECK_LABELS_ENV, "0") == "1"
 
 
-def _check_labels(labels, lead, device, vocab, ignore_index, lead_name, check_labels):
-    """labels: integer, shaped `lead`, on `device`; with the range check (see _range_check_wanted) each in
-    [0, vocab) or ignore_index, else ValueError. That check reads the labels on the host (a device sync for
-    CUDA tensors) and is left out under torch.compile; without it the kernels give a NaN log-prob for a label
-    out of range (and never read past a row)."""
+def _check_labels(labels, lead, device, lead_name, check_labels):
+    """labels: integer, shaped `lead`, on `device` (the range: _check_label_range)."""
     check.integer("labels", labels)
     if check_labels is not None and not isinstance(check_labels, bool):
         raise TypeError(f"check_labels must be None, True or False, got {check_labels!r}")
@@ -65,7 +62,14 @@ def _check_labels(labels, lead, device, vocab, ignore_index, lead_name, check_la
     if labels.device != device:
         raise ValueError(f"labels is on {labels.device} but the logits are on {device}; move it with "
                          f"labels.to({device!r})")
-    if torch.compiler.is_compiling() or labels.numel() == 0 or not _range_check_wanted(check_labels, device):
+
+
+def _check_label_range(labels, vocab, ignore_index, check_labels):
+    """With the range check (see _range_check_wanted), ValueError unless every label lies in [0, vocab) or equals
+    ignore_index. It reads the labels on the host (a device sync for CUDA tensors) and is left out under
+    torch.compile; without it the kernels give a NaN log-prob for a label out of range (and never read past a
+    row)."""
+    if torch.compiler.is_compiling() or labels.numel() == 0 or not _range_check_wanted(check_labels, labels.device):
         return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
     if bool(bad.any()):
@@ -74,11 +78,23 @@ def _check_labels(labels, lead, device, vocab, ignore_index, lead_name, check_la
                          f"labels.reshape(-1)[{first}] = {int(labels.reshape(-1)[first])}")
 
 
+def _check_label_range_of(logp, labels, vocab, ignore_index, check_labels):
+    """_check_label_range after the log-probs are computed: every backend gives a label out of range a NaN
+    log-prob, and log-probs are otherwise <= 0 or NaN (from a NaN logit), so the labels are read only when the
+    log-probs sum to NaN; the common case costs one reduction instead of the range check's five ops."""
+    if (torch.compiler.is_compiling() or labels.numel() == 0 or not _range_check_wanted(check_labels, logp.device)
+            or not math.isnan(logp.detach().sum().item())):
+        return
+    _check_label_range(labels, vocab, ignore_index, check_labels)
+
+
 def _as_rows(logits):
     """logits (..., V) as a 3-D (A, B, V) tensor with a contiguous last dim, a view whenever the leading dims
     fold into two strided ones (logits[:, :-1] of a (B, T, V) tensor does), else a contiguous copy."""
     if logits.shape[-1] > 1 and logits.stride(-1) != 1:
         logits = logits.contiguous()
+    elif logits.dim() == 3:  # the kernels take any strides of the two leading dims
+        return logits
     groups: list[list[int]] = []  # [size, stride] of leading dims that fold together
     for size, stride in zip(logits.shape[:-1], logits.stride()[:-1]):
         if size == 1:
@@ -103,7 +119,7 @@ class _InplaceBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, temperature, ignore_index, name):
-        logp, entropy, lse = _kernels(name).logprobs_forward(logits, labels, temperature, ignore_index)
+        logp, entropy, lse = _backend.call(_kernels(name).logprobs_forward, logits, labels, temperature, ignore_index)
         ctx.save_for_backward(logits, labels, lse, entropy)
         ctx.temperature, ctx.ignore_index, ctx.name = temperature, ignore_index, name
         ctx.set_materialize_grads(False)
@@ -155,15 +171,17 @@ def logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return_entro
     """
     _check_logits(logits)
     _check_options(temperature, ignore_index)
-    _check_labels(labels, logits.shape[:-1], logits.device, logits.shape[-1], ignore_index, "logits.shape[:-1]",
-                  check_labels)
+    _check_labels(labels, logits.shape[:-1], logits.device, "logits.shape[:-1]", check_labels)
     name = _backend.select("logprobs", backend, logits.device)
     if name == "torch":
         out = reference.logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index,
                                  return_entropy=return_entropy)
-        return tuple(t.float() for t in out) if return_entropy else out.float()
-    logp, entropy = _forward(logits, labels, temperature, ignore_index, inplace_backward, name)
-    return (logp, entropy) if return_entropy else logp
+        out = tuple(t.float() for t in out) if return_entropy else out.float()
+    else:
+        logp, entropy = _forward(logits, labels, temperature, ignore_index, inplace_backward, name)
+        out = (logp, entropy) if return_entropy else logp
+    _check_label_range_of(out[0] if return_entropy else out, labels, logits.shape[-1], ignore_index, check_labels)
+    return out
 
 
 def entropy(logits, *, temperature=1.0, backend=None):
@@ -384,17 +402,19 @@ def linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, logit
     _check_options(temperature, ignore_index)
     logit_scale = check.positive_float("logit_scale", logit_scale)
     softcap = None if softcap is None else check.positive_float("softcap", softcap)
-    _check_labels(labels, hidden.shape[:-1], hidden.device, weight.shape[0], ignore_index, "hidden.shape[:-1]",
-                  check_labels)
+    _check_labels(labels, hidden.shape[:-1], hidden.device, "hidden.shape[:-1]", check_labels)
     name = _backend.select("linear_logprobs", backend, hidden.device)
     if name == "torch":
         out = reference.linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
                                         logit_scale=logit_scale, softcap=softcap, ignore_index=ignore_index,
                                         return_entropy=return_entropy)
-        return tuple(t.float() for t in out) if return_entropy else out.float()
-    lead = hidden.shape[:-1]
-    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
-    flat_labels = labels.reshape(-1).long()
-    logp, entropy = _LinearLogprobs.apply(flat_hidden, weight, bias, flat_labels, float(temperature), logit_scale,
-                                          softcap, ignore_index, name)
-    return (logp.view(lead), entropy.view(lead)) if return_entropy else logp.view(lead)
+        out = tuple(t.float() for t in out) if return_entropy else out.float()
+    else:
+        lead = hidden.shape[:-1]
+        flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+        flat_labels = labels.reshape(-1).long()
+        logp, entropy = _LinearLogprobs.apply(flat_hidden, weight, bias, flat_labels, float(temperature),
+                                              logit_scale, softcap, ignore_index, name)
+        out = (logp.view(lead), entropy.view(lead)) if return_entropy else logp.view(lead)
+    _check_label_range_of(out[0] if return_entropy else out, labels, weight.shape[0], ignore_index, check_labels)
+    return out

@@ -155,9 +155,9 @@ def ppo_policy_loss(logp, old_logp, advantages, mask=None, *, clip_low=0.2, clip
         return reference.ppo_policy_loss(logp, old_logp.detach(), advantages.detach(), mask, clip_low=clip_low,
                                          clip_high=clip_high, dual_clip=dual_clip, agg=agg, normalizer=normalizer,
                                          horizon=horizon)
-    loss, stats = _kernels(name).ppo_policy_loss(
-        _as_rows(logp), _as_rows(old_logp), _as_rows(advantages), None if mask is None else _as_rows(mask),
-        clip_low, clip_high, dual_clip, agg)
+    loss, stats = _backend.call(
+        _kernels(name).ppo_policy_loss, _as_rows(logp), _as_rows(old_logp), _as_rows(advantages),
+        None if mask is None else _as_rows(mask), clip_low, clip_high, dual_clip, agg)
     stats = stats.detach()
     loss = _renormalized(loss, stats, agg, logp.shape[-1], normalizer, horizon)
     clipfrac, approx_kl, ratio_mean, _, _ = stats.unbind()
@@ -182,8 +182,8 @@ def ppo_value_loss(values, old_values, returns, mask=None, *, clip=0.2, agg="tok
     if name == "torch":
         return reference.ppo_value_loss(values, old_values.detach(), returns.detach(), mask, clip=clip, agg=agg,
                                         normalizer=normalizer, horizon=horizon)
-    loss, stats = _kernels(name).ppo_value_loss(
-        _as_rows(values), _as_rows(old_values), _as_rows(returns), None if mask is None else _as_rows(mask), clip,
-        agg)
+    loss, stats = _backend.call(
+        _kernels(name).ppo_value_loss, _as_rows(values), _as_rows(old_values), _as_rows(returns),
+        None if mask is None else _as_rows(mask), clip, agg)
     stats = stats.detach()
     return _renormalized(loss, stats, agg, values.shape[-1], normalizer, horizon), {"clipfrac": stats[0]}

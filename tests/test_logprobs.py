@@ -194,6 +194,19 @@ def test_large_vocab_cpu():
     torch.testing.assert_close(grad.double(), expected, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vocab", [1, 16, 45, 600])
+def test_short_rows_cpu(dtype, vocab):
+    """Rows of one block are copied a group at a time before their math: many groups, a group cut short by the
+    thread's range, rows that are a view (the loop's logits[:, P - 1:-1]), vocab a whole number of vectors or not."""
+    logits, labels = _case((37, 15), vocab, dtype, "cpu")
+    view, view_labels = logits[:, 6:14], labels[:, 6:14]
+    logp, ent = rf.logprobs(view, view_labels, return_entropy=True, backend="cpu")
+    exp_logp, exp_ent = _reference(view, view_labels)
+    torch.testing.assert_close(logp.double(), exp_logp, **OUT_TOL)
+    torch.testing.assert_close(ent.double(), exp_ent, **OUT_TOL)
+
+
 def test_bad_input_names_the_argument():
     x, y = torch.randn(2, 3, 11), torch.randint(0, 11, (2, 3))
     with pytest.raises(ValueError, match="labels"):

@@ -4,6 +4,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/TensorIterator.h>  // at::internal::GRAIN_SIZE
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -52,7 +53,10 @@ std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::
     const scalar_t* r = rewards.data_ptr<scalar_t>();
     const scalar_t* v = values.data_ptr<scalar_t>();
     const acc_t g = static_cast<acc_t>(gamma), gl = static_cast<acc_t>(gamma * lam);
-    at::parallel_for(0, segments, 1, [&](int64_t s_begin, int64_t s_end) {
+    // about at::internal::GRAIN_SIZE tokens per thread: small batches run inline, without a parallel region
+    const int64_t tokens_per_segment = std::max<int64_t>(1, rewards.numel() / std::max<int64_t>(1, segments));
+    const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / tokens_per_segment);
+    at::parallel_for(0, segments, grain, [&](int64_t s_begin, int64_t s_end) {
       for (int64_t s = s_begin; s < s_end; ++s) {
         acc_t next_value = boot ? static_cast<acc_t>(boot[s]) : acc_t(0);
         acc_t running = 0;
@@ -96,7 +100,7 @@ at::Tensor group_advantages_cpu(const at::Tensor& scores, int64_t group_size, bo
 template <typename scalar_t>
 void accumulate_moments(const scalar_t* x, const bool* mask, int64_t n, double* out) {
   double count = 0, sum = 0, sumsq = 0;
-#pragma omp parallel for reduction(+ : count, sum, sumsq) schedule(static)
+#pragma omp parallel for reduction(+ : count, sum, sumsq) schedule(static) if (n >= at::internal::GRAIN_SIZE)
   for (int64_t i = 0; i < n; ++i) {
     if (mask && !mask[i]) continue;  // a branch, not a multiply: masked entries may hold inf/nan
     const double value = static_cast<double>(x[i]);

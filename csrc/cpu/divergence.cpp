@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include "../divergence_common.h"
+#include "float_rows.h"
 #include "simd_clones.h"
 #include "vec_exp.h"
 
@@ -151,7 +152,7 @@ void forward_rows(const at::Tensor& logits_p, const at::Tensor& logits_q, const 
   const int64_t stride_p = logits_p.stride(0), stride_q = logits_q.stride(0);
   const scalar_t* xp = logits_p.data_ptr<scalar_t>();
   const scalar_t* xq = logits_q.data_ptr<scalar_t>();
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, rlhf_fast::rows::grain_rows(vocab), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       float* row_stats = stats + 3 * row;
       if (mask && !mask[row]) {
@@ -184,7 +185,7 @@ void second_pass_rows(const at::Tensor& logits_p, const at::Tensor& logits_q, co
   const int64_t stride_p = logits_p.stride(0), stride_q = logits_q.stride(0);
   const scalar_t* xp = logits_p.data_ptr<scalar_t>();
   const scalar_t* xq = logits_q.data_ptr<scalar_t>();
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, rlhf_fast::rows::grain_rows(vocab), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       Pair t{0.f, 0.f};
       if (!mask || mask[row]) {
@@ -205,7 +206,7 @@ void backward_rows(const float* grad_out, const at::Tensor& logits_p, const at::
   const scalar_t* xp = logits_p.data_ptr<scalar_t>();
   const scalar_t* xq = logits_q.data_ptr<scalar_t>();
   if (!grad_p && !grad_q) return;
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, rlhf_fast::rows::grain_rows(vocab), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       scalar_t* gp = grad_p ? grad_p + row * vocab : nullptr;
       scalar_t* gq = grad_q ? grad_q + row * vocab : nullptr;

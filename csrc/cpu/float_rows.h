@@ -3,9 +3,11 @@
 // for AVX-512 and AVX2 (simd_clones.h) since the extension is otherwise built for baseline x86-64.
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/TensorIterator.h>  // at::internal::GRAIN_SIZE
 
 #include "simd_clones.h"
 
+#include <algorithm>
 #include <bit>
 #include <cstdint>
 #include <limits>
@@ -34,6 +36,10 @@ inline float exp2_approx(float v) {
   const float scale = std::bit_cast<float>(std::bit_cast<uint32_t>(shifted) << 23);
   return v < -125.f ? 0.f : p * scale;
 }
+
+// Rows per thread of at::parallel_for: about at::internal::GRAIN_SIZE logits, so that small batches run inline
+// (a parallel region costs microseconds, and far more when another process holds the other cores).
+inline int64_t grain_rows(int64_t vocab) { return std::max<int64_t>(1, at::internal::GRAIN_SIZE / vocab); }
 
 // The largest of x[0, n) (-inf for n = 0; NaN entries are skipped: callers that must see NaN test for it).
 RLHF_FAST_SIMD_CLONES inline float max_of(const float* x, int64_t n) {

@@ -40,6 +40,7 @@ constexpr int64_t kChunk = 1024;
 constexpr int64_t kLanes = 16;
 static_assert(kChunk % kLanes == 0);
 using rows::exp2_approx;
+using rows::grain_rows;
 using rows::kNegInf;
 using rows::max_of;
 using rows::widen;
@@ -133,8 +134,6 @@ void advise_huge_pages(const at::Tensor& t) {
 #endif
 }
 
-int64_t grain_rows(int64_t vocab) { return std::max<int64_t>(1, 32768 / vocab); }
-
 bool valid_label(int64_t label, int64_t vocab) { return label >= 0 && label < vocab; }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_forward_cpu(const at::Tensor& logits,
@@ -157,31 +156,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_forward_cpu(const at::Te
   const int64_t vocab = layout.vocab;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "logprobs_forward_cpu", [&] {
     const scalar_t* x = logits.const_data_ptr<scalar_t>();
+    // Rows of one block are read in groups that fill buf: each row's padded float copy (when it needs one) is
+    // made for the whole group before the math reads it. Read right after the copy, a vector load waits for the
+    // copy's narrower stores to complete (store forwarding fails), which took longer than the math at V=45.
+    const int64_t padded = (vocab + kLanes - 1) / kLanes * kLanes;
+    const int64_t group = vocab <= kChunk ? kChunk / padded : 1;
     at::parallel_for(0, layout.rows, grain_rows(vocab), [&](int64_t begin, int64_t end) {
       float buf[kChunk];
-      for (int64_t r = begin; r < end; ++r) {
-        const scalar_t* row = x + layout.offset(r);
-        // One read of the row: per block, its max (from L1 after the load), a rebase of the running moments
-        // when the max grew, then the exp sums. While the row so far is all -inf the terms are taken against 0
-        // (-inf adds 0, a NaN still makes s NaN), so a NaN anywhere in the row reaches lse and entropy.
-        logprobs::Moments acc{kNegInf, 0.f, 0.f};
-        for (int64_t j = 0; j < vocab; j += kChunk) {
-          int64_t n = std::min(kChunk, vocab - j);
-          const float* block = as_float_padded(row + j, n, buf, &n);
-          const float block_max = max_of(block, n);
-          if (block_max > acc.m) acc = logprobs::rebase(acc, block_max, scale2);
-          add_exp2_moments(block, n, scale2, acc.m == kNegInf ? 0.f : acc.m, &acc.s, &acc.t);
+      const float* grouped[kChunk / kLanes];
+      for (int64_t first = begin; first < end; first += group) {
+        const int64_t last = std::min(end, first + group);
+        for (int64_t r = first; group > 1 && r < last; ++r) {
+          int64_t n = vocab;
+          grouped[r - first] = as_float_padded(x + layout.offset(r), n, buf + (r - first) * padded, &n);
         }
-        const logprobs::RowStats stats = logprobs::row_stats(acc, inv_t);
-        lse_out[r] = stats.lse;
-        entropy_out[r] = stats.entropy;
-        if (y) {
-          const int64_t label = y[r];
-          if (label == ignore_index) {
-            logp_out[r] = 0.f;
-          } else {  // a label outside [0, V) gives NaN; never read past the row
-            logp_out[r] = valid_label(label, vocab) ? static_cast<float>(row[label]) * inv_t - stats.lse
-                                                    : std::numeric_limits<float>::quiet_NaN();
+        for (int64_t r = first; r < last; ++r) {
+          const scalar_t* row = x + layout.offset(r);
+          // One read of the row: per block, its max (from L1 after the load), a rebase of the running moments
+          // when the max grew, then the exp sums. While the row so far is all -inf the terms are taken against 0
+          // (-inf adds 0, a NaN still makes s NaN), so a NaN anywhere in the row reaches lse and entropy.
+          logprobs::Moments acc{kNegInf, 0.f, 0.f};
+          for (int64_t j = 0; j < vocab; j += kChunk) {
+            int64_t n = group > 1 ? padded : std::min(kChunk, vocab - j);
+            const float* block = group > 1 ? grouped[r - first] : as_float_padded(row + j, n, buf, &n);
+            const float block_max = max_of(block, n);
+            if (block_max > acc.m) acc = logprobs::rebase(acc, block_max, scale2);
+            add_exp2_moments(block, n, scale2, acc.m == kNegInf ? 0.f : acc.m, &acc.s, &acc.t);
+          }
+          const logprobs::RowStats stats = logprobs::row_stats(acc, inv_t);
+          lse_out[r] = stats.lse;
+          entropy_out[r] = stats.entropy;
+          if (y) {
+            const int64_t label = y[r];
+            if (label == ignore_index) {
+              logp_out[r] = 0.f;
+            } else {  // a label outside [0, V) gives NaN; never read past the row
+              logp_out[r] = valid_label(label, vocab) ? static_cast<float>(row[label]) * inv_t - stats.lse
+                                                      : std::numeric_limits<float>::quiet_NaN();
+            }
           }
         }
       }

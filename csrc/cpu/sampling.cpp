@@ -262,7 +262,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cpu(const at::Tensor& logi
   float* full_out = logp_full.data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "sample_cpu", [&] {
     const scalar_t* x = logits.const_data_ptr<scalar_t>();
-    at::parallel_for(0, layout.rows, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, layout.rows, rows::grain_rows(layout.vocab), [&](int64_t begin, int64_t end) {
       auto sampler = std::make_unique<RowSampler<scalar_t>>(layout.vocab, static_cast<float>(temperature), filters);
       for (int64_t r = begin; r < end; ++r) {
         const RowDraw d = sampler->draw(x + layout.offset(r), u[r]);
