@@ -7,13 +7,18 @@
 #      time is left)
 #   4. the benchmark suite at the issue shapes, rows appended under $OUT
 # Everything goes to ${OUT:-gpu_run}/. Stage limits in seconds: BUILD_S, TESTS_S, SANITIZER_S, BENCH_S.
-# Usage: bash benchmarks/run_gpu.sh [stage ...]   (default: build tests sanitizer bench)
+# Usage: bash benchmarks/run_gpu.sh [stage ...]   (default: build tests sanitizer bench); carry .whl/ (made by
+# benchmarks/gpu_wheels.sh) for the peers' rows.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu_run}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=${MAX_JOBS:-16}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+if ls .whl/*.whl >/dev/null 2>&1; then  # the peers' wheels of benchmarks/gpu_wheels.sh, when carried
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    > "$out/wheels.log" 2>&1 && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
 stages=${*:-build tests sanitizer bench}
 log() { echo "[$(date +%T)] $*" | tee -a "$out/stages.txt"; }
 
