@@ -348,12 +348,20 @@ def _logits_specs(names, tokens, vocab, dtype, device, modes=("fwd", "fwd+bwd"))
     return specs
 
 
-def _token_inputs(batch, steps, device, dtype=torch.float32):
-    """Random per-token tensors and a right-padded 0/1 mask (B, T), as a rollout leaves them."""
-    g = lambda scale=1.0: (torch.randn(batch, steps, device=device) * scale).to(dtype)  # noqa: E731
+def _peer_inputs(logits_names, device, quick):
+    """What both trainers' cases start from: (the specs of their log-prob / entropy functions at the issue
+    shapes, g(scale) giving a random (B, T) float32 tensor, a right-padded 0/1 mask (B, T) as a rollout leaves
+    it, the shape label)."""
+    if quick:
+        specs = _logits_specs(logits_names, 256, 4096, torch.float32, device)
+    else:
+        specs = (_logits_specs(logits_names, 4096, 32000, torch.float32, device)
+                 + _logits_specs(logits_names, 4096, 151936, torch.bfloat16, device, modes=("fwd",)))
+    batch, steps = (16, 128) if quick else (256, 2048)
+    g = lambda scale=1.0: torch.randn(batch, steps, device=device) * scale  # noqa: E731
     lengths = torch.randint(steps // 4, steps + 1, (batch,), device=device)
     mask = (torch.arange(steps, device=device) < lengths[:, None]).long()
-    return g, mask
+    return specs, g, mask, f"B={batch},T={steps}"
 
 
 def _verl_cases(device: torch.device, quick: bool) -> list[Case]:
@@ -363,17 +371,10 @@ def _verl_cases(device: torch.device, quick: bool) -> list[Case]:
 
     pairs = _pairs(rf_verl)
     logits_names = (("logprobs_from_logits", True), ("entropy_from_logits", False))
-    batch, steps = (16, 128) if quick else (256, 2048)
-    if quick:
-        specs = _logits_specs(logits_names, 256, 4096, torch.float32, device)
-    else:
-        specs = (_logits_specs(logits_names, 4096, 32000, torch.float32, device)
-                 + _logits_specs(logits_names, 4096, 151936, torch.bfloat16, device, modes=("fwd",)))
-    g, mask = _token_inputs(batch, steps, device)
-    shape = f"B={batch},T={steps}"
+    specs, g, mask, shape = _peer_inputs(logits_names, device, quick)
     rewards, values, logp, old, ref, adv = g(), g(), g(), g(), g(), g()
     logp = (old + g(0.3)).requires_grad_()
-    uids = [f"u{i // 8}" for i in torch.randperm(batch).tolist()]  # groups of 8 in scattered order
+    uids = [f"u{i // 8}" for i in torch.randperm(mask.shape[0]).tolist()]  # groups of 8 in scattered order
     config = OmegaConf.create({"clip_ratio": 0.2, "clip_ratio_low": 0.2, "clip_ratio_high": 0.28,
                                "clip_ratio_c": 3.0, "global_batch_info": {}})
     f32 = torch.float32
@@ -396,14 +397,7 @@ def _openrlhf_cases(device: torch.device, quick: bool) -> list[Case]:
 
     pairs = _pairs(rf_openrlhf)
     logits_names = (("log_probs_from_logits", True), ("compute_entropy", False))
-    batch, steps = (16, 128) if quick else (256, 2048)
-    if quick:
-        specs = _logits_specs(logits_names, 256, 4096, torch.float32, device)
-    else:
-        specs = (_logits_specs(logits_names, 4096, 32000, torch.float32, device)
-                 + _logits_specs(logits_names, 4096, 151936, torch.bfloat16, device, modes=("fwd",)))
-    g, mask = _token_inputs(batch, steps, device)
-    shape = f"B={batch},T={steps}"
+    specs, g, mask, shape = _peer_inputs(logits_names, device, quick)
     rewards, values, old, base, adv = g(), g(), g(), g(), g()
     logp = (old + g(0.3)).requires_grad_()
     from openrlhf.models.loss import PolicyLoss, ValueLoss

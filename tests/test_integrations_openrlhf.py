@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from _standins import gpu_only_modules
+from peer_checks import RUNS, assert_matches, leaf, mask_with_holes, rounded
 from rlhf_fast.integrations import openrlhf as rf_openrlhf
 
 pytest.importorskip("openrlhf")
@@ -25,7 +26,6 @@ ORIGINAL = {t.name: getattr(orl_utils, t.name) for t in rf_openrlhf.TARGETS}
 METHODS = {f"{cls}.{method}": importlib.import_module(module).__dict__[cls].__dict__[method]
            for module, cls, method, _, _ in rf_openrlhf.METHODS}
 DTYPES = [torch.float32, torch.bfloat16]
-RUNS = (("peer", None), ("ref", torch.float64), ("ours", None))  # as in test_integrations_verl
 
 
 def patched(label):
@@ -39,39 +39,6 @@ def function(label, name):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-def rounded(dtype, *tensors):
-    return [t.to(dtype).float() for t in tensors]
-
-
-def leaf(x, dtype):
-    return x.detach().to(dtype, copy=True).requires_grad_()
-
-
-def assert_matches(ours, peer, reference, *, rtol=2e-5, atol=2e-6):
-    """fp32: ours == OpenRLHF's within float32 rounding; low precision: ours no further from the float64
-    reference than OpenRLHF's own result in that dtype is (k = 2)."""
-    # One rounding of a result in the peer's dtype: the least "own error" (a scalar can round luckily).
-    resolution = torch.finfo(peer.dtype).eps if peer.is_floating_point() else 0.0
-    ours, peer, reference = (t.detach().double() for t in (ours, peer, reference))
-    assert ours.shape == peer.shape
-    assert torch.equal(ours.isnan(), reference.isnan())  # NaN exactly where the peer's code gives NaN
-    ours, peer, reference = (t.nan_to_num() for t in (ours, peer, reference))
-    scale = reference.abs().max().clamp(min=1e-30).item()
-    own_error = (peer - reference).abs().max()
-    if own_error <= rtol * scale:
-        torch.testing.assert_close(ours, peer, rtol=rtol, atol=atol * scale, equal_nan=True)
-    else:
-        assert (ours - reference).abs().max() <= 2 * max(own_error, resolution * scale) + atol * scale
-
-
-def mask_with_holes(rows, steps, dtype=torch.long):
-    mask = torch.rand(rows, steps) > 0.3
-    mask[0, : steps // 3] = False
-    mask[1, steps // 2:] = False
-    mask[2] = False
-    return mask.to(dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
