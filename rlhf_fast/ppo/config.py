@@ -32,6 +32,10 @@ class PPOConfig:
     seed: int = _opt(0, "seed of the model init, prompt sampling, generation and minibatch order")
     device: str = _opt("auto", "auto (cuda if visible), cpu or cuda", ["auto", "cpu", "cuda"])
     threads: int = _opt(0, "torch CPU threads per process; 0: the cores available / processes per machine")
+    fsdp: bool = _opt(False, "shard the policy, critic, reference and reward model with FSDP2 (fully_shard per "
+                             "decoder layer and per model; with --dtype bf16 the trainable models gather bf16 "
+                             "weights) instead of replicating them with DDP; sharded checkpoints "
+                             "(torch.distributed.checkpoint). Under torchrun, or alone as one process")
     kernels: str = _opt("on", "on: rlhf_fast fused ops; off: the eager torch references (A/B timing)",
                         ["on", "off"])
     fused_head: bool = _opt(True, "with kernels on, log-probs straight from hidden states and the lm-head weight "
@@ -149,6 +153,9 @@ class PPOConfig:
             raise ValueError(f"--dual-clip must be > 1, got {self.dual_clip}")
         if self.divergence is not None and self.kl_coef <= 0:
             raise ValueError("--divergence needs --kl-coef > 0 (it is the temperature beta of the target)")
+        if self.fsdp and (self.ref_quant != "none" or self.reward_quant != "none"):
+            raise ValueError("--fsdp shards every model's weights; --ref-quant / --reward-quant replace a model's "
+                             "linear layers with quantized buffers, which FSDP2 does not shard: use one of them")
         if self.kl_full_vocab is not None:
             self._validate_kl_full_vocab()
         elif self.kl_full_vocab_alpha is not None:

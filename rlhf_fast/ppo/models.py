@@ -19,7 +19,7 @@ from torch import nn
 import rlhf_fast as rf
 from rlhf_fast.logprobs import head_transform
 
-from . import precision
+from . import precision, sharding
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -85,7 +85,10 @@ def generate(model, prompt_ids, prompt_mask, *, max_new_tokens, eos_token_id, pa
     under autocast to this dtype (None: as it is). ops (rlhf_fast.ppo.ops): draw with ops.sample (rf.sample with
     kernels on) instead of torch.multinomial; with return_logprobs also the drawn tokens' log-probs and the
     entropies of softmax(logits / temperature) at each step, (B, R) fp32 each, 0 at padding (the rollout policy's
-    own log-probs: no second forward pass needed for them)."""
+    own log-probs: no second forward pass needed for them). model: a causal LM, or a LogProbModel (decoded
+    through its `decode`, which a sharded model gathers for)."""
+    step = model.decode if isinstance(model, LogProbModel) else model
+    model = model.model if isinstance(model, LogProbModel) else model
     cache_arg, last_only = _cache_kwarg(model), _last_logits_kwarg(model)
     batch = prompt_ids.shape[0]
     attention = prompt_mask.long()
@@ -95,8 +98,8 @@ def generate(model, prompt_ids, prompt_mask, *, max_new_tokens, eos_token_id, pa
     out_tokens, out_mask, out_logp, out_entropy = [], [], [], []
     for _ in range(max_new_tokens):
         with precision.autocast(autocast, prompt_ids.device):
-            out = model(input_ids=tokens, attention_mask=attention, position_ids=positions, use_cache=True,
-                        **{cache_arg: cache}, **last_only)
+            out = step(input_ids=tokens, attention_mask=attention, position_ids=positions, use_cache=True,
+                       **{cache_arg: cache}, **last_only)
         cache = out.cache if cache_arg == "cache" else out.past_key_values
         logits = out.logits[:, -1].float()
         if generator is None:
@@ -124,6 +127,21 @@ def generate(model, prompt_ids, prompt_mask, *, max_new_tokens, eos_token_id, pa
     return response
 
 
+def own_outputs(module: nn.Module, out):
+    """`out` with every tensor that is a view copied into its own storage when `module` is sharded: FSDP2 hooks a
+    module's outputs for its backward and warns of views (an in-place op on one would drop the hook). These
+    outputs are (B, R) per-token values and scalars; unsharded modules return them as they are."""
+    if not sharding.is_sharded(module):
+        return out
+    if isinstance(out, torch.Tensor):
+        return out.clone() if out._base is not None else out
+    if isinstance(out, (tuple, list)):
+        return type(out)(own_outputs(module, item) for item in out)
+    if isinstance(out, dict):
+        return {key: own_outputs(module, item) for key, item in out.items()}
+    return out
+
+
 class LogProbModel(nn.Module):
     """Per-token log-probs (and entropy) of the response tokens under a causal LM, computed inside forward so
     that DistributedDataParallel sees the whole computation.
@@ -149,7 +167,13 @@ class LogProbModel(nn.Module):
         linear_ppo_policy_loss after the labels) -> its (loss, stats) instead. With `tap` (a function of the
         response positions' `Head`) -> (that result, tap(head))."""
         with precision.autocast(self.autocast, input_ids.device):
-            return self._forward(input_ids, attention_mask, labels, n_prompt, return_entropy, policy_loss, tap)
+            out = self._forward(input_ids, attention_mask, labels, n_prompt, return_entropy, policy_loss, tap)
+        return own_outputs(self, out)
+
+    def decode(self, **kwargs):
+        """The causal LM's own forward (its logits), for generation: a method of this module so that a sharded
+        model gathers its root group for it as for `forward` (rlhf_fast.ppo.sharding)."""
+        return self.model(**kwargs)
 
     def _forward(self, input_ids, attention_mask, labels, n_prompt, return_entropy, policy_loss, tap):
         positions = position_ids(attention_mask)
@@ -236,7 +260,7 @@ class ValueModel(nn.Module):
         with precision.autocast(self.autocast, input_ids.device):
             hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask,
                                 position_ids=position_ids(attention_mask)).last_hidden_state
-            return self.head(hidden[:, n_prompt - 1:-1]).squeeze(-1).float()
+            return own_outputs(self, self.head(hidden[:, n_prompt - 1:-1]).squeeze(-1).float())
 
 
 class RewardFunction:

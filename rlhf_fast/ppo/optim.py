@@ -7,6 +7,7 @@ until the next backward holds another (V, H) float32 tensor through the next rol
 from __future__ import annotations
 
 import torch
+from torch.distributed.tensor import DTensor
 
 
 def adamw(params, lr: float) -> torch.optim.AdamW:
@@ -21,8 +22,9 @@ def adamw(params, lr: float) -> torch.optim.AdamW:
 
 def clip_and_step(optimizer: torch.optim.Optimizer, params, max_grad_norm: float) -> torch.Tensor:
     """Clips the gradients of `params` to a global norm of max_grad_norm, steps, then sets every gradient of the
-    optimiser to None, so a gradient lives only from its backward to its step. Returns the norm before clipping."""
+    optimiser to None, so a gradient lives only from its backward to its step. Returns the norm before clipping
+    (of the whole gradient: sharded parameters' norms are reduced over the processes)."""
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return norm
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm

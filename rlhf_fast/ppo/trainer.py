@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from . import kl_full, models, optim, plots, precision, tasks
+from . import kl_full, models, optim, plots, precision, sharding, tasks
 from .config import PPOConfig
 from .ops import get_ops
 from .policy_loss import minibatch_policy_loss
@@ -61,6 +62,12 @@ class Dist:
         """Elementwise max of `t` over processes (on t's device)."""
         return self._reduce(t, dist.ReduceOp.MAX)
 
+    def gather(self, value: float) -> list[float]:
+        """Each process's `value`, in rank order."""
+        slots = torch.zeros(self.world, dtype=torch.float64)
+        slots[self.rank] = value
+        return self.sum(slots).tolist()
+
     def _reduce(self, t: torch.Tensor, op) -> torch.Tensor:
         if self.world == 1:
             return t
@@ -78,8 +85,11 @@ def setup_distributed(cfg: PPOConfig) -> tuple[Dist, torch.device]:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     d = Dist(int(os.environ.get("RANK", "0")), world, local_rank, device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if not dist.is_initialized():
+        if world > 1:
+            dist.init_process_group("nccl" if use_cuda else "gloo")
+        elif cfg.fsdp:
+            sharding.init_single_process("nccl" if use_cuda else "gloo")
     if use_cuda:
         torch.cuda.set_device(device)
     torch.set_num_threads(cfg.threads or default_threads(cfg))
@@ -279,16 +289,19 @@ class RunningLogZ:
 # ---------------------------------------------------------------- phases
 
 
-def supervised_warmup(policy_lp, task, tokenizer, cfg, device, generator) -> float:
-    """Next-token training on the task's demonstrations (none: skipped); returns the last loss."""
+def supervised_warmup(train_policy, task, tokenizer, cfg, device, generator, d: Dist) -> float:
+    """Next-token training on the task's demonstrations (none: skipped); returns the last loss. train_policy: the
+    policy's LogProbModel as the update trains it (DDP-wrapped or sharded under torchrun, so every process
+    ends with the same weights); each process takes its share of the warmup_batch demonstrations."""
     if not task.has_demonstrations:
         return float("nan")
-    optimizer = optim.adamw(policy_lp.parameters(), lr=cfg.warmup_lr)
+    optimizer = optim.adamw(train_policy.parameters(), lr=cfg.warmup_lr)
     loss = torch.tensor(float("nan"))
     for _ in range(cfg.warmup_steps):
-        loss = demonstration_loss(policy_lp, task, tokenizer, cfg.warmup_batch, device, generator)
+        loss = demonstration_loss(train_policy, task, tokenizer, max(1, cfg.warmup_batch // d.world), device,
+                                  generator)
         loss.backward()
-        optim.clip_and_step(optimizer, policy_lp.parameters(), cfg.max_grad_norm)
+        optim.clip_and_step(optimizer, train_policy.parameters(), cfg.max_grad_norm)
     return loss.item()
 
 
@@ -306,10 +319,20 @@ def demonstration_loss(policy_lp, task, tokenizer, n, device, generator) -> torc
 
 @torch.no_grad()
 def evaluate(policy, task, tokenizer, score, cfg, device, d: Dist) -> tuple[float, list]:
-    """Mean reward of greedy decoding on the held-out prompts (each process takes its share)."""
+    """Mean reward of greedy decoding on the held-out prompts (each process takes its share). policy: the
+    policy's LogProbModel."""
     prompts = task.eval_prompts()[d.rank::d.world]
-    total, examples = 0.0, []
     policy.eval()
+    with sharding.gathered(policy), sharding.gathered(getattr(score, "model", None)):
+        total, examples = _evaluate_prompts(policy, prompts, tokenizer, score, cfg, device)
+    policy.train()
+    summed = d.sum(torch.tensor([total, float(len(prompts))], dtype=torch.float64))
+    return (summed[0] / summed[1]).item(), examples[:4]
+
+
+def _evaluate_prompts(policy, prompts, tokenizer, score, cfg, device) -> tuple[float, list]:
+    """(sum of the rewards of greedy responses to `prompts`, the first examples)."""
+    total, examples = 0.0, []
     for start in range(0, len(prompts), 256):
         chunk = prompts[start:start + 256]
         prompt_ids, prompt_mask = encode_prompts(tokenizer, chunk, device)
@@ -321,20 +344,21 @@ def evaluate(policy, task, tokenizer, score, cfg, device, d: Dist) -> tuple[floa
         rewards = score(chunk, texts)
         total += float(rewards.sum())
         examples += [{"prompt": p, "response": r, "reward": float(s)} for p, r, s in zip(chunk, texts, rewards)][:4]
-    policy.train()
-    summed = d.sum(torch.tensor([total, float(len(prompts))], dtype=torch.float64))
-    return (summed[0] / summed[1]).item(), examples[:4]
+    return total, examples
 
 
 # ---------------------------------------------------------------- checkpoints and outputs
 
 
 def save_checkpoint(folder: Path, state: dict, rng: dict, d: Dist) -> None:
-    """Model, optimiser and running state from the main process; each process's RNG states."""
+    """Model, optimiser and running state from the main process (with --fsdp the name of the folder of shards
+    every process has written instead of the models and optimisers); each process's RNG states."""
     folder.mkdir(parents=True, exist_ok=True)
     if d.main:
         torch.save(state, folder / "state.tmp")
         os.replace(folder / "state.tmp", folder / "state.pt")
+        if "sharded" in state:
+            sharding.remove_old_sharded(folder, keep=state["sharded"])
     torch.save(rng, folder / f"rng_rank{d.rank}.tmp")
     os.replace(folder / f"rng_rank{d.rank}.tmp", folder / f"rng_rank{d.rank}.pt")
 
@@ -395,38 +419,63 @@ def training_steps(cfg: PPOConfig):
         raise SetupError(str(exc)) from exc
 
     state = torch.load(checkpoint_dir / "state.pt", map_location=device, weights_only=False) if resumed else None
-    if state is None:
-        warmup_start = time.perf_counter()
-        warmup_loss = supervised_warmup(policy_lp, task, tokenizer, cfg, device, generator)
-        warmup_time = time.perf_counter() - warmup_start
-        eval_before, examples_before = evaluate(policy, task, tokenizer, score, cfg, device, d)
+    if state is not None and cfg.fsdp != ("sharded" in state):
+        raise SetupError(f"--resume {cfg.resume}: its checkpoint was written {'with' if 'sharded' in state else 'without'}"
+                         f" --fsdp; resume it the same way")
+    # The reference and the critic start as copies of the policy, built before the models are sharded; they take
+    # the policy's weights after its warm-up (sharded models copy their local shards).
     reference = models.frozen_copy(policy, precision.DTYPES[cfg.dtype])
+    ref_lp = models.LogProbModel(reference, ops, fused=policy_lp.fused, temperature=cfg.temperature)
     critic = (precision.critic(rm_critic or models.ValueModel.from_policy(policy), cfg, device)
               if cfg.algo == "ppo" else None)
-    if state is not None:
+    train_policy, train_critic = policy_lp, critic
+    if cfg.fsdp:
+        if critic is not None and cfg.critic_embedding == "frozen":  # its own frozen table: a sharded model
+            critic.freeze_embedding()                                # cannot read another one's
+        dtype = precision.compute_dtype(cfg)
+        sharding.shard(policy_lp, trainable=True, param_dtype=dtype, forward_methods=("decode",))
+        sharding.shard(ref_lp, trainable=False)
+        if critic is not None:
+            sharding.shard(critic, trainable=True, param_dtype=dtype)
+        if isinstance(score, models.RewardModel):
+            sharding.shard(score.model, trainable=False)
+    elif d.world > 1:
+        train_policy = DistributedDataParallel(policy_lp, device_ids=[device.index] if device.type == "cuda" else None)
+
+    if state is None:
+        warmup_start = time.perf_counter()
+        warmup_loss = supervised_warmup(train_policy, task, tokenizer, cfg, device, generator, d)
+        warmup_time = time.perf_counter() - warmup_start
+        eval_before, examples_before = evaluate(policy_lp, task, tokenizer, score, cfg, device, d)
+        sharding.copy_weights(reference, policy)
+        if critic is not None and rm_critic is None:
+            sharding.copy_weights(critic.trunk, policy.base_model)
+    elif not cfg.fsdp:
         policy.load_state_dict(state["policy"])
         reference.load_state_dict(state["reference"])
         if critic is not None:
             critic.load_state_dict(state["critic"])
-    if critic is not None and cfg.critic_embedding == "frozen":  # after loading: shares only equal tables
-        critic.freeze_embedding(score.model if rm_critic is not None else reference)
-    models.quantize(reference, cfg.ref_quant, cfg.quant_group_size)
-    ref_lp = models.LogProbModel(reference, ops, fused=policy_lp.fused, temperature=cfg.temperature)
+    if not cfg.fsdp:
+        if critic is not None and cfg.critic_embedding == "frozen":  # after loading: shares only equal tables
+            critic.freeze_embedding(score.model if rm_critic is not None else reference)
+        models.quantize(reference, cfg.ref_quant, cfg.quant_group_size)
+        if d.world > 1 and critic is not None:
+            train_critic = DistributedDataParallel(critic, device_ids=[device.index] if device.type == "cuda" else None)
     full_kl = kl_full.FullVocabKL(cfg, ops, ref_lp)
 
-    train_policy, train_critic = policy_lp, critic
-    if d.world > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        train_policy = DistributedDataParallel(policy_lp, device_ids=ids)
-        train_critic = DistributedDataParallel(critic, device_ids=ids) if critic is not None else None
     policy_opt = optim.adamw(policy.parameters(), lr=cfg.lr)
     critic_opt = optim.adamw(critic.parameters(), lr=cfg.critic_lr) if critic is not None else None
+    sharded_models = {"policy": policy_lp, "reference": ref_lp, "critic": critic}
+    sharded_optimizers = {"policy_opt": (policy_lp, policy_opt), "critic_opt": (critic, critic_opt)}
     moments, kl_coef, log_z_estimate, fdpg_baseline = RunningMoments(), cfg.kl_coef, RunningLogZ(), RunningMoments()
     start_step, metrics = 0, []
     if state is not None:
-        policy_opt.load_state_dict(state["policy_opt"])
-        if critic_opt is not None:
-            critic_opt.load_state_dict(state["critic_opt"])
+        if cfg.fsdp:
+            sharding.load_sharded(checkpoint_dir / state["sharded"], sharded_models, sharded_optimizers)
+        else:
+            policy_opt.load_state_dict(state["policy_opt"])
+            if critic_opt is not None:
+                critic_opt.load_state_dict(state["critic_opt"])
         moments.load_state_dict(state["moments"])
         fdpg_baseline.load_state_dict(state["fdpg_baseline"])
         kl_coef = state["kl_coef"]
@@ -458,10 +507,11 @@ def training_steps(cfg: PPOConfig):
         prompts = [p for p in task.train_prompts(local_prompts, generator) for _ in range(cfg.group_size)]
         prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
         n_prompt = prompt_ids.shape[1]
-        rollout = models.generate(policy, prompt_ids, prompt_mask, max_new_tokens=cfg.max_new_tokens,
-                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                  temperature=cfg.temperature, generator=sample_gen, autocast=policy_lp.autocast,
-                                  ops=ops, return_logprobs=cfg.rollout_logprobs)
+        with sharding.gathered(policy_lp):
+            rollout = models.generate(policy_lp, prompt_ids, prompt_mask, max_new_tokens=cfg.max_new_tokens,
+                                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                      temperature=cfg.temperature, generator=sample_gen,
+                                      autocast=policy_lp.autocast, ops=ops, return_logprobs=cfg.rollout_logprobs)
         response, response_mask = rollout[:2]
         input_ids, attention, labels = join(prompt_ids, prompt_mask, response, response_mask)
         mask = response_mask
@@ -513,41 +563,43 @@ def training_steps(cfg: PPOConfig):
         t0 = time.perf_counter()
         policy_moves = step >= cfg.critic_warmup_steps or critic is None
         sums, count, epochs_done = {}, 0, 0
-        for _ in range(cfg.ppo_epochs):
-            approx_kls = []
-            for mb in torch.randperm(len(prompts), generator=generator).to(device).split(cfg.minibatch_size):
-                loss, stats = torch.zeros((), device=device), {}
-                if policy_moves:
-                    loss, stats = minibatch_policy_loss(
-                        train_policy, ops, cfg, kl_coef, fused=policy_lp.fuses_policy_loss, input_ids=input_ids[mb],
-                        attention=attention[mb], labels=labels[mb], n_prompt=n_prompt, old_logp=old_logp[mb],
-                        advantages=advantages[mb], mask=mask[mb], ref_logp=ref_logp[mb], full_kl=full_kl,
-                        ref_hidden=None if ref_hidden is None else ref_hidden[mb])
-                    approx_kls.append(stats["approx_kl"])
-                    if cfg.ptx_coef > 0:
-                        ptx = demonstration_loss(train_policy, task, tokenizer, len(mb), device, generator)
-                        loss = loss + cfg.ptx_coef * ptx
-                        stats["ptx_loss"] = ptx.item()
-                if critic is not None:
-                    values = train_critic(input_ids[mb], attention[mb], n_prompt)
-                    v_loss, v_stats = ops.ppo_value_loss(values, old_values[mb], returns[mb], mask[mb],
-                                                         clip=cfg.value_clip, agg=cfg.loss_agg)
-                    loss = loss + cfg.vf_coef * v_loss
-                    stats.update(value_loss=v_loss.item(), value_clipfrac=v_stats["clipfrac"].item())
-                loss.backward()
-                if policy_moves:
-                    stats["policy_grad_norm"] = optim.clip_and_step(policy_opt, policy.parameters(),
-                                                                    cfg.max_grad_norm).item()
-                if critic is not None:
-                    optim.clip_and_step(critic_opt, critic.parameters(), cfg.max_grad_norm)
-                for k, v in stats.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                count += 1
-            epochs_done += 1
-            if cfg.target_kl is not None and approx_kls:
-                mean_kl = d.mean({"kl": sum(approx_kls) / len(approx_kls)})["kl"]
-                if mean_kl > 1.5 * cfg.target_kl:
-                    break
+        reads_ref_head = ref_hidden is not None  # the fused full-vocabulary KL reads the reference's lm head
+        with sharding.gathered_root(ref_lp if reads_ref_head else None):
+            for _ in range(cfg.ppo_epochs):
+                approx_kls = []
+                for mb in torch.randperm(len(prompts), generator=generator).to(device).split(cfg.minibatch_size):
+                    loss, stats = torch.zeros((), device=device), {}
+                    if policy_moves:
+                        loss, stats = minibatch_policy_loss(
+                            train_policy, ops, cfg, kl_coef, fused=policy_lp.fuses_policy_loss,
+                            input_ids=input_ids[mb], attention=attention[mb], labels=labels[mb], n_prompt=n_prompt,
+                            old_logp=old_logp[mb], advantages=advantages[mb], mask=mask[mb], ref_logp=ref_logp[mb],
+                            full_kl=full_kl, ref_hidden=None if ref_hidden is None else ref_hidden[mb])
+                        approx_kls.append(stats["approx_kl"])
+                        if cfg.ptx_coef > 0:
+                            ptx = demonstration_loss(train_policy, task, tokenizer, len(mb), device, generator)
+                            loss = loss + cfg.ptx_coef * ptx
+                            stats["ptx_loss"] = ptx.item()
+                    if critic is not None:
+                        values = train_critic(input_ids[mb], attention[mb], n_prompt)
+                        v_loss, v_stats = ops.ppo_value_loss(values, old_values[mb], returns[mb], mask[mb],
+                                                             clip=cfg.value_clip, agg=cfg.loss_agg)
+                        loss = loss + cfg.vf_coef * v_loss
+                        stats.update(value_loss=v_loss.item(), value_clipfrac=v_stats["clipfrac"].item())
+                    loss.backward()
+                    if policy_moves:
+                        stats["policy_grad_norm"] = optim.clip_and_step(policy_opt, policy.parameters(),
+                                                                        cfg.max_grad_norm).item()
+                    if critic is not None:
+                        optim.clip_and_step(critic_opt, critic.parameters(), cfg.max_grad_norm)
+                    for k, v in stats.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    count += 1
+                epochs_done += 1
+                if cfg.target_kl is not None and approx_kls:
+                    mean_kl = d.mean({"kl": sum(approx_kls) / len(approx_kls)})["kl"]
+                    if mean_kl > 1.5 * cfg.target_kl:
+                        break
         timings["update"] = time.perf_counter() - t0
 
         # ---- bookkeeping: metrics, adaptive KL, checkpoint
@@ -574,10 +626,15 @@ def training_steps(cfg: PPOConfig):
             progress.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl']:.3f}",
                                  gen=f"{timings['generate']:.2f}s", upd=f"{timings['update']:.2f}s")
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.total_steps:
-            state = {"step": step + 1, "policy": policy.state_dict(), "reference": reference.state_dict(),
-                     "critic": critic.state_dict() if critic is not None else None,
-                     "policy_opt": policy_opt.state_dict(),
-                     "critic_opt": critic_opt.state_dict() if critic_opt is not None else None,
+            if cfg.fsdp:  # each process writes its shards; state.pt names the folder
+                models_state = {"sharded": sharding.save_sharded(checkpoint_dir, sharded_models, sharded_optimizers,
+                                                                 step + 1)}
+            else:
+                models_state = {"policy": policy.state_dict(), "reference": reference.state_dict(),
+                                "critic": critic.state_dict() if critic is not None else None,
+                                "policy_opt": policy_opt.state_dict(),
+                                "critic_opt": critic_opt.state_dict() if critic_opt is not None else None}
+            state = {"step": step + 1, **models_state,
                      "moments": moments.state_dict(), "fdpg_baseline": fdpg_baseline.state_dict(),
                      "kl_coef": kl_coef, "log_z": log_z_estimate.state_dict(),
                      "eval_before": eval_before, "examples_before": examples_before,
@@ -590,19 +647,25 @@ def training_steps(cfg: PPOConfig):
         progress.close()
 
     # ---- evaluation and outputs
-    eval_after, examples_after = evaluate(policy, task, tokenizer, score, cfg, device, d)
+    eval_after, examples_after = evaluate(policy_lp, task, tokenizer, score, cfg, device, d)
+    param_bytes, optimizer_bytes = sharding.local_bytes(
+        [policy_lp, ref_lp, critic, getattr(score, "model", None)], [policy_opt, critic_opt])
+    final_policy = sharding.full_state_dict(policy_lp, prefix="model.") if cfg.fsdp else None
     phase_means = {k: sum(m[f"time_{k}"] for m in metrics) / max(len(metrics), 1) for k in TIMED_PHASES}
     summary = {"eval_reward_before": eval_before, "eval_reward_after": eval_after,
                "eval_reward_gain": eval_after - eval_before, "wall_time_s": time.perf_counter() - wall_start,
                "warmup_time_s": warmup_time, "warmup_loss": warmup_loss, "steps": len(metrics),
-               "resumed_at_step": start_step if resumed else None, "world_size": d.world,
+               "resumed_at_step": start_step if resumed else None, "world_size": d.world, "fsdp": cfg.fsdp,
+               "param_mb_per_rank": [b / 2**20 for b in d.gather(param_bytes)],
+               "optimizer_mb_per_rank": [b / 2**20 for b in d.gather(optimizer_bytes)],
+               "peak_rss_mb_per_rank": d.gather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
                "phase_time_mean_s": phase_means, "examples_before": examples_before, "examples_after": examples_after,
                "config": dataclasses.asdict(cfg)}
     if d.main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         if cfg.plot and metrics:
             plots.reward_kl(metrics, out / "reward_kl.png", cfg)
-        policy.save_pretrained(out / "policy")
+        policy.save_pretrained(out / "policy", state_dict=final_policy)
         tokenizer.save(out / "policy")
         print(f"eval reward (greedy, {len(task.eval_prompts())} held-out prompts): {eval_before:.3f} -> "
               f"{eval_after:.3f}; {len(metrics)} steps in {summary['wall_time_s']:.0f} s; mean phase times "
