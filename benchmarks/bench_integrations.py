@@ -349,7 +349,7 @@ def _logits_specs(names, tokens, vocab, dtype, device, modes=("fwd", "fwd+bwd"))
 
 
 def _peer_inputs(logits_names, device, quick):
-    """What both trainers' cases start from: (the specs of their log-prob / entropy functions at the issue
+    """What both trainers' cases start from: (the specs of their log-prob / entropy functions at the benchmark
     shapes, g(scale) giving a random (B, T) float32 tensor, a right-padded 0/1 mask (B, T) as a rollout leaves
     it, the shape label)."""
     if quick:

@@ -5,7 +5,7 @@
 #      stopping at failures: a junit report and the log say which failed
 #   3. compute-sanitizer memcheck over one small GPU test per family (racecheck on the scan and reductions if
 #      time is left)
-#   4. the benchmark suite at the issue shapes, rows appended under $OUT
+#   4. the benchmark suite at the target shapes, rows appended under $OUT
 # Everything goes to ${OUT:-gpu_run}/. Stage limits in seconds: BUILD_S, TESTS_S, SANITIZER_S, BENCH_S.
 # Usage: bash benchmarks/run_gpu.sh [stage ...]   (default: build tests sanitizer bench); carry .whl/ (made by
 # benchmarks/gpu_wheels.sh) for the peers' rows.

@@ -19,8 +19,8 @@ BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
 ENV_VAR = "RLHF_FAST_BACKEND"
 
 # auto's order for CUDA tensors, per op; the first live backend wins. Ops not listed use DEFAULT_GPU_ORDER.
-# No GPU measurement has been taken yet (no device in the sessions so far): until then the CUDA C++ kernels
-# lead where they exist, because they need no JIT warm-up. Replace with measured choices
+# No GPU measurement has been taken yet: until then the CUDA C++ kernels lead where they exist, a choice from
+# their structure (they need no JIT warm-up), not from a measurement. Replace with measured choices
 # (benchmarks/results/<device>.csv) and say which run justifies each.
 DEFAULT_GPU_ORDER = ("cuda", "triton", "torch")
 AUTO_GPU: dict[str, tuple[str, ...]] = {}

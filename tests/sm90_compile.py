@@ -43,7 +43,7 @@ def missing_toolchain() -> str | None:
     return None
 
 
-# ---------------------------------------------------------------- cases: launcher calls at the issue shapes
+# ---------------------------------------------------------------- cases: launcher calls at the target shapes
 
 def _empty(*shape, dtype=torch.float32):
     return torch.empty(shape, dtype=dtype)

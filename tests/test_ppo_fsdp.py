@@ -94,7 +94,7 @@ def test_fsdp_saves_the_whole_policy_in_hugging_face_format(runs):
 
 
 def _kill_workers(launcher: int) -> None:
-    """SIGKILL to every child process of `launcher` (torchrun starts its workers in sessions of their own)."""
+    """SIGKILL to every child process of `launcher` (torchrun's workers are not in its process group)."""
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
