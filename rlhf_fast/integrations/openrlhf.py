@@ -3,6 +3,12 @@
     from rlhf_fast.integrations import openrlhf as rf_openrlhf
     rf_openrlhf.patch()             # or: with rf_openrlhf.patch(): ...
 
+OpenRLHF runs its trainer and its actor, critic and reference work in Ray actors, which `patch()` in the driver
+does not reach. To patch every worker process of the job: a script that calls ray.init itself passes
+`ray.init(runtime_env=rf_openrlhf.ray_runtime_env())`; a launcher that does (`python -m
+openrlhf.cli.train_ppo_ray`) runs with `RAY_RUNTIME_ENV_HOOK=rlhf_fast.integrations.ray_workers.runtime_env_hook` and
+`RLHF_FAST_PATCH=openrlhf` exported.
+
 Patched, in every OpenRLHF module that holds them: `openrlhf.models.utils.compute_approx_kl` (k1, k2, k3, the
 ±10 clamp), `log_probs_from_logits` (float32 log-probs; a temperature other than 1 still divides the caller's
 logits in place, as OpenRLHF does), `compute_entropy` (float32), `masked_mean`; the `forward` of
@@ -26,6 +32,7 @@ import torch
 import rlhf_fast as rf
 
 from ._common import aggregation, binary_mask, discount, kernel_floats, needs_grad
+from . import ray_workers
 from ._patching import Adapter, Patch, Target, dispatching
 
 PEER = "openrlhf"
@@ -215,3 +222,16 @@ def patch() -> Patch:
 def unpatch() -> None:
     """Puts OpenRLHF's own functions and methods back."""
     _ADAPTER.unpatch()
+
+
+def ray_runtime_env(base: dict | None = None) -> dict:
+    """A runtime_env for `ray.init` that patches OpenRLHF in every Ray worker process of the job: `base`
+    (not modified) plus RLHF_FAST_PATCH in its env_vars and a worker_process_setup_hook (chained after base's
+    own hook, which runs first). Patch the driver with `patch()` as usual:
+
+        import ray
+        from rlhf_fast.integrations import openrlhf as rf_openrlhf
+        rf_openrlhf.patch()
+        ray.init(runtime_env=rf_openrlhf.ray_runtime_env())   # or ray_runtime_env({"env_vars": {...}})
+    """
+    return ray_workers.runtime_env((PEER,), base)

@@ -3,6 +3,11 @@
     from rlhf_fast.integrations import verl as rf_verl
     rf_verl.patch()                 # or: with rf_verl.patch(): ...
 
+verl runs its trainer and its actor, critic and reference work in Ray actors, which `patch()` in the driver does
+not reach. To patch every worker process of the job: a script that calls ray.init itself passes
+`ray.init(runtime_env=rf_verl.ray_runtime_env())`; a launcher that does (`python -m verl.trainer.main_ppo`) runs with
+`RAY_RUNTIME_ENV_HOOK=rlhf_fast.integrations.ray_workers.runtime_env_hook` and `RLHF_FAST_PATCH=verl` exported.
+
 Patched, in every verl module that holds them (and in verl's registries, so that the usual config names
 `adv_estimator: gae | grpo | rloo` and `policy_loss.loss_mode: vanilla` run our kernels):
 
@@ -32,6 +37,7 @@ import torch
 import rlhf_fast as rf
 
 from ._common import aggregation, binary_mask, discount, kernel_floats, needs_grad
+from . import ray_workers
 from ._patching import Adapter, Patch, Target, dispatching
 
 PEER = "verl"
@@ -306,3 +312,16 @@ def patch() -> Patch:
 def unpatch() -> None:
     """Puts verl's own functions and registries back."""
     _ADAPTER.unpatch()
+
+
+def ray_runtime_env(base: dict | None = None) -> dict:
+    """A runtime_env for `ray.init` that patches verl in every Ray worker process of the job: `base`
+    (not modified) plus RLHF_FAST_PATCH in its env_vars and a worker_process_setup_hook (chained after base's
+    own hook, which runs first). Patch the driver with `patch()` as usual:
+
+        import ray
+        from rlhf_fast.integrations import verl as rf_verl
+        rf_verl.patch()
+        ray.init(runtime_env=rf_verl.ray_runtime_env())   # or ray_runtime_env({"env_vars": {...}})
+    """
+    return ray_workers.runtime_env((PEER,), base)

@@ -37,6 +37,18 @@ class _EmptyPackages(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         pass
 
 
+def import_openrlhf():
+    """Imports the OpenRLHF modules rlhf_fast patches (they keep the stand-ins they bind), then takes the
+    stand-ins away, as the OpenRLHF tests do; a Ray worker's setup hook in the tests. (Kept for good, the
+    stand-ins would turn every `from flash_attn... import f` that verl and OpenRLHF try at call time or import
+    time into an empty module instead of the ImportError they fall back on.)"""
+    from rlhf_fast.integrations import openrlhf as rf_openrlhf
+
+    with gpu_only_modules():
+        for name in rf_openrlhf.SCAN:
+            importlib.import_module(name)
+
+
 @contextlib.contextmanager
 def gpu_only_modules():
     """While active, each of GPU_ONLY that is not installed imports as an empty package; afterwards the
