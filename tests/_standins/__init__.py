@@ -17,8 +17,9 @@ GPU_ONLY = ("flash_attn", "deepspeed", "vllm")
 
 
 class _EmptyPackages(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Finds `root` and every submodule of it as an empty package (a `from ... import name` of it fails with
-    ImportError, as a missing optional feature does)."""
+    """Finds `root` and every submodule of it as an empty package. A `from ... import name` of it therefore
+    gives an empty module, not an ImportError: only imports that need no callable from it (OpenRLHF's) may run
+    while the stand-ins are in place."""
 
     def __init__(self, roots):
         self.roots = tuple(roots)
