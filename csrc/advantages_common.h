@@ -14,8 +14,8 @@ namespace rlhf_fast {
 // One group of scores -> advantages: (x - mean) * scale, with scale n/(n-1) for leave-one-out (RLOO),
 // 1/(unbiased std + eps) for normalised GRPO, 1 otherwise; a group of one has no baseline and gets 0.
 template <typename scalar_t>
-RLHF_FAST_HOST_DEVICE inline void group_advantages_row(const scalar_t* x, int64_t n, bool norm_std,
-                                                       bool leave_one_out, double eps, float* out) {
+RLHF_FAST_HOST_DEVICE inline void group_advantages_row(const scalar_t* x, int64_t n, bool norm_std, bool leave_one_out,
+                                                       double eps, float* out) {
   double sum = 0;
   for (int64_t i = 0; i < n; ++i) sum += static_cast<double>(x[i]);
   const double mean = sum / n;

@@ -55,12 +55,18 @@ constexpr bool two_pass(int kind) { return kind == kJS || kind == kTV; }
 // Maps (kind, alpha, temperature) to the kernels' parameters; false for an unknown kind or alpha in {0, 1}.
 inline bool make_params(const std::string& kind, double alpha, double temperature, Params* out) {
   const float inv_t = static_cast<float>(1.0 / temperature);
-  if (kind == "kl") *out = {kKL, 0.f, 0.f, inv_t};
-  else if (kind == "reverse_kl") *out = {kReverseKL, 0.f, 0.f, inv_t};
-  else if (kind == "js") *out = {kJS, 0.f, 0.f, inv_t};
-  else if (kind == "tv") *out = {kTV, 0.f, 0.f, inv_t};
-  else if (kind == "hellinger") *out = {kPower, 0.5f, -1.f, inv_t};
-  else if (kind == "chi2") *out = {kPower, 2.f, 1.f, inv_t};
+  if (kind == "kl")
+    *out = {kKL, 0.f, 0.f, inv_t};
+  else if (kind == "reverse_kl")
+    *out = {kReverseKL, 0.f, 0.f, inv_t};
+  else if (kind == "js")
+    *out = {kJS, 0.f, 0.f, inv_t};
+  else if (kind == "tv")
+    *out = {kTV, 0.f, 0.f, inv_t};
+  else if (kind == "hellinger")
+    *out = {kPower, 0.5f, -1.f, inv_t};
+  else if (kind == "chi2")
+    *out = {kPower, 2.f, 1.f, inv_t};
   else if (kind == "alpha" && alpha != 0.0 && alpha != 1.0)
     *out = {kPower, static_cast<float>(alpha), static_cast<float>(1.0 / (alpha * (alpha - 1.0))), inv_t};
   else
@@ -72,11 +78,21 @@ inline bool make_params(const std::string& kind, double alpha, double temperatur
 template <typename F>
 void with_kind(int kind, F&& f) {
   switch (kind) {
-    case kKL: f(std::integral_constant<int, kKL>{}); break;
-    case kReverseKL: f(std::integral_constant<int, kReverseKL>{}); break;
-    case kJS: f(std::integral_constant<int, kJS>{}); break;
-    case kTV: f(std::integral_constant<int, kTV>{}); break;
-    default: f(std::integral_constant<int, kPower>{}); break;
+    case kKL:
+      f(std::integral_constant<int, kKL>{});
+      break;
+    case kReverseKL:
+      f(std::integral_constant<int, kReverseKL>{});
+      break;
+    case kJS:
+      f(std::integral_constant<int, kJS>{});
+      break;
+    case kTV:
+      f(std::integral_constant<int, kTV>{});
+      break;
+    default:
+      f(std::integral_constant<int, kPower>{});
+      break;
   }
 }
 
@@ -130,8 +146,7 @@ struct FirstPassTerms {
 };
 
 template <int Kind, class Math>
-RLHF_FAST_ELEMENTWISE FirstPassTerms first_pass_terms(float a, float b, float exponent, float ma, float mb,
-                                                      float mc) {
+RLHF_FAST_ELEMENTWISE FirstPassTerms first_pass_terms(float a, float b, float exponent, float ma, float mb, float mc) {
   const float ea = Math::exp(a - ma), eb = Math::exp(b - mb);
   FirstPassTerms t{ea, 0.f, eb, 0.f, 0.f};
   const float d = a - b;

@@ -113,7 +113,7 @@ RLHF_FAST_LOGPROBS_HD inline Moments thread_moments(const scalar_t* row, int64_t
   }
   const P* packed = reinterpret_cast<const P*>(row + head);
   RLHF_FAST_LOGPROBS_UNROLL_4  // lets several 16-byte loads per thread be in flight
-  for (int64_t k = thread; k < packs; k += kThreads) {
+      for (int64_t k = thread; k < packs; k += kThreads) {
     const P pack = packed[k];
     float x[P::kSize];
     for (int i = 0; i < P::kSize; ++i) x[i] = static_cast<float>(pack.v[i]);
@@ -152,8 +152,8 @@ inline RowLayout row_layout(const at::Tensor& logits, const char* op) {
   TORCH_CHECK(logits.is_floating_point(), op, ": logits must be floating point");
   TORCH_CHECK(logits.size(2) > 0, op, ": logits must have a non-empty vocab dim");
   TORCH_CHECK(logits.stride(2) == 1 || logits.size(2) == 1, op, ": logits must have a contiguous last dim");
-  return {logits.size(0) * logits.size(1), logits.size(1) > 0 ? logits.size(1) : 1, logits.stride(0),
-          logits.stride(1), logits.size(2)};
+  return {logits.size(0) * logits.size(1), logits.size(1) > 0 ? logits.size(1) : 1, logits.stride(0), logits.stride(1),
+          logits.size(2)};
 }
 
 // An (A, B) tensor of the given dtype, contiguous, on the logits' device.
@@ -165,8 +165,8 @@ inline void check_per_row(const at::Tensor& t, const at::Tensor& logits, at::Sca
   TORCH_CHECK(t.device() == logits.device(), op, ": ", name, " must be on the logits' device");
 }
 
-inline void check_optional_per_row(const c10::optional<at::Tensor>& t, const at::Tensor& logits,
-                                   at::ScalarType dtype, const char* name, const char* op) {
+inline void check_optional_per_row(const c10::optional<at::Tensor>& t, const at::Tensor& logits, at::ScalarType dtype,
+                                   const char* name, const char* op) {
   if (t.has_value()) check_per_row(*t, logits, dtype, name, op);
 }
 

@@ -108,12 +108,18 @@ inline KlKind parse_kl_kind(const std::string& kind) {
 template <typename F>
 inline void dispatch_kl_kind(KlKind kind, F&& f) {
   switch (kind) {
-    case KlKind::K1: return f(std::integral_constant<KlKind, KlKind::K1>{});
-    case KlKind::Abs: return f(std::integral_constant<KlKind, KlKind::Abs>{});
-    case KlKind::K2: return f(std::integral_constant<KlKind, KlKind::K2>{});
-    case KlKind::K3: return f(std::integral_constant<KlKind, KlKind::K3>{});
-    case KlKind::K1Plus: return f(std::integral_constant<KlKind, KlKind::K1Plus>{});
-    case KlKind::K3Plus: return f(std::integral_constant<KlKind, KlKind::K3Plus>{});
+    case KlKind::K1:
+      return f(std::integral_constant<KlKind, KlKind::K1>{});
+    case KlKind::Abs:
+      return f(std::integral_constant<KlKind, KlKind::Abs>{});
+    case KlKind::K2:
+      return f(std::integral_constant<KlKind, KlKind::K2>{});
+    case KlKind::K3:
+      return f(std::integral_constant<KlKind, KlKind::K3>{});
+    case KlKind::K1Plus:
+      return f(std::integral_constant<KlKind, KlKind::K1Plus>{});
+    case KlKind::K3Plus:
+      return f(std::integral_constant<KlKind, KlKind::K3Plus>{});
   }
 }
 

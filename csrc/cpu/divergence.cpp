@@ -17,7 +17,6 @@
 #include <algorithm>
 #include <cstring>
 
-
 namespace rlhf_fast {
 namespace {
 
@@ -28,7 +27,7 @@ constexpr int64_t kChunk = 1024;
 // expf (cpu/vec_exp.h) and a Cephes-style logf (about 1 ulp on the ranges used here), both vectorisable.
 struct VecMath {
   static RLHF_FAST_ELEMENTWISE float exp(float x) {
-    const bool underflow = x < -87.3f;  // also -inf: exactly 0, so that 0 * (-inf) guards hold
+    const bool underflow = x < -87.3f;       // also -inf: exactly 0, so that 0 * (-inf) guards hold
     x = std::max(std::min(x, 88.f), -88.f);  // keeps the polynomial finite; the underflow select gives the 0
     return underflow ? 0.f : exp_poly(x);
   }
@@ -146,8 +145,8 @@ RLHF_FAST_SIMD_CLONES void grad_chunk(const scalar_t* xp, const scalar_t* xq, in
 }
 
 template <int Kind, typename scalar_t>
-void forward_rows(const at::Tensor& logits_p, const at::Tensor& logits_q, const bool* mask, const Params& p,
-                  float* out, float* stats) {
+void forward_rows(const at::Tensor& logits_p, const at::Tensor& logits_q, const bool* mask, const Params& p, float* out,
+                  float* stats) {
   const int64_t rows = logits_p.size(0), vocab = logits_p.size(1);
   const int64_t stride_p = logits_p.stride(0), stride_q = logits_q.stride(0);
   const scalar_t* xp = logits_p.data_ptr<scalar_t>();
@@ -221,9 +220,12 @@ void backward_rows(const float* grad_out, const at::Tensor& logits_p, const at::
         const scalar_t* rp = xp + row * stride_p + c;
         const scalar_t* rq = xq + row * stride_q + c;
         const int64_t n = std::min(kChunk, vocab - c);
-        if (gp && gq) grad_chunk<Kind, true, true>(rp, rq, n, p, r, gp + c, gq + c);
-        else if (gp) grad_chunk<Kind, true, false>(rp, rq, n, p, r, gp + c, gq);
-        else grad_chunk<Kind, false, true>(rp, rq, n, p, r, gp, gq + c);
+        if (gp && gq)
+          grad_chunk<Kind, true, true>(rp, rq, n, p, r, gp + c, gq + c);
+        else if (gp)
+          grad_chunk<Kind, true, false>(rp, rq, n, p, r, gp + c, gq);
+        else
+          grad_chunk<Kind, false, true>(rp, rq, n, p, r, gp, gq + c);
       }
     }
   });
@@ -240,7 +242,7 @@ std::tuple<at::Tensor, at::Tensor> f_divergence_cpu(const at::Tensor& logits_p, 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits_p.scalar_type(), "f_divergence_cpu", [&] {
     with_kind(p.kind, [&](auto kind_constant) {
       forward_rows<decltype(kind_constant)::value, scalar_t>(logits_p, logits_q, m, p, out.data_ptr<float>(),
-                                                            stats.data_ptr<float>());
+                                                             stats.data_ptr<float>());
     });
   });
   return {out, stats};
@@ -252,21 +254,23 @@ at::Tensor f_divergence_second_pass_cpu(const at::Tensor& logits_p, const at::Te
   const Params p = check_second_pass_inputs(logits_p, logits_q, mask, stats, std::string(kind), temperature);
   auto sums = at::empty({logits_p.size(0), 2}, logits_p.options().dtype(at::kFloat));
   const bool* m = mask.has_value() ? mask->data_ptr<bool>() : nullptr;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits_p.scalar_type(), "f_divergence_second_pass_cpu",
-                                  [&] {
-    if (p.kind == kJS) {
-      second_pass_rows<kJS, scalar_t>(logits_p, logits_q, m, stats.data_ptr<float>(), p, sums.data_ptr<float>());
-    } else {
-      second_pass_rows<kTV, scalar_t>(logits_p, logits_q, m, stats.data_ptr<float>(), p, sums.data_ptr<float>());
-    }
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, logits_p.scalar_type(), "f_divergence_second_pass_cpu", [&] {
+        if (p.kind == kJS) {
+          second_pass_rows<kJS, scalar_t>(logits_p, logits_q, m, stats.data_ptr<float>(), p, sums.data_ptr<float>());
+        } else {
+          second_pass_rows<kTV, scalar_t>(logits_p, logits_q, m, stats.data_ptr<float>(), p, sums.data_ptr<float>());
+        }
+      });
   return sums;
 }
 
-std::tuple<at::Tensor, at::Tensor> f_divergence_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& logits_p, const at::Tensor& logits_q,
-    const c10::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& stats, c10::string_view kind,
-    double alpha, double temperature, bool need_grad_p, bool need_grad_q) {
+std::tuple<at::Tensor, at::Tensor> f_divergence_backward_cpu(const at::Tensor& grad_out, const at::Tensor& logits_p,
+                                                             const at::Tensor& logits_q,
+                                                             const c10::optional<at::Tensor>& mask,
+                                                             const at::Tensor& out, const at::Tensor& stats,
+                                                             c10::string_view kind, double alpha, double temperature,
+                                                             bool need_grad_p, bool need_grad_q) {
   const Params p = check_forward_inputs(logits_p, logits_q, mask, std::string(kind), alpha, temperature);
   check_backward_inputs(grad_out, logits_p, out, stats);
   auto grad_p = need_grad_p ? at::empty(logits_p.sizes(), logits_p.options()) : at::empty({0}, logits_p.options());

@@ -28,7 +28,6 @@
 #include <sys/mman.h>
 #endif
 
-
 namespace rlhf_fast {
 namespace {
 

@@ -56,11 +56,9 @@ RLHF_FAST_SIMD_CLONES void kl_values(const scalar_t* a, const scalar_t* b, float
 }
 
 template <KlKind K, typename scalar_t>
-RLHF_FAST_SIMD_CLONES void kl_grads(const float* grad, const scalar_t* a, const scalar_t* b, scalar_t* out,
-                                    int64_t n) {
+RLHF_FAST_SIMD_CLONES void kl_grads(const float* grad, const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t n) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i)
-    out[i] = from_float<scalar_t>(grad[i] * kl_grad<K>(to_float(a[i]), to_float(b[i])));
+  for (int64_t i = 0; i < n; ++i) out[i] = from_float<scalar_t>(grad[i] * kl_grad<K>(to_float(a[i]), to_float(b[i])));
 }
 
 constexpr int64_t kChunkTokens = 16384;
@@ -307,19 +305,17 @@ std::tuple<at::Tensor, at::Tensor> ppo_policy_loss_cpu(const at::Tensor& logp, c
                           policy_math(clip_low, clip_high, dual_clip), agg);
 }
 
-at::Tensor ppo_policy_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logp,
-                                        const at::Tensor& old_logp, const at::Tensor& advantages,
-                                        const c10::optional<at::Tensor>& mask, const at::Tensor& stats,
-                                        double clip_low, double clip_high, c10::optional<double> dual_clip,
-                                        c10::string_view agg) {
+at::Tensor ppo_policy_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logp, const at::Tensor& old_logp,
+                                        const at::Tensor& advantages, const c10::optional<at::Tensor>& mask,
+                                        const at::Tensor& stats, double clip_low, double clip_high,
+                                        c10::optional<double> dual_clip, c10::string_view agg) {
   return loss_backward_cpu("ppo_policy_loss_backward", grad_loss, logp, "logp", old_logp, "old_logp", advantages,
                            "advantages", mask, stats, policy_math(clip_low, clip_high, dual_clip), agg);
 }
 
 std::tuple<at::Tensor, at::Tensor> ppo_value_loss_cpu(const at::Tensor& values, const at::Tensor& old_values,
-                                                      const at::Tensor& returns,
-                                                      const c10::optional<at::Tensor>& mask, double clip,
-                                                      c10::string_view agg) {
+                                                      const at::Tensor& returns, const c10::optional<at::Tensor>& mask,
+                                                      double clip, c10::string_view agg) {
   return loss_forward_cpu("ppo_value_loss", values, "values", old_values, "old_values", returns, "returns", mask,
                           ValueMath{static_cast<float>(clip)}, agg);
 }
@@ -328,8 +324,8 @@ at::Tensor ppo_value_loss_backward_cpu(const at::Tensor& grad_loss, const at::Te
                                        const at::Tensor& old_values, const at::Tensor& returns,
                                        const c10::optional<at::Tensor>& mask, const at::Tensor& stats, double clip,
                                        c10::string_view agg) {
-  return loss_backward_cpu("ppo_value_loss_backward", grad_loss, values, "values", old_values, "old_values",
-                           returns, "returns", mask, stats, ValueMath{static_cast<float>(clip)}, agg);
+  return loss_backward_cpu("ppo_value_loss_backward", grad_loss, values, "values", old_values, "old_values", returns,
+                           "returns", mask, stats, ValueMath{static_cast<float>(clip)}, agg);
 }
 
 }  // namespace

@@ -23,8 +23,8 @@ namespace rlhf_fast {
 namespace {
 
 constexpr int64_t kFusedMaxRows = 4;
-constexpr int64_t kFusedBlock = 64;  // output channels per work item of the fused path
-constexpr int64_t kChunkFloats = 4096;  // fused path: the K-chunks of all activation rows together, 16 KB of L1
+constexpr int64_t kFusedBlock = 64;          // output channels per work item of the fused path
+constexpr int64_t kChunkFloats = 4096;       // fused path: the K-chunks of all activation rows together, 16 KB of L1
 constexpr int64_t kPanelElements = 1 << 20;  // 4 MB float32 panels for the many-rows path
 
 // The hot loops get AVX-512 and AVX2 clones (simd_clones.h): int8 -> float conversions vectorise poorly on
@@ -69,12 +69,11 @@ RLHF_FAST_SIMD_CLONES void dequantize_int4_group(const uint8_t* b, float scale, 
 void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& qweight, int64_t in_features,
                   const at::Tensor& scales, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), op, ": x must be a contiguous (M, K) tensor");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
-              op, ": x must be float32, bfloat16 or float16");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf, op,
+              ": x must be float32, bfloat16 or float16");
   TORCH_CHECK(qweight.dim() == 2 && qweight.is_contiguous(), op, ": qweight must be a contiguous 2-D tensor");
   TORCH_CHECK(x.size(1) == in_features, op, ": x has K=", x.size(1), " but the weight has K=", in_features);
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous(), op,
-              ": scales must be contiguous float32");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous(), op, ": scales must be contiguous float32");
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == qweight.size(0) && bias->scalar_type() == at::kFloat &&
                     bias->is_contiguous(),
@@ -170,8 +169,10 @@ at::Tensor qmatmul_int8_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
     return finish(out, bias, x);
   }
   const int64_t chunk = kChunkFloats / std::max<int64_t>(rows, 1);
-  auto out = fused_matmul(x32, out_features, chunk, [&](int64_t n, int64_t k0, int64_t len, const float* xc, float*,
-                                                         bool) { return dot_int8(xc, q + n * in_features + k0, len) * s[n]; });
+  auto out =
+      fused_matmul(x32, out_features, chunk, [&](int64_t n, int64_t k0, int64_t len, const float* xc, float*, bool) {
+        return dot_int8(xc, q + n * in_features + k0, len) * s[n];
+      });
   return finish(out, bias, x);
 }
 
@@ -204,16 +205,16 @@ at::Tensor qmatmul_int4_cpu(const at::Tensor& x, const at::Tensor& qweight, cons
   }
   // whole groups; the dequantized buffer shares the L1 budget with the activation chunks
   const int64_t chunk = std::max<int64_t>(1, kChunkFloats / (rows + 1) / group_size) * group_size;
-  auto out = fused_matmul(x32, out_features, chunk, [&](int64_t n, int64_t k0, int64_t len, const float* xc,
-                                                        float* buffer, bool fresh) {
-    if (fresh) {
-      for (int64_t g = k0 / group_size; g < (k0 + len) / group_size; ++g) {
-        dequantize_int4_group(q + n * half + g * half_group, s[n * groups + g], static_cast<float>(z[n * groups + g]),
-                              buffer + g * group_size - k0, half_group);
-      }
-    }
-    return dot_f32(xc, buffer, len);
-  });
+  auto out = fused_matmul(
+      x32, out_features, chunk, [&](int64_t n, int64_t k0, int64_t len, const float* xc, float* buffer, bool fresh) {
+        if (fresh) {
+          for (int64_t g = k0 / group_size; g < (k0 + len) / group_size; ++g) {
+            dequantize_int4_group(q + n * half + g * half_group, s[n * groups + g],
+                                  static_cast<float>(z[n * groups + g]), buffer + g * group_size - k0, half_group);
+          }
+        }
+        return dot_f32(xc, buffer, len);
+      });
   return finish(out, bias, x);
 }
 

@@ -38,9 +38,9 @@ constexpr int kHistNats = 40;
 constexpr int kBuckets = kBucketsPerNat * kHistNats + 1;
 
 struct Filters {
-  int64_t top_k;   // 0: off
-  double top_p;    // 1: off
-  double min_p;    // 0: off
+  int64_t top_k;  // 0: off
+  double top_p;   // 1: off
+  double min_p;   // 0: off
 };
 
 // sum of 2^((x - m) * scale2) over the entries with x >= threshold
@@ -66,7 +66,10 @@ template <typename scalar_t>
 class RowSampler {
  public:
   RowSampler(int64_t vocab, float temperature, Filters filters)
-      : vocab_(vocab), inv_t_(1.f / temperature), scale2_(kLog2e / temperature), temperature_(temperature),
+      : vocab_(vocab),
+        inv_t_(1.f / temperature),
+        scale2_(kLog2e / temperature),
+        temperature_(temperature),
         filters_(filters) {}
 
   RowDraw draw(const scalar_t* row, double u) {
@@ -86,7 +89,8 @@ class RowSampler {
       if (m != kNegInf) s += sum_exp2_above(x, n, scale2_, m, kNegInf);
       if (filters_.top_k > 0) push_top_k(x, n, block_max);
     }
-    if (nan || m == kNegInf) return {0, std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::quiet_NaN()};
+    if (nan || m == kNegInf)
+      return {0, std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::quiet_NaN()};
 
     // 2. thresholds: top-k, then top-p over the top-k set, then min-p (relative to the max, which all keep)
     float tau = kNegInf;

@@ -38,19 +38,15 @@ __device__ __forceinline__ Affine then(const Affine& first, const Affine& second
 
 __device__ __forceinline__ Affine shfl_down(const Affine& x, int offset) {
   const unsigned all = 0xffffffffu;
-  return {__shfl_down_sync(all, x.p, offset), __shfl_down_sync(all, x.q, offset),
-          __shfl_down_sync(all, x.c1, offset), __shfl_down_sync(all, x.s, offset),
-          __shfl_down_sync(all, x.c2, offset)};
+  return {__shfl_down_sync(all, x.p, offset), __shfl_down_sync(all, x.q, offset), __shfl_down_sync(all, x.c1, offset),
+          __shfl_down_sync(all, x.s, offset), __shfl_down_sync(all, x.c2, offset)};
 }
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) gae_kernel(const scalar_t* __restrict__ rewards,
-                                                      const scalar_t* __restrict__ values,
-                                                      const bool* __restrict__ mask,
-                                                      const float* __restrict__ last_value,
-                                                      const int64_t* __restrict__ cu_seqlens, float gamma,
-                                                      float gamma_lam, float* __restrict__ advantages,
-                                                      float* __restrict__ returns) {
+__global__ void __launch_bounds__(kThreads)
+    gae_kernel(const scalar_t* __restrict__ rewards, const scalar_t* __restrict__ values, const bool* __restrict__ mask,
+               const float* __restrict__ last_value, const int64_t* __restrict__ cu_seqlens, float gamma,
+               float gamma_lam, float* __restrict__ advantages, float* __restrict__ returns) {
   __shared__ Affine warp_total[kWarps];
   __shared__ Affine later_warps[kWarps];
   __shared__ float carry[2];
@@ -130,12 +126,12 @@ __global__ void __launch_bounds__(kThreads) gae_kernel(const scalar_t* __restric
 
 std::tuple<at::Tensor, at::Tensor> gae_cuda(const at::Tensor& rewards, const at::Tensor& values,
                                             const c10::optional<at::Tensor>& mask,
-                                            const c10::optional<at::Tensor>& last_value,
-                                            const at::Tensor& cu_seqlens, double gamma, double lam) {
+                                            const c10::optional<at::Tensor>& last_value, const at::Tensor& cu_seqlens,
+                                            double gamma, double lam) {
   TORCH_CHECK(rewards.dim() == 1 && rewards.is_contiguous(), "gae: rewards must be 1-D contiguous (packed tokens)");
-  TORCH_CHECK(values.sizes() == rewards.sizes() && values.is_contiguous() &&
-                  values.scalar_type() == rewards.scalar_type(),
-              "gae: values must match rewards in shape and dtype");
+  TORCH_CHECK(
+      values.sizes() == rewards.sizes() && values.is_contiguous() && values.scalar_type() == rewards.scalar_type(),
+      "gae: values must match rewards in shape and dtype");
   TORCH_CHECK(cu_seqlens.dim() == 1 && cu_seqlens.numel() >= 1 && cu_seqlens.scalar_type() == at::kLong &&
                   cu_seqlens.is_contiguous() && cu_seqlens.device() == rewards.device(),
               "gae: cu_seqlens must be contiguous 1-D int64 on the inputs' device");
@@ -195,9 +191,9 @@ at::Tensor group_advantages_cuda(const at::Tensor& scores, int64_t group_size, b
 
 // Per-block partial (count, sum, sum of squares) in float64; summed on the device afterwards (deterministic).
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) masked_moments_kernel(const scalar_t* __restrict__ x,
-                                                                 const bool* __restrict__ mask, int64_t n,
-                                                                 int64_t per_block, double* __restrict__ partial) {
+__global__ void __launch_bounds__(kThreads)
+    masked_moments_kernel(const scalar_t* __restrict__ x, const bool* __restrict__ mask, int64_t n, int64_t per_block,
+                          double* __restrict__ partial) {
   double count = 0, sum = 0, sumsq = 0;
   const int64_t begin = blockIdx.x * per_block;
   const int64_t stop = begin + per_block < n ? begin + per_block : n;
@@ -240,8 +236,7 @@ at::Tensor masked_moments_cuda(const at::Tensor& x, const c10::optional<at::Tens
   const int64_t blocks = n == 0 ? 1 : (n + per_block - 1) / per_block;
   auto partial = at::empty({blocks, 3}, x.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "masked_moments_cuda", [&] {
-    masked_moments_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0,
-                                      at::cuda::getCurrentCUDAStream()>>>(
+    masked_moments_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
         x.data_ptr<scalar_t>(), mask.has_value() ? mask->data_ptr<bool>() : nullptr, n, per_block,
         partial.data_ptr<double>());
   });

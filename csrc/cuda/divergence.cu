@@ -189,8 +189,7 @@ __global__ void __launch_bounds__(kThreads)
                                  scalar_t* __restrict__ grad_q) {
   const int64_t row = blockIdx.x;
   const bool valid = mask == nullptr || mask[row];
-  const RowGrad r{stats[3 * row], stats[3 * row + 1], stats[3 * row + 2], out[row],
-                  grad_out[row] * p.inv_temperature};
+  const RowGrad r{stats[3 * row], stats[3 * row + 1], stats[3 * row + 2], out[row], grad_out[row] * p.inv_temperature};
   const scalar_t* xp = logits_p + row * stride_p;
   const scalar_t* xq = logits_q + row * stride_q;
   for (int64_t i = static_cast<int64_t>(threadIdx.x) * Vec; i < vocab; i += kThreads * Vec) {
@@ -246,8 +245,10 @@ std::tuple<at::Tensor, at::Tensor> f_divergence_cuda(const at::Tensor& logits_p,
             logits_p.data_ptr<scalar_t>(), logits_q.data_ptr<scalar_t>(), m, vocab, logits_p.stride(0),
             logits_q.stride(0), p, out.data_ptr<float>(), stats.data_ptr<float>());
       };
-      if (vectorised) launch(f_divergence_forward_kernel<K, vec, scalar_t>);
-      else launch(f_divergence_forward_kernel<K, 1, scalar_t>);
+      if (vectorised)
+        launch(f_divergence_forward_kernel<K, vec, scalar_t>);
+      else
+        launch(f_divergence_forward_kernel<K, 1, scalar_t>);
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -265,31 +266,37 @@ at::Tensor f_divergence_second_pass_cuda(const at::Tensor& logits_p, const at::T
   TORCH_CHECK(rows <= INT32_MAX, "f_divergence_second_pass: too many rows");
   const bool* m = mask.has_value() ? mask->data_ptr<bool>() : nullptr;
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits_p.scalar_type(), "f_divergence_second_pass_cuda",
-                                  [&] {
-    constexpr int vec = 16 / sizeof(scalar_t);
-    const bool vectorised = vector_loads_fit<scalar_t>(logits_p, logits_q);
-    auto launch = [&](auto kernel) {
-      kernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
-          logits_p.data_ptr<scalar_t>(), logits_q.data_ptr<scalar_t>(), m, stats.data_ptr<float>(), vocab,
-          logits_p.stride(0), logits_q.stride(0), p, sums.data_ptr<float>());
-    };
-    if (p.kind == kJS) {
-      if (vectorised) launch(f_divergence_second_pass_kernel<kJS, vec, scalar_t>);
-      else launch(f_divergence_second_pass_kernel<kJS, 1, scalar_t>);
-    } else {
-      if (vectorised) launch(f_divergence_second_pass_kernel<kTV, vec, scalar_t>);
-      else launch(f_divergence_second_pass_kernel<kTV, 1, scalar_t>);
-    }
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, logits_p.scalar_type(), "f_divergence_second_pass_cuda", [&] {
+        constexpr int vec = 16 / sizeof(scalar_t);
+        const bool vectorised = vector_loads_fit<scalar_t>(logits_p, logits_q);
+        auto launch = [&](auto kernel) {
+          kernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
+              logits_p.data_ptr<scalar_t>(), logits_q.data_ptr<scalar_t>(), m, stats.data_ptr<float>(), vocab,
+              logits_p.stride(0), logits_q.stride(0), p, sums.data_ptr<float>());
+        };
+        if (p.kind == kJS) {
+          if (vectorised)
+            launch(f_divergence_second_pass_kernel<kJS, vec, scalar_t>);
+          else
+            launch(f_divergence_second_pass_kernel<kJS, 1, scalar_t>);
+        } else {
+          if (vectorised)
+            launch(f_divergence_second_pass_kernel<kTV, vec, scalar_t>);
+          else
+            launch(f_divergence_second_pass_kernel<kTV, 1, scalar_t>);
+        }
+      });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return sums;
 }
 
-std::tuple<at::Tensor, at::Tensor> f_divergence_backward_cuda(
-    const at::Tensor& grad_out, const at::Tensor& logits_p, const at::Tensor& logits_q,
-    const c10::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& stats, c10::string_view kind,
-    double alpha, double temperature, bool need_grad_p, bool need_grad_q) {
+std::tuple<at::Tensor, at::Tensor> f_divergence_backward_cuda(const at::Tensor& grad_out, const at::Tensor& logits_p,
+                                                              const at::Tensor& logits_q,
+                                                              const c10::optional<at::Tensor>& mask,
+                                                              const at::Tensor& out, const at::Tensor& stats,
+                                                              c10::string_view kind, double alpha, double temperature,
+                                                              bool need_grad_p, bool need_grad_q) {
   const Params p = check_forward_inputs(logits_p, logits_q, mask, std::string(kind), alpha, temperature);
   check_backward_inputs(grad_out, logits_p, out, stats);
   const c10::cuda::CUDAGuard guard(logits_p.device());
@@ -311,8 +318,10 @@ std::tuple<at::Tensor, at::Tensor> f_divergence_backward_cuda(
             out.data_ptr<float>(), stats.data_ptr<float>(), vocab, logits_p.stride(0), logits_q.stride(0), p,
             need_grad_p ? grad_p.data_ptr<scalar_t>() : nullptr, need_grad_q ? grad_q.data_ptr<scalar_t>() : nullptr);
       };
-      if (vectorised) launch(f_divergence_backward_kernel<K, vec, scalar_t>);
-      else launch(f_divergence_backward_kernel<K, 1, scalar_t>);
+      if (vectorised)
+        launch(f_divergence_backward_kernel<K, vec, scalar_t>);
+      else
+        launch(f_divergence_backward_kernel<K, 1, scalar_t>);
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -94,8 +94,8 @@ __global__ void __launch_bounds__(kThreads)
     logprobs_backward_kernel(const scalar_t* logits, logprobs::RowLayout layout, scalar_t* grad,
                              logprobs::RowLayout grad_layout, const int64_t* __restrict__ labels,
                              const float* __restrict__ lse, const float* __restrict__ entropy,
-                             const float* __restrict__ grad_logp, const float* __restrict__ grad_entropy,
-                             float inv_t, int64_t ignore_index) {
+                             const float* __restrict__ grad_logp, const float* __restrict__ grad_entropy, float inv_t,
+                             int64_t ignore_index) {
   using P = Pack<scalar_t>;
   const int64_t r = blockIdx.x;
   const int64_t vocab = layout.vocab;
@@ -103,9 +103,12 @@ __global__ void __launch_bounds__(kThreads)
   scalar_t* grad_row = grad + grad_layout.offset(r);
   const int64_t label = labels != nullptr ? labels[r] : ignore_index;
   const bool counted = label != ignore_index && grad_logp != nullptr;  // outside [0, V): no one-hot term here
-  const GradRow f{inv_t, lse[r], counted ? grad_logp[r] * inv_t : 0.f,
+  const GradRow f{inv_t,
+                  lse[r],
+                  counted ? grad_logp[r] * inv_t : 0.f,
                   grad_entropy != nullptr ? grad_entropy[r] * inv_t : 0.f,
-                  grad_entropy != nullptr ? entropy[r] : 0.f, counted && label >= 0 && label < vocab ? label : -1};
+                  grad_entropy != nullptr ? entropy[r] : 0.f,
+                  counted && label >= 0 && label < vocab ? label : -1};
 
   const int64_t head = logprobs::pack_head(row, vocab);
   const bool same_alignment = logprobs::pack_head(grad_row, vocab) == head;
@@ -158,31 +161,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_forward_cuda(const at::T
   auto lse = at::empty_like(entropy);
   if (layout.rows == 0) return {logp, entropy, lse};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "logprobs_forward_cuda", [&] {
-    logprobs_forward_kernel<scalar_t><<<static_cast<unsigned>(layout.rows), kThreads, 0,
-                                        at::cuda::getCurrentCUDAStream()>>>(
-        logits.const_data_ptr<scalar_t>(), layout, optional_ptr<int64_t>(labels), static_cast<float>(1.0 / temperature),
-        ignore_index, labels.has_value() ? logp.data_ptr<float>() : nullptr, entropy.data_ptr<float>(),
-        lse.data_ptr<float>());
+    logprobs_forward_kernel<scalar_t>
+        <<<static_cast<unsigned>(layout.rows), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+            logits.const_data_ptr<scalar_t>(), layout, optional_ptr<int64_t>(labels),
+            static_cast<float>(1.0 / temperature), ignore_index, labels.has_value() ? logp.data_ptr<float>() : nullptr,
+            entropy.data_ptr<float>(), lse.data_ptr<float>());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {logp, entropy, lse};
 }
 
-void logprobs_backward_launch(const c10::optional<at::Tensor>& grad_logp,
-                              const c10::optional<at::Tensor>& grad_entropy, const at::Tensor& logits,
-                              const c10::optional<at::Tensor>& labels, const at::Tensor& lse, const at::Tensor& entropy,
-                              double temperature, int64_t ignore_index, at::Tensor& grad, const char* op) {
+void logprobs_backward_launch(const c10::optional<at::Tensor>& grad_logp, const c10::optional<at::Tensor>& grad_entropy,
+                              const at::Tensor& logits, const c10::optional<at::Tensor>& labels, const at::Tensor& lse,
+                              const at::Tensor& entropy, double temperature, int64_t ignore_index, at::Tensor& grad,
+                              const char* op) {
   const auto layout = logprobs::row_layout(logits, op);
   const auto grad_layout = logprobs::row_layout(grad, op);
   check_rows_fit(layout, op);
   if (layout.rows == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "logprobs_backward_cuda", [&] {
-    logprobs_backward_kernel<scalar_t><<<static_cast<unsigned>(layout.rows), kThreads, 0,
-                                         at::cuda::getCurrentCUDAStream()>>>(
-        logits.const_data_ptr<scalar_t>(), layout, grad.mutable_data_ptr<scalar_t>(), grad_layout,
-        optional_ptr<int64_t>(labels), lse.data_ptr<float>(),
-        grad_entropy.has_value() ? entropy.data_ptr<float>() : nullptr, optional_ptr<float>(grad_logp),
-        optional_ptr<float>(grad_entropy), static_cast<float>(1.0 / temperature), ignore_index);
+    logprobs_backward_kernel<scalar_t>
+        <<<static_cast<unsigned>(layout.rows), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+            logits.const_data_ptr<scalar_t>(), layout, grad.mutable_data_ptr<scalar_t>(), grad_layout,
+            optional_ptr<int64_t>(labels), lse.data_ptr<float>(),
+            grad_entropy.has_value() ? entropy.data_ptr<float>() : nullptr, optional_ptr<float>(grad_logp),
+            optional_ptr<float>(grad_entropy), static_cast<float>(1.0 / temperature), ignore_index);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -59,8 +59,8 @@ __device__ __forceinline__ float row_sum(float v, float* scratch) {
 // ---- kl_penalty ----
 
 template <typename scalar_t, KlKind K>
-__global__ void kl_penalty_kernel(const scalar_t* __restrict__ logp, const scalar_t* __restrict__ ref,
-                                  int64_t n, float* __restrict__ out) {
+__global__ void kl_penalty_kernel(const scalar_t* __restrict__ logp, const scalar_t* __restrict__ ref, int64_t n,
+                                  float* __restrict__ out) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
     out[i] = kl_value<K>(static_cast<float>(logp[i]), static_cast<float>(ref[i]));
@@ -68,8 +68,7 @@ __global__ void kl_penalty_kernel(const scalar_t* __restrict__ logp, const scala
 
 template <typename scalar_t, KlKind K>
 __global__ void kl_penalty_backward_kernel(const float* __restrict__ grad, const scalar_t* __restrict__ logp,
-                                           const scalar_t* __restrict__ ref, int64_t n,
-                                           scalar_t* __restrict__ out) {
+                                           const scalar_t* __restrict__ ref, int64_t n, scalar_t* __restrict__ out) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
     out[i] = static_cast<scalar_t>(grad[i] * kl_grad<K>(static_cast<float>(logp[i]), static_cast<float>(ref[i])));
@@ -120,9 +119,9 @@ at::Tensor kl_penalty_backward_cuda(const at::Tensor& grad, const at::Tensor& lo
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logp.scalar_type(), "kl_penalty_backward_cuda", [&] {
     dispatch_kl_kind(k, [&](auto tag) {
-      kl_penalty_backward_kernel<scalar_t, decltype(tag)::value><<<elementwise_blocks(n), kThreads, 0, stream>>>(
-          grad.data_ptr<float>(), logp.data_ptr<scalar_t>(), ref_logp.data_ptr<scalar_t>(), n,
-          out.data_ptr<scalar_t>());
+      kl_penalty_backward_kernel<scalar_t, decltype(tag)::value>
+          <<<elementwise_blocks(n), kThreads, 0, stream>>>(grad.data_ptr<float>(), logp.data_ptr<scalar_t>(),
+                                                           ref_logp.data_ptr<scalar_t>(), n, out.data_ptr<scalar_t>());
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -132,10 +131,11 @@ at::Tensor kl_penalty_backward_cuda(const at::Tensor& grad, const at::Tensor& lo
 // ---- fused PPO losses ----
 
 template <typename scalar_t, typename Math, int W>
-__global__ void __launch_bounds__(kThreads) loss_forward_kernel(
-    const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, const scalar_t* __restrict__ c,
-    const bool* __restrict__ mask, int64_t rows, int64_t steps, Math math, Agg agg, float* __restrict__ partial,
-    unsigned* __restrict__ blocks_done, float* __restrict__ loss, float* __restrict__ stats) {
+__global__ void __launch_bounds__(kThreads)
+    loss_forward_kernel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, const scalar_t* __restrict__ c,
+                        const bool* __restrict__ mask, int64_t rows, int64_t steps, Math math, Agg agg,
+                        float* __restrict__ partial, unsigned* __restrict__ blocks_done, float* __restrict__ loss,
+                        float* __restrict__ stats) {
   constexpr int kRowsPerBlock = kThreads / W;
   __shared__ float scratch[kWarps];
   __shared__ float block_totals[kWarps][kTotals];
@@ -214,10 +214,11 @@ __global__ void __launch_bounds__(kThreads) loss_forward_kernel(
 }
 
 template <typename scalar_t, typename Math, int W>
-__global__ void __launch_bounds__(kThreads) loss_backward_kernel(
-    const float* __restrict__ grad_loss, const scalar_t* __restrict__ a, const scalar_t* __restrict__ b,
-    const scalar_t* __restrict__ c, const bool* __restrict__ mask, int64_t rows, int64_t steps,
-    const float* __restrict__ stats, Math math, Agg agg, scalar_t* __restrict__ grad) {
+__global__ void __launch_bounds__(kThreads)
+    loss_backward_kernel(const float* __restrict__ grad_loss, const scalar_t* __restrict__ a,
+                         const scalar_t* __restrict__ b, const scalar_t* __restrict__ c, const bool* __restrict__ mask,
+                         int64_t rows, int64_t steps, const float* __restrict__ stats, Math math, Agg agg,
+                         scalar_t* __restrict__ grad) {
   constexpr int kRowsPerBlock = kThreads / W;
   __shared__ float scratch[kWarps];
   const int row_in_block = threadIdx.x / W, thread_in_row = threadIdx.x % W;
@@ -293,9 +294,9 @@ std::tuple<at::Tensor, at::Tensor> loss_forward_cuda(const char* op, const at::T
   C10_CUDA_CHECK(cudaMemsetAsync(blocks_done, 0, sizeof(unsigned), stream));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "ppo_loss_forward_cuda", [&] {
     auto launch = [&](auto kernel) {
-      kernel<<<blocks, kThreads, 0, stream>>>(
-          a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(), m, shape.rows, shape.steps, math,
-          mode, partial, blocks_done, loss.data_ptr<float>(), stats.data_ptr<float>());
+      kernel<<<blocks, kThreads, 0, stream>>>(a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(), m,
+                                              shape.rows, shape.steps, math, mode, partial, blocks_done,
+                                              loss.data_ptr<float>(), stats.data_ptr<float>());
     };
     if (W == kThreads)
       launch(loss_forward_kernel<scalar_t, Math, kThreads>);
@@ -312,8 +313,8 @@ at::Tensor loss_backward_cuda(const char* op, const at::Tensor& grad_loss, const
                               const c10::optional<at::Tensor>& mask, const at::Tensor& stats, const Math& math,
                               c10::string_view agg) {
   const LossShape shape = check_loss_inputs(op, a, a_name, b, b_name, c, c_name, mask);
-  TORCH_CHECK(grad_loss.numel() == 1 && grad_loss.scalar_type() == at::kFloat && grad_loss.device() == a.device(),
-              op, ": grad_loss must be a float32 scalar on the inputs' device");
+  TORCH_CHECK(grad_loss.numel() == 1 && grad_loss.scalar_type() == at::kFloat && grad_loss.device() == a.device(), op,
+              ": grad_loss must be a float32 scalar on the inputs' device");
   TORCH_CHECK(stats.numel() == kStats && stats.scalar_type() == at::kFloat && stats.is_contiguous() &&
                   stats.device() == a.device(),
               op, ": stats must be the float32 (", kStats, ",) statistics of the forward");
@@ -328,10 +329,9 @@ at::Tensor loss_backward_cuda(const char* op, const at::Tensor& grad_loss, const
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "ppo_loss_backward_cuda", [&] {
     auto launch = [&](auto kernel) {
-      kernel<<<blocks, kThreads, 0, stream>>>(grad_scalar.data_ptr<float>(), a.data_ptr<scalar_t>(),
-                                              b.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(), m, shape.rows,
-                                              shape.steps, stats.data_ptr<float>(), math, mode,
-                                              grad.data_ptr<scalar_t>());
+      kernel<<<blocks, kThreads, 0, stream>>>(
+          grad_scalar.data_ptr<float>(), a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(), m,
+          shape.rows, shape.steps, stats.data_ptr<float>(), math, mode, grad.data_ptr<scalar_t>());
     };
     if (W == kThreads)
       launch(loss_backward_kernel<scalar_t, Math, kThreads>);
@@ -361,19 +361,18 @@ at::Tensor ppo_policy_loss_backward_cuda(const at::Tensor& grad_loss, const at::
 }
 
 std::tuple<at::Tensor, at::Tensor> ppo_value_loss_cuda(const at::Tensor& values, const at::Tensor& old_values,
-                                                       const at::Tensor& returns,
-                                                       const c10::optional<at::Tensor>& mask, double clip,
-                                                       c10::string_view agg) {
+                                                       const at::Tensor& returns, const c10::optional<at::Tensor>& mask,
+                                                       double clip, c10::string_view agg) {
   return loss_forward_cuda("ppo_value_loss", values, "values", old_values, "old_values", returns, "returns", mask,
                            ValueMath{static_cast<float>(clip)}, agg);
 }
 
 at::Tensor ppo_value_loss_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& values,
                                         const at::Tensor& old_values, const at::Tensor& returns,
-                                        const c10::optional<at::Tensor>& mask, const at::Tensor& stats,
-                                        double clip, c10::string_view agg) {
-  return loss_backward_cuda("ppo_value_loss_backward", grad_loss, values, "values", old_values, "old_values",
-                            returns, "returns", mask, stats, ValueMath{static_cast<float>(clip)}, agg);
+                                        const c10::optional<at::Tensor>& mask, const at::Tensor& stats, double clip,
+                                        c10::string_view agg) {
+  return loss_backward_cuda("ppo_value_loss_backward", grad_loss, values, "values", old_values, "old_values", returns,
+                            "returns", mask, stats, ValueMath{static_cast<float>(clip)}, agg);
 }
 
 }  // namespace

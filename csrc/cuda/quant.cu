@@ -46,8 +46,8 @@ __device__ __forceinline__ void load_activations(const scalar_t* __restrict__ p,
 }
 
 template <typename scalar_t, int ROWS>
-__device__ __forceinline__ void store_rows(float (&acc)[ROWS], int rows, int64_t n, int64_t out_features,
-                                           float scale, const float* __restrict__ bias, scalar_t* __restrict__ out) {
+__device__ __forceinline__ void store_rows(float (&acc)[ROWS], int rows, int64_t n, int64_t out_features, float scale,
+                                           const float* __restrict__ bias, scalar_t* __restrict__ out) {
   const int lane = threadIdx.x & 31;
 #pragma unroll
   for (int m = 0; m < ROWS; ++m) {
@@ -60,9 +60,10 @@ __device__ __forceinline__ void store_rows(float (&acc)[ROWS], int rows, int64_t
 
 // int8: W[n, k] = q[n, k] * scales[n]. VEC: K % 16 == 0 and 16-byte aligned rows (else a scalar walk).
 template <typename scalar_t, int ROWS, bool VEC>
-__global__ void __launch_bounds__(kWarpsPerBlock * 32) int8_gemv_kernel(
-    const scalar_t* __restrict__ x, const int8_t* __restrict__ qweight, const float* __restrict__ scales,
-    const float* __restrict__ bias, scalar_t* __restrict__ out, int rows, int64_t out_features, int64_t in_features) {
+__global__ void __launch_bounds__(kWarpsPerBlock * 32)
+    int8_gemv_kernel(const scalar_t* __restrict__ x, const int8_t* __restrict__ qweight,
+                     const float* __restrict__ scales, const float* __restrict__ bias, scalar_t* __restrict__ out,
+                     int rows, int64_t out_features, int64_t in_features) {
   const int lane = threadIdx.x & 31;
   const int64_t n = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
   if (n >= out_features) return;  // a whole warp leaves together
@@ -102,10 +103,11 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) int8_gemv_kernel(
 // int4: W[n, k] = (q[n, k] - zeros[n, g]) * scales[n, g], g = k / group_size; q packed two per byte, even k low.
 // VEC: group_size % 32 == 0 (a 16-byte chunk of 32 values lies in one group) and 16-byte aligned rows.
 template <typename scalar_t, int ROWS, bool VEC>
-__global__ void __launch_bounds__(kWarpsPerBlock * 32) int4_gemv_kernel(
-    const scalar_t* __restrict__ x, const uint8_t* __restrict__ qweight, const float* __restrict__ scales,
-    const uint8_t* __restrict__ zeros, const float* __restrict__ bias, scalar_t* __restrict__ out, int rows,
-    int64_t out_features, int64_t in_features, int64_t group_size) {
+__global__ void __launch_bounds__(kWarpsPerBlock * 32)
+    int4_gemv_kernel(const scalar_t* __restrict__ x, const uint8_t* __restrict__ qweight,
+                     const float* __restrict__ scales, const uint8_t* __restrict__ zeros,
+                     const float* __restrict__ bias, scalar_t* __restrict__ out, int rows, int64_t out_features,
+                     int64_t in_features, int64_t group_size) {
   const int lane = threadIdx.x & 31;
   const int64_t n = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
   if (n >= out_features) return;
@@ -194,14 +196,15 @@ __device__ __forceinline__ unsigned warp_max_bits(unsigned v) {
 // flags: amax, inv = 127 / amax (0 for a zero, NaN or inf amax), q = round_half_even(x * inv) clamped to
 // [-127, 127] (cvt.rni; a NaN product converts to 0), scale = amax / 127.
 template <typename scalar_t>
-__global__ void __launch_bounds__(kQuantThreads) quantize_rows_kernel(const scalar_t* __restrict__ x,
-                                                                     int64_t in_features, int8_t* __restrict__ q,
-                                                                     float* __restrict__ scale) {
+__global__ void __launch_bounds__(kQuantThreads)
+    quantize_rows_kernel(const scalar_t* __restrict__ x, int64_t in_features, int8_t* __restrict__ q,
+                         float* __restrict__ scale) {
   __shared__ unsigned warp_amax[kQuantThreads / 32];
   const scalar_t* xr = x + static_cast<int64_t>(blockIdx.x) * in_features;
   int8_t* qr = q + static_cast<int64_t>(blockIdx.x) * in_features;
   unsigned bits = 0;
-  for (int64_t k = threadIdx.x; k < in_features; k += kQuantThreads) bits = max(bits, abs_bits(static_cast<float>(xr[k])));
+  for (int64_t k = threadIdx.x; k < in_features; k += kQuantThreads)
+    bits = max(bits, abs_bits(static_cast<float>(xr[k])));
   bits = warp_max_bits(bits);
   if ((threadIdx.x & 31) == 0) warp_amax[threadIdx.x >> 5] = bits;
   __syncthreads();
@@ -235,8 +238,8 @@ __global__ void w8a8_epilogue_kernel(const int32_t* __restrict__ acc, int64_t ac
 void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& qweight, int64_t in_features,
                   const at::Tensor& scales, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), op, ": x must be a contiguous (M, K) tensor");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
-              op, ": x must be float32, bfloat16 or float16");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf, op,
+              ": x must be float32, bfloat16 or float16");
   TORCH_CHECK(qweight.dim() == 2 && qweight.is_contiguous() && qweight.device() == x.device(), op,
               ": qweight must be a contiguous 2-D tensor on x's device");
   TORCH_CHECK(x.size(1) == in_features, op, ": x has K=", x.size(1), " but the weight has K=", in_features);
@@ -253,9 +256,15 @@ void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& qweight
 template <typename F>
 void dispatch_activation(at::ScalarType dtype, const F& f) {
   switch (dtype) {
-    case at::kFloat: f(float{}); break;
-    case at::kBFloat16: f(at::BFloat16{}); break;
-    default: f(at::Half{}); break;
+    case at::kFloat:
+      f(float{});
+      break;
+    case at::kBFloat16:
+      f(at::BFloat16{});
+      break;
+    default:
+      f(at::Half{});
+      break;
   }
 }
 
