@@ -19,12 +19,16 @@ import contextlib
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
+
+
+TRAINABLE_ROOT = "_rlhf_fast_trainable_root"  # set on each root `shard` makes
 
 
 def layer_classes(root: nn.Module) -> set[str]:
@@ -47,13 +51,13 @@ def shard(root: nn.Module, *, trainable: bool, param_dtype: torch.dtype | None =
     if not layers:
         raise ValueError(f"--fsdp: {type(root).__name__} has no decoder layers to shard (no Hugging Face model "
                          f"with _no_split_modules inside it)")
-    options = {}
-    if trainable and param_dtype is not None and param_dtype != torch.float32:
-        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    mixed = trainable and param_dtype is not None and param_dtype != torch.float32
+    policy = (MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if mixed
+              else MixedPrecisionPolicy())
     for layer in layers:
-        fully_shard(layer, reshard_after_forward=True, **options)
-    fully_shard(root, reshard_after_forward=not trainable, **options)
-    root.trainable_root = trainable  # a trainable root stays gathered from its forward to its backward
+        fully_shard(layer, reshard_after_forward=True, mp_policy=policy)
+    fully_shard(root, reshard_after_forward=not trainable, mp_policy=policy)
+    setattr(root, TRAINABLE_ROOT, trainable)  # a trainable root stays gathered from its forward to its backward
     for name in forward_methods:
         register_fsdp_forward_method(root, name)
     return root
@@ -69,7 +73,7 @@ def gathered(root: nn.Module | None):
     process at once) and stays so through any number of forwards: a generation then costs no collective per
     decoded token, and processes that stop decoding at different steps cannot wait on each other. Afterwards the
     groups are freed again. A no-op for None or a model that is not sharded."""
-    if root is None or not is_sharded(root):
+    if not isinstance(root, FSDPModule):
         yield
         return
     groups = [m for m in root.modules() if isinstance(m, FSDPModule)]
@@ -80,7 +84,7 @@ def gathered(root: nn.Module | None):
         yield
     finally:
         for group in groups:
-            group.set_reshard_after_forward(group is not root or not root.trainable_root, recurse=False)
+            group.set_reshard_after_forward(group is not root or not getattr(root, TRAINABLE_ROOT), recurse=False)
             group.reshard()
 
 
@@ -88,7 +92,7 @@ def gathered(root: nn.Module | None):
 def gathered_root(root: nn.Module | None):
     """While active, the root group of the sharded `root` (the parameters outside its decoder layers: embeddings,
     final norm, lm head) is gathered, so that code outside its forward can read them; a no-op otherwise."""
-    if root is None or not is_sharded(root):
+    if not isinstance(root, FSDPModule):
         yield
         return
     root.unshard()
@@ -109,7 +113,7 @@ def copy_weights(dst: nn.Module, src: nn.Module) -> None:
         theirs = source[name]
         if isinstance(param, DTensor) != isinstance(theirs, DTensor):
             raise ValueError(f"copy_weights: {name!r} is sharded on one side only")
-        if isinstance(param, DTensor):
+        if isinstance(param, DTensor) and isinstance(theirs, DTensor):
             if param.placements != theirs.placements or param.shape != theirs.shape:
                 raise ValueError(f"copy_weights: {name!r} is sharded differently on the two sides")
             param.to_local().copy_(theirs.to_local())
@@ -171,7 +175,7 @@ def load_sharded(folder: Path, models: dict, optimizers: dict) -> None:
 
     models = {k: m for k, m in models.items() if m is not None}
     optimizers = {k: v for k, v in optimizers.items() if v[1] is not None}
-    state = {key: get_model_state_dict(model) for key, model in models.items()}
+    state: dict[str, Any] = {key: get_model_state_dict(model) for key, model in models.items()}
     state.update({key: get_optimizer_state_dict(model, opt) for key, (model, opt) in optimizers.items()})
     dcp.load(state, checkpoint_id=str(folder))
     for key, model in models.items():

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import kl_full, models, optim, plots, precision, sharding, tasks
@@ -120,6 +121,7 @@ def _build_task(cfg: PPOConfig):
     if cfg.reward_model is not None:
         models.check_model_dir("--reward-model", cfg.reward_model)
     reward_fn = models.load_reward_function(cfg.reward) if cfg.reward else None
+    task: tasks.PromptFile | tasks.SortDigits
     if cfg.prompts is not None:
         task = tasks.PromptFile(cfg.prompts, cfg.eval_size, cfg.seed)
         if reward_fn is None and cfg.reward_model is None:
@@ -367,7 +369,29 @@ def save_checkpoint(folder: Path, state: dict, rng: dict, d: Dist) -> None:
 
 
 def train(cfg: PPOConfig) -> dict:
-    """Runs (or resumes) a training run; returns the summary written to <out>/summary.json."""
+    """Runs (or resumes) a training run: the whole of ``rlhf-fast train``, from Python.
+
+    Parameters
+    ----------
+    cfg : PPOConfig
+        The run's settings. With ``cfg.resume`` set, the run continues from ``<cfg.out>/checkpoint``
+        (``rlhf-fast train --resume DIR`` also sets ``out`` to DIR and starts from DIR's saved
+        ``config.json``).
+
+    Returns
+    -------
+    dict
+        The summary written to ``<out>/summary.json``: ``eval_reward_before``, ``eval_reward_after``,
+        ``eval_reward_gain``, ``wall_time_s``, ``warmup_time_s``, ``warmup_loss``, ``steps``,
+        ``resumed_at_step``, ``world_size``, ``fsdp``, ``param_mb_per_rank``, ``optimizer_mb_per_rank``,
+        ``peak_rss_mb_per_rank``, ``phase_time_mean_s``, ``examples_before``, ``examples_after`` and
+        ``config``.
+
+    Raises
+    ------
+    rlhf_fast.ppo.trainer.SetupError
+        A bad flag, path or file, found before any work starts (the command line prints it and exits).
+    """
     run = training_steps(cfg)
     while True:
         try:
@@ -403,6 +427,7 @@ def training_steps(cfg: PPOConfig):
     policy_lp = models.LogProbModel(policy, ops, fused=cfg.kernels == "on" and cfg.fused_head,
                                     temperature=cfg.temperature, autocast=precision.compute_dtype(cfg))
     rm_critic = None
+    score: models.RewardFunction | models.RewardModel
     if reward_fn is not None:
         score = models.RewardFunction(reward_fn)
     elif cfg.reward_model is not None:
@@ -428,7 +453,8 @@ def training_steps(cfg: PPOConfig):
     ref_lp = models.LogProbModel(reference, ops, fused=policy_lp.fused, temperature=cfg.temperature)
     critic = (precision.critic(rm_critic or models.ValueModel.from_policy(policy), cfg, device)
               if cfg.algo == "ppo" else None)
-    train_policy, train_critic = policy_lp, critic
+    train_policy: nn.Module = policy_lp
+    train_critic: nn.Module | None = critic
     if cfg.fsdp:
         if critic is not None and cfg.critic_embedding == "frozen":  # its own frozen table: a sharded model
             critic.freeze_embedding()                                # cannot read another one's
@@ -457,7 +483,7 @@ def training_steps(cfg: PPOConfig):
             critic.load_state_dict(state["critic"])
     if not cfg.fsdp:
         if critic is not None and cfg.critic_embedding == "frozen":  # after loading: shares only equal tables
-            critic.freeze_embedding(score.model if rm_critic is not None else reference)
+            critic.freeze_embedding(score.model if isinstance(score, models.RewardModel) and rm_critic else reference)
         models.quantize(reference, cfg.ref_quant, cfg.quant_group_size)
         if d.world > 1 and critic is not None:
             train_critic = DistributedDataParallel(critic, device_ids=[device.index] if device.type == "cuda" else None)
@@ -562,7 +588,8 @@ def training_steps(cfg: PPOConfig):
         # ---- update: epochs x minibatches of the clipped policy loss and the clipped value loss
         t0 = time.perf_counter()
         policy_moves = step >= cfg.critic_warmup_steps or critic is None
-        sums, count, epochs_done = {}, 0, 0
+        sums: dict[str, float] = {}
+        count, epochs_done = 0, 0
         reads_ref_head = ref_hidden is not None  # the fused full-vocabulary KL reads the reference's lm head
         with sharding.gathered_root(ref_lp if reads_ref_head else None):
             for _ in range(cfg.ppo_epochs):
@@ -580,7 +607,8 @@ def training_steps(cfg: PPOConfig):
                             ptx = demonstration_loss(train_policy, task, tokenizer, len(mb), device, generator)
                             loss = loss + cfg.ptx_coef * ptx
                             stats["ptx_loss"] = ptx.item()
-                    if critic is not None:
+                    if train_critic is not None:
+                        assert old_values is not None and returns is not None
                         values = train_critic(input_ids[mb], attention[mb], n_prompt)
                         v_loss, v_stats = ops.ppo_value_loss(values, old_values[mb], returns[mb], mask[mb],
                                                              clip=cfg.value_clip, agg=cfg.loss_agg)
@@ -590,7 +618,7 @@ def training_steps(cfg: PPOConfig):
                     if policy_moves:
                         stats["policy_grad_norm"] = optim.clip_and_step(policy_opt, policy.parameters(),
                                                                         cfg.max_grad_norm).item()
-                    if critic is not None:
+                    if critic is not None and critic_opt is not None:
                         optim.clip_and_step(critic_opt, critic.parameters(), cfg.max_grad_norm)
                     for k, v in stats.items():
                         sums[k] = sums.get(k, 0.0) + v
@@ -626,6 +654,7 @@ def training_steps(cfg: PPOConfig):
             progress.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl']:.3f}",
                                  gen=f"{timings['generate']:.2f}s", upd=f"{timings['update']:.2f}s")
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.total_steps:
+            models_state: dict[str, object]
             if cfg.fsdp:  # each process writes its shards; state.pt names the folder
                 models_state = {"sharded": sharding.save_sharded(checkpoint_dir, sharded_models, sharded_optimizers,
                                                                  step + 1)}
