@@ -3,7 +3,11 @@
 Providers per matmul case: `eager` = F.linear with the unquantized weight (float32 on the CPU, bfloat16 on the
 GPU), `compile` = torch.compile of the dequantize-then-matmul reference (what torchao's weight-only path relies
 on), `torch` = that reference in eager mode (dequantizes the whole weight per call), each live rlhf_fast backend,
-and torchao / bitsandbytes when installed. Every quantized provider is checked against the float32 matmul with the
+PyTorch's own quantized CPU kernels on the same quantized weight (`torch-int8pack`: `torch._weight_int8pack_mm`;
+`torch-int4pack`: `torch._weight_int4pack_mm_for_cpu` on the weight repacked by
+`torch._convert_weight_to_int4pack_for_cpu`; `torch-int_mm`: per-token int8 activations, then `torch._int_mm`),
+`linear-bf16` (bf16 `F.linear` with the dequantized weight, for float32 cases), and torchao / bitsandbytes when
+installed. Every quantized provider is checked against the float32 matmul with the
 dequantized weight (the unquantized eager differs from it by the quantization error, by design).
 
 The tiny-Llama case (random init: nothing can be downloaded here) samples text from the float model, then times a
@@ -13,7 +17,9 @@ memory as metric rows.
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
+import os
 
 import torch
 import torch.nn.functional as F
@@ -69,11 +75,70 @@ def _peer_providers(x, w, scheme):
     return providers, skipped
 
 
-def _matmul_case(rows, features, scheme, dtype, device, with_peers):
-    w = torch.randn(features, features, device=device) * 0.02
+def _torch_cpu_providers(x, qw):
+    """PyTorch's own CPU kernels for `qw`'s scheme, on its quantized values (so they compute the same product)."""
+    if x.device.type != "cpu":
+        return {}
+    if qw.scheme == "int8":
+        scales = qw.scales.to(x.dtype)
+        return {"torch-int8pack": lambda: torch._weight_int8pack_mm(x, qw.qweight, scales)}
+    if qw.scheme == "int4":
+        packed = _int4pack(qw)
+        scales, zeros = qw.scales, qw.zeros.float()
+        # torch's int4 weight is (q - 8) * scale + zero, ours (q - z) * scale: zero = (8 - z) * scale
+        scales_and_zeros = torch.stack([scales.T, ((8 - zeros) * scales).T], -1).contiguous().to(x.dtype)
+        return {"torch-int4pack": lambda: torch._weight_int4pack_mm_for_cpu(x, packed, qw.group_size,
+                                                                            scales_and_zeros)}
+    weight_t = qw.qweight.T
+
+    def int_mm():
+        q, scale = reference.quantize_activations_int8(x)
+        return (torch._int_mm(q, weight_t) * scale[:, None] * qw.scales).to(x.dtype)
+    return {"torch-int_mm": int_mm}
+
+
+@functools.lru_cache(maxsize=None)
+def _weights(features: int, scheme: str, device: torch.device):
+    """(w float32 (features, features), its QuantizedWeight): one per size and scheme, shared by every case of
+    that size, so that the CPU grid of cases holds each weight once."""
+    generator = torch.Generator().manual_seed(features)
+    w = (torch.randn(features, features, generator=generator) * 0.02).to(device)
+    return w, rf.quantize_weight(w, scheme, group_size=GROUP_SIZE)
+
+
+@functools.lru_cache(maxsize=None)
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _dequantized(qw, dtype: torch.dtype) -> torch.Tensor:
+    return qw.dequantize(dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _int4pack(qw) -> torch.Tensor:
+    """qw's 4-bit codes repacked by torch._convert_weight_to_int4pack_for_cpu."""
+    codes = torch.stack([qw.qweight & 0xF, qw.qweight >> 4], -1).reshape(qw.out_features, qw.in_features)
+    return torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+
+
+def _on_threads(threads, fn):
+    """fn run with `threads` torch CPU threads (the caller's count restored after it)."""
+    def run():
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return fn()
+        finally:
+            torch.set_num_threads(before)
+    return run
+
+
+def _matmul_case(rows, features, scheme, dtype, device, with_peers, threads=None):
+    w, qw = _weights(features, scheme, device)
     x = torch.randn(rows, features, device=device).to(dtype)
-    w_eager = w.to(dtype)
-    qw = rf.quantize_weight(w, scheme, group_size=GROUP_SIZE)
+    w_eager = _cast(w, dtype)
 
     def dequantized(x):
         return reference.qmatmul(x, qw)
@@ -81,12 +146,21 @@ def _matmul_case(rows, features, scheme, dtype, device, with_peers):
     providers = {"eager": lambda: F.linear(x, w_eager), "compile": lambda fn=compiled(dequantized): fn(x),
                  "torch": lambda: rf.qmatmul(x, qw, backend="torch")}
     providers.update(kernel_providers(device, lambda name: rf.qmatmul(x, qw, backend=name)))
+    providers.update(_torch_cpu_providers(x, qw))
+    if device.type == "cpu" and dtype == torch.float32:
+        # the dequantized weight: the same product as the quantized providers, at bf16 F.linear's speed
+        x_bf16, w_bf16 = x.to(torch.bfloat16), _dequantized(qw, torch.bfloat16)
+        providers["linear-bf16"] = lambda: F.linear(x_bf16, w_bf16).float()
     skipped = {}
     if with_peers:
         peers, skipped = _peer_providers(x, w, scheme)
         providers.update(peers)
     moved = qw.nbytes + 2 * rows * features * x.element_size()  # the quantized weight, x and the output
-    return Case(f"qmatmul_{scheme}", f"M={rows},K={features},N={features}", dtype, "fwd", providers,
+    shape = f"M={rows},K={features},N={features}"
+    if threads is not None:
+        providers = {name: _on_threads(threads, fn) for name, fn in providers.items()}
+        shape += f",threads={threads}"
+    return Case(f"qmatmul_{scheme}", shape, dtype, "fwd", providers,
                 bytes_moved=moved, flops=2 * rows * features * features, skipped=skipped, atol=2e-2,
                 reference=lambda: reference.qmatmul(x.float(), qw))
 
@@ -134,13 +208,15 @@ def _tiny_llama_case(device, quick):
 
 def cases(device: torch.device, quick: bool) -> list[Case]:
     if quick:
-        sizes = [(1, 512), (64, 512)]
+        out = [_matmul_case(rows, 512, scheme, torch.float32, device, with_peers=False)
+               for rows in (1, 64) for scheme in SCHEMES]
     elif device.type == "cuda":
         # 17 and 64: past the GEMV limit, where the tiled GEMM splits K (rlhf_fast.triton.quant.SPLIT_MAX_ROWS)
-        sizes = [(rows, features) for features in (4096, 8192) for rows in (1, 16, 17, 64, 256, 8192)]
-    else:
-        sizes = [(1, 4096), (256, 4096)]
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    out = [_matmul_case(rows, features, scheme, dtype, device, with_peers=not quick)
-           for rows, features in sizes for scheme in SCHEMES]
+        out = [_matmul_case(rows, features, scheme, torch.bfloat16, device, with_peers=True)
+               for features in (4096, 8192) for rows in (1, 16, 17, 64, 256, 8192) for scheme in SCHEMES]
+    else:  # float32 and bf16 activations, on one thread and on every core this process may use
+        thread_counts = sorted({1, len(os.sched_getaffinity(0))})
+        out = [_matmul_case(rows, features, scheme, dtype, device, with_peers=True, threads=threads)
+               for features in (4096, 8192) for rows in (1, 4, 16, 64, 256, 2048)
+               for dtype in (torch.float32, torch.bfloat16) for threads in thread_counts for scheme in SCHEMES]
     return out + [_tiny_llama_case(device, quick)]
