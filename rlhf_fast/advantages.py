@@ -32,14 +32,52 @@ def _check_discount(gamma, lam):
             raise ValueError(f"{label} must be a finite float, got {value!r}")
 
 
-def gae(rewards, values, mask=None, *, gamma=1.0, lam=0.95, last_value=None, backend=None):
-    """Generalised advantage estimation with skip-masking.
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None = None, *, gamma: float = 1.0,
+        lam: float = 0.95, last_value: torch.Tensor | None = None,
+        backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over the last dim, with skip-masking.
 
-    rewards, values: (..., T) float; mask: (..., T) bool/int/float (nonzero = valid) or None;
-    last_value: (...) bootstrap value after each row's last valid token, or None (terminal, 0).
-    Within a row each valid token's successor is the next valid token, so holes and left or right padding are
-    skipped; masked positions get 0. With right padding this equals the reversed loop of TRL/OpenRLHF/verl.
-    Returns (advantages, returns), float32, shaped like rewards. Gradients flow to rewards, values, last_value.
+    Parameters
+    ----------
+    rewards : torch.Tensor
+        ``(..., T)`` per-token rewards, float32 / bfloat16 / float16 / float64, any strides.
+    values : torch.Tensor
+        ``(..., T)`` value estimates, same shape and device as `rewards` (mixed float dtypes are promoted).
+    mask : torch.Tensor or None
+        ``(..., T)`` bool / int / float, nonzero = valid; None: every token is valid.
+    gamma : float
+        Discount, a finite float.
+    lam : float
+        GAE lambda, a finite float.
+    last_value : torch.Tensor or None
+        ``(...)``, one bootstrap value per row: the successor value after the row's last valid token.
+        None: 0 (the episode ends there).
+    backend : str or None
+        ``"auto" | "triton" | "cuda" | "cpu" | "torch"``; None: ``RLHF_FAST_BACKEND`` or ``"auto"``.
+
+    Returns
+    -------
+    advantages : torch.Tensor
+        ``(..., T)`` float32 (float64 for float64 inputs on the torch backend), 0 at masked tokens.
+    returns : torch.Tensor
+        ``(..., T)`` advantages + values at valid tokens, 0 at masked tokens; same dtype.
+
+    Raises
+    ------
+    TypeError
+        A non-float `rewards`, `values` or `last_value`, or a mask that is not a tensor.
+    ValueError
+        Mismatched shapes or devices (the message names the argument), a 0-dim `rewards`, a non-finite
+        `gamma` / `lam`, a `last_value` not shaped ``rewards.shape[:-1]``.
+    rlhf_fast.BackendUnavailable
+        A backend asked for by name cannot run these tensors.
+
+    Notes
+    -----
+    Within a row each valid token's successor is the next valid token, so holes, left padding, right padding
+    and all-masked rows are skipped. With right padding the result is exactly the reversed loop that TRL,
+    OpenRLHF and verl run. Inputs may be non-contiguous; the kernels compute in float32. Differentiable in
+    `rewards`, `values` and `last_value` (the backward runs the same scan on the reversed gradient).
     """
     rewards, values = check.common_float(rewards=rewards, values=values)
     check.same_shape("values", values, "rewards", rewards)
@@ -68,12 +106,53 @@ def gae(rewards, values, mask=None, *, gamma=1.0, lam=0.95, last_value=None, bac
     return adv.view(rewards.shape), ret.view(rewards.shape)
 
 
-def gae_packed(rewards, values, cu_seqlens, mask=None, *, gamma=1.0, lam=0.95, last_value=None, backend=None):
-    """GAE over packed sequences: rewards, values (N,) hold S sequences back to back, sequence s spanning
-    tokens [cu_seqlens[s], cu_seqlens[s+1]) (cu_seqlens: (S+1,) int, 0 first, N last, non-decreasing, as in
-    flash-attention varlen). mask (N,) and last_value (S,) as in `gae`. Returns (advantages, returns) (N,) fp32.
+def gae_packed(rewards: torch.Tensor, values: torch.Tensor, cu_seqlens: torch.Tensor,
+               mask: torch.Tensor | None = None, *, gamma: float = 1.0, lam: float = 0.95,
+               last_value: torch.Tensor | None = None,
+               backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`gae` over 1-D packed sequences (the flash-attention varlen layout).
 
-    cu_seqlens is checked once on the host (one device sync when it lives on the GPU).
+    Parameters
+    ----------
+    rewards : torch.Tensor
+        ``(N,)`` float: S sequences back to back.
+    values : torch.Tensor
+        ``(N,)`` float, same device.
+    cu_seqlens : torch.Tensor
+        ``(S+1,)`` int: sequence ``s`` spans tokens ``[cu_seqlens[s], cu_seqlens[s+1])``; starts at 0, ends at
+        N, never decreases.
+    mask : torch.Tensor or None
+        ``(N,)``, nonzero = valid, as in `gae`.
+    gamma : float
+        Discount, a finite float.
+    lam : float
+        GAE lambda, a finite float.
+    last_value : torch.Tensor or None
+        ``(S,)``, one bootstrap value per sequence; None: 0 (terminal).
+    backend : str or None
+        As in `gae`.
+
+    Returns
+    -------
+    advantages : torch.Tensor
+        ``(N,)`` float32 (float64 for float64 inputs on the torch backend), 0 at masked tokens.
+    returns : torch.Tensor
+        ``(N,)``, same dtype, 0 at masked tokens.
+
+    Raises
+    ------
+    TypeError
+        Non-float rewards / values / last_value, or a non-integer `cu_seqlens`.
+    ValueError
+        `rewards` not 1-D, mismatched shapes or devices, a `cu_seqlens` that does not start at 0, end at N
+        and never decrease, a `last_value` not shaped ``(S,)``, a non-finite `gamma` / `lam`.
+    rlhf_fast.BackendUnavailable
+        A backend asked for by name cannot run these tensors.
+
+    Notes
+    -----
+    Masking, successors and gradients as in `gae`, within each sequence. `cu_seqlens` is checked once on the
+    host: one device sync when it lives on the GPU (`gae` builds its own and does not sync).
     """
     rewards, values = check.common_float(rewards=rewards, values=values)
     check.same_shape("values", values, "rewards", rewards)
@@ -125,18 +204,68 @@ def _group_advantages(scores, group_size, norm_std, leave_one_out, eps, backend,
     return out.view(scores.shape)
 
 
-def grpo_advantages(scores, group_size, *, norm_std=True, eps=1e-6, backend=None):
-    """GRPO: (score - group mean) / (unbiased group std + eps), or without the std when norm_std=False.
+def grpo_advantages(scores: torch.Tensor, group_size: int, *, norm_std: bool = True, eps: float = 1e-6,
+                    backend: str | None = None) -> torch.Tensor:
+    """GRPO group advantages: ``(score - group mean) / (unbiased group std + eps)``.
 
-    scores: (n_prompts * group_size,) (any shape whose flattening is grouped contiguously). A group of one
-    sample has no baseline and gets 0. Returns float32, shaped like scores.
+    Parameters
+    ----------
+    scores : torch.Tensor
+        ``(n_prompts * group_size,)`` float (any shape whose flattening holds each group contiguously).
+    group_size : int
+        Samples per prompt, a positive int that divides ``scores.numel()``.
+    norm_std : bool
+        False: ``score - group mean``, without the division.
+    eps : float
+        Added to the standard deviation.
+    backend : str or None
+        As in `gae`.
+
+    Returns
+    -------
+    torch.Tensor
+        Shaped like `scores`, float32 (float64 for float64 inputs on the torch backend).
+
+    Raises
+    ------
+    TypeError
+        Non-float `scores`.
+    ValueError
+        A `group_size` that is not a positive int or does not divide the number of scores.
+
+    Notes
+    -----
+    A group of one sample has no baseline and gets 0. The kernels give values only; with a `scores` that
+    requires grad the float32 reference runs so that the gradient flows.
     """
     _group_scores(scores, group_size)
     return _group_advantages(scores, group_size, norm_std, False, eps, backend, "grpo_advantages")
 
 
-def rloo_advantages(scores, group_size, *, backend=None):
-    """RLOO: score - mean of the other samples' scores in its group. A group of one gets 0. float32."""
+def rloo_advantages(scores: torch.Tensor, group_size: int, *, backend: str | None = None) -> torch.Tensor:
+    """RLOO advantages: each score minus the mean of the other samples' scores in its group.
+
+    Parameters
+    ----------
+    scores : torch.Tensor
+        ``(n_prompts * group_size,)`` float, groups contiguous (as in `grpo_advantages`).
+    group_size : int
+        Samples per prompt, a positive int that divides ``scores.numel()``.
+    backend : str or None
+        As in `gae`.
+
+    Returns
+    -------
+    torch.Tensor
+        Shaped like `scores`, float32 (float64 for float64 inputs on the torch backend). A group of one gets 0.
+
+    Raises
+    ------
+    TypeError
+        Non-float `scores`.
+    ValueError
+        A `group_size` that is not a positive int or does not divide the number of scores.
+    """
     _group_scores(scores, group_size)
     return _group_advantages(scores, group_size, False, True, 0.0, backend, "rloo_advantages")
 
@@ -149,10 +278,34 @@ def _moments(x, mask, backend, op):
     return _kernels(name).masked_moments(x.contiguous(), None if mask is None else mask.contiguous())
 
 
-def masked_mean(x, mask=None, *, backend=None):
-    """Mean of x over the entries where mask is nonzero (0 when none is); a float32 scalar tensor.
+def masked_mean(x: torch.Tensor, mask: torch.Tensor | None = None, *, backend: str | None = None) -> torch.Tensor:
+    """Mean of `x` over the entries where `mask` is nonzero.
 
-    The kernels reduce in fp64 partials; with requires_grad the torch reference is used so gradients flow.
+    Parameters
+    ----------
+    x : torch.Tensor
+        Float tensor of any shape.
+    mask : torch.Tensor or None
+        Shaped like `x`, nonzero = valid; None: every entry.
+    backend : str or None
+        As in `gae`.
+
+    Returns
+    -------
+    torch.Tensor
+        0-dim float32; 0 when no entry is valid.
+
+    Raises
+    ------
+    TypeError
+        Non-float `x`.
+    ValueError
+        A mask of another shape or device.
+
+    Notes
+    -----
+    The kernels reduce in float64 partials; with an `x` that requires grad the torch reference runs so that
+    gradients flow.
     """
     check.floating("x", x)
     mask = check.bool_mask("mask", mask, "x", x)
@@ -162,10 +315,39 @@ def masked_mean(x, mask=None, *, backend=None):
     return (moments[1] / moments[0].clamp(min=1)).float()
 
 
-def masked_whiten(x, mask=None, *, shift_mean=True, eps=1e-8, backend=None):
-    """(x - mean) * rsqrt(var + eps) with the masked mean and the unbiased masked variance (NaN with fewer
-    than two valid entries, like torch.var); if not shift_mean the mean is added back. Applied to every entry,
-    masked ones too, as TRL and verl do. Returns float32 shaped like x.
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor | None = None, *, shift_mean: bool = True,
+                  eps: float = 1e-8, backend: str | None = None) -> torch.Tensor:
+    """``(x - mean) * rsqrt(var + eps)`` with the masked mean and the unbiased masked variance.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        Float tensor of any shape.
+    mask : torch.Tensor or None
+        Shaped like `x`, nonzero = valid (the entries the moments are taken over); None: every entry.
+    shift_mean : bool
+        False: the mean is added back after the scaling.
+    eps : float
+        Added to the variance.
+    backend : str or None
+        As in `gae`.
+
+    Returns
+    -------
+    torch.Tensor
+        Float32, shaped like `x`.
+
+    Raises
+    ------
+    TypeError
+        Non-float `x`.
+    ValueError
+        A mask of another shape or device.
+
+    Notes
+    -----
+    The result is applied to every entry, masked ones too, as TRL and verl do. With fewer than two valid
+    entries the variance is NaN (as ``torch.var``), and so is the result.
     """
     check.floating("x", x)
     mask = check.bool_mask("mask", mask, "x", x)

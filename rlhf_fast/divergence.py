@@ -55,14 +55,55 @@ def _rows(x: torch.Tensor, vocab: int) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def f_divergence(logits_p, logits_q, kind, *, alpha=None, temperature=1.0, mask=None, backend=None):
-    """Per-position f-divergence between P = softmax(logits_p / T) and Q = softmax(logits_q / T).
+def f_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor, kind: str, *, alpha: float | None = None,
+                 temperature: float = 1.0, mask: torch.Tensor | None = None,
+                 backend: str | None = None) -> torch.Tensor:
+    """Per-position f-divergence between ``P = softmax(logits_p / T)`` and ``Q = softmax(logits_q / T)``.
 
-    logits_p, logits_q: (..., V) float (float32, bfloat16, float16, float64; promoted to a common dtype), V >= 1;
-    mask: (...) bool/int/float (nonzero = valid) or None: masked positions give 0 and no gradient.
-    Returns (...) float32 (float64 for float64 inputs on the torch backend). Differentiable in both logits (the
-    gradients come back in the logits' dtype). Vocab entries where both logits are -inf are absent (padded vocab).
-    `alpha` is required for kind='alpha' and rejected for the other kinds.
+    Parameters
+    ----------
+    logits_p : torch.Tensor
+        ``(..., V)`` raw logits of P, float32 / bfloat16 / float16 / float64, V >= 1. Rows may be strided (a
+        vocab slice ``logits[..., :V]`` is read in place); a vocab stride other than 1 is copied.
+    logits_q : torch.Tensor
+        ``(..., V)`` raw logits of Q, same shape and device (mixed float dtypes are promoted to one).
+    kind : str
+        ``"kl"``: Σ P log(P/Q). ``"reverse_kl"``: Σ Q log(Q/P). ``"js"``: ½ KL(P‖M) + ½ KL(Q‖M),
+        M = (P+Q)/2. ``"tv"``: ½ Σ ``|P − Q|``. ``"hellinger"``: 1 − Σ √(PQ). ``"chi2"``: Σ (P − Q)²/Q.
+        ``"alpha"``: (Σ P^α Q^(1−α) − 1) / (α(α−1)).
+    alpha : float or None
+        α of ``kind="alpha"``: required there, finite, not 0 or 1 (use kl / reverse_kl for those limits);
+        rejected for the other kinds.
+    temperature : float
+        Positive finite float T, applied to both sides.
+    mask : torch.Tensor or None
+        ``(...)`` bool / int / float, nonzero = valid; masked positions give 0 and no gradient.
+    backend : str or None
+        ``"auto" | "triton" | "cuda" | "cpu" | "torch"``; None: ``RLHF_FAST_BACKEND`` or ``"auto"``.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(...)`` float32, one value per position (the sum over the vocab); float64 for float64 inputs on the
+        torch backend.
+
+    Raises
+    ------
+    TypeError
+        Non-float logits, a mask that is not a tensor.
+    ValueError
+        An unknown `kind`, a missing, non-finite, 0 or 1 `alpha` for ``"alpha"`` or an `alpha` given with
+        another kind, mismatched shapes or devices, an empty vocab dim, a non-positive temperature, a mask not
+        shaped ``logits_p.shape[:-1]``.
+    rlhf_fast.BackendUnavailable
+        A backend asked for by name cannot run these tensors.
+
+    Notes
+    -----
+    Gradients flow to both logits, in their dtype (float64 inputs are accepted and computed in float32 by the
+    kernels); a side that does not require a gradient (the frozen reference) gets none computed. Vocab
+    entries where both logits are -inf (a padded vocab) are absent: they change nothing and get a zero
+    gradient. The kernels allocate no ``(N, V)`` float32 buffer.
     """
     _check_kind(kind, alpha)
     check.positive_float("temperature", temperature)
@@ -260,7 +301,7 @@ class _LinearFDivergence(torch.autograd.Function):
         return (*grads, None, None, None, None, None, None, None, None)
 
 
-def _per_side(name, value, check_one):
+def _per_side(name: str, value, check_one) -> tuple:
     """A keyword given once for both heads, or as a (p, q) pair: (value_p, value_q), each checked."""
     if isinstance(value, (tuple, list)):
         if len(value) != 2:
@@ -299,27 +340,77 @@ def _check_head(name, hidden, weight, bias):
             raise ValueError(f"bias_{name} must be (V,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
 
 
-def linear_f_divergence(hidden_p, weight_p, hidden_q, weight_q, kind, *, bias_p=None, bias_q=None, alpha=None,
-                        temperature=1.0, logit_scale=1.0, softcap=None, mask=None, backend=None):
+def linear_f_divergence(hidden_p: torch.Tensor, weight_p: torch.Tensor, hidden_q: torch.Tensor,
+                        weight_q: torch.Tensor, kind: str, *, bias_p: torch.Tensor | None = None,
+                        bias_q: torch.Tensor | None = None, alpha: float | None = None, temperature: float = 1.0,
+                        logit_scale: float | tuple[float, float] = 1.0,
+                        softcap: float | None | tuple[float | None, float | None] = None,
+                        mask: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
     """`f_divergence` between the lm-head logits of two models, never holding either model's full logits.
 
-    P = softmax(z_p / T) with z_p the p head's logits as `linear_logprobs` transforms them: y = hidden_p @
-    weight_p.T + bias_p, z = logit_scale * y, with softcap set z = softcap * tanh(z / softcap) (in float32); Q
-    likewise from the q side. hidden_p (..., H_p) and hidden_q (..., H_q) with the same leading shape, weight_p
-    (V, H_p), weight_q (V, H_q). `logit_scale` and `softcap` take one value for both heads or a (p, q) pair (e.g.
-    `**` of `head_transform(config)` when both models share an architecture; a pair when they differ). Returns
-    (...) float32, the same kinds and semantics as `f_divergence` (mask: (...) nonzero = valid; masked positions 0
-    with no gradient). Gradients flow to both hidden states, both weights and both biases; a frozen side (tensors
-    without grad, e.g. the reference model) costs no gradient work.
+    Parameters
+    ----------
+    hidden_p : torch.Tensor
+        ``(..., H_p)`` float: the p model's lm-head input.
+    weight_p : torch.Tensor
+        ``(V, H_p)``, the p model's lm-head weight, the dtype and device of `hidden_p`.
+    hidden_q : torch.Tensor
+        ``(..., H_q)``, the same leading shape and device as `hidden_p`.
+    weight_q : torch.Tensor
+        ``(V, H_q)``, the same vocab size V >= 1.
+    kind : str
+        As in `f_divergence`.
+    bias_p : torch.Tensor or None
+        ``(V,)``, the dtype of `hidden_p`.
+    bias_q : torch.Tensor or None
+        ``(V,)``, the dtype of `hidden_q`.
+    alpha : float or None
+        As in `f_divergence`.
+    temperature : float
+        Positive finite float T.
+    logit_scale : float or tuple of float
+        ``z = logit_scale * y`` as in `linear_logprobs`: one value for both heads, or a ``(p, q)`` pair.
+    softcap : float, None, or tuple
+        ``z = softcap * tanh(z / softcap)`` after the scale, as in `linear_logprobs`: one value (or None)
+        for both heads, or a ``(p, q)`` pair. ``**head_transform(policy.config)`` gives both keywords when
+        policy and reference share an architecture; pass pairs when they differ.
+    mask : torch.Tensor or None
+        ``(...)``, nonzero = valid; masked positions give 0 and no gradient.
+    backend : str or None
+        As in `f_divergence`.
 
-    The vocab is walked in chunks: one (tokens x chunk) buffer per side (and per side's gradient in the
-    backward), each at most LINEAR_BUFFER_BYTES and reused from chunk to chunk, plus (tokens, chunks) float32
-    statistics. kl, reverse_kl and the power kinds merge the chunks' own divergences exactly (chain rule over the
-    chunks' shares of P and Q): one matmul per side; js and tv need the rows' normalisers first, so they compute
-    each chunk twice (the second time a kernel sums the chunk's terms against the rows' normalisers). The
-    backward recomputes each chunk's logits, turns them into their gradient with the divergence backward kernel
-    (the rows' statistics make the per-entry gradient exact), and accumulates grad_hidden in float32 and
-    grad_weight / grad_bias chunk by chunk.
+    Returns
+    -------
+    torch.Tensor
+        ``(...)`` float32, the kinds and semantics of `f_divergence` applied to
+        ``P = softmax(z_p / T)`` and ``Q = softmax(z_q / T)``, ``y = hidden @ weight.T + bias`` on each side.
+
+    Raises
+    ------
+    TypeError
+        Non-float tensors, or a side whose hidden / weight / bias dtypes differ.
+    ValueError
+        Bad `kind` / `alpha` (as in `f_divergence`), weights not ``(V, H)`` matching their hidden states,
+        different leading shapes or vocab sizes, a bias not ``(V,)``, mismatched devices, a
+        `logit_scale` / `softcap` pair of another length, a non-positive temperature, scale or cap.
+    rlhf_fast.BackendUnavailable
+        A backend asked for by name cannot run these tensors.
+
+    Notes
+    -----
+    The vocab is walked in chunks: one ``(tokens x chunk)`` buffer per side of at most
+    ``LINEAR_BUFFER_BYTES`` (28 MiB), written by ``out=`` matmuls and reused from chunk to chunk, plus
+    ``(tokens, chunks)`` float32 statistics. kl, reverse_kl and the power kinds merge the chunks' own
+    divergences exactly (the chain rule over each chunk's share of P and Q): one matmul per side. js and tv
+    need the rows' normalisers first, so they compute each chunk twice, the second time through a row kernel
+    that sums the chunk's terms against the rows' log-normalisers. The backward recomputes each chunk and turns
+    it into its gradient with the divergence backward kernel (exact per entry given the rows' statistics),
+    accumulating grad_hidden in float32 and grad_weight / grad_bias chunk by chunk.
+
+    Gradients flow to both hidden states, weights and biases; a side without gradients (the frozen reference)
+    costs only its projections. A logit scale without a cap costs nothing (it folds into the temperature and
+    the matmuls' ``alpha``); a soft cap makes the kernels' logits float32 and adds elementwise passes per
+    chunk.
     """
     _check_kind(kind, alpha)
     temperature = check.positive_float("temperature", temperature)

@@ -218,31 +218,100 @@ def _finite(label, value) -> float:
     return float(value)
 
 
-def linear_ppo_policy_loss(hidden, weight, labels, old_logp, advantages, mask=None, *, bias=None, temperature=1.0,
-                           clip_low=0.2, clip_high=0.2, dual_clip=None, agg="token-mean", normalizer=None,
-                           horizon=None, entropy_coef=0.0, ref_logp=None, kl_coef=0.0, kl_kind="k3",
-                           ignore_index=-100, check_labels=None, backend=None):
-    """`ppo_policy_loss` of the log-probs of the lm_head logits hidden @ weight.T + bias, fused with the head.
+def linear_ppo_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, old_logp: torch.Tensor,
+                           advantages: torch.Tensor, mask: torch.Tensor | None = None, *,
+                           bias: torch.Tensor | None = None, temperature: float = 1.0, clip_low: float = 0.2,
+                           clip_high: float = 0.2, dual_clip: float | None = None, agg: str = "token-mean",
+                           normalizer: float | None = None, horizon: float | None = None,
+                           entropy_coef: float = 0.0, ref_logp: torch.Tensor | None = None, kl_coef: float = 0.0,
+                           kl_kind: str = "k3", ignore_index: int = -100, check_labels: bool | None = None,
+                           backend: str | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`ppo_policy_loss` of the log-probs of the lm-head logits ``hidden @ weight.T + bias``, fused with the head.
 
-    hidden: (..., T, H); weight: (V, H) (an lm_head's); bias: (V,) or None — one float dtype. labels: (..., T)
-    int; old_logp, advantages, mask, ref_logp: (..., T). logp = log softmax(logits / temperature)[label]
-    (0 where the label is ignore_index); entropy H of that softmax; ratio = exp(clamp(logp - old_logp, ±20));
-    pg = max(-A·ratio, -A·clamp(ratio, 1 - clip_low, 1 + clip_high)), with dual_clip c > 1 where A < 0:
-    min(pg, -A·c). loss = agg(pg) - entropy_coef·agg(H) + kl_coef·agg(kl_penalty(logp, ref_logp, kl_kind)),
-    agg = agg_loss(·, mask, agg, normalizer=normalizer, horizon=horizon) (verl 0.9.1's modes: rows without a
-    valid token are left out of every seq-mean mode; nothing valid gives 0).
+    Parameters
+    ----------
+    hidden : torch.Tensor
+        ``(..., T, H)`` float: the lm head's input.
+    weight : torch.Tensor
+        ``(V, H)``, an lm head's weight, the same dtype and device as `hidden`.
+    labels : torch.Tensor
+        ``(..., T)`` int: the sampled tokens.
+    old_logp : torch.Tensor
+        ``(..., T)`` log-probs at rollout time; a constant.
+    advantages : torch.Tensor
+        ``(..., T)`` A; a constant.
+    mask : torch.Tensor or None
+        ``(..., T)``, nonzero = valid; None: every token.
+    bias : torch.Tensor or None
+        ``(V,)``, same dtype.
+    temperature : float
+        Positive finite float T: ``logp = log softmax(logits / T)[label]``.
+    clip_low : float
+        As in `ppo_policy_loss`.
+    clip_high : float
+        As in `ppo_policy_loss`.
+    dual_clip : float or None
+        As in `ppo_policy_loss`.
+    agg : str
+        Aggregation mode of every term, as `agg_loss`'s `mode` (every verl 0.9.1 mode).
+    normalizer : float or None
+        As in `agg_loss`.
+    horizon : float or None
+        As in `agg_loss`.
+    entropy_coef : float
+        Finite float: weight of the entropy bonus.
+    ref_logp : torch.Tensor or None
+        ``(..., T)`` the reference model's log-probs of the labels; a constant; needed when `kl_coef` != 0.
+    kl_coef : float
+        Finite float: weight of the KL-to-reference term.
+    kl_kind : str
+        KL estimator, any `kl_penalty` kind (the straight-through ``"k1+"`` / ``"k3+"`` included).
+    ignore_index : int
+        Label of positions whose log-prob is 0 (as in `logprobs`).
+    check_labels : bool or None
+        As in `logprobs`; the check runs on the labels before the kernels (the output is a loss, not
+        log-probs).
+    backend : str or None
+        ``"auto" | "triton" | "cuda" | "cpu" | "torch"``; None: ``RLHF_FAST_BACKEND`` or ``"auto"``.
 
-    Returns (loss, stats): loss a 0-dim float32 tensor (float64 for float64 inputs on the torch backend); stats
-    0-dim tensors, no host sync: "clipfrac", "approx_kl", "ratio_mean" (token means over the valid tokens, as
-    `ppo_policy_loss`), and the loss's terms "pg_loss" = agg(pg), "entropy" = agg(H) and, when ref_logp is
-    given, "kl" = agg(kl_penalty), so that loss = pg_loss - entropy_coef·entropy + kl_coef·kl.
+    Returns
+    -------
+    loss : torch.Tensor
+        0-dim float32 (float64 for float64 inputs on the torch backend):
+        ``agg(pg) - entropy_coef · agg(H) + kl_coef · agg(kl_penalty(logp, ref_logp, kl_kind))``.
+    stats : dict of str to torch.Tensor
+        0-dim tensors, no host sync: ``"clipfrac"``, ``"approx_kl"``, ``"ratio_mean"`` (token means over the
+        valid tokens, as `ppo_policy_loss`), and the loss's terms ``"pg_loss"`` = agg(pg), ``"entropy"`` =
+        agg(H) and, when `ref_logp` is given, ``"kl"`` = agg(kl_penalty), so that
+        ``loss = pg_loss - entropy_coef · entropy + kl_coef · kl``.
 
-    Gradients flow to hidden, weight and bias (those that require them; a frozen weight costs no grad_weight
-    matmul) and are computed during the forward, one (chunk, V) block of logits at a time (CHUNK_BYTES); the
-    backward scales them by the loss's upstream gradient. old_logp, advantages and ref_logp are constants.
-    Backends: the row math (log-sum-exp, log-prob, entropy, the logits' gradient) runs on rlhf_fast's log-prob
-    kernels (cpu / cuda / triton) or in torch (backend "torch"); the matmuls are torch's. Labels out of range
-    and check_labels: as in `logprobs` (NaN log-probs, no device sync on CUDA unless asked).
+    Raises
+    ------
+    TypeError
+        Non-float tensors or mismatched hidden / weight / bias dtypes, non-integer labels, a non-int
+        `ignore_index`.
+    ValueError
+        A `hidden` with fewer than two dims, shapes or devices that do not match ``hidden.shape[:-1]``, a
+        `kl_coef` != 0 without `ref_logp`, a non-finite coefficient, any bad value `ppo_policy_loss` rejects,
+        and labels out of range when they are checked.
+    rlhf_fast.BackendUnavailable
+        A backend asked for by name cannot run these tensors.
+
+    Notes
+    -----
+    H is the entropy of ``softmax(logits / T)``; ratio, pg and the aggregation are exactly those of
+    `ppo_policy_loss` / `agg_loss` (rows without a valid token are left out of every seq-mean mode; nothing
+    valid gives 0).
+
+    Gradients flow to hidden, weight and bias (those that require them; a frozen weight costs no
+    grad_weight matmul). They are computed during the forward, one ``(chunk, V)`` block of logits of at most
+    ``CHUNK_BYTES`` (128 MiB) at a time; the backward only scales them by the upstream gradient. Per update
+    that is three lm-head-sized matmuls, as eager (logits, grad_hidden, grad_weight), and nothing of size
+    ``(N, V)`` is allocated. `old_logp`, `advantages` and `ref_logp` are constants.
+
+    The row math (log-sum-exp, log-prob, entropy, the logits' gradient) runs on the log-prob kernels of the
+    cpu / cuda / triton backends, or in torch on backend ``"torch"`` (log_softmax in float32, float64 for
+    float64 inputs); the matmuls are torch's on every backend.
     """
     _logprobs.check_linear(hidden, weight, bias)
     if hidden.dim() < 2:

@@ -148,26 +148,69 @@ def _forward(logits, labels, temperature, ignore_index, inplace_backward, name):
     return (None if labels is None else logp.view(lead)), entropy.view(lead)
 
 
-def logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False, inplace_backward=False,
-             check_labels=None, backend=None):
-    """log softmax(logits / temperature) at `labels`, and optionally the entropy of that softmax.
+def logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0, ignore_index: int = -100,
+             return_entropy: bool = False, inplace_backward: bool = False, check_labels: bool | None = None,
+             backend: str | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``log softmax(logits / temperature)`` at `labels`, and optionally the entropy of that softmax.
 
-    logits: (..., V) float32 / bfloat16 / float16 / float64, any strides (rows need not be contiguous:
-    `logits[:, :-1]` is read in place; only a non-contiguous last dim is copied). labels: (...) int.
-    Returns logp (...) float32, or (logp, entropy) with return_entropy=True. Positions whose label is
-    ignore_index get logp 0 and no gradient through logp; the entropy is computed at every position (mask it
-    with your loss mask). A NaN logit makes its row's logp and entropy NaN.
+    Parameters
+    ----------
+    logits : torch.Tensor
+        ``(..., V)`` float32 / bfloat16 / float16 / float64. Rows need not be contiguous:
+        ``logits[:, :-1]`` of a ``(B, T, V)`` tensor is read in place (the kernels take the row strides); only
+        a non-contiguous vocab dim is copied.
+    labels : torch.Tensor
+        ``(...)`` int, shaped ``logits.shape[:-1]``, on the logits' device.
+    temperature : float
+        Positive finite float T.
+    ignore_index : int
+        Label of positions to leave out: log-prob 0 there, and no gradient through it.
+    return_entropy : bool
+        Also return the entropy (the same pass computes both).
+    inplace_backward : bool
+        The backward writes ``d logits`` into the logits buffer itself, saving the second ``(N, V)`` tensor;
+        the logits' values are destroyed by the backward (autograd raises if another op saved them for its
+        own backward). The torch backend ignores it.
+    check_labels : bool or None
+        Whether labels outside ``[0, V)`` (other than `ignore_index`) raise. None (default): checked on CPU
+        tensors (free there), not on CUDA tensors, so that the call and its backward never sync with the
+        device; ``RLHF_FAST_CHECK_LABELS=1`` makes the default check on CUDA too. True: checked everywhere, at
+        one device sync per call on CUDA. False: never checked.
+    backend : str or None
+        ``"auto" | "triton" | "cuda" | "cpu" | "torch"``; None: ``RLHF_FAST_BACKEND`` or ``"auto"``.
 
-    Labels outside [0, V) (other than ignore_index): with the range check they raise ValueError; without it
-    they get a NaN logp (and no one-hot term in the gradient). check_labels=None (default) checks CPU tensors
-    (no sync needed) and leaves CUDA tensors unchecked, so that the call never syncs with the device;
-    check_labels=True (or RLHF_FAST_CHECK_LABELS=1 for the default) checks everywhere, at one device sync per
-    call on CUDA; False never checks. Under torch.compile the check is left out.
+    Returns
+    -------
+    logp : torch.Tensor
+        ``(...)`` float32 log-probs of the labels (alone when `return_entropy` is False).
+    entropy : torch.Tensor
+        ``(...)`` float32 entropy of ``softmax(logits / T)``, only with ``return_entropy=True``.
 
-    Gradients flow to the logits, in their dtype: d = (onehot - p) g_logp / T - p (log p + H) g_entropy / T.
-    inplace_backward=True writes that gradient into the logits buffer itself (no second (N, V) tensor): the
-    logits' values are destroyed by the backward, so nothing else may use them afterwards (autograd raises if
-    another op saved them). The `torch` backend (the eager reference) ignores it.
+    Raises
+    ------
+    TypeError
+        Non-float logits, non-integer labels, a non-int `ignore_index`, a `check_labels` other than
+        None / True / False.
+    ValueError
+        Logits without a non-empty vocab dim, labels of another shape or device, a non-positive or non-finite
+        temperature, and (with the range check) a label out of range, naming its flat index and value.
+    rlhf_fast.BackendUnavailable
+        A backend asked for by name cannot run these tensors.
+
+    Notes
+    -----
+    The entropy is computed at every position, ignored ones included: mask it with your loss mask, as verl
+    does. A NaN logit makes its row's log-prob and entropy NaN; an all ``-inf`` row gives NaN as torch does;
+    a ``+inf`` logit makes the whole row NaN (torch gives ``-inf`` log-probs for the other labels).
+
+    A label out of range reaching a kernel gives a NaN log-prob (never a read past the row, never a crash).
+    The range check reads one reduction of the result and looks at the labels only when a log-prob is NaN;
+    under ``torch.compile`` it is left out.
+
+    Nothing of size ``(N, V)`` in float32 is allocated: the forward keeps one log-sum-exp and one entropy
+    per row (float32, saved for the backward). Gradients flow to the logits, in their dtype, written in one
+    pass: ``d logits = (onehot - p) g_logp / T - p (log p + H) g_entropy / T``, the true-class term added in
+    float32 before rounding.
     """
     _check_logits(logits)
     _check_options(temperature, ignore_index)
@@ -184,8 +227,30 @@ def logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return_entro
     return out
 
 
-def entropy(logits, *, temperature=1.0, backend=None):
-    """Entropy of softmax(logits / temperature) over the last dim: logits (..., V) -> (...) float32."""
+def entropy(logits: torch.Tensor, *, temperature: float = 1.0, backend: str | None = None) -> torch.Tensor:
+    """Entropy of ``softmax(logits / temperature)`` over the last dim.
+
+    Parameters
+    ----------
+    logits : torch.Tensor
+        ``(..., V)`` float32 / bfloat16 / float16 / float64, row strides as in `logprobs`.
+    temperature : float
+        Positive finite float T.
+    backend : str or None
+        As in `logprobs`.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(...)`` float32; differentiable in the logits.
+
+    Raises
+    ------
+    TypeError
+        Non-float logits.
+    ValueError
+        An empty vocab dim, a non-positive or non-finite temperature.
+    """
     _check_logits(logits)
     _check_options(temperature, -100)
     name = _backend.select("entropy", backend, logits.device)
@@ -278,11 +343,29 @@ def _chunked_linear_forward(hidden, weight, bias, labels, temperature, ignore_in
 _UNREAD_HEAD_SCALES = ("logits_scaling", "output_multiplier", "lm_head_multiplier")
 
 
-def head_transform(config) -> dict:
-    """`linear_logprobs` keywords {logit_scale, softcap} for the head of a Hugging Face causal LM, from its config
-    (or a multimodal config's text config): `logit_scale` (Cohere; None or absent: 1.0) and
-    `final_logit_softcapping` (Gemma 2/3; None or absent: no cap), as the models' forward applies them to
-    lm_head(hidden) (scale, then cap). ValueError for a config that rescales its logits another way."""
+def head_transform(config: object) -> dict:
+    """The `linear_logprobs` keywords ``{"logit_scale", "softcap"}`` for a Hugging Face causal LM's head.
+
+    Parameters
+    ----------
+    config : object
+        A Hugging Face model config, or a multimodal one (its ``get_text_config()`` is read).
+
+    Returns
+    -------
+    dict
+        ``{"logit_scale": float, "softcap": float | None}``: the config's ``logit_scale`` (Cohere; absent or
+        None: 1.0) and ``final_logit_softcapping`` (Gemma 2/3; absent or None: no cap), which the models'
+        forward applies to ``lm_head(hidden)`` in that order (scale, then cap). Pass them with ``**`` to
+        `linear_logprobs`, `linear_f_divergence` or the PPO loop's fused head.
+
+    Raises
+    ------
+    ValueError
+        A config that rescales its logits another way (``logits_scaling``, ``output_multiplier`` or
+        ``lm_head_multiplier`` other than 1: Granite, Falcon-H1, ...); compute that model's log-probs from its
+        own logits instead (PPO loop: ``--no-fused-head``).
+    """
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     for name in _UNREAD_HEAD_SCALES:
         value = getattr(text, name, None)
@@ -380,23 +463,69 @@ def check_linear(hidden, weight, bias):
         raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
 
 
-def linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, logit_scale=1.0, softcap=None,
-                    ignore_index=-100, return_entropy=False, check_labels=None, backend=None):
-    """`logprobs` of the lm_head logits hidden @ weight.T + bias without materialising them.
+def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                    bias: torch.Tensor | None = None, temperature: float = 1.0, logit_scale: float = 1.0,
+                    softcap: float | None = None, ignore_index: int = -100, return_entropy: bool = False,
+                    check_labels: bool | None = None,
+                    backend: str | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """`logprobs` of the lm-head logits ``hidden @ weight.T + bias``, never holding them.
 
-    hidden: (..., H), weight: (V, H) (an lm_head's), bias: (V,) or None, all one float dtype; labels: (...) int.
-    Returns logp (...) float32, or (logp, entropy). The logits are transformed as the model's head does before
-    the temperature applies, in this order: y = hidden @ weight.T + bias (rounded to the inputs' dtype, as an
-    lm_head's output is), z = logit_scale * y (Cohere's `logit_scale`), with softcap set z = softcap *
-    tanh(z / softcap) (Gemma 2/3's `final_logit_softcapping`), then softmax(z / temperature), the transform in
-    float32 (`head_transform(model.config)` gives both keywords for a Hugging Face model).
+    Parameters
+    ----------
+    hidden : torch.Tensor
+        ``(..., H)`` float: the lm head's input.
+    weight : torch.Tensor
+        ``(V, H)`` with V >= 1, an lm head's weight, the same dtype and device as `hidden`.
+    labels : torch.Tensor
+        ``(...)`` int, shaped ``hidden.shape[:-1]``.
+    bias : torch.Tensor or None
+        ``(V,)``, same dtype.
+    temperature : float
+        Positive finite float T.
+    logit_scale : float
+        Positive finite float: ``z = logit_scale * y`` (Cohere's ``logit_scale``).
+    softcap : float or None
+        Positive finite float: ``z = softcap * tanh(z / softcap)`` after the scale (Gemma 2/3's
+        ``final_logit_softcapping``); None: no cap.
+    ignore_index : int
+        As in `logprobs`.
+    return_entropy : bool
+        Also return the entropy.
+    check_labels : bool or None
+        As in `logprobs`.
+    backend : str or None
+        As in `logprobs`.
 
-    Forward and backward walk the vocab in chunks of at most LINEAR_CHUNK_BYTES of logits (tokens x chunk, in the
-    inputs' dtype; with softcap counting its float32 working copies) and the chunks' log-sum-exps and entropies merge
-    exactly. On the Triton backend the forward is one fused kernel instead (tiled matmul with the transform and
-    log-sum-exp epilogue; float64 inputs take the chunked path). Gradients flow to hidden, weight and bias; the
-    backward recomputes each chunk's logits. The `torch` backend is the eager reference (full logits). Labels out
-    of range and check_labels: as in `logprobs`.
+    Returns
+    -------
+    logp : torch.Tensor
+        ``(...)`` float32 (alone when `return_entropy` is False).
+    entropy : torch.Tensor
+        ``(...)`` float32, only with ``return_entropy=True``.
+
+    Raises
+    ------
+    TypeError
+        Non-float hidden / weight / bias, or their dtypes differing; non-integer labels.
+    ValueError
+        A weight not ``(V, H)`` with ``H = hidden.shape[-1]`` and V >= 1, a bias not ``(V,)``, mismatched
+        devices or label shape, a non-positive or non-finite temperature / logit_scale / softcap, and labels out
+        of range as in `logprobs`.
+    rlhf_fast.BackendUnavailable
+        A backend asked for by name cannot run these tensors.
+
+    Notes
+    -----
+    The head is the one Hugging Face's Cohere and Gemma 2 models apply, followed by a sampling temperature:
+    ``y = hidden @ weight.T + bias`` rounded to the inputs' dtype (as an lm head's output is), then
+    ``z = logit_scale * y``, then with a cap ``z = softcap * tanh(z / softcap)``, then ``softmax(z / T)``; the
+    transform is computed in float32. `head_transform` gives both keywords from a model's config.
+
+    Forward and backward walk the vocab in chunks of at most ``LINEAR_CHUNK_BYTES`` (128 MiB) of logits
+    (tokens x chunk in the inputs' dtype; with a cap counting its float32 working copies) and merge the
+    chunks' log-sum-exps and entropies exactly. On the Triton backend the forward is one fused kernel instead
+    (float64 inputs take the chunked path). The backward recomputes each chunk's logits. Gradients flow to
+    hidden, weight and bias. The torch backend is the eager reference (it builds the full logits).
     """
     check_linear(hidden, weight, bias)
     _check_options(temperature, ignore_index)

@@ -48,7 +48,35 @@ def _check_group_size(group_size, in_features):
 
 @dataclasses.dataclass(frozen=True)
 class QuantizedWeight:
-    """A quantized (N, K) weight: the tensors of its scheme (see the module docstring) and how to read them."""
+    """A quantized ``(N, K)`` weight: the tensors of its scheme and how to read them (made by `quantize_weight`).
+
+    Parameters
+    ----------
+    scheme : str
+        ``"int8"``, ``"int4"`` or ``"w8a8"``.
+    qweight : torch.Tensor
+        int8 ``(N, K)`` values in [-127, 127] (int8, w8a8), or uint8 ``(N, K/2)`` holding two uint4 values a
+        byte, the even k in the low nibble (int4).
+    scales : torch.Tensor
+        float32: ``(N,)`` one per output channel (int8, w8a8), ``(N, K/group_size)`` one per group (int4).
+    zeros : torch.Tensor or None
+        int4 only: uint8 zero points ``(N, K/group_size)``; None for the other schemes.
+    group_size : int or None
+        int4 only: the group length along K (even, divides K); None for the other schemes.
+
+    Raises
+    ------
+    TypeError
+        A tensor of the wrong dtype (scales not float32, qweight not int8 / uint8 as the scheme needs).
+    ValueError
+        An unknown scheme, tensors of the wrong shape or on different devices, zero points or groups given to a
+        symmetric scheme.
+
+    Notes
+    -----
+    int8: ``W = q * s[n]``. int4: ``W = (q - z) * s`` per group; each group's range includes 0, so 0 is
+    exact. w8a8: the int8 weight, with the activations quantized per token at run time.
+    """
 
     scheme: str
     qweight: torch.Tensor
@@ -106,10 +134,22 @@ class QuantizedWeight:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the quantized tensors (qweight, scales and zero points)."""
         return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros) if t is not None)
 
-    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
-        """The (N, K) weight this stands for, in `dtype` (computed in float32, or float64 for float64)."""
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The ``(N, K)`` weight this stands for.
+
+        Parameters
+        ----------
+        dtype : torch.dtype
+            Dtype of the result (computed in float32, or float64 for float64).
+
+        Returns
+        -------
+        torch.Tensor
+            ``(N, K)`` in `dtype`.
+        """
         compute = torch.float64 if dtype == torch.float64 else torch.float32
         if self.scheme == "int4":
             weight = reference.dequantize_int4(self.qweight, self.scales, self.zeros, self.group_size, compute)
@@ -117,11 +157,30 @@ class QuantizedWeight:
             weight = reference.dequantize_int8(self.qweight, self.scales, compute)
         return weight.to(dtype)
 
-    def to(self, device) -> QuantizedWeight:
+    def to(self, device: torch.device | str) -> QuantizedWeight:
+        """A copy on `device`.
+
+        Parameters
+        ----------
+        device : torch.device or str
+            Where the tensors go.
+
+        Returns
+        -------
+        QuantizedWeight
+            The same weight with its tensors on `device`.
+        """
         return dataclasses.replace(self, qweight=self.qweight.to(device), scales=self.scales.to(device),
                                    zeros=None if self.zeros is None else self.zeros.to(device))
 
     def state_dict(self) -> dict:
+        """The scheme and tensors as a dict, for ``torch.save``.
+
+        Returns
+        -------
+        dict
+            ``scheme``, ``qweight``, ``scales`` and, for int4, ``zeros`` and ``group_size``.
+        """
         state = {"scheme": self.scheme, "qweight": self.qweight, "scales": self.scales}
         if self.scheme == "int4":
             state.update(zeros=self.zeros, group_size=self.group_size)
@@ -129,13 +188,49 @@ class QuantizedWeight:
 
     @classmethod
     def from_state_dict(cls, state: dict) -> QuantizedWeight:
+        """The weight a `state_dict` holds.
+
+        Parameters
+        ----------
+        state : dict
+            As `state_dict` returns it.
+
+        Returns
+        -------
+        QuantizedWeight
+            Checked as the constructor checks it.
+        """
         return cls(state["scheme"], state["qweight"], state["scales"], state.get("zeros"), state.get("group_size"))
 
 
-def quantize_weight(w, scheme, *, group_size=128) -> QuantizedWeight:
-    """Quantizes a linear weight w (N, K) (any float dtype; computed in float32) with `scheme`.
+def quantize_weight(w: torch.Tensor, scheme: str, *, group_size: int = 128) -> QuantizedWeight:
+    """Quantizes a linear layer's weight.
 
-    group_size (int4 only) must be even and divide K. Non-finite weights are rejected.
+    Parameters
+    ----------
+    w : torch.Tensor
+        ``(N, K)`` = (out_features, in_features), any float dtype (computed in float32), non-empty, finite.
+    scheme : str
+        ``"int8"``: int8, symmetric per output channel, float32 scales ``(N,)`` (1 byte a weight).
+        ``"int4"``: uint4, asymmetric per group of `group_size` along K, packed two a byte ``(N, K/2)``,
+        float32 scales and uint8 zero points ``(N, K/group_size)`` (0.5 + 5/group_size bytes a weight).
+        ``"w8a8"``: the int8 weight; `qmatmul` then quantizes the activations per token (int8, symmetric) on
+        the fly and accumulates in int32 (1 byte a weight).
+    group_size : int
+        int4 only: must be even and divide K.
+
+    Returns
+    -------
+    QuantizedWeight
+        On `w`'s device.
+
+    Raises
+    ------
+    TypeError
+        Non-float `w`.
+    ValueError
+        An unknown scheme, a `w` that is not a non-empty 2-D tensor, inf or nan entries (checked on the
+        host: one device sync per weight), a `group_size` that is odd or does not divide K.
     """
     check.floating("w", w)
     _check_scheme(scheme)
@@ -174,12 +269,45 @@ def _check_frozen(qw: QuantizedWeight):
                          "gives no gradient to the quantized weight. Train the float weight, then quantize it")
 
 
-def qmatmul(x, qw, bias=None, *, backend=None):
-    """F.linear(x, qw.dequantize(), bias): x (..., K) float32/bfloat16/float16 -> (..., N) in x's dtype.
+def qmatmul(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None, *,
+            backend: str | None = None) -> torch.Tensor:
+    """``F.linear(x, qw.dequantize(), bias)`` on the quantized weight.
 
-    Kernels: cpu (C++/OpenMP), triton, cuda (int8/int4 GEMV for M <= 16 rows, see csrc/cuda/quant.cu), torch
-    (dequantize, then matmul). On CUDA tensors `auto` takes the cuda GEMV up to DECODE_ROWS rows and Triton
-    beyond (backend.AUTO_GPU). Gradients flow to x and bias, never to the quantized weight.
+    Parameters
+    ----------
+    x : torch.Tensor
+        ``(..., K)`` float32 / bfloat16 / float16 activations; non-contiguous and empty are fine.
+    qw : QuantizedWeight
+        The ``(N, K)`` weight, on x's device.
+    bias : torch.Tensor or None
+        ``(N,)`` float.
+    backend : str or None
+        ``"auto" | "triton" | "cuda" | "cpu" | "torch"``; None: ``RLHF_FAST_BACKEND`` or ``"auto"``.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(..., N)`` in x's dtype. M, N or K of zero gives the bias (or zeros).
+
+    Raises
+    ------
+    TypeError
+        An `x` that is not float32 / bfloat16 / float16, a `qw` that is not a `QuantizedWeight`, a non-float
+        bias.
+    ValueError
+        An `x` whose last dim is not K, a bias not ``(N,)``, mismatched devices, a ``qw.scales`` that
+        requires grad (quantized weights are frozen).
+    rlhf_fast.BackendUnavailable
+        A backend asked for by name cannot run these tensors.
+
+    Notes
+    -----
+    Gradients flow to `x` (through the dequantized weight; for w8a8 the activation rounding is passed
+    straight through) and to `bias`, never to the quantized weight. int4 dequantizes as ``(q - z) * s``, so a
+    zero weight is exactly 0. W8A8 activations are quantized bit for bit as
+    ``reference.quantize_activations_int8`` (float32 ``127 / amax``, round-half-even of ``x * inv``, subnormals
+    kept). A row holding a NaN or an inf gives a NaN output row. On CUDA tensors ``"auto"`` runs the cuda GEMV
+    for up to ``DECODE_ROWS`` (4) rows and Triton for more (``AUTO_GPU["qmatmul_many_rows"]``).
     """
     check.floating("x", x)
     if x.dtype not in ACTIVATION_DTYPES:
@@ -215,15 +343,44 @@ def qmatmul(x, qw, bias=None, *, backend=None):
 
 
 class QuantizedLinear(nn.Module):
-    """Inference replacement for nn.Linear: the quantized weight (and bias) live in buffers, so .to(),
-    state_dict() and load_state_dict() carry them; the module has no parameters.
+    """Inference replacement for ``nn.Linear`` on a quantized weight (what `quantize_model` puts in).
 
-    Scales stay float32 when the model is cast to another dtype (model.half(), .to(torch.bfloat16)).
-    forward raises in training mode with grad enabled: the quantized weights cannot be trained.
+    Parameters
+    ----------
+    in_features : int
+        K.
+    out_features : int
+        N.
+    scheme : str
+        ``"int8"``, ``"int4"`` or ``"w8a8"`` (see `quantize_weight`).
+    bias : bool
+        Whether the layer has a bias.
+    group_size : int
+        int4 only: must be even and divide `in_features`.
+    device : torch.device, str or None
+        Where the buffers are made.
+    bias_dtype : torch.dtype
+        Dtype of the bias buffer.
+
+    Raises
+    ------
+    ValueError
+        An unknown scheme or a bad int4 `group_size`.
+
+    Notes
+    -----
+    The quantized tensors and the bias live in buffers (the module has no parameters), so ``.to()``,
+    ``state_dict()`` and ``load_state_dict()`` carry them; a state dict of another scheme or group size is
+    refused (``ValueError``). A dtype cast of the model (``model.half()``, ``.to(torch.bfloat16)``) leaves the
+    float32 scales alone. ``forward`` raises ``RuntimeError`` in training mode with grad enabled: training
+    through it fails loudly (under ``torch.no_grad()`` or in eval mode it runs, and gradients still flow to
+    the inputs). Its ``backend`` attribute (None: ``RLHF_FAST_BACKEND`` or ``"auto"``) is passed to
+    `qmatmul`. Make one from a float layer with `from_linear`.
     """
 
-    def __init__(self, in_features, out_features, scheme, *, bias=True, group_size=128, device=None,
-                 bias_dtype=torch.float32):
+    def __init__(self, in_features: int, out_features: int, scheme: str, *, bias: bool = True,
+                 group_size: int = 128, device: torch.device | str | None = None,
+                 bias_dtype: torch.dtype = torch.float32):
         super().__init__()
         _check_scheme(scheme)
         self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
@@ -243,8 +400,23 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device) if bias else None)
 
     @classmethod
-    def from_linear(cls, linear: nn.Module, scheme, *, group_size=128) -> QuantizedLinear:
-        """From an nn.Linear, or a transformers Conv1D (GPT-2 style, weight stored as (in, out))."""
+    def from_linear(cls, linear: nn.Module, scheme: str, *, group_size: int = 128) -> QuantizedLinear:
+        """A quantized copy of a float linear layer.
+
+        Parameters
+        ----------
+        linear : torch.nn.Module
+            An ``nn.Linear``, or a transformers ``Conv1D`` (GPT-2 style, weight stored as (in, out)).
+        scheme : str
+            As in `quantize_weight`.
+        group_size : int
+            As in `quantize_weight`.
+
+        Returns
+        -------
+        QuantizedLinear
+            On the weight's device, with a copy of the bias in its dtype.
+        """
         weight = linear.weight.t() if _is_conv1d(linear) else linear.weight
         qw = quantize_weight(weight, scheme, group_size=group_size)
         bias = linear.bias
@@ -304,10 +476,32 @@ def _skipped(name: str, skip) -> bool:
     return any(name == s or name.startswith(s + ".") or s in parts for s in skip)
 
 
-def quantizable_layers(model: nn.Module, scheme, *, skip=("lm_head",), group_size=128) -> list[tuple[str, nn.Module]]:
-    """The (name, layer) pairs `quantize_model` would replace; raises ValueError, naming the layer, when one of
-    them cannot take `scheme` (an int4 group_size that does not divide its K) or when there is none. Cheap: use
-    it to fail before any work when a model will be quantized later."""
+def quantizable_layers(model: nn.Module, scheme: str, *, skip: str | tuple[str, ...] = ("lm_head",),
+                       group_size: int = 128) -> list[tuple[str, nn.Module]]:
+    """The layers `quantize_model` would replace, without touching the model (to fail early).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model to inspect.
+    scheme : str
+        As in `quantize_weight`.
+    skip : str or tuple of str
+        As in `quantize_model`.
+    group_size : int
+        As in `quantize_weight`.
+
+    Returns
+    -------
+    list of tuple of (str, torch.nn.Module)
+        ``(dotted name, layer)`` pairs.
+
+    Raises
+    ------
+    ValueError
+        The same errors `quantize_model` would raise: an unknown scheme, a layer that cannot take it (an int4
+        `group_size` that does not divide its K; the message names the layer), no layer to quantize.
+    """
     _check_scheme(scheme)
     if isinstance(skip, str):
         skip = (skip,)
@@ -324,11 +518,32 @@ def quantizable_layers(model: nn.Module, scheme, *, skip=("lm_head",), group_siz
     return targets
 
 
-def quantize_model(model: nn.Module, scheme, *, skip=("lm_head",), group_size=128) -> nn.Module:
-    """Replaces, in place, every nn.Linear (and transformers Conv1D) of `model` with a QuantizedLinear, except
-    those named in `skip` (a module is skipped when its dotted name, a prefix of it, or one of its components is
-    listed). Puts the model in eval mode (it is for inference) and returns it. Every layer is checked before any
-    is replaced (`quantizable_layers`); a model with nothing to quantize is an error rather than a silent no-op.
+def quantize_model(model: nn.Module, scheme: str, *, skip: str | tuple[str, ...] = ("lm_head",),
+                   group_size: int = 128) -> nn.Module:
+    """Replaces, in place, every ``nn.Linear`` (and transformers ``Conv1D``, as in GPT-2) with a `QuantizedLinear`.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The frozen model (a reference or reward model).
+    scheme : str
+        As in `quantize_weight`.
+    skip : str or tuple of str
+        Layers to leave in float: a module is skipped when its full dotted name, a prefix of it, or one of its
+        name components (such as ``"mlp"``) is listed.
+    group_size : int
+        As in `quantize_weight`.
+
+    Returns
+    -------
+    torch.nn.Module
+        `model` itself, in eval mode (it is for inference).
+
+    Raises
+    ------
+    ValueError
+        As `quantizable_layers`: every layer is checked before any is replaced, and a model with nothing to
+        quantize is an error rather than a silent no-op.
     """
     targets = quantizable_layers(model, scheme, skip=skip, group_size=group_size)
     for name, linear in targets:

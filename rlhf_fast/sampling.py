@@ -59,24 +59,60 @@ def _raise_on_invalid_rows(logp, where):
         raise ValueError(f"{where}: row {row} (flattened) has a NaN logit or no finite logit; it cannot be sampled")
 
 
-def sample(logits, *, temperature=1.0, top_k=None, top_p=None, min_p=None, generator=None, logprob="filtered",
-           backend=None):
-    """Draw one token per row of `logits` (..., V) and return (tokens (...) int64, logp (...) float32).
+def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+           min_p: float | None = None, generator: torch.Generator | None = None, logprob: str = "filtered",
+           backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draws one token per row of `logits`, with its log-prob, in one pass over the vocab.
 
-    The distribution is softmax(logits / temperature) after Hugging Face's top-k, top-p and min-p warpers, in that
-    order: top-k keeps the entries >= the k-th largest logit (ties included); top-p removes the entries whose
-    probability mass, counted from the smallest up, is <= 1 - top_p (the largest entry always stays; equal logits
-    are kept or removed together, where the warper splits such a tie in its sort order); min-p keeps the entries
-    with probability >= min_p times the largest. temperature=0 is greedy decoding (argmax, first on ties; logp 0).
-    logits: float32 / bfloat16 / float16 / float64, any row strides (`logits[:, -1]` is read in place).
+    Parameters
+    ----------
+    logits : torch.Tensor
+        ``(..., V)`` float32 / bfloat16 / float16 / float64, any row strides (``logits[:, -1]`` of a
+        ``(B, T, V)`` tensor is read in place).
+    temperature : float
+        Finite float >= 0; 0 is greedy decoding (argmax, the first on ties; log-prob 0).
+    top_k : int or None
+        Positive int: keep the entries >= the k-th largest logit (ties included).
+    top_p : float or None
+        In (0, 1]: remove the entries whose probability mass, counted from the smallest up, is <= 1 - top_p
+        (the largest entry always stays).
+    min_p : float or None
+        In [0, 1]: keep the entries with probability >= min_p times the largest.
+    generator : torch.Generator or None
+        Source of the one float64 uniform per row (``torch.rand``), on the logits' device type.
+    logprob : str
+        ``"filtered"``: the log-prob under the distribution the token was drawn from (after the filters'
+        renormalisation). ``"full"``: under the whole ``softmax(logits / T)``, what a trainer that recomputes
+        log-probs sees. The two agree when no filter is set.
+    backend : str or None
+        ``"auto" | "triton" | "cpu" | "torch"``; None: ``RLHF_FAST_BACKEND`` or ``"auto"``. There is no CUDA
+        C++ sampling kernel: on CUDA tensors ``"auto"`` runs Triton and ``"cuda"`` raises.
 
-    logp="filtered" (default): the log-prob of the token under the distribution it was drawn from (after the
-    filters' renormalisation); logp="full": under the whole softmax(logits / T), which is what a trainer that
-    recomputes log-probs sees (the two agree when no filter is set). Both are exact, in float32.
+    Returns
+    -------
+    tokens : torch.Tensor
+        ``(...)`` int64.
+    logp : torch.Tensor
+        ``(...)`` float32, exact.
 
-    The draw is an inverse-CDF walk with one uniform per row from `generator` (float64, torch.rand): the same
-    generator state gives the same tokens. No (N, V) temporary and no sort of the vocabulary on the cpu backend.
-    A row with a NaN or no finite logit raises ValueError on CPU tensors (on CUDA it gives token 0, logp NaN).
+    Raises
+    ------
+    TypeError
+        Non-float logits, a `generator` that is not a ``torch.Generator``.
+    ValueError
+        A bad temperature / top_k / top_p / min_p / logprob, a generator on another device type, and, on CPU
+        tensors, a row with a NaN or no finite logit (on CUDA, where raising would need a device sync, such a
+        row gives token 0 and a NaN log-prob).
+    rlhf_fast.BackendUnavailable
+        A backend asked for by name cannot run these tensors (``"cuda"`` always).
+
+    Notes
+    -----
+    The distribution is ``softmax(logits / T)`` after Hugging Face's top-k, top-p and min-p warpers, in that
+    order. Equal logits at a top-p boundary are kept or removed together (the warper itself splits such a tie
+    in its sort order). The draw is an inverse-CDF walk with one float64 uniform per row, so the same
+    generator state gives the same tokens, and on CUDA the Philox seed and offset make it CUDA-graph safe. No
+    ``(N, V)`` temporary and no sort of the vocabulary on the cpu backend.
     """
     _check_logits(logits)
     _check_filters(temperature, top_k, top_p, min_p, logprob)
@@ -108,17 +144,58 @@ def sample(logits, *, temperature=1.0, top_k=None, top_p=None, min_p=None, gener
 _CANDIDATES_PER_CHUNK = 256
 
 
-def linear_sample(hidden, weight, *, bias=None, temperature=1.0, top_k=None, top_p=None, min_p=None, generator=None,
-                  logprob="filtered", backend=None):
-    """`sample` of the lm-head logits `hidden @ weight.T + bias`, never holding a row's full logits.
+def linear_sample(hidden: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor | None = None,
+                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                  min_p: float | None = None, generator: torch.Generator | None = None, logprob: str = "filtered",
+                  backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sample` of the lm-head logits ``hidden @ weight.T + bias``, never holding a row's full logits.
 
-    hidden (..., H), weight (V, H), bias (V,) or None, of one float dtype. Returns (tokens (...) int64,
-    logp (...) float32) with the semantics of `sample`. The vocab is walked in chunks of at most 128 MiB of
-    logits: without filters, each chunk draws its own candidate and log-sum-exp, and the row picks a chunk with
-    probability exp(lse_chunk - lse) (exact: P(token) = P(chunk) P(token | chunk)); with top-k (and top-p / min-p
-    on top of it) the chunks' top candidates are merged; top-p or min-p alone keeps 256 candidates per chunk,
-    which holds the nucleus unless the distribution is flat, and such rows are redrawn from their full logits
-    (in chunks of rows). No gradient: sampling is not differentiable.
+    Parameters
+    ----------
+    hidden : torch.Tensor
+        ``(..., H)`` float: the lm head's input.
+    weight : torch.Tensor
+        ``(V, H)`` with V >= 1, the same dtype and device.
+    bias : torch.Tensor or None
+        ``(V,)``, the same dtype.
+    temperature : float
+        As in `sample`.
+    top_k : int or None
+        As in `sample`.
+    top_p : float or None
+        As in `sample`.
+    min_p : float or None
+        As in `sample`.
+    generator : torch.Generator or None
+        As in `sample`.
+    logprob : str
+        As in `sample`.
+    backend : str or None
+        As in `sample`.
+
+    Returns
+    -------
+    tokens : torch.Tensor
+        ``(...)`` int64.
+    logp : torch.Tensor
+        ``(...)`` float32, with the semantics of `sample`.
+
+    Raises
+    ------
+    TypeError
+        Non-float tensors or differing dtypes, a bad `generator`.
+    ValueError
+        A weight not ``(V, H)`` matching `hidden`, a bias not ``(V,)``, mismatched devices, the filter errors
+        of `sample`, and rows that cannot be sampled (CPU tensors).
+
+    Notes
+    -----
+    The vocab is walked in chunks of at most 128 MiB of logits. Without filters each chunk draws a candidate
+    and its log-sum-exp, and the row picks a chunk with probability ``exp(lse_chunk - lse)`` (exact:
+    P(token) = P(chunk) P(token | chunk)). With top-k (and top-p / min-p on top of it) the chunks' top
+    candidates are merged. Top-p or min-p alone keep 256 candidates per chunk, which hold the nucleus unless
+    the distribution is flat; rows whose nucleus reaches past them are redrawn from their full logits (in
+    chunks of rows). No gradient: sampling is not differentiable.
     """
     check.floating("hidden", hidden)
     check.floating("weight", weight)

@@ -215,19 +215,44 @@ _ADAPTER = Adapter(PEER, PINNED, TARGETS, scan=SCAN, hooks=(_patch_methods,))
 
 
 def patch() -> Patch:
-    """Runs OpenRLHF on rlhf_fast's kernels (idempotent); the handle is a context manager that undoes it."""
+    """Runs OpenRLHF on rlhf_fast's kernels, in this process (see the module docstring for what is patched).
+
+    Returns
+    -------
+    rlhf_fast.integrations._patching.Patch
+        The handle: a context manager whose with-block ends with `unpatch`; ``handle.skipped`` says which
+        targets were left as OpenRLHF has them and why (another OpenRLHF version). Idempotent: while patched, the
+        same handle.
+    """
     return _ADAPTER.patch()
 
 
 def unpatch() -> None:
-    """Puts OpenRLHF's own functions and methods back."""
+    """Puts OpenRLHF's own functions and methods back, in every binding `patch` wrote.
+
+    Returns
+    -------
+    None
+        Nothing.
+    """
     _ADAPTER.unpatch()
 
 
 def ray_runtime_env(base: dict | None = None) -> dict:
-    """A runtime_env for `ray.init` that patches OpenRLHF in every Ray worker process of the job: `base`
-    (not modified) plus RLHF_FAST_PATCH in its env_vars and a worker_process_setup_hook (chained after base's
-    own hook, which runs first). Patch the driver with `patch()` as usual:
+    """A runtime_env for ``ray.init`` that patches OpenRLHF in every Ray worker process of the job.
+
+    Parameters
+    ----------
+    base : dict or None
+        Your own runtime_env (not modified): its ``env_vars`` and ``worker_process_setup_hook`` are kept, your
+        hook running first.
+
+    Returns
+    -------
+    dict
+        `base` plus ``RLHF_FAST_PATCH=openrlhf`` in its ``env_vars`` and the worker setup hook
+        (``rlhf_fast.integrations.ray_workers.setup_worker``, chained after base's own). Patch the driver
+        with `patch` as usual:
 
         import ray
         from rlhf_fast.integrations import openrlhf as rf_openrlhf

@@ -80,10 +80,30 @@ class ChainedHook:
 
 
 def runtime_env(peers: Iterable[str], base: Mapping | None = None) -> dict:
-    """A new runtime_env for `ray.init`: `base` (left as it is) plus RLHF_FAST_PATCH=peers in its env_vars
-    (joined with a value already there) and the setup hook that patches them in each worker (chained after
-    base's own worker_process_setup_hook, if it has one). peers: names from PEERS, or one comma-separated
-    string.
+    """A new runtime_env for ``ray.init`` that patches `peers` in every worker process of the job.
+
+    Parameters
+    ----------
+    peers : iterable of str
+        Names from ``PEERS`` (``verl``, ``openrlhf``, ``trl``), or one comma-separated string.
+    base : Mapping or None
+        Your runtime_env, left as it is.
+
+    Returns
+    -------
+    dict
+        `base` plus ``RLHF_FAST_PATCH=peers`` in its ``env_vars`` (joined with a value already there) and the
+        setup hook that patches them in each worker (chained after base's own ``worker_process_setup_hook``,
+        if it has one, which runs first).
+
+    Raises
+    ------
+    ValueError
+        An unknown peer name, no peer at all, or a base hook that is neither callable nor a
+        ``"module.function"`` path.
+
+    Examples
+    --------
 
         ray.init(runtime_env=runtime_env(["verl"], {"env_vars": {"TOKENIZERS_PARALLELISM": "true"}}))
     """
@@ -109,9 +129,21 @@ def runtime_env(peers: Iterable[str], base: Mapping | None = None) -> dict:
 
 
 def runtime_env_hook(env: dict | None) -> dict | None:
-    """Ray's RAY_RUNTIME_ENV_HOOK (ray.init passes it the job's runtime_env, or None): with RLHF_FAST_PATCH
-    set, patches this process (the driver) and returns `runtime_env(those peers, base=env)`; with it unset,
-    returns `env` untouched and patches nothing.
+    """Ray's ``RAY_RUNTIME_ENV_HOOK``, for launchers that call ``ray.init`` themselves.
+
+    Parameters
+    ----------
+    env : dict or None
+        The job's runtime_env, as ``ray.init`` passes it.
+
+    Returns
+    -------
+    dict or None
+        With ``RLHF_FAST_PATCH`` set: ``runtime_env(those peers, base=env)``, after patching this process (the
+        driver). With it unset: `env` untouched, nothing patched.
+
+    Examples
+    --------
 
         export RAY_RUNTIME_ENV_HOOK=rlhf_fast.integrations.ray_workers.runtime_env_hook RLHF_FAST_PATCH=verl
         python -m verl.trainer.main_ppo ...

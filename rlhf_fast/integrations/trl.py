@@ -176,9 +176,21 @@ unpatch = _ADAPTER.unpatch
 
 
 def patch(*, generate: bool = True):
-    """Patches TRL (see the module docstring); generate=True also runs the sampling of transformers' generate,
-    which TRL's trainers call for their completions, on rf.sample (rlhf_fast.integrations.transformers: the same
-    law, one pass over the vocabulary, but other random numbers than torch.multinomial draws, so not the same
-    completions as unpatched for a seed). Idempotent: while patched it returns the same handle."""
+    """Runs TRL 1.16 on rlhf_fast's kernels, in this process (see the module docstring for what is patched).
+
+    Parameters
+    ----------
+    generate : bool
+        Also run the sampling of transformers' ``generate``, which TRL's trainers call for their completions,
+        on `rlhf_fast.sample` (`rlhf_fast.integrations.transformers`: the same law, one pass over the
+        vocabulary, but other random numbers than ``torch.multinomial`` draws, so not the same completions as
+        unpatched for a seed).
+
+    Returns
+    -------
+    rlhf_fast.integrations._patching.Patch
+        The handle: a context manager whose with-block ends with ``unpatch()``. Idempotent: while patched it
+        returns the same handle.
+    """
     _options["generate"] = generate
     return _ADAPTER.patch()

@@ -25,6 +25,183 @@ def _opt(default, help: str, choices=None):
 
 @dataclass
 class PPOConfig:
+    """Every setting of a `train` run; the command line has one ``--flag`` per field (``rlhf-fast train --help``).
+
+    Boolean fields are ``--flag`` / ``--no-flag`` on the command line, and ``None`` is spelled ``none``.
+    `validate` checks the combinations; the trainer checks paths and files before any work.
+
+    Parameters
+    ----------
+    out : str
+        Output folder: ``metrics.jsonl``, ``summary.json``, ``reward_kl.png``, ``checkpoint/``, ``policy/``.
+    resume : str or None
+        Continue the run saved in this folder (from the command line: with its config, overridden by the
+        flags given, e.g. a larger ``--total-steps``).
+    seed : int
+        Seed of the model init, prompt sampling, generation and minibatch order.
+    device : str
+        ``"auto"`` (cuda if visible), ``"cpu"`` or ``"cuda"``.
+    threads : int
+        torch CPU threads per process; 0: the cores available / processes per machine.
+    fsdp : bool
+        Shard the policy, critic, reference and reward model with FSDP2 (``fully_shard`` per decoder layer and
+        per model) instead of replicating them with DDP; sharded checkpoints. Under torchrun, or alone as one
+        process.
+    kernels : str
+        ``"on"``: the rlhf_fast fused ops; ``"off"``: the eager torch references of `rlhf_fast.reference`
+        (A/B runs).
+    fused_head : bool
+        With kernels on, log-probs straight from the hidden states and the lm-head weight (`linear_logprobs`,
+        with the config's logit scale / soft cap) and the policy loss through `linear_ppo_policy_loss`.
+    dtype : str
+        ``"fp32"``, or ``"bf16"``: the policy and critic under bf16 autocast (float32 master weights and
+        optimiser state), the frozen reference and reward model held in bf16; log-probs and losses stay
+        float32.
+    grad_checkpointing : bool
+        Recompute each decoder layer's activations in the backward (policy and critic).
+    save_every : int
+        PPO steps between checkpoints (one is always written at the end).
+    progress : bool
+        tqdm progress bar.
+    plot : bool
+        Write ``reward_kl.png`` at the end.
+    model : str or None
+        Local Hugging Face causal-LM folder (with its tokenizer; needs `prompts`); None: the embedded tiny
+        Llama.
+    reward_model : str or None
+        Local sequence-classification reward model folder (score = logit 0).
+    reward : str or None
+        ``module:function`` with ``fn(prompts: list[str], responses: list[str]) -> list[float]``; None: the
+        task's verifier.
+    prompts : str or None
+        JSON-lines file of ``{"prompt": ..., "response": ...}`` objects (``response``, a demonstration, is
+        optional); None: the embedded digit-sorting task.
+    ref_quant : str
+        ``"none" | "int8" | "int4" | "w8a8"``: quantize the frozen reference with `rlhf_fast.quantize_model`.
+    reward_quant : str
+        The same for the reward model.
+    quant_group_size : int
+        int4 group size along K for `ref_quant` / `reward_quant` (must divide every quantized layer's input
+        size).
+    preset : str or None
+        A named model shape filling the fields left at their defaults; ``"qwen-shape"``: Qwen2.5-0.5B's
+        vocabulary (151936) and tied embeddings on a h128 L2 trunk.
+    task_length : int
+        Default task: digits per prompt.
+    hidden_size : int
+        Embedded tiny Llama: hidden size (the MLP is twice that).
+    num_layers : int
+        Embedded tiny Llama: decoder layers.
+    num_heads : int
+        Embedded tiny Llama: attention heads.
+    tie_embeddings : bool
+        Embedded Llama: the lm head shares the input embedding (as in Qwen2.5-0.5B).
+    vocab_size : int
+        Embedded Llama: vocabulary rows; 0: the tokenizer's; more pads the lm head to a real model's size
+        (ids past the tokenizer decode to nothing), for timing.
+    eval_size : int
+        Held-out prompts of the greedy evaluation before and after training.
+    warmup_steps : int
+        Supervised steps on the task's demonstrations before RL (skipped when there are none).
+    warmup_batch : int
+        Demonstrations per warm-up step.
+    warmup_lr : float
+        Warm-up learning rate (AdamW).
+    algo : str
+        ``"ppo"`` (critic + GAE), ``"grpo"`` or ``"rloo"`` (critic-free group advantages).
+    divergence : str or None
+        f-DPG: ``"rkl" | "fkl" | "js" | "tv"``, train towards p ∝ ref · exp(r / kl_coef) with the
+        per-sequence pseudo-reward -f'(π/p); ``rkl`` equals the KL-penalised PPO reward.
+    total_steps : int
+        PPO steps (rollout + update each).
+    batch_size : int
+        Prompts per step, over all processes.
+    group_size : int
+        Samples per prompt (grpo / rloo need >= 2).
+    max_new_tokens : int
+        Response length limit.
+    temperature : float
+        Sampling temperature (the log-probs use the same).
+    rollout_logprobs : bool
+        Take the old log-probs (and entropies) of the update from the sampler during the rollout instead of a
+        second policy forward pass.
+    ppo_epochs : int
+        Passes over each rollout batch.
+    minibatch_size : int
+        Sequences per optimiser step, per process.
+    lr : float
+        Policy learning rate (AdamW).
+    critic_lr : float
+        Critic learning rate (AdamW).
+    critic_init : str
+        ``"reward-model"``: the critic's trunk and value head from the reward model (PPO-max; needs
+        `reward_model` with the policy's tokenizer); ``"policy"``: the policy's trunk with a zero head;
+        ``"auto"``: the reward model when there is one.
+    critic_embedding : str
+        ``"frozen"``: the critic's input embedding is frozen and read through the reference's (or the reward
+        model's) table when that holds the same values (no copy, gradient or optimiser state of its own);
+        ``"trainable"``: its own trained copy.
+    gamma : float
+        Discount.
+    lam : float
+        GAE lambda.
+    reward_norm : bool
+        Normalise scores by their running mean and std.
+    reward_clip : float
+        Clip normalised scores to ± this.
+    kl_coef : float
+        KL coefficient β, the adaptive controller's starting value (PPO-max's fixed 0.02 let the default
+        task's KL(policy ‖ ref) reach 11 nats).
+    kl_in_loss : bool
+        KL as a loss term (estimator `kl_estimator`) instead of a token-level penalty in the reward.
+    kl_estimator : str
+        KL estimator of the penalty or loss: ``k1 | abs | k2 | mse | k3 | low_var_kl | k1+ | k3+``.
+    kl_full_vocab : str or None
+        A `rlhf_fast.f_divergence` kind: the KL becomes the loss term kl_coef × agg(D), D the exact
+        per-token f-divergence of the policy from the reference over the whole vocabulary, instead of a
+        sampled estimator (no KL penalty in the reward).
+    kl_full_vocab_alpha : float or None
+        The α of ``kl_full_vocab="alpha"`` (not 0 or 1).
+    adaptive_kl : bool
+        Adaptive KL controller (Ziegler et al.) towards `kl_target`.
+    kl_target : float
+        Adaptive KL: target sequence KL(policy ‖ ref), nats.
+    kl_horizon : int
+        Adaptive KL: horizon in samples (β moves by at most 20% × samples / horizon per step: 1% per step at
+        64 samples).
+    whiten_advantages : bool
+        Whiten advantages over the batch.
+    clip_low : float
+        Policy ratio clip below 1.
+    clip_high : float
+        Policy ratio clip above 1.
+    dual_clip : float or None
+        Dual-clip constant c > 1 for negative advantages (e.g. 3).
+    value_clip : float or None
+        Value clip around the old values; None: off.
+    vf_coef : float
+        Value-loss weight.
+    entropy_coef : float
+        Entropy bonus weight.
+    max_grad_norm : float
+        Global gradient-norm clip (policy and critic each).
+    critic_warmup_steps : int
+        Steps that train only the critic before the policy moves.
+    ptx_coef : float
+        PPO-ptx: weight of the supervised loss on demonstrations mixed into each update.
+    target_kl : float or None
+        Stop a step's epochs early when approx KL(old ‖ new) > 1.5 × this.
+    loss_agg : str
+        Loss aggregation, an `rlhf_fast.agg_loss` mode.
+
+    Notes
+    -----
+    The PPO-max switches (MOSS-RLHF) default to the paper's values: reward normalisation and clipping at 10,
+    token-level KL penalty in the reward, advantage whitening, policy clip 0.2, value clip 0.2, global
+    gradient clip 1.0, gamma 1, lambda 0.95. The KL penalty is the exception: it starts at 0.3 under the
+    adaptive controller (target 2.5 nats per sequence) after a longer warm-up (25 supervised steps).
+    """
+
     # ---- run
     out: str = _opt("runs/ppo", "output folder: metrics.jsonl, summary.json, reward_kl.png, checkpoint/, policy/")
     resume: str | None = _opt(None, "continue the run saved in this folder (its config, overridden by the flags "
@@ -144,7 +321,13 @@ class PPOConfig:
         presets.apply(self)
 
     def validate(self) -> None:
-        """Checks that need no files; path checks happen in the trainer before any work."""
+        """Checks the combinations of fields that need no files (paths are checked by the trainer, before any work).
+
+        Raises
+        ------
+        ValueError
+            A contradictory or out-of-range setting, naming its ``--flag``.
+        """
         if self.algo in ("grpo", "rloo") and self.group_size < 2:
             raise ValueError(f"--algo {self.algo} needs --group-size >= 2 (it compares samples of one prompt)")
         if self.reward is not None and self.reward_model is not None:
