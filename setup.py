@@ -6,6 +6,7 @@ Switches (environment):
   TORCH_CUDA_ARCH_LIST   CUDA architectures; with no GPU visible the default is 9.0a (H100/H200), not
                          torch's list of every architecture, which would multiply the build time.
 """
+
 import glob
 import os
 import shutil
@@ -40,13 +41,18 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 
 def _want_cuda():
     flag = os.environ.get("RLHF_FAST_CUDA", "").strip()
-    available = torch.version.cuda is not None and CUDA_HOME is not None and (
-        shutil.which("nvcc") is not None or os.path.isfile(os.path.join(CUDA_HOME, "bin", "nvcc")))
+    available = (
+        torch.version.cuda is not None
+        and CUDA_HOME is not None
+        and (shutil.which("nvcc") is not None or os.path.isfile(os.path.join(CUDA_HOME, "bin", "nvcc")))
+    )
     if flag == "0":
         return False
     if flag == "1" and not available:
-        sys.exit("RLHF_FAST_CUDA=1 but the CUDA sources cannot be built: need nvcc (CUDA_HOME=%s) and a CUDA "
-                 "build of torch (torch.version.cuda=%s)." % (CUDA_HOME, torch.version.cuda))
+        sys.exit(
+            "RLHF_FAST_CUDA=1 but the CUDA sources cannot be built: need nvcc (CUDA_HOME=%s) and a CUDA "
+            "build of torch (torch.version.cuda=%s)." % (CUDA_HOME, torch.version.cuda)
+        )
     return available
 
 
@@ -69,8 +75,9 @@ def _extension():
     cxx_flags = ["-O3", "-fopenmp", "-fno-trapping-math"]
     link_flags = ["-fopenmp"]
     if not _want_cuda():
-        return CppExtension("rlhf_fast._C", cpu_sources, extra_compile_args={"cxx": cxx_flags},
-                            extra_link_args=link_flags)
+        return CppExtension(
+            "rlhf_fast._C", cpu_sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags
+        )
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0a"
     return CUDAExtension(

@@ -1,5 +1,6 @@
 """Divergence family: f_divergence against eager (log_softmax of both sides, then the formula), torch.compile of
 the same, each rlhf_fast backend, and Liger-Kernel's KL / JSD losses when installed (batch means: their own case)."""
+
 from __future__ import annotations
 
 import torch
@@ -16,11 +17,13 @@ def _alpha(kind):
 
 def _fwd_bwd(fn, logits_p):
     """fn(logits_p) -> per-position values; runs the backward of their sum and returns (values, grad of logits_p)."""
+
     def run():
         logits_p.grad = None
         out = fn(logits_p)
         out.sum().backward()
         return out.detach(), logits_p.grad
+
     return run
 
 
@@ -49,8 +52,16 @@ def _case(kind, rows, vocab, dtype, mode, device):
     # floor: read both logits once (forward); the backward reads both again and writes grad_p
     size = rows * vocab * logits_p.element_size()
     moved = 2 * size if mode == "fwd" else 5 * size
-    return Case(f"f_divergence[{kind}]", f"N={rows},V={vocab}", dtype, mode, providers, bytes_moved=moved,
-                atol=2e-2 if dtype != torch.float32 else 1e-3, reference=float64)
+    return Case(
+        f"f_divergence[{kind}]",
+        f"N={rows},V={vocab}",
+        dtype,
+        mode,
+        providers,
+        bytes_moved=moved,
+        atol=2e-2 if dtype != torch.float32 else 1e-3,
+        reference=float64,
+    )
 
 
 def _liger_cases(rows, vocab, dtype, device):
@@ -64,35 +75,54 @@ def _liger_cases(rows, vocab, dtype, device):
     logits_q = (torch.randn(rows, vocab, device=device) * 2).to(dtype)
     log_p = lambda: torch.log_softmax(logits_p.float(), -1)  # noqa: E731
     log_q = lambda: torch.log_softmax(logits_q.float(), -1)  # noqa: E731
-    peers = {"kl": lambda: LigerKLDIVLoss(reduction="batchmean", log_target=True)(log_q(), log_p()),
-             "js": lambda: LigerJSD(beta=0.5)(log_q(), log_p())}
+    peers = {
+        "kl": lambda: LigerKLDIVLoss(reduction="batchmean", log_target=True)(log_q(), log_p()),
+        "js": lambda: LigerJSD(beta=0.5)(log_q(), log_p()),
+    }
     cases = []
     for kind, peer in peers.items():
-        providers = {"eager": lambda kind=kind: reference.f_divergence_eager(logits_p, logits_q, kind).mean(),
-                     "liger": peer}
-        providers.update(kernel_providers(device, lambda name, kind=kind: rf.f_divergence(
-            logits_p, logits_q, kind, backend=name).mean()))
-        cases.append(Case(f"f_divergence_mean[{kind}]", f"N={rows},V={vocab}", dtype, "fwd", providers,
-                          bytes_moved=2 * logits_p.numel() * logits_p.element_size(), atol=1e-3))
+        providers = {
+            "eager": lambda kind=kind: reference.f_divergence_eager(logits_p, logits_q, kind).mean(),
+            "liger": peer,
+        }
+        providers.update(
+            kernel_providers(
+                device, lambda name, kind=kind: rf.f_divergence(logits_p, logits_q, kind, backend=name).mean()
+            )
+        )
+        cases.append(
+            Case(
+                f"f_divergence_mean[{kind}]",
+                f"N={rows},V={vocab}",
+                dtype,
+                "fwd",
+                providers,
+                bytes_moved=2 * logits_p.numel() * logits_p.element_size(),
+                atol=1e-3,
+            )
+        )
     return cases
 
 
 def cases(device: torch.device, quick: bool) -> list[Case]:
     if quick:
-        return [_case("kl", 64, 4096, torch.float32, "fwd", device),
-                _case("js", 64, 4096, torch.float32, "fwd", device),
-                _case("kl", 64, 4096, torch.float32, "fwd+bwd", device)] + linear_cases(device, quick)
+        return [
+            _case("kl", 64, 4096, torch.float32, "fwd", device),
+            _case("js", 64, 4096, torch.float32, "fwd", device),
+            _case("kl", 64, 4096, torch.float32, "fwd+bwd", device),
+        ] + linear_cases(device, quick)
     if device.type == "cuda":
         rows, vocab, dtype = 8192, 151936, torch.bfloat16
-        out = [_case(kind, rows, vocab, dtype, "fwd", device)
-               for kind in ("kl", "reverse_kl", "alpha", "js", "tv")]
+        out = [_case(kind, rows, vocab, dtype, "fwd", device) for kind in ("kl", "reverse_kl", "alpha", "js", "tv")]
         out += [_case(kind, rows, vocab, dtype, "fwd+bwd", device) for kind in ("kl", "js")]
         return out + _liger_cases(rows, vocab, dtype, device) + linear_cases(device, quick)
     rows, vocab = 2048, 32000
     out = [_case(kind, rows, vocab, torch.float32, "fwd", device) for kind in ("kl", "reverse_kl", "alpha", "js", "tv")]
-    out += [_case("kl", rows, vocab, torch.bfloat16, "fwd", device),
-            _case("kl", rows, vocab, torch.float32, "fwd+bwd", device),
-            _case("js", rows, vocab, torch.float32, "fwd+bwd", device)]
+    out += [
+        _case("kl", rows, vocab, torch.bfloat16, "fwd", device),
+        _case("kl", rows, vocab, torch.float32, "fwd+bwd", device),
+        _case("js", rows, vocab, torch.float32, "fwd+bwd", device),
+    ]
     return out + _liger_cases(rows, vocab, torch.float32, device) + linear_cases(device, quick)
 
 
@@ -102,9 +132,9 @@ def _linear_case(kind, rows, hidden, vocab, device):
     matmuls the chunked op cannot avoid, timed alone (each side's projection, the recompute of both in the
     backward, grad_hidden and grad_weight of the p side: the floor on this CPU)."""
     hidden_p = torch.randn(rows, hidden, device=device, requires_grad=True)
-    weight_p = (torch.randn(vocab, hidden, device=device) / hidden ** 0.5).requires_grad_()
+    weight_p = (torch.randn(vocab, hidden, device=device) / hidden**0.5).requires_grad_()
     hidden_q = torch.randn(rows, hidden, device=device)
-    weight_q = torch.randn(vocab, hidden, device=device) / hidden ** 0.5
+    weight_q = torch.randn(vocab, hidden, device=device) / hidden**0.5
 
     def fwd_bwd(fn):
         def run():
@@ -112,19 +142,28 @@ def _linear_case(kind, rows, hidden, vocab, device):
             out = fn()
             out.sum().backward()
             return out.detach(), hidden_p.grad, weight_p.grad
+
         return run
 
     providers = {
         "eager": fwd_bwd(lambda: reference.f_divergence_eager(hidden_p @ weight_p.T, hidden_q @ weight_q.T, kind)),
     }
-    providers.update({name: fwd_bwd(fn) for name, fn in kernel_providers(device, lambda name: rf.linear_f_divergence(
-        hidden_p, weight_p, hidden_q, weight_q, kind, backend=name)).items()})
+    providers.update(
+        {
+            name: fwd_bwd(fn)
+            for name, fn in kernel_providers(
+                device, lambda name: rf.linear_f_divergence(hidden_p, weight_p, hidden_q, weight_q, kind, backend=name)
+            ).items()
+        }
+    )
     skipped = {}
     if kind == "js":
         try:
             from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
-            providers["trl"] = fwd_bwd(lambda: ChunkedDivergenceFunction.apply(
-                hidden_p, weight_p, None, hidden_q, weight_q, None, 0.5, 1.0)[0])
+
+            providers["trl"] = fwd_bwd(
+                lambda: ChunkedDivergenceFunction.apply(hidden_p, weight_p, None, hidden_q, weight_q, None, 0.5, 1.0)[0]
+            )
         except ImportError as exc:
             skipped["trl"] = f"trl not importable ({exc})"
 
@@ -140,10 +179,17 @@ def _linear_case(kind, rows, hidden, vocab, device):
             torch.mm(logits.T, hidden_p, out=grad_weight)
 
     shape = f"N={rows},H={hidden},V={vocab}"
-    return [Case(f"linear_f_divergence[{kind}]", shape, torch.float32, "fwd+bwd", providers, atol=2e-3,
-                 skipped=skipped),
-            Case(f"linear_f_divergence[{kind}] matmuls only (floor)", shape, torch.float32, "fwd+bwd",
-                 {"eager": matmuls}, flops=2 * rows * hidden * vocab * 6)]
+    return [
+        Case(f"linear_f_divergence[{kind}]", shape, torch.float32, "fwd+bwd", providers, atol=2e-3, skipped=skipped),
+        Case(
+            f"linear_f_divergence[{kind}] matmuls only (floor)",
+            shape,
+            torch.float32,
+            "fwd+bwd",
+            {"eager": matmuls},
+            flops=2 * rows * hidden * vocab * 6,
+        ),
+    ]
 
 
 def linear_cases(device: torch.device, quick: bool) -> list[Case]:

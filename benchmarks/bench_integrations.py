@@ -9,6 +9,7 @@ its phases (generation, log-prob passes, the rest) are recorded as extra metrics
 
 One block per peer below; `cases()` joins the blocks of the peers installed here.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -64,7 +65,8 @@ def _trl_logits_cases(pairs, inputs, batch, steps, vocab, dtype, device):
         "selective_log_softmax": lambda t: rf.logprobs(t, inputs["index"]).to(t.dtype),
         "entropy_from_logits": lambda t: rf.entropy(t).to(t.dtype),
         "selective_log_softmax_and_entropy": lambda t: tuple(
-            o.to(t.dtype) for o in rf.logprobs(t, inputs["index"], return_entropy=True)),
+            o.to(t.dtype) for o in rf.logprobs(t, inputs["index"], return_entropy=True)
+        ),
     }
 
     def providers(name, backward):
@@ -73,17 +75,23 @@ def _trl_logits_cases(pairs, inputs, batch, steps, vocab, dtype, device):
         if device.type == "cuda":
             fns["rlhf_fast"] = direct[name]
         if backward:
-            return {p: (lambda fn=fn: _backward_of(fn, inputs["logits"], inputs["upstream"])())
-                    for p, fn in fns.items()}
+            return {
+                p: (lambda fn=fn: _backward_of(fn, inputs["logits"], inputs["upstream"])()) for p, fn in fns.items()
+            }
         return {p: (lambda fn=fn: fn(inputs["logits"].detach())) for p, fn in fns.items()}
 
     return [
         Case("trl.selective_log_softmax", shape, dtype, "fwd", providers("selective_log_softmax", False), atol=atol),
-        Case("trl.selective_log_softmax", shape, dtype, "fwd+bwd", providers("selective_log_softmax", True),
-             atol=atol),
+        Case("trl.selective_log_softmax", shape, dtype, "fwd+bwd", providers("selective_log_softmax", True), atol=atol),
         Case("trl.entropy_from_logits", shape, dtype, "fwd", providers("entropy_from_logits", False), atol=atol),
-        Case("trl.selective_log_softmax_and_entropy", shape, dtype, "fwd+bwd",
-             providers("selective_log_softmax_and_entropy", True), atol=atol),
+        Case(
+            "trl.selective_log_softmax_and_entropy",
+            shape,
+            dtype,
+            "fwd+bwd",
+            providers("selective_log_softmax_and_entropy", True),
+            atol=atol,
+        ),
     ]
 
 
@@ -98,8 +106,9 @@ def _trl_head_cases(pairs, inputs, tokens, hidden_size, vocab, device):
     inputs["upstream"] = (torch.randn(tokens, device=device), torch.randn(tokens, device=device))
 
     def trl_head(function):
-        return lambda h, w, targets: function.apply(h, w, None, targets, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None,
-                                                    1.0, ("log_probs", "entropy"))[:2]
+        return lambda h, w, targets: function.apply(
+            h, w, None, targets, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, ("log_probs", "entropy")
+        )[:2]
 
     def run(head):
         def call():
@@ -109,14 +118,24 @@ def _trl_head_cases(pairs, inputs, tokens, hidden_size, vocab, device):
             grads = (h.grad, w.grad)
             h.grad = w.grad = None
             return tuple(o.detach() for o in out), grads
+
         return call
 
     providers = {"eager": run(trl_head(original)), "patched": run(trl_head(replacement))}
     if device.type == "cuda":  # see _trl_logits_cases
         providers["rlhf_fast"] = run(lambda h, w, targets: rf.linear_logprobs(h, w, targets, return_entropy=True))
     flops = 3 * 2 * tokens * hidden_size * vocab
-    return [Case("trl.ChunkedLogProbFunction", f"N={tokens},H={hidden_size},V={vocab}", torch.float32, "fwd+bwd",
-                 providers, flops=flops, atol=2e-2)]
+    return [
+        Case(
+            "trl.ChunkedLogProbFunction",
+            f"N={tokens},H={hidden_size},V={vocab}",
+            torch.float32,
+            "fwd+bwd",
+            providers,
+            flops=flops,
+            atol=2e-2,
+        )
+    ]
 
 
 def word_tokenizer(vocab_size: int):
@@ -128,16 +147,24 @@ def word_tokenizer(vocab_size: int):
     tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer.decoder = decoders.WordPiece()  # joins the words with spaces
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>",
-                                   unk_token="<unk>")
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
 def odd_words_reward(completions, **kwargs):
     return [sum(int(w[1:]) % 2 for w in c.split() if w[1:].isdigit()) / 8 for c in completions]
 
 
-def tiny_grpo_trainer(vocab_size: int, hidden_size: int, layers: int, samples: int, completion_tokens: int, *,
-                      steps: int = 1, seed: int = 0, **config):
+def tiny_grpo_trainer(
+    vocab_size: int,
+    hidden_size: int,
+    layers: int,
+    samples: int,
+    completion_tokens: int,
+    *,
+    steps: int = 1,
+    seed: int = 0,
+    **config,
+):
     """TRL's GRPOTrainer on a random Llama (`samples` completions per step, 4 per prompt) with a KL term, so a
     reference model too; `config` overrides GRPOConfig fields (e.g. bf16=False)."""
     from datasets import Dataset
@@ -146,18 +173,48 @@ def tiny_grpo_trainer(vocab_size: int, hidden_size: int, layers: int, samples: i
 
     torch.manual_seed(seed)
     model_dir = tempfile.mkdtemp(prefix="tiny_llama_")  # a path: GRPOTrainer loads the reference model from it
-    LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                                 num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
-                                 max_position_embeddings=256, pad_token_id=0, bos_token_id=1,
-                                 eos_token_id=1)).save_pretrained(model_dir)
-    prompts = Dataset.from_dict({"prompt": [" ".join(f"w{(7 * i + j) % 500}" for j in range(4))
-                                            for i in range(4 * samples)]})
-    args = GRPOConfig(**{"output_dir": tempfile.mkdtemp(prefix="tiny_grpo_"), "per_device_train_batch_size": samples,
-                         "num_generations": 4, "max_completion_length": completion_tokens, "max_steps": steps,
-                         "logging_steps": 1, "report_to": "none", "use_cpu": True, "seed": seed,
-                         "learning_rate": 1e-3, "beta": 0.04, "save_strategy": "no", "disable_tqdm": True, **config})
-    return GRPOTrainer(model=model_dir, reward_funcs=odd_words_reward, args=args, train_dataset=prompts,
-                       processing_class=word_tokenizer(vocab_size))
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=1,
+        )
+    ).save_pretrained(model_dir)
+    prompts = Dataset.from_dict(
+        {"prompt": [" ".join(f"w{(7 * i + j) % 500}" for j in range(4)) for i in range(4 * samples)]}
+    )
+    args = GRPOConfig(
+        **{
+            "output_dir": tempfile.mkdtemp(prefix="tiny_grpo_"),
+            "per_device_train_batch_size": samples,
+            "num_generations": 4,
+            "max_completion_length": completion_tokens,
+            "max_steps": steps,
+            "logging_steps": 1,
+            "report_to": "none",
+            "use_cpu": True,
+            "seed": seed,
+            "learning_rate": 1e-3,
+            "beta": 0.04,
+            "save_strategy": "no",
+            "disable_tqdm": True,
+            **config,
+        }
+    )
+    return GRPOTrainer(
+        model=model_dir,
+        reward_funcs=odd_words_reward,
+        args=args,
+        train_dataset=prompts,
+        processing_class=word_tokenizer(vocab_size),
+    )
 
 
 def _grpo_case(inputs, vocab, hidden_size, layers, samples, completion_tokens, rounds):
@@ -190,6 +247,7 @@ def _grpo_case(inputs, vocab, hidden_size, layers, samples, completion_tokens, r
                 ("phase_rest", "ms", median(lambda p: p["total"] - sum(p[name] for name in _PHASES))),
             ] + [(metric, "MB", value) for metric, value in state["rss"].items()]
             # no tensors: the harness has nothing to compare (equality is tests/test_integrations_trl.py's)
+
         return step
 
     case.providers.update(eager=stepper("eager", False), patched=stepper("patched", True))
@@ -238,11 +296,17 @@ def _peak_rss_in_child(model, patched):
         return {}
     root = Path(rf.__file__).resolve().parent.parent  # the same rlhf_fast in the child
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    code = ("import importlib, json, sys; from rlhf_fast.cli import _benchmarks_package; "
-            "module = importlib.import_module(_benchmarks_package().__name__ + '.bench_integrations'); "
-            "print('RSS', json.dumps(module.grpo_step_rss(json.loads(sys.argv[1]), sys.argv[2] == 'patched')))")
-    out = subprocess.run([sys.executable, "-c", code, json.dumps(model), "patched" if patched else "eager"],
-                         capture_output=True, text=True, env=env)
+    code = (
+        "import importlib, json, sys; from rlhf_fast.cli import _benchmarks_package; "
+        "module = importlib.import_module(_benchmarks_package().__name__ + '.bench_integrations'); "
+        "print('RSS', json.dumps(module.grpo_step_rss(json.loads(sys.argv[1]), sys.argv[2] == 'patched')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(model), "patched" if patched else "eager"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     if out.returncode != 0:
         raise RuntimeError(f"the peak-memory run failed: {out.stderr.strip().splitlines()[-1:]}")
     line = [line for line in out.stdout.splitlines() if line.startswith("RSS ")][-1]
@@ -256,6 +320,7 @@ def _timed(method, state, name):
             return method(*args, **kwargs)
         finally:
             state["current"][name] += (time.perf_counter() - t0) * 1e3
+
     return timed
 
 
@@ -264,13 +329,17 @@ def _trl_cases(device: torch.device, quick: bool):
     dropped when it moves on (the suite's results keep the cases)."""
     pairs = _trl_pairs()
     if quick:
-        groups = [lambda inputs: _trl_logits_cases(pairs, inputs, 4, 64, 4096, torch.float32, device),
-                  lambda inputs: _trl_head_cases(pairs, inputs, 256, 64, 4096, device)]
+        groups = [
+            lambda inputs: _trl_logits_cases(pairs, inputs, 4, 64, 4096, torch.float32, device),
+            lambda inputs: _trl_head_cases(pairs, inputs, 256, 64, 4096, device),
+        ]
         grpo = (32000, 32, 1, 8, 16, 2)
     else:
-        groups = [lambda inputs: _trl_logits_cases(pairs, inputs, 8, 512, 32000, torch.float32, device),
-                  lambda inputs: _trl_logits_cases(pairs, inputs, 8, 512, 151936, torch.bfloat16, device),
-                  lambda inputs: _trl_head_cases(pairs, inputs, 4096, 128, 151936, device)]
+        groups = [
+            lambda inputs: _trl_logits_cases(pairs, inputs, 8, 512, 32000, torch.float32, device),
+            lambda inputs: _trl_logits_cases(pairs, inputs, 8, 512, 151936, torch.bfloat16, device),
+            lambda inputs: _trl_head_cases(pairs, inputs, 4096, 128, 151936, device),
+        ]
         grpo = (151936, 128, 2, 32, 64, 3)
     if device.type == "cpu":  # the trainer runs on the CPU here (use_cpu=True)
         groups.append(lambda inputs: [_grpo_case(inputs, *grpo)])
@@ -309,15 +378,19 @@ def _peer_cases(peer, pairs, specs):
         if mode == "fwd":
             providers = {"eager": lambda c=call, f=original: c(f), "patched": lambda c=call, f=replacement: c(f)}
         else:
+
             def backward_of(fn, c=call, x=x):
                 def run():
                     out = c(fn)
                     outs = out if isinstance(out, tuple) else (out,)
-                    torch.autograd.backward([o.float() for o in outs],
-                                            [torch.ones_like(o, dtype=torch.float32) for o in outs])
+                    torch.autograd.backward(
+                        [o.float() for o in outs], [torch.ones_like(o, dtype=torch.float32) for o in outs]
+                    )
                     grad, x.grad = x.grad, None
                     return tuple(o.detach() for o in outs), grad
+
                 return run
+
             providers = {"eager": backward_of(original), "patched": backward_of(replacement)}
         atol = 2e-2 if dtype != torch.float32 else 1e-3
         reference = (lambda r=reference[0], f=original: r(f)) if reference else None
@@ -344,6 +417,7 @@ def _logits_specs(names, tokens, vocab, dtype, device, modes=("fwd", "fwd+bwd"))
                 rows, row_labels = logits.view(-1, vocab).split(256), labels.view(-1).split(256)
                 outs = [f(r.double(), lab) if takes_labels else f(r.double()) for r, lab in zip(rows, row_labels)]
                 return torch.cat(outs).view(labels.shape)
+
             specs.append((name, mode, shape, dtype, call, x, reference))
     return specs
 
@@ -355,8 +429,9 @@ def _peer_inputs(logits_names, device, quick):
     if quick:
         specs = _logits_specs(logits_names, 256, 4096, torch.float32, device)
     else:
-        specs = (_logits_specs(logits_names, 4096, 32000, torch.float32, device)
-                 + _logits_specs(logits_names, 4096, 151936, torch.bfloat16, device, modes=("fwd",)))
+        specs = _logits_specs(logits_names, 4096, 32000, torch.float32, device) + _logits_specs(
+            logits_names, 4096, 151936, torch.bfloat16, device, modes=("fwd",)
+        )
     batch, steps = (16, 128) if quick else (256, 2048)
     g = lambda scale=1.0: torch.randn(batch, steps, device=device) * scale  # noqa: E731
     lengths = torch.randint(steps // 4, steps + 1, (batch,), device=device)
@@ -375,8 +450,15 @@ def _verl_cases(device: torch.device, quick: bool) -> list[Case]:
     rewards, values, logp, old, ref, adv = g(), g(), g(), g(), g(), g()
     logp = (old + g(0.3)).requires_grad_()
     uids = [f"u{i // 8}" for i in torch.randperm(mask.shape[0]).tolist()]  # groups of 8 in scattered order
-    config = OmegaConf.create({"clip_ratio": 0.2, "clip_ratio_low": 0.2, "clip_ratio_high": 0.28,
-                               "clip_ratio_c": 3.0, "global_batch_info": {}})
+    config = OmegaConf.create(
+        {
+            "clip_ratio": 0.2,
+            "clip_ratio_low": 0.2,
+            "clip_ratio_high": 0.28,
+            "clip_ratio_c": 3.0,
+            "global_batch_info": {},
+        }
+    )
     f32 = torch.float32
     specs += [
         ("compute_gae_advantage_return", "fwd", shape, f32, lambda f: f(rewards, values, mask, 1.0, 0.95), None),
@@ -385,8 +467,14 @@ def _verl_cases(device: torch.device, quick: bool) -> list[Case]:
         ("compute_rloo_outcome_advantage", "fwd", shape, f32, lambda f: f(rewards, mask, uids), None),
         ("kl_penalty", "fwd+bwd", shape, f32, lambda f: f(logp, ref, "low_var_kl"), logp),
         ("agg_loss", "fwd+bwd", shape, f32, lambda f: f(logp, mask, "seq-mean-token-mean"), logp),
-        ("compute_policy_loss_vanilla", "fwd+bwd", shape, f32,
-         lambda f: f(old, logp, adv, mask, "token-mean", config)[0], logp),
+        (
+            "compute_policy_loss_vanilla",
+            "fwd+bwd",
+            shape,
+            f32,
+            lambda f: f(old, logp, adv, mask, "token-mean", config)[0],
+            logp,
+        ),
         ("compute_value_loss", "fwd+bwd", shape, f32, lambda f: f(logp, rewards, old, mask, 0.2)[0], logp),
     ]
     return _peer_cases("verl", pairs, specs)
@@ -402,12 +490,19 @@ def _openrlhf_cases(device: torch.device, quick: bool) -> list[Case]:
     logp = (old + g(0.3)).requires_grad_()
     from openrlhf.models.loss import PolicyLoss, ValueLoss
     from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker
+
     policy, value = PolicyLoss(clip_eps_low=0.2, clip_eps_high=0.28), ValueLoss(clip_eps=0.2)
     maker = object.__new__(RemoteExperienceMaker)  # the GAE method reads nothing from the instance
     f32 = torch.float32
     specs += [
-        ("RemoteExperienceMaker.get_advantages_and_returns", "fwd", shape, f32,
-         lambda f: f(maker, values, rewards, mask, 1.0, 0.95), None),
+        (
+            "RemoteExperienceMaker.get_advantages_and_returns",
+            "fwd",
+            shape,
+            f32,
+            lambda f: f(maker, values, rewards, mask, 1.0, 0.95),
+            None,
+        ),
         ("compute_approx_kl", "fwd+bwd", shape, f32, lambda f: f(logp, base, kl_estimator="k3"), logp),
         ("masked_mean", "fwd", shape, f32, lambda f: f(adv, mask), None),
         ("PolicyLoss.forward", "fwd+bwd", shape, f32, lambda f: f(policy, logp, old, adv, mask)[0], logp),

@@ -1,6 +1,7 @@
 """Linear losses family: linear_ppo_policy_loss (the full PPO policy objective from hidden states and the lm-head
 weight) against the eager code trainers run: the lm_head logits, log_softmax + gather, the entropy, the clipped
 loss, the entropy bonus and the KL term, forward and backward (gradients of hidden and weight)."""
+
 from __future__ import annotations
 
 import torch
@@ -10,8 +11,9 @@ from rlhf_fast import reference
 
 from .harness import Case, compiled, kernel_providers
 
-OPTIONS = dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0, agg="token-mean", entropy_coef=0.01, kl_coef=0.05,
-               kl_kind="k3")
+OPTIONS = dict(
+    clip_low=0.2, clip_high=0.28, dual_clip=3.0, agg="token-mean", entropy_coef=0.01, kl_coef=0.05, kl_kind="k3"
+)
 
 
 def _eager(hidden, weight, labels, old_logp, advantages, mask, ref_logp):
@@ -19,8 +21,15 @@ def _eager(hidden, weight, labels, old_logp, advantages, mask, ref_logp):
     logits = torch.nn.functional.linear(hidden, weight).float()
     logp = torch.log_softmax(logits, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     entropy = torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(-1)
-    pg_loss, stats = reference.ppo_policy_loss(logp, old_logp, advantages, mask, clip_low=OPTIONS["clip_low"],
-                                               clip_high=OPTIONS["clip_high"], dual_clip=OPTIONS["dual_clip"])
+    pg_loss, stats = reference.ppo_policy_loss(
+        logp,
+        old_logp,
+        advantages,
+        mask,
+        clip_low=OPTIONS["clip_low"],
+        clip_high=OPTIONS["clip_high"],
+        dual_clip=OPTIONS["dual_clip"],
+    )
     kl = reference.agg_loss(reference.kl_penalty(logp, ref_logp, OPTIONS["kl_kind"]), mask)
     return pg_loss - OPTIONS["entropy_coef"] * reference.agg_loss(entropy, mask) + OPTIONS["kl_coef"] * kl
 
@@ -44,19 +53,30 @@ def _cases(tokens, hidden_size, vocab, dtype, device):
             grads = (h.grad, w.grad)
             h.grad = w.grad = None
             return loss, *grads
+
         return run
 
     eager = lambda a, b: _eager(a, b, labels, old_logp, advantages, mask, ref_logp)  # noqa: E731
 
     def ours(a, b, name):
-        return rf.linear_ppo_policy_loss(a, b, labels, old_logp, advantages, mask, ref_logp=ref_logp, backend=name,
-                                         **OPTIONS)[0]
+        return rf.linear_ppo_policy_loss(
+            a, b, labels, old_logp, advantages, mask, ref_logp=ref_logp, backend=name, **OPTIONS
+        )[0]
 
     both = {"eager": fwd_bwd(eager), "compile": fwd_bwd(compiled(eager))}
     both.update(kernel_providers(device, lambda name: fwd_bwd(lambda a, b: ours(a, b, name))()))
     flops = 2 * tokens * hidden_size * vocab
-    return [Case("linear_ppo_policy_loss", f"N={tokens},H={hidden_size},V={vocab}", dtype, "fwd+bwd", both,
-                 flops=3 * flops, atol=1e-3)]
+    return [
+        Case(
+            "linear_ppo_policy_loss",
+            f"N={tokens},H={hidden_size},V={vocab}",
+            dtype,
+            "fwd+bwd",
+            both,
+            flops=3 * flops,
+            atol=1e-3,
+        )
+    ]
 
 
 def cases(device: torch.device, quick: bool) -> list[Case]:

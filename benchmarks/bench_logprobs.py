@@ -1,6 +1,7 @@
 """Log-prob family: fused log-softmax + gather (+ entropy) against log_softmax + gather as TRL/OpenRLHF/verl
 write it, TRL's per-row loop, torch.compile, and liger-kernel / cut-cross-entropy when installed; forward and
 forward+backward, time and peak memory. linear_logprobs against lm_head + log_softmax + gather."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -32,6 +33,7 @@ def _peer_logprobs(device):
             out = liger_cross_entropy(logits.flatten(0, -2), labels.flatten(), reduction="none")
             loss = getattr(out, "loss", out[0] if isinstance(out, tuple) else out)  # its return type varies by version
             return -loss.float().view(labels.shape)
+
         found["liger"] = liger
     else:
         missing["liger"] = "liger-kernel not installed" if device.type == "cuda" else "GPU only"
@@ -42,12 +44,14 @@ def _backward_of(fn, x, upstream):
     """fwd+bwd provider: fn(x) -> outputs, backward with per-token upstream gradients; returns (outputs, grad).
     The gradient is detached from x before returning, so no call frees the previous call's (which would hide
     the new one from the peak-memory count)."""
+
     def run():
         out = fn(x)
         outs = out if isinstance(out, tuple) else (out,)
-        torch.autograd.backward(outs, upstream[:len(outs)])
+        torch.autograd.backward(outs, upstream[: len(outs)])
         grad, x.grad = x.grad, None
         return tuple(o.detach() for o in outs), grad
+
     return run
 
 
@@ -82,7 +86,9 @@ def _logprobs_cases(batch, steps, vocab, dtype, device, with_entropy=False):
     inplace_x = logits.clone().requires_grad_()
     inplace = lambda name: _backward_of(  # noqa: E731
         lambda t: rf.logprobs(t, labels, return_entropy=with_entropy, inplace_backward=True, backend=name),
-        inplace_x, upstream)()
+        inplace_x,
+        upstream,
+    )()
     both.update({f"{name}-inplace": fn for name, fn in kernel_providers(device, inplace).items()})
     both.update({peer: _backward_of(lambda t, fn=fn: fn(t, labels), x, upstream) for peer, fn in peers.items()})
     cases.append(Case(op, shape, dtype, "fwd+bwd", both, bytes_moved=3 * read + n * 24, skipped=dict(missing)))
@@ -100,6 +106,7 @@ def _linear_cases(tokens, hidden_size, vocab, dtype, device):
     peers = {}
     if device.type == "cuda" and importlib.util.find_spec("cut_cross_entropy") is not None:
         from cut_cross_entropy import linear_cross_entropy
+
         peers["cut-cross-entropy"] = lambda h, w: -linear_cross_entropy(h, w, labels, reduction="none").float()
     else:
         skipped["cut-cross-entropy"] = "cut-cross-entropy not installed" if device.type == "cuda" else "GPU only"
@@ -118,28 +125,36 @@ def _linear_cases(tokens, hidden_size, vocab, dtype, device):
             out, grad_h = _backward_of(lambda t: fn(t, w), h, upstream)()
             grad_w, w.grad = w.grad, None
             return out, grad_h, grad_w
+
         return run
 
     both = {"eager": with_grads(eager), "compile": with_grads(compiled(eager))}
     both.update(kernel_providers(device, lambda name: with_grads(lambda a, b: ours(a, b, name))()))
     both.update({peer: with_grads(fn) for peer, fn in peers.items()})
-    return [Case("linear_logprobs", shape, dtype, "fwd", fwd, flops=flops, skipped=dict(skipped), atol=2e-2),
-            Case("linear_logprobs", shape, dtype, "fwd+bwd", both, flops=3 * flops, skipped=dict(skipped),
-                 atol=2e-2)]
+    return [
+        Case("linear_logprobs", shape, dtype, "fwd", fwd, flops=flops, skipped=dict(skipped), atol=2e-2),
+        Case("linear_logprobs", shape, dtype, "fwd+bwd", both, flops=3 * flops, skipped=dict(skipped), atol=2e-2),
+    ]
 
 
 def cases(device: torch.device, quick: bool) -> list[Case]:
     if quick:
-        return (_logprobs_cases(4, 16, 4096, torch.float32, device)
-                + _logprobs_cases(4, 16, 4096, torch.bfloat16, device, with_entropy=True)
-                + _linear_cases(64, 64, 4096, torch.float32, device))
+        return (
+            _logprobs_cases(4, 16, 4096, torch.float32, device)
+            + _logprobs_cases(4, 16, 4096, torch.bfloat16, device, with_entropy=True)
+            + _linear_cases(64, 64, 4096, torch.float32, device)
+        )
     if device.type == "cuda":
-        return (_logprobs_cases(16, 1024, 151936, torch.bfloat16, device)
-                + _logprobs_cases(16, 1024, 151936, torch.bfloat16, device, with_entropy=True)
-                + _logprobs_cases(8, 1024, 128256, torch.bfloat16, device)
-                + _logprobs_cases(4, 1024, 32000, torch.float32, device)
-                + _linear_cases(16384, 4096, 151936, torch.bfloat16, device))
-    return (_logprobs_cases(8, 512, 32000, torch.float32, device)
-            + _logprobs_cases(8, 512, 32000, torch.bfloat16, device)
-            + _logprobs_cases(8, 512, 32000, torch.float32, device, with_entropy=True)
-            + _linear_cases(2048, 256, 32000, torch.float32, device))
+        return (
+            _logprobs_cases(16, 1024, 151936, torch.bfloat16, device)
+            + _logprobs_cases(16, 1024, 151936, torch.bfloat16, device, with_entropy=True)
+            + _logprobs_cases(8, 1024, 128256, torch.bfloat16, device)
+            + _logprobs_cases(4, 1024, 32000, torch.float32, device)
+            + _linear_cases(16384, 4096, 151936, torch.bfloat16, device)
+        )
+    return (
+        _logprobs_cases(8, 512, 32000, torch.float32, device)
+        + _logprobs_cases(8, 512, 32000, torch.bfloat16, device)
+        + _logprobs_cases(8, 512, 32000, torch.float32, device, with_entropy=True)
+        + _linear_cases(2048, 256, 32000, torch.float32, device)
+    )

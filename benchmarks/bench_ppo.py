@@ -6,6 +6,7 @@ turn (off, on, off, on, ...) so both see the same machine load; the first step (
 not timed. Rows per phase (generate, score, advantages, update, step) give the median and 20/80% quantiles over
 the timed steps; peak_mem is the peak resident memory of each whole run (set-up and warm-up included).
 """
+
 from __future__ import annotations
 
 import json
@@ -30,11 +31,24 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _start(kernels: str, folder: str, overrides: dict) -> subprocess.Popen:
-    cfg = dict(out=str(Path(folder) / kernels), kernels=kernels, total_steps=10**6, save_every=10**6,
-               critic_warmup_steps=0, progress=False, plot=False, **overrides)
+    cfg = dict(
+        out=str(Path(folder) / kernels),
+        kernels=kernels,
+        total_steps=10**6,
+        save_every=10**6,
+        critic_warmup_steps=0,
+        progress=False,
+        plot=False,
+        **overrides,
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.Popen([sys.executable, "-m", "rlhf_fast.ppo.stepper", json.dumps(cfg)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "rlhf_fast.ppo.stepper", json.dumps(cfg)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 def _step(proc: subprocess.Popen) -> dict:
@@ -42,7 +56,7 @@ def _step(proc: subprocess.Popen) -> dict:
     proc.stdin.flush()
     for line in proc.stdout:
         if line.startswith(stepper.PREFIX):
-            return json.loads(line[len(stepper.PREFIX):])
+            return json.loads(line[len(stepper.PREFIX) :])
     raise RuntimeError(f"the training process stopped (exit code {proc.wait()}); its errors are above")
 
 
@@ -72,9 +86,16 @@ def _interleaved(label: str, dtype: torch.dtype, steps: tuple[int, int], **overr
                     proc.stdin.close()
                     proc.kill()
                     proc.wait()
-        return [Result(phase_cases[phase], provider, _quantiles([r[f"time_{phase}"] * 1e3 for r in provider_rows]),
-                       provider_rows[-1]["peak_rss_mb"])
-                for phase in PHASES for provider, provider_rows in rows.items()]
+        return [
+            Result(
+                phase_cases[phase],
+                provider,
+                _quantiles([r[f"time_{phase}"] * 1e3 for r in provider_rows]),
+                provider_rows[-1]["peak_rss_mb"],
+            )
+            for phase in PHASES
+            for provider, provider_rows in rows.items()
+        ]
 
     return Case("ppo_step", label, dtype, "fwd+bwd", {}, measure=measure)
 
@@ -82,12 +103,26 @@ def _interleaved(label: str, dtype: torch.dtype, steps: tuple[int, int], **overr
 def cases(device: torch.device, quick: bool) -> list[Case]:
     run = dict(device=device.type, eval_size=16, warmup_steps=2)
     default = _interleaved("default task (Llama h64 L2, B=64)", torch.float32, (5, 20), **run)
-    qwen = _interleaved("qwen-shape (V=151936 tied, h128 L2, B=64, 8 tokens)", torch.float32, (2, 6),
-                        preset="qwen-shape", **run)
+    qwen = _interleaved(
+        "qwen-shape (V=151936 tied, h128 L2, B=64, 8 tokens)", torch.float32, (2, 6), preset="qwen-shape", **run
+    )
     if quick:
         return [default]
     if device.type == "cuda":  # ~0.47 B parameters, Qwen-sized vocabulary, 128-token responses, bf16
-        return [default, qwen, _interleaved(
-            "Llama h1024 L16 V=151936, B=64, 128 tokens", torch.bfloat16, (2, 6), hidden_size=1024, num_layers=16,
-            num_heads=16, vocab_size=151936, max_new_tokens=128, dtype="bf16", **run)]
+        return [
+            default,
+            qwen,
+            _interleaved(
+                "Llama h1024 L16 V=151936, B=64, 128 tokens",
+                torch.bfloat16,
+                (2, 6),
+                hidden_size=1024,
+                num_layers=16,
+                num_heads=16,
+                vocab_size=151936,
+                max_new_tokens=128,
+                dtype="bf16",
+                **run,
+            ),
+        ]
     return [default, qwen]

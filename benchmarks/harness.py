@@ -19,6 +19,7 @@ A case with `interleaved=R` (a trainer step) is timed R rounds, the providers in
 round.
 Rows append to benchmarks/results/<device-slug>.csv in the long format of DESIGN.md.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,15 +32,31 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from rlhf_fast import backend as _backend
 
-CSV_COLUMNS = ["op", "provider", "mode", "shape", "dtype", "metric", "unit", "p50", "p20", "p80", "device", "torch",
-               "triton", "git_commit", "timestamp"]
+CSV_COLUMNS = [
+    "op",
+    "provider",
+    "mode",
+    "shape",
+    "dtype",
+    "metric",
+    "unit",
+    "p50",
+    "p20",
+    "p80",
+    "device",
+    "torch",
+    "triton",
+    "git_commit",
+    "timestamp",
+]
 
 
 @dataclasses.dataclass
@@ -61,7 +78,7 @@ class Case:
     # such as a trainer step, where drift of a shared machine would bias providers timed one after another)
     interleaved: int = 0
     # measures the case its own way instead (e.g. providers stepped in turn): quick -> results, each naming its case
-    measure: Callable[[bool], list["Result"]] | None = None
+    measure: Callable[[bool], list[Result]] | None = None
 
 
 @dataclasses.dataclass
@@ -111,6 +128,7 @@ def _quantiles(samples: list[float]) -> tuple[float, float, float]:
 
     def q(p):
         return samples[min(len(samples) - 1, int(p * (len(samples) - 1) + 0.5))]
+
     return q(0.5), q(0.2), q(0.8)
 
 
@@ -126,8 +144,10 @@ def _time_cpu(fn, min_time_s: float, max_reps: int) -> tuple[float, float, float
 
 def _time_cuda(fn, quick: bool) -> tuple[float, float, float]:
     import triton.testing
-    p50, p20, p80 = triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 200,
-                                            quantiles=[0.5, 0.2, 0.8])
+
+    p50, p20, p80 = triton.testing.do_bench(
+        fn, warmup=10 if quick else 25, rep=40 if quick else 200, quantiles=[0.5, 0.2, 0.8]
+    )
     return p50, p20, p80
 
 
@@ -140,6 +160,7 @@ def _peak_mb(fn, device: torch.device) -> float:
         _sync(device)
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20
     from torch.profiler import ProfilerActivity, profile
+
     with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     # Every allocation and free is a "[memory]" record with its own timestamp; replayed in time order, the
@@ -220,8 +241,9 @@ def _run_interleaved(case: Case, device: torch.device, checked: dict[str, str]) 
     results = []
     for provider, times in samples.items():
         try:
-            results.append(Result(case, provider, _quantiles(times), _peak_mb(case.providers[provider], device),
-                                  checked[provider]))
+            results.append(
+                Result(case, provider, _quantiles(times), _peak_mb(case.providers[provider], device), checked[provider])
+            )
         except Exception as exc:
             errors[provider] = f"error: {type(exc).__name__}: {exc}"[:160]
     return results + [Result(case, provider, None, None, why) for provider, why in errors.items()]
@@ -271,8 +293,9 @@ def run_case(case: Case, device: torch.device, quick: bool) -> list[Result]:
 def _git_commit() -> str:
     try:
         root = Path(__file__).resolve().parent.parent
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                             timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -288,6 +311,7 @@ def default_results_dir() -> Path:
 def _versions() -> tuple[str, str]:
     try:
         import triton
+
         triton_version = triton.__version__
     except ImportError:
         triton_version = "none"
@@ -318,11 +342,29 @@ def write_rows(results: list[Result], device: torch.device, path: Path) -> int:
             if case.flops:
                 tfs = lambda ms: case.flops / (ms * 1e-3) / 1e12  # noqa: E731
                 metrics.append(("throughput", "TFLOP/s", tfs(p50), tfs(p80), tfs(p20)))
-            metrics += [(metric, unit, value, value, value) for metric, unit, value in case.metrics.get(res.provider, [])]
+            metrics += [
+                (metric, unit, value, value, value) for metric, unit, value in case.metrics.get(res.provider, [])
+            ]
             for metric, unit, v50, v20, v80 in metrics:
-                writer.writerow([case.op, res.provider, case.mode, case.shape, str(case.dtype).replace("torch.", ""),
-                                 metric, unit, f"{v50:.6g}", f"{v20:.6g}", f"{v80:.6g}", device_name, torch_version,
-                                 triton_version, commit, stamp])
+                writer.writerow(
+                    [
+                        case.op,
+                        res.provider,
+                        case.mode,
+                        case.shape,
+                        str(case.dtype).replace("torch.", ""),
+                        metric,
+                        unit,
+                        f"{v50:.6g}",
+                        f"{v20:.6g}",
+                        f"{v80:.6g}",
+                        device_name,
+                        torch_version,
+                        triton_version,
+                        commit,
+                        stamp,
+                    ]
+                )
                 rows += 1
     return rows
 
@@ -340,17 +382,34 @@ def format_table(results: list[Result], peak_gbs: float | None) -> str:
         ms = res.ms[0] if res.ms else None
         speedup = eager_ms.get(id(case)) / ms if ms and id(case) in eager_ms else None
         gbs = case.bytes_moved / (ms * 1e-3) / 1e9 if ms and case.bytes_moved else None
-        lines.append([case.op, case.shape, str(case.dtype).replace("torch.", ""), case.mode, res.provider,
-                      f"{ms:.4g}" if ms else "-", f"{speedup:.1f}x" if speedup else "-",
-                      f"{gbs:.1f}" if gbs else "-",
-                      f"{100 * gbs / peak_gbs:.0f}%" if gbs and peak_gbs else "-",
-                      f"{res.peak_mb:.1f}" if res.peak_mb is not None else "-", res.status])
+        lines.append(
+            [
+                case.op,
+                case.shape,
+                str(case.dtype).replace("torch.", ""),
+                case.mode,
+                res.provider,
+                f"{ms:.4g}" if ms else "-",
+                f"{speedup:.1f}x" if speedup else "-",
+                f"{gbs:.1f}" if gbs else "-",
+                f"{100 * gbs / peak_gbs:.0f}%" if gbs and peak_gbs else "-",
+                f"{res.peak_mb:.1f}" if res.peak_mb is not None else "-",
+                res.status,
+            ]
+        )
     widths = [max(len(str(row[i])) for row in [header] + lines) for i in range(len(header))]
     fmt = lambda row: "  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip()  # noqa: E731
-    extra = [f"  {res.case.op} {res.case.shape} {res.provider}: {metric} = {value:.4g} {unit}"
-             for res in results if res.status == "ok" for metric, unit, value in res.case.metrics.get(res.provider, [])]
-    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(row) for row in lines]
-                     + (["", "other metrics:"] + extra if extra else []))
+    extra = [
+        f"  {res.case.op} {res.case.shape} {res.provider}: {metric} = {value:.4g} {unit}"
+        for res in results
+        if res.status == "ok"
+        for metric, unit, value in res.case.metrics.get(res.provider, [])
+    ]
+    return "\n".join(
+        [fmt(header), fmt(["-" * w for w in widths])]
+        + [fmt(row) for row in lines]
+        + (["", "other metrics:"] + extra if extra else [])
+    )
 
 
 def run_suite(modules, device: torch.device, quick: bool, progress: Callable[[str], None] = print) -> list[Result]:

@@ -5,6 +5,7 @@
 
 Every op takes ``backend=`` ("auto", "triton", "cuda", "cpu", "torch"); see rlhf_fast.backend.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -15,9 +16,12 @@ from .backend import BackendUnavailable
 __version__ = "0.1.0"
 
 if backend.compiled() is None:
-    warnings.warn(f"rlhf_fast: {backend.compiled_error()}. Only the torch and triton backends are available; "
-                  f"reinstall with `pip install --no-build-isolation -e .` to build the C++/CUDA kernels.",
-                  RuntimeWarning, stacklevel=2)
+    warnings.warn(
+        f"rlhf_fast: {backend.compiled_error()}. Only the torch and triton backends are available; "
+        f"reinstall with `pip install --no-build-isolation -e .` to build the C++/CUDA kernels.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
 
 from . import _ops  # noqa: E402,F401  (fake kernels and autograd of the compiled ops)
 from .advantages import gae, gae_packed, grpo_advantages, masked_mean, masked_whiten, rloo_advantages  # noqa: E402
@@ -25,8 +29,8 @@ from .divergence import f_divergence, linear_f_divergence  # noqa: E402
 from .linear_losses import linear_ppo_policy_loss  # noqa: E402
 from .logprobs import entropy, linear_logprobs, logprobs  # noqa: E402
 from .losses import agg_loss, kl_penalty, masked_sum, ppo_policy_loss, ppo_value_loss  # noqa: E402
-from .sampling import linear_sample, sample  # noqa: E402
 from .quant import QuantizedLinear, QuantizedWeight, qmatmul, quantize_model, quantize_weight  # noqa: E402
+from .sampling import linear_sample, sample  # noqa: E402
 
 __all__ = [
     "BackendUnavailable",

@@ -3,6 +3,7 @@
 Compiled ops live under torch.ops.rlhf_fast (csrc/registration.cpp); Triton ops under torch.ops.rlhf_fast_triton
 share their schemas and register the same backward through `register_triton_autograd`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,6 +22,7 @@ def _register_triton_autograd(op, backward, setup_context) -> None:
     """The same for a Triton triton_op."""
     op.register_autograd(backward, setup_context=setup_context)
     backend.register_eager_autograd(op, backward, setup_context)
+
 
 # ---------------------------------------------------------------- advantages
 
@@ -52,8 +54,9 @@ def gae_backward(gae_op, ctx, grad_advantages, grad_returns):
     n = grad_advantages.numel()
     upstream = (grad_advantages + grad_returns).float().flip(0)
     flipped_mask = mask.flip(0) if mask is not None else None
-    grad_delta, _ = gae_op(upstream, torch.zeros_like(upstream), flipped_mask, None, n - cu_seqlens.flip(0),
-                           gamma * ctx.lam, 1.0)
+    grad_delta, _ = gae_op(
+        upstream, torch.zeros_like(upstream), flipped_mask, None, n - cu_seqlens.flip(0), gamma * ctx.lam, 1.0
+    )
     grad_delta = grad_delta.flip(0)
     grad_rewards = grad_values = grad_last_value = None
     if ctx.needs_input_grad[0]:
@@ -73,8 +76,11 @@ def gae_backward(gae_op, ctx, grad_advantages, grad_returns):
         if ctx.needs_input_grad[3]:
             last = latest_valid[(cu_seqlens[1:] - 1).clamp(min=0)] if n else cu_seqlens.new_full(lengths.shape, -1)
             has_last = (lengths > 0) & (last >= cu_seqlens[:-1])
-            grad_last_value = torch.where(has_last, gamma * grad_delta[last.clamp(min=0)] if n else 0.0,
-                                          torch.zeros(lengths.shape, device=grad_delta.device))
+            grad_last_value = torch.where(
+                has_last,
+                gamma * grad_delta[last.clamp(min=0)] if n else 0.0,
+                torch.zeros(lengths.shape, device=grad_delta.device),
+            )
     return grad_rewards, grad_values, None, grad_last_value, None, None, None
 
 
@@ -99,8 +105,7 @@ def _logprobs_backward_fake(grad_logp, grad_entropy, logits, labels, lse, entrop
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
-def _logprobs_backward_inplace_fake(grad_logp, grad_entropy, logits, labels, lse, entropy, temperature,
-                                    ignore_index):
+def _logprobs_backward_inplace_fake(grad_logp, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index):
     return None
 
 
@@ -125,18 +130,22 @@ def logprobs_backward(backward_op, ctx, grad_logp, grad_entropy, grad_lse):
 
 def register_logprobs_triton_autograd(module) -> None:
     """Called by rlhf_fast.triton.logprobs once its triton_ops exist."""
-    _register_triton_autograd(module.logprobs_forward,
-                              lambda ctx, *grads: logprobs_backward(module.logprobs_backward, ctx, *grads),
-                              _logprobs_setup_context)
+    _register_triton_autograd(
+        module.logprobs_forward,
+        lambda ctx, *grads: logprobs_backward(module.logprobs_backward, ctx, *grads),
+        _logprobs_setup_context,
+    )
 
 
 def _register_logprobs_compiled() -> None:
     torch.library.register_fake("rlhf_fast::logprobs_forward")(_logprobs_forward_fake)
     torch.library.register_fake("rlhf_fast::logprobs_backward")(_logprobs_backward_fake)
     torch.library.register_fake("rlhf_fast::logprobs_backward_")(_logprobs_backward_inplace_fake)
-    _register_autograd("logprobs_forward",
-                       lambda ctx, *grads: logprobs_backward(torch.ops.rlhf_fast.logprobs_backward, ctx, *grads),
-                       _logprobs_setup_context)
+    _register_autograd(
+        "logprobs_forward",
+        lambda ctx, *grads: logprobs_backward(torch.ops.rlhf_fast.logprobs_backward, ctx, *grads),
+        _logprobs_setup_context,
+    )
 
 
 if backend.compiled() is not None:
@@ -149,10 +158,13 @@ def _f_divergence_fake(logits_p, logits_q, mask, kind, alpha, temperature):
     return logits_p.new_empty((rows,), dtype=torch.float32), logits_p.new_empty((rows, 3), dtype=torch.float32)
 
 
-def _f_divergence_backward_fake(grad_out, logits_p, logits_q, mask, out, stats, kind, alpha, temperature,
-                                need_grad_p, need_grad_q):
-    return (logits_p.new_empty(logits_p.shape if need_grad_p else (0,)),
-            logits_q.new_empty(logits_q.shape if need_grad_q else (0,)))
+def _f_divergence_backward_fake(
+    grad_out, logits_p, logits_q, mask, out, stats, kind, alpha, temperature, need_grad_p, need_grad_q
+):
+    return (
+        logits_p.new_empty(logits_p.shape if need_grad_p else (0,)),
+        logits_q.new_empty(logits_q.shape if need_grad_q else (0,)),
+    )
 
 
 def _f_divergence_second_pass_fake(logits_p, logits_q, mask, stats, kind, temperature):
@@ -172,8 +184,9 @@ def f_divergence_backward(backward_op, ctx, grad_out, _grad_stats):
     lse_q, aux) statistics the forward saved."""
     logits_p, logits_q, mask, out, stats = ctx.saved_tensors
     need_p, need_q = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    grad_p, grad_q = backward_op(grad_out.float().contiguous(), logits_p, logits_q, mask, out, stats,
-                                 *ctx.divergence, need_p, need_q)
+    grad_p, grad_q = backward_op(
+        grad_out.float().contiguous(), logits_p, logits_q, mask, out, stats, *ctx.divergence, need_p, need_q
+    )
     return grad_p if need_p else None, grad_q if need_q else None, None, None, None, None
 
 
@@ -181,16 +194,20 @@ def _register_divergence() -> None:
     torch.library.register_fake("rlhf_fast::f_divergence")(_f_divergence_fake)
     torch.library.register_fake("rlhf_fast::f_divergence_backward")(_f_divergence_backward_fake)
     torch.library.register_fake("rlhf_fast::f_divergence_second_pass")(_f_divergence_second_pass_fake)
-    _register_autograd("f_divergence",
-                       lambda ctx, g, gs: f_divergence_backward(torch.ops.rlhf_fast.f_divergence_backward, ctx, g, gs),
-                       _f_divergence_setup_context)
+    _register_autograd(
+        "f_divergence",
+        lambda ctx, g, gs: f_divergence_backward(torch.ops.rlhf_fast.f_divergence_backward, ctx, g, gs),
+        _f_divergence_setup_context,
+    )
 
 
 def register_triton_divergence_autograd(module) -> None:
     """Called by rlhf_fast.triton.divergence once its triton_ops exist."""
-    _register_triton_autograd(module.f_divergence,
-                              lambda ctx, g, gs: f_divergence_backward(module.f_divergence_backward, ctx, g, gs),
-                              _f_divergence_setup_context)
+    _register_triton_autograd(
+        module.f_divergence,
+        lambda ctx, g, gs: f_divergence_backward(module.f_divergence_backward, ctx, g, gs),
+        _f_divergence_setup_context,
+    )
 
 
 # ---------------------------------------------------------------- registration
@@ -200,16 +217,18 @@ def _register_compiled() -> None:
     torch.library.register_fake("rlhf_fast::gae")(_gae_fake)
     torch.library.register_fake("rlhf_fast::group_advantages")(_group_advantages_fake)
     torch.library.register_fake("rlhf_fast::masked_moments")(_masked_moments_fake)
-    _register_autograd("gae", lambda ctx, ga, gr: gae_backward(torch.ops.rlhf_fast.gae, ctx, ga, gr),
-                       _gae_setup_context)
+    _register_autograd(
+        "gae", lambda ctx, ga, gr: gae_backward(torch.ops.rlhf_fast.gae, ctx, ga, gr), _gae_setup_context
+    )
     _register_divergence()
 
 
 def register_triton_autograd(module) -> None:
     """Called by the Triton family modules once their triton_ops exist."""
     if hasattr(module, "gae"):
-        _register_triton_autograd(module.gae, lambda ctx, ga, gr: gae_backward(module.gae, ctx, ga, gr),
-                                  _gae_setup_context)
+        _register_triton_autograd(
+            module.gae, lambda ctx, ga, gr: gae_backward(module.gae, ctx, ga, gr), _gae_setup_context
+        )
 
 
 if backend.compiled() is not None:
@@ -236,8 +255,7 @@ def kl_penalty_backward(backward_op, ctx, grad):
     """Every kind depends on logp - ref_logp only, so d/dref_logp = -d/dlogp: one kernel gives both."""
     logp, ref_logp = ctx.saved_tensors
     grad_logp = backward_op(grad.float().contiguous(), logp, ref_logp, ctx.kind)
-    return (grad_logp if ctx.needs_input_grad[0] else None,
-            -grad_logp if ctx.needs_input_grad[1] else None, None)
+    return (grad_logp if ctx.needs_input_grad[0] else None, -grad_logp if ctx.needs_input_grad[1] else None, None)
 
 
 def _ppo_loss_fake(a, b, c, mask, *params):
@@ -266,26 +284,36 @@ def _register_losses_compiled() -> None:
     ops = torch.ops.rlhf_fast
     torch.library.register_fake("rlhf_fast::kl_penalty")(_kl_penalty_fake)
     torch.library.register_fake("rlhf_fast::kl_penalty_backward")(_kl_penalty_backward_fake)
-    _register_autograd("kl_penalty", lambda ctx, g: kl_penalty_backward(ops.kl_penalty_backward, ctx, g),
-                       _kl_penalty_setup_context)
+    _register_autograd(
+        "kl_penalty", lambda ctx, g: kl_penalty_backward(ops.kl_penalty_backward, ctx, g), _kl_penalty_setup_context
+    )
     for op in ("ppo_policy_loss", "ppo_value_loss"):
         backward_op = getattr(ops, f"{op}_backward")
         torch.library.register_fake(f"rlhf_fast::{op}")(_ppo_loss_fake)
         torch.library.register_fake(f"rlhf_fast::{op}_backward")(_ppo_loss_backward_fake)
-        _register_autograd(op, lambda ctx, gl, gs, backward_op=backward_op: ppo_loss_backward(backward_op, ctx, gl, gs),
-                           _ppo_loss_setup_context)
+        _register_autograd(
+            op,
+            lambda ctx, gl, gs, backward_op=backward_op: ppo_loss_backward(backward_op, ctx, gl, gs),
+            _ppo_loss_setup_context,
+        )
 
 
 def register_losses_triton_autograd(module) -> None:
     """Called by rlhf_fast.triton.losses once its triton_ops exist."""
-    _register_triton_autograd(module.kl_penalty,
-                              lambda ctx, g: kl_penalty_backward(module.kl_penalty_backward, ctx, g),
-                              _kl_penalty_setup_context)
-    for op, backward_op in ((module.ppo_policy_loss, module.ppo_policy_loss_backward),
-                            (module.ppo_value_loss, module.ppo_value_loss_backward)):
+    _register_triton_autograd(
+        module.kl_penalty,
+        lambda ctx, g: kl_penalty_backward(module.kl_penalty_backward, ctx, g),
+        _kl_penalty_setup_context,
+    )
+    for op, backward_op in (
+        (module.ppo_policy_loss, module.ppo_policy_loss_backward),
+        (module.ppo_value_loss, module.ppo_value_loss_backward),
+    ):
         _register_triton_autograd(
-            op, lambda ctx, gl, gs, backward_op=backward_op: ppo_loss_backward(backward_op, ctx, gl, gs),
-            _ppo_loss_setup_context)
+            op,
+            lambda ctx, gl, gs, backward_op=backward_op: ppo_loss_backward(backward_op, ctx, gl, gs),
+            _ppo_loss_setup_context,
+        )
 
 
 if backend.compiled() is not None:
@@ -302,7 +330,7 @@ def _qmatmul_fake(x, qweight, *args):
 
 def _qmatmul_setup_context(ctx, inputs, output):
     is_int4 = len(inputs) == 6  # (x, qweight, scales, zeros, group_size, bias)
-    ctx.save_for_backward(*inputs[1:4 if is_int4 else 3])
+    ctx.save_for_backward(*inputs[1 : 4 if is_int4 else 3])
     ctx.group_size = inputs[4] if is_int4 else None
     ctx.x_dtype = inputs[0].dtype
     ctx.n_inputs = len(inputs)
@@ -310,6 +338,7 @@ def _qmatmul_setup_context(ctx, inputs, output):
 
 def _qmatmul_backward(ctx, grad):
     from . import reference
+
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
         if ctx.group_size is None:
@@ -345,10 +374,14 @@ if backend.compiled() is not None:
 
 # ---------------------------------------------------------------- sampling
 
+
 def _sample_fake(logits, uniforms, temperature, top_k, top_p, min_p):
     shape = logits.shape[:2]
-    return (logits.new_empty(shape, dtype=torch.long), logits.new_empty(shape, dtype=torch.float32),
-            logits.new_empty(shape, dtype=torch.float32))
+    return (
+        logits.new_empty(shape, dtype=torch.long),
+        logits.new_empty(shape, dtype=torch.float32),
+        logits.new_empty(shape, dtype=torch.float32),
+    )
 
 
 if backend.compiled() is not None:

@@ -1,4 +1,5 @@
 """Argument checks shared by every public op: errors name the argument and say what to do."""
+
 from __future__ import annotations
 
 import math
@@ -17,8 +18,9 @@ def tensor(name: str, x) -> torch.Tensor:
 def floating(name: str, x) -> torch.Tensor:
     tensor(name, x)
     if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {x.dtype}; "
-                        f"convert it with {name}.float()")
+        raise TypeError(
+            f"{name} must be float32, bfloat16, float16 or float64, got {x.dtype}; convert it with {name}.float()"
+        )
     return x
 
 
@@ -31,14 +33,16 @@ def integer(name: str, x) -> torch.Tensor:
 
 def same_shape(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
     if x.shape != ref.shape:
-        raise ValueError(f"{name} has shape {tuple(x.shape)} but {ref_name} has shape {tuple(ref.shape)}; "
-                         f"they must match")
+        raise ValueError(
+            f"{name} has shape {tuple(x.shape)} but {ref_name} has shape {tuple(ref.shape)}; they must match"
+        )
 
 
 def same_device(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
     if x.device != ref.device:
-        raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}; move it with "
-                         f"{name}.to({ref_name}.device)")
+        raise ValueError(
+            f"{name} is on {x.device} but {ref_name} is on {ref.device}; move it with {name}.to({ref_name}.device)"
+        )
 
 
 def bool_mask(name: str, mask, ref_name: str, ref: torch.Tensor) -> torch.Tensor | None:

@@ -4,6 +4,7 @@ Every op takes ``backend=`` (``auto | triton | cuda | cpu | torch``, default ``R
 accepts float32 / bfloat16 / float16 / float64 inputs, computes in float32 (float64 on the torch backend for
 float64 inputs) and returns float32 (float64 for float64 inputs on the torch backend).
 """
+
 from __future__ import annotations
 
 import math
@@ -22,8 +23,16 @@ def _kernels(name: str):
 def _packed_gae(rewards, values, mask, last_value, cu_seqlens, gamma, lam, name):
     ops = _kernels(name)
     lv = None if last_value is None else last_value.float().contiguous()
-    return _backend.call(ops.gae, rewards.contiguous(), values.contiguous(),
-                         None if mask is None else mask.contiguous(), lv, cu_seqlens, float(gamma), float(lam))
+    return _backend.call(
+        ops.gae,
+        rewards.contiguous(),
+        values.contiguous(),
+        None if mask is None else mask.contiguous(),
+        lv,
+        cu_seqlens,
+        float(gamma),
+        float(lam),
+    )
 
 
 def _check_discount(gamma, lam):
@@ -32,9 +41,16 @@ def _check_discount(gamma, lam):
             raise ValueError(f"{label} must be a finite float, got {value!r}")
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None = None, *, gamma: float = 1.0,
-        lam: float = 0.95, last_value: torch.Tensor | None = None,
-        backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    last_value: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over the last dim, with skip-masking.
 
     Parameters
@@ -91,25 +107,46 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None =
         check.floating("last_value", last_value)
         check.same_device("last_value", last_value, "rewards", rewards)
         if last_value.shape != lead:
-            raise ValueError(f"last_value must have shape {tuple(lead)} (one value per row), "
-                             f"got {tuple(last_value.shape)}")
+            raise ValueError(
+                f"last_value must have shape {tuple(lead)} (one value per row), got {tuple(last_value.shape)}"
+            )
     name = _backend.select("gae", backend, rewards.device)
     rows, steps = math.prod(lead), rewards.shape[-1]
     if name == "torch":
-        adv, ret = reference.gae(rewards.reshape(rows, steps), values.reshape(rows, steps),
-                                 None if mask is None else mask.reshape(rows, steps), gamma=gamma, lam=lam,
-                                 last_value=None if last_value is None else last_value.reshape(rows))
+        adv, ret = reference.gae(
+            rewards.reshape(rows, steps),
+            values.reshape(rows, steps),
+            None if mask is None else mask.reshape(rows, steps),
+            gamma=gamma,
+            lam=lam,
+            last_value=None if last_value is None else last_value.reshape(rows),
+        )
         return adv.reshape(rewards.shape), ret.reshape(rewards.shape)
     cu_seqlens = torch.arange(rows + 1, device=rewards.device, dtype=torch.long) * steps
-    adv, ret = _packed_gae(rewards.reshape(-1), values.reshape(-1), None if mask is None else mask.reshape(-1),
-                           None if last_value is None else last_value.reshape(-1), cu_seqlens, gamma, lam, name)
+    adv, ret = _packed_gae(
+        rewards.reshape(-1),
+        values.reshape(-1),
+        None if mask is None else mask.reshape(-1),
+        None if last_value is None else last_value.reshape(-1),
+        cu_seqlens,
+        gamma,
+        lam,
+        name,
+    )
     return adv.view(rewards.shape), ret.view(rewards.shape)
 
 
-def gae_packed(rewards: torch.Tensor, values: torch.Tensor, cu_seqlens: torch.Tensor,
-               mask: torch.Tensor | None = None, *, gamma: float = 1.0, lam: float = 0.95,
-               last_value: torch.Tensor | None = None,
-               backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def gae_packed(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    last_value: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`gae` over 1-D packed sequences (the flash-attention varlen layout).
 
     Parameters
@@ -167,15 +204,19 @@ def gae_packed(rewards: torch.Tensor, values: torch.Tensor, cu_seqlens: torch.Te
     cu_seqlens = cu_seqlens.long().contiguous()
     host = cu_seqlens.cpu()
     if host[0] != 0 or host[-1] != rewards.numel() or bool((host[1:] < host[:-1]).any()):
-        raise ValueError(f"cu_seqlens must start at 0, end at the number of tokens ({rewards.numel()}) and never "
-                         f"decrease; got {host.tolist()[:8]}{'...' if host.numel() > 8 else ''}")
+        raise ValueError(
+            f"cu_seqlens must start at 0, end at the number of tokens ({rewards.numel()}) and never "
+            f"decrease; got {host.tolist()[:8]}{'...' if host.numel() > 8 else ''}"
+        )
     mask = check.bool_mask("mask", mask, "rewards", rewards)
     if last_value is not None:
         check.floating("last_value", last_value)
         check.same_device("last_value", last_value, "rewards", rewards)
         if last_value.shape != (cu_seqlens.numel() - 1,):
-            raise ValueError(f"last_value must have shape ({cu_seqlens.numel() - 1},), one per sequence, "
-                             f"got {tuple(last_value.shape)}")
+            raise ValueError(
+                f"last_value must have shape ({cu_seqlens.numel() - 1},), one per sequence, "
+                f"got {tuple(last_value.shape)}"
+            )
     name = _backend.select("gae_packed", backend, rewards.device)
     if name == "torch":
         return reference.gae_packed(rewards, values, cu_seqlens, mask, gamma=gamma, lam=lam, last_value=last_value)
@@ -186,8 +227,10 @@ def _group_scores(scores, group_size):
     check.floating("scores", scores)
     check.positive_int("group_size", group_size)
     if scores.numel() % group_size:
-        raise ValueError(f"group_size={group_size} does not divide the {scores.numel()} scores; pass scores of "
-                         f"n_prompts * group_size samples, grouped contiguously")
+        raise ValueError(
+            f"group_size={group_size} does not divide the {scores.numel()} scores; pass scores of "
+            f"n_prompts * group_size samples, grouped contiguously"
+        )
 
 
 def _group_advantages(scores, group_size, norm_std, leave_one_out, eps, backend, op):
@@ -204,8 +247,9 @@ def _group_advantages(scores, group_size, norm_std, leave_one_out, eps, backend,
     return out.view(scores.shape)
 
 
-def grpo_advantages(scores: torch.Tensor, group_size: int, *, norm_std: bool = True, eps: float = 1e-6,
-                    backend: str | None = None) -> torch.Tensor:
+def grpo_advantages(
+    scores: torch.Tensor, group_size: int, *, norm_std: bool = True, eps: float = 1e-6, backend: str | None = None
+) -> torch.Tensor:
     """GRPO group advantages: ``(score - group mean) / (unbiased group std + eps)``.
 
     Parameters
@@ -315,8 +359,14 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor | None = None, *, backend: s
     return (moments[1] / moments[0].clamp(min=1)).float()
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor | None = None, *, shift_mean: bool = True,
-                  eps: float = 1e-8, backend: str | None = None) -> torch.Tensor:
+def masked_whiten(
+    x: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    backend: str | None = None,
+) -> torch.Tensor:
     """``(x - mean) * rsqrt(var + eps)`` with the masked mean and the unbiased masked variance.
 
     Parameters

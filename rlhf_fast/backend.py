@@ -7,6 +7,7 @@ Backends: ``triton``, ``cuda`` (CUDA C++), ``cpu`` (C++/OpenMP), ``torch`` (eage
 to the C++ kernels, or to ``torch`` when the compiled library is missing (a warning says so once). A backend
 asked for by name that cannot run raises ``BackendUnavailable`` with the reason; it never falls back silently.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -98,8 +99,10 @@ def why_not(backend: str, device: torch.device) -> str | None:
             return None
         if device.type == "cpu" and triton_interpret():
             return None
-        return (f"triton needs CUDA tensors (these are on {device}); on the CPU set TRITON_INTERPRET=1 "
-                f"before the first call to run the Triton interpreter")
+        return (
+            f"triton needs CUDA tensors (these are on {device}); on the CPU set TRITON_INTERPRET=1 "
+            f"before the first call to run the Triton interpreter"
+        )
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
@@ -120,14 +123,18 @@ def register_eager_autograd(op, backward, setup_context) -> None:
     torch.library.register_autograd) when `call` needs its gradient outside torch.compile. The autograd kernel
     that register_autograd installs does the same work through the dispatcher and its Python argument
     handling, and costs more per call than a small kernel (~20 us for a forward and backward at 256 tokens)."""
+
     def forward(ctx, *args):
         with torch._C._AutoDispatchBelowAutograd():
             out = op(*args)
         setup_context(ctx, args, out)
         return out
 
-    _eager_autograd[op] = type(f"Eager_{getattr(op, '__name__', 'op')}", (torch.autograd.Function,),
-                               {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+    _eager_autograd[op] = type(
+        f"Eager_{getattr(op, '__name__', 'op')}",
+        (torch.autograd.Function,),
+        {"forward": staticmethod(forward), "backward": staticmethod(backward)},
+    )
 
 
 def _needs_grad(args) -> bool:
@@ -202,8 +209,11 @@ def _select(op: str, name: str, device: torch.device) -> str:
         reason = why_not(candidate, device)
         if reason is None:
             if candidate != order[0]:
-                _warn_once(f"{op}:{device.type}", f"rlhf_fast: {op} on {device.type} runs on the {candidate} "
-                           f"backend because {order[0]} is unavailable: {why_not(order[0], device)}")
+                _warn_once(
+                    f"{op}:{device.type}",
+                    f"rlhf_fast: {op} on {device.type} runs on the {candidate} "
+                    f"backend because {order[0]} is unavailable: {why_not(order[0], device)}",
+                )
             return candidate
     raise BackendUnavailable(f"{op}: no backend can run tensors on {device}")
 
@@ -218,8 +228,9 @@ def status() -> dict[str, str | None]:
         else:
             out["cuda"] = "no CUDA device visible, and " + (compiled_error() or "rlhf_fast._C has no CUDA kernels")
         triton_reason = _triton_importable()
-        out["triton"] = triton_reason or (None if triton_interpret() else
-                                          "no CUDA device visible (TRITON_INTERPRET=1 runs it on the CPU, slowly)")
+        out["triton"] = triton_reason or (
+            None if triton_interpret() else "no CUDA device visible (TRITON_INTERPRET=1 runs it on the CPU, slowly)"
+        )
     else:
         out["cuda"] = why_not("cuda", gpu)
         out["triton"] = why_not("triton", gpu)

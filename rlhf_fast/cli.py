@@ -1,4 +1,5 @@
 """Command line: `rlhf-fast info | bench | train`."""
+
 from __future__ import annotations
 
 import argparse
@@ -19,10 +20,13 @@ def _benchmarks_package():
         pass
     folder = Path(__file__).resolve().parent.parent / "benchmarks"
     if not (folder / "__init__.py").exists():
-        sys.exit("rlhf-fast bench: the benchmarks package is not installed and no benchmarks/ folder is beside "
-                 "the rlhf_fast sources; reinstall with `pip install --no-build-isolation -e .`")
-    spec = importlib.util.spec_from_file_location("rlhf_fast.benchmarks", folder / "__init__.py",
-                                                  submodule_search_locations=[str(folder)])
+        sys.exit(
+            "rlhf-fast bench: the benchmarks package is not installed and no benchmarks/ folder is beside "
+            "the rlhf_fast sources; reinstall with `pip install --no-build-isolation -e .`"
+        )
+    spec = importlib.util.spec_from_file_location(
+        "rlhf_fast.benchmarks", folder / "__init__.py", submodule_search_locations=[str(folder)]
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules["rlhf_fast.benchmarks"] = module
     spec.loader.exec_module(module)
@@ -31,23 +35,28 @@ def _benchmarks_package():
 
 def bench_families() -> list[str]:
     package = _benchmarks_package()
-    return sorted(path.stem[len("bench_"):] for folder in package.__path__ for path in Path(folder).glob("bench_*.py"))
+    return sorted(path.stem[len("bench_") :] for folder in package.__path__ for path in Path(folder).glob("bench_*.py"))
 
 
 def cmd_info(args) -> int:
     import rlhf_fast
     from rlhf_fast import backend
 
-    print(f"rlhf_fast {rlhf_fast.__version__}  python {platform.python_version()}  torch {torch.__version__}"
-          f"  (CUDA build: {torch.version.cuda or 'no'})")
+    print(
+        f"rlhf_fast {rlhf_fast.__version__}  python {platform.python_version()}  torch {torch.__version__}"
+        f"  (CUDA build: {torch.version.cuda or 'no'})"
+    )
     try:
         import triton
+
         print(f"triton {triton.__version__}")
     except ImportError:
         print("triton: not installed")
     lib = backend.compiled()
-    print(f"compiled library: {'loaded' if lib else backend.compiled_error()}"
-          + (f" (CUDA kernels {'compiled in' if backend.cuda_compiled() else 'not compiled in'})" if lib else ""))
+    print(
+        f"compiled library: {'loaded' if lib else backend.compiled_error()}"
+        + (f" (CUDA kernels {'compiled in' if backend.cuda_compiled() else 'not compiled in'})" if lib else "")
+    )
     if torch.cuda.is_available():
         print(f"GPU: {torch.cuda.get_device_name()} (capability {torch.cuda.get_device_capability()})")
     else:
@@ -94,6 +103,7 @@ def cmd_bench(args) -> int:
 
 def cmd_train(args) -> int:
     from .ppo.__main__ import run
+
     return run(args)
 
 
@@ -110,8 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-save", action="store_true", help="print the table only")
     bench.set_defaults(func=cmd_bench)
     from .ppo.__main__ import build_parser as train_arguments
-    train = sub.add_parser("train", help="PPO over Hugging Face models with the fused ops; no flags: the embedded "
-                                         "digit-sorting task (CPU, a few minutes)")
+
+    train = sub.add_parser(
+        "train",
+        help="PPO over Hugging Face models with the fused ops; no flags: the embedded "
+        "digit-sorting task (CPU, a few minutes)",
+    )
     train_arguments(train)
     train.set_defaults(func=cmd_train)
     return parser

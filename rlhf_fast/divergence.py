@@ -6,6 +6,7 @@ Kinds (P = softmax(logits_p / T), Q = softmax(logits_q / T), sums over the vocab
 kl = sum P log(P/Q); reverse_kl = sum Q log(Q/P); js = KL(P||M)/2 + KL(Q||M)/2, M = (P+Q)/2; tv = sum |P-Q| / 2;
 hellinger = 1 - sum sqrt(PQ); chi2 = sum (P-Q)^2 / Q; alpha = (sum P^a Q^(1-a) - 1) / (a(a-1)), a = alpha not in {0, 1}.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,8 +33,10 @@ def _check_kind(kind, alpha):
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
             raise ValueError(f"alpha must be a finite float for kind='alpha', got {alpha!r}")
         if alpha in (0, 1):
-            raise ValueError(f"alpha must not be 0 or 1 (the alpha-divergence is undefined there; use kind='kl' or "
-                             f"'reverse_kl' for those limits), got {alpha!r}")
+            raise ValueError(
+                f"alpha must not be 0 or 1 (the alpha-divergence is undefined there; use kind='kl' or "
+                f"'reverse_kl' for those limits), got {alpha!r}"
+            )
     elif alpha is not None:
         raise ValueError(f"alpha is only used by kind='alpha'; got alpha={alpha!r} with kind={kind!r}")
 
@@ -55,9 +58,16 @@ def _rows(x: torch.Tensor, vocab: int) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def f_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor, kind: str, *, alpha: float | None = None,
-                 temperature: float = 1.0, mask: torch.Tensor | None = None,
-                 backend: str | None = None) -> torch.Tensor:
+def f_divergence(
+    logits_p: torch.Tensor,
+    logits_q: torch.Tensor,
+    kind: str,
+    *,
+    alpha: float | None = None,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
     """Per-position f-divergence between ``P = softmax(logits_p / T)`` and ``Q = softmax(logits_q / T)``.
 
     Parameters
@@ -118,8 +128,15 @@ def f_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor, kind: str, *, a
     if name == "torch":
         return reference.f_divergence(logits_p, logits_q, kind, alpha=alpha, temperature=temperature, mask=mask)
     flat_mask = None if mask is None else mask.reshape(-1).contiguous()
-    out, _ = _backend.call(_kernels(name).f_divergence, _rows(logits_p, vocab), _rows(logits_q, vocab), flat_mask,
-                           kind, float(alpha) if alpha is not None else 0.0, float(temperature))
+    out, _ = _backend.call(
+        _kernels(name).f_divergence,
+        _rows(logits_p, vocab),
+        _rows(logits_q, vocab),
+        flat_mask,
+        kind,
+        float(alpha) if alpha is not None else 0.0,
+        float(temperature),
+    )
     return out.view(lead)
 
 
@@ -150,6 +167,7 @@ class _Head(NamedTuple):
     """One side's lm head and the logits the divergence kernels see for it, with y = hidden @ weight.T + bias:
     gain * y without a soft cap, factor * cap * tanh(scale * y / cap) with one (factor = kernel T / T, and
     gain = scale * factor: the logit scale and the temperature folded into one multiplier)."""
+
     hidden: torch.Tensor
     weight: torch.Tensor
     bias: torch.Tensor | None
@@ -193,7 +211,7 @@ class _Head(NamedTuple):
 def _buffers(count, tokens, chunk, dtype, device):
     """`count` flat buffers for (tokens x chunk) blocks, and a function viewing one as (tokens, n) for n <= chunk."""
     flat = [torch.empty(tokens * chunk, dtype=dtype, device=device) for _ in range(count)]
-    return flat, lambda buffer, n: buffer[:tokens * n].view(tokens, n)
+    return flat, lambda buffer, n: buffer[: tokens * n].view(tokens, n)
 
 
 class _LinearFDivergence(torch.autograd.Function):
@@ -202,8 +220,23 @@ class _LinearFDivergence(torch.autograd.Function):
     reuses one buffer per side (and per needed gradient) across its chunks."""
 
     @staticmethod
-    def forward(ctx, hidden_p, weight_p, bias_p, hidden_q, weight_q, bias_q, mask, kind, alpha, temperature, name,
-                chunks, transforms, dtype):
+    def forward(
+        ctx,
+        hidden_p,
+        weight_p,
+        bias_p,
+        hidden_q,
+        weight_q,
+        bias_q,
+        mask,
+        kind,
+        alpha,
+        temperature,
+        name,
+        chunks,
+        transforms,
+        dtype,
+    ):
         ops = _backend.kernels(name, "divergence")
         heads = (_Head(hidden_p, weight_p, bias_p, *transforms[0]), _Head(hidden_q, weight_q, bias_q, *transforms[1]))
         tokens, width = hidden_p.shape[0], chunks[0][1] - chunks[0][0]
@@ -241,8 +274,11 @@ class _LinearFDivergence(torch.autograd.Function):
             statistic = sums[:, 0] if kind == "js" else sums[:, 1]
         else:
             e, scale = _power_params(kind, alpha)
-            terms = (e * (lse_p_c - row_lse_p[:, None]) + (1 - e) * (lse_q_c - row_lse_q[:, None])
-                     + torch.log(torch.stack(aux, -1)))
+            terms = (
+                e * (lse_p_c - row_lse_p[:, None])
+                + (1 - e) * (lse_q_c - row_lse_q[:, None])
+                + torch.log(torch.stack(aux, -1))
+            )
             absent = (w == 0) & (v == 0)  # a chunk where both logits are -inf throughout
             log_s = torch.logsumexp(torch.where(absent, torch.full_like(terms, -math.inf), terms), -1)
             value = scale * torch.expm1(log_s)
@@ -277,8 +313,9 @@ class _LinearFDivergence(torch.autograd.Function):
         buffers, view = _buffers(2, tokens, width, dtype, hidden_p.device)
         for start, end in chunks:
             logits = [head.logits(start, end, view(buffer, end - start)) for head, buffer in zip(heads, buffers)]
-            chunk_grads = ops.f_divergence_backward(grad_out, *logits, mask, value, stats, kind, alpha, temperature,
-                                                    *need_side)
+            chunk_grads = ops.f_divergence_backward(
+                grad_out, *logits, mask, value, stats, kind, alpha, temperature, *need_side
+            )
             for side, head in enumerate(heads):
                 if not need_side[side]:
                     continue
@@ -327,25 +364,39 @@ def _check_head(name, hidden, weight, bias):
     check.floating(f"hidden_{name}", hidden)
     check.floating(f"weight_{name}", weight)
     if weight.dim() != 2 or hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"hidden_{name} must be (..., H) and weight_{name} (V, H); got {tuple(hidden.shape)} and "
-                         f"{tuple(weight.shape)}")
+        raise ValueError(
+            f"hidden_{name} must be (..., H) and weight_{name} (V, H); got {tuple(hidden.shape)} and "
+            f"{tuple(weight.shape)}"
+        )
     check.same_device(f"weight_{name}", weight, f"hidden_{name}", hidden)
     dtypes = {hidden.dtype, weight.dtype} | ({bias.dtype} if bias is not None else set())
     if len(dtypes) != 1:
-        raise TypeError(f"hidden_{name}, weight_{name} and bias_{name} must share one dtype, got "
-                        f"{sorted(str(d) for d in dtypes)}; cast them with .to(hidden_{name}.dtype)")
+        raise TypeError(
+            f"hidden_{name}, weight_{name} and bias_{name} must share one dtype, got "
+            f"{sorted(str(d) for d in dtypes)}; cast them with .to(hidden_{name}.dtype)"
+        )
     if bias is not None:
         check.same_device(f"bias_{name}", bias, f"hidden_{name}", hidden)
         if bias.shape != weight.shape[:1]:
             raise ValueError(f"bias_{name} must be (V,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
 
 
-def linear_f_divergence(hidden_p: torch.Tensor, weight_p: torch.Tensor, hidden_q: torch.Tensor,
-                        weight_q: torch.Tensor, kind: str, *, bias_p: torch.Tensor | None = None,
-                        bias_q: torch.Tensor | None = None, alpha: float | None = None, temperature: float = 1.0,
-                        logit_scale: float | tuple[float, float] = 1.0,
-                        softcap: float | None | tuple[float | None, float | None] = None,
-                        mask: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
+def linear_f_divergence(
+    hidden_p: torch.Tensor,
+    weight_p: torch.Tensor,
+    hidden_q: torch.Tensor,
+    weight_q: torch.Tensor,
+    kind: str,
+    *,
+    bias_p: torch.Tensor | None = None,
+    bias_q: torch.Tensor | None = None,
+    alpha: float | None = None,
+    temperature: float = 1.0,
+    logit_scale: float | tuple[float, float] = 1.0,
+    softcap: float | None | tuple[float | None, float | None] = None,
+    mask: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
     """`f_divergence` between the lm-head logits of two models, never holding either model's full logits.
 
     Parameters
@@ -420,11 +471,15 @@ def linear_f_divergence(hidden_p: torch.Tensor, weight_p: torch.Tensor, hidden_q
     _check_head("q", hidden_q, weight_q, bias_q)
     check.same_device("hidden_q", hidden_q, "hidden_p", hidden_p)
     if hidden_p.shape[:-1] != hidden_q.shape[:-1]:
-        raise ValueError(f"hidden_p and hidden_q must have the same leading shape, got {tuple(hidden_p.shape)} and "
-                         f"{tuple(hidden_q.shape)}")
+        raise ValueError(
+            f"hidden_p and hidden_q must have the same leading shape, got {tuple(hidden_p.shape)} and "
+            f"{tuple(hidden_q.shape)}"
+        )
     if weight_p.shape[0] != weight_q.shape[0] or weight_p.shape[0] == 0:
-        raise ValueError(f"weight_p and weight_q must have the same vocab size V >= 1, got {weight_p.shape[0]} and "
-                         f"{weight_q.shape[0]}")
+        raise ValueError(
+            f"weight_p and weight_q must have the same vocab size V >= 1, got {weight_p.shape[0]} and "
+            f"{weight_q.shape[0]}"
+        )
     lead = hidden_p.shape[:-1]
     mask = _check_mask(mask, lead, "hidden_p", hidden_p, "without its last dim")
     mask = None if mask is None else mask.reshape(-1).contiguous()
@@ -432,9 +487,13 @@ def linear_f_divergence(hidden_p: torch.Tensor, weight_p: torch.Tensor, hidden_q
     flat_p = hidden_p.reshape(-1, hidden_p.shape[-1])
     flat_q = hidden_q.reshape(-1, hidden_q.shape[-1])
     if name == "torch":
-        logits = [reference.head_logits(h, w, b, logit_scale=s, softcap=c) for h, w, b, s, c in
-                  ((flat_p, weight_p, bias_p, logit_scale[0], softcap[0]), (flat_q, weight_q, bias_q, logit_scale[1],
-                                                                            softcap[1]))]
+        logits = [
+            reference.head_logits(h, w, b, logit_scale=s, softcap=c)
+            for h, w, b, s, c in (
+                (flat_p, weight_p, bias_p, logit_scale[0], softcap[0]),
+                (flat_q, weight_q, bias_q, logit_scale[1], softcap[1]),
+            )
+        ]
         out = reference.f_divergence(*logits, kind, alpha=alpha, temperature=temperature, mask=mask)
         return out.view(lead)
     # the kernels take both sides' logits in one dtype: the wider one, float32 where a soft cap is applied
@@ -443,6 +502,7 @@ def linear_f_divergence(hidden_p: torch.Tensor, weight_p: torch.Tensor, hidden_q
         dtype = torch.promote_types(dtype, torch.float32)
     chunks = _vocab_chunks(flat_p.shape[0], weight_p.shape[0], dtype.itemsize, LINEAR_BUFFER_BYTES)
     kernel_t, transforms = _transforms(logit_scale, softcap, temperature)
-    out = _LinearFDivergence.apply(flat_p, weight_p, bias_p, flat_q, weight_q, bias_q, mask, kind, alpha,
-                                   kernel_t, name, chunks, transforms, dtype)
+    out = _LinearFDivergence.apply(
+        flat_p, weight_p, bias_p, flat_q, weight_q, bias_q, mask, kind, alpha, kernel_t, name, chunks, transforms, dtype
+    )
     return out.view(lead)

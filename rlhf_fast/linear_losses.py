@@ -9,6 +9,7 @@ as soon as they are (the aggregation weights come from the mask up front), the b
 gradient on the spot and used for grad_hidden and grad_weight. Three lm-head-sized matmuls per update, as eager
 (logits, grad_hidden, grad_weight); the backward only scales the gradients the forward left.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,7 +40,8 @@ def agg_weights(mask, shape, mode, dtype, device, normalizer=None, horizon=None)
     counts = m.sum(-1, keepdim=True)
     if normalizer is None:
         normalizer = {"token-mean": counts.sum().clamp(min=1), "token-sum": 1}.get(
-            mode, (counts > 0).sum().clamp(min=1))
+            mode, (counts > 0).sum().clamp(min=1)
+        )
     if mode == "seq-mean-token-mean":
         m = m / counts.clamp(min=1)
     if mode == "seq-mean-token-sum-norm":
@@ -86,8 +88,16 @@ def _token_terms(logp, entropy, chunk, opts):
         grad_logp = grad_logp + opts["kl_coef"] * _kl_grad(logp, ref, opts["kl_kind"])
     else:
         kl = torch.zeros_like(pg)
-    sums = torch.stack([pg * weight, entropy * weight, kl * weight, clipped.to(pg.dtype) * mean_weight,
-                        -log_ratio * mean_weight, ratio * mean_weight]).sum(-1)
+    sums = torch.stack(
+        [
+            pg * weight,
+            entropy * weight,
+            kl * weight,
+            clipped.to(pg.dtype) * mean_weight,
+            -log_ratio * mean_weight,
+            ratio * mean_weight,
+        ]
+    ).sum(-1)
     grad_entropy = None if opts["entropy_coef"] == 0 else -opts["entropy_coef"] * weight
     return sums, grad_logp * weight, grad_entropy
 
@@ -104,8 +114,16 @@ class _KernelRows:
 
     def backward_(self, grad_logp, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index):
         rows = lambda t: None if t is None else t.to(torch.float32).contiguous()[None]  # noqa: E731
-        self.ops.logprobs_backward_(rows(grad_logp), rows(grad_entropy), logits[None], labels[None], lse[None],
-                                    entropy[None], temperature, ignore_index)
+        self.ops.logprobs_backward_(
+            rows(grad_logp),
+            rows(grad_entropy),
+            logits[None],
+            labels[None],
+            lse[None],
+            entropy[None],
+            temperature,
+            ignore_index,
+        )
 
 
 class _TorchRows:
@@ -165,7 +183,8 @@ def _fused_pass(hidden, weight, bias, labels, per_token, opts, rows, needs):
         logits = torch.nn.functional.linear(chunk_hidden, weight, bias)
         logp, entropy, lse = rows.forward(logits, chunk_labels, temperature, ignore_index)
         chunk_sums, grad_logp, grad_entropy = _token_terms(
-            logp, entropy, [None if t is None else t[start:end] for t in per_token], opts)
+            logp, entropy, [None if t is None else t[start:end] for t in per_token], opts
+        )
         sums = chunk_sums if sums is None else sums + chunk_sums
         if any(needs):
             grad_logp = grad_logp.masked_fill(chunk_labels == ignore_index, 0)
@@ -218,14 +237,30 @@ def _finite(label, value) -> float:
     return float(value)
 
 
-def linear_ppo_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, old_logp: torch.Tensor,
-                           advantages: torch.Tensor, mask: torch.Tensor | None = None, *,
-                           bias: torch.Tensor | None = None, temperature: float = 1.0, clip_low: float = 0.2,
-                           clip_high: float = 0.2, dual_clip: float | None = None, agg: str = "token-mean",
-                           normalizer: float | None = None, horizon: float | None = None,
-                           entropy_coef: float = 0.0, ref_logp: torch.Tensor | None = None, kl_coef: float = 0.0,
-                           kl_kind: str = "k3", ignore_index: int = -100, check_labels: bool | None = None,
-                           backend: str | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def linear_ppo_policy_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip: float | None = None,
+    agg: str = "token-mean",
+    normalizer: float | None = None,
+    horizon: float | None = None,
+    entropy_coef: float = 0.0,
+    ref_logp: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_kind: str = "k3",
+    ignore_index: int = -100,
+    check_labels: bool | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """`ppo_policy_loss` of the log-probs of the lm-head logits ``hidden @ weight.T + bias``, fused with the head.
 
     Parameters
@@ -321,8 +356,9 @@ def linear_ppo_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: t
     tensors = (old_logp, advantages) + (() if ref_logp is None else (ref_logp,))
     tensors, mask = _losses._loss_inputs(names, tensors, mask)
     if tensors[0].shape != lead:
-        raise ValueError(f"old_logp has shape {tuple(tensors[0].shape)} but hidden.shape[:-1] is {tuple(lead)}; "
-                         f"they must match")
+        raise ValueError(
+            f"old_logp has shape {tuple(tensors[0].shape)} but hidden.shape[:-1] is {tuple(lead)}; they must match"
+        )
     check.same_device("old_logp", tensors[0], "hidden", hidden)
     check.positive_float("temperature", temperature)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
@@ -332,11 +368,16 @@ def linear_ppo_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: t
     agg = _losses._check_mode("agg", agg)
     normalizer = _losses._check_divisor("normalizer", normalizer)
     horizon = _losses._check_divisor("horizon", horizon)
-    opts = {"temperature": float(temperature), "ignore_index": ignore_index,
-            "clip_low": _losses._check_clip("clip_low", clip_low),
-            "clip_high": _losses._check_clip("clip_high", clip_high),
-            "dual_clip": _losses._check_dual_clip(dual_clip), "kl_kind": _losses._check_kind(kl_kind),
-            "entropy_coef": _finite("entropy_coef", entropy_coef), "kl_coef": _finite("kl_coef", kl_coef)}
+    opts = {
+        "temperature": float(temperature),
+        "ignore_index": ignore_index,
+        "clip_low": _losses._check_clip("clip_low", clip_low),
+        "clip_high": _losses._check_clip("clip_high", clip_high),
+        "dual_clip": _losses._check_dual_clip(dual_clip),
+        "kl_kind": _losses._check_kind(kl_kind),
+        "entropy_coef": _finite("entropy_coef", entropy_coef),
+        "kl_coef": _finite("kl_coef", kl_coef),
+    }
     if opts["kl_coef"] != 0 and ref_logp is None:
         raise ValueError("kl_coef != 0 needs ref_logp (the reference model's log-probs of the labels)")
 

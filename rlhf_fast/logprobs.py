@@ -8,6 +8,7 @@ from the lm_head input, never holding the full (N, V) logits.
 
 Every op takes ``backend=`` (``auto | triton | cuda | cpu | torch``; see rlhf_fast.backend).
 """
+
 from __future__ import annotations
 
 import math
@@ -60,8 +61,9 @@ def _check_labels(labels, lead, device, lead_name, check_labels):
     if labels.shape != lead:
         raise ValueError(f"labels has shape {tuple(labels.shape)} but {lead_name} needs {tuple(lead)}")
     if labels.device != device:
-        raise ValueError(f"labels is on {labels.device} but the logits are on {device}; move it with "
-                         f"labels.to({device!r})")
+        raise ValueError(
+            f"labels is on {labels.device} but the logits are on {device}; move it with labels.to({device!r})"
+        )
 
 
 def _check_label_range(labels, vocab, ignore_index, check_labels):
@@ -74,16 +76,22 @@ def _check_label_range(labels, vocab, ignore_index, check_labels):
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
     if bool(bad.any()):
         first = int(bad.reshape(-1).nonzero()[0])
-        raise ValueError(f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; "
-                         f"labels.reshape(-1)[{first}] = {int(labels.reshape(-1)[first])}")
+        raise ValueError(
+            f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; "
+            f"labels.reshape(-1)[{first}] = {int(labels.reshape(-1)[first])}"
+        )
 
 
 def _check_label_range_of(logp, labels, vocab, ignore_index, check_labels):
     """_check_label_range after the log-probs are computed: every backend gives a label out of range a NaN
     log-prob, and log-probs are otherwise <= 0 or NaN (from a NaN logit), so the labels are read only when the
     log-probs sum to NaN; the common case costs one reduction instead of the range check's five ops."""
-    if (torch.compiler.is_compiling() or labels.numel() == 0 or not _range_check_wanted(check_labels, logp.device)
-            or not math.isnan(logp.detach().sum().item())):
+    if (
+        torch.compiler.is_compiling()
+        or labels.numel() == 0
+        or not _range_check_wanted(check_labels, logp.device)
+        or not math.isnan(logp.detach().sum().item())
+    ):
         return
     _check_label_range(labels, vocab, ignore_index, check_labels)
 
@@ -129,9 +137,16 @@ class _InplaceBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy, _grad_lse):
         logits, labels, lse, entropy = ctx.saved_tensors
-        _kernels(ctx.name).logprobs_backward_(_per_row(grad_logp) if labels is not None else None,
-                                              _per_row(grad_entropy), logits, labels, lse, entropy, ctx.temperature,
-                                              ctx.ignore_index)
+        _kernels(ctx.name).logprobs_backward_(
+            _per_row(grad_logp) if labels is not None else None,
+            _per_row(grad_entropy),
+            logits,
+            labels,
+            lse,
+            entropy,
+            ctx.temperature,
+            ctx.ignore_index,
+        )
         return logits, None, None, None, None
 
 
@@ -143,14 +158,23 @@ def _forward(logits, labels, temperature, ignore_index, inplace_backward, name):
     if inplace_backward and rows.requires_grad and torch.is_grad_enabled():
         logp, entropy, _ = _InplaceBackward.apply(rows, row_labels, float(temperature), ignore_index, name)
     else:
-        logp, entropy, _ = _backend.call(_kernels(name).logprobs_forward, rows, row_labels, float(temperature),
-                                         ignore_index)
+        logp, entropy, _ = _backend.call(
+            _kernels(name).logprobs_forward, rows, row_labels, float(temperature), ignore_index
+        )
     return (None if labels is None else logp.view(lead)), entropy.view(lead)
 
 
-def logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0, ignore_index: int = -100,
-             return_entropy: bool = False, inplace_backward: bool = False, check_labels: bool | None = None,
-             backend: str | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+def logprobs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    inplace_backward: bool = False,
+    check_labels: bool | None = None,
+    backend: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``log softmax(logits / temperature)`` at `labels`, and optionally the entropy of that softmax.
 
     Parameters
@@ -217,8 +241,9 @@ def logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float =
     _check_labels(labels, logits.shape[:-1], logits.device, "logits.shape[:-1]", check_labels)
     name = _backend.select("logprobs", backend, logits.device)
     if name == "torch":
-        out = reference.logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index,
-                                 return_entropy=return_entropy)
+        out = reference.logprobs(
+            logits, labels, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy
+        )
         out = tuple(t.float() for t in out) if return_entropy else out.float()
     else:
         logp, entropy = _forward(logits, labels, temperature, ignore_index, inplace_backward, name)
@@ -304,16 +329,22 @@ def _row_temperature(temperature, logit_scale, softcap):
     return temperature if softcap is not None else temperature / logit_scale
 
 
-def _chunked_linear_forward(hidden, weight, bias, labels, temperature, ignore_index, chunks, ops, logit_scale=1.0,
-                            softcap=None):
+def _chunked_linear_forward(
+    hidden, weight, bias, labels, temperature, ignore_index, chunks, ops, logit_scale=1.0, softcap=None
+):
     """(logp, entropy, lse) (tokens,) fp32 from one vocab chunk of logits at a time, merged exactly: lse over the
     chunks' lse, entropy = lse - sum_c e^(lse_c - lse) E_c[z] with E_c[z] = lse_c - H_c."""
     if len(chunks) == 1:  # the whole vocab at once: the kernel's own results, nothing to merge
         logits = _slice_logits(hidden, weight, bias, 0, weight.shape[0])
         if softcap is not None:
             logits = _cap_tanh(logits, logit_scale, softcap).mul_(softcap)
-        logp, entropy, lse = _backend.call(ops.logprobs_forward, logits[None], labels.contiguous()[None],
-                                           _row_temperature(temperature, logit_scale, softcap), ignore_index)
+        logp, entropy, lse = _backend.call(
+            ops.logprobs_forward,
+            logits[None],
+            labels.contiguous()[None],
+            _row_temperature(temperature, logit_scale, softcap),
+            ignore_index,
+        )
         return logp[0], entropy[0], lse[0]
     chunk_lse, chunk_mean = [], []
     label_logit = torch.full((hidden.shape[0],), float("nan"), dtype=torch.float32, device=hidden.device)
@@ -370,9 +401,11 @@ def head_transform(config: object) -> dict:
     for name in _UNREAD_HEAD_SCALES:
         value = getattr(text, name, None)
         if value is not None and value != 1:
-            raise ValueError(f"{type(text).__name__} sets {name}={value}, a rescaling of the logits that "
-                             f"head_transform does not read; compute the log-probs from the model's own logits "
-                             f"(PPO loop: --no-fused-head)")
+            raise ValueError(
+                f"{type(text).__name__} sets {name}={value}, a rescaling of the logits that "
+                f"head_transform does not read; compute the log-probs from the model's own logits "
+                f"(PPO loop: --no-fused-head)"
+            )
     scale = getattr(text, "logit_scale", None)
     cap = getattr(text, "final_logit_softcapping", None)
     return {"logit_scale": 1.0 if scale is None else float(scale), "softcap": None if cap is None else float(cap)}
@@ -388,11 +421,28 @@ class _LinearLogprobs(torch.autograd.Function):
         if name == "triton" and hidden.dtype != torch.float64:
             # Tiled matmul with the transform and log-sum-exp / entropy epilogue: the logits never reach memory.
             logp, entropy, lse = _kernels(name).linear_logprobs_forward(
-                _last_dim_contiguous(hidden), _last_dim_contiguous(weight), bias, labels, temperature, ignore_index,
-                logit_scale, softcap)
+                _last_dim_contiguous(hidden),
+                _last_dim_contiguous(weight),
+                bias,
+                labels,
+                temperature,
+                ignore_index,
+                logit_scale,
+                softcap,
+            )
         else:
-            logp, entropy, lse = _chunked_linear_forward(hidden, weight, bias, labels, temperature, ignore_index,
-                                                         ctx.chunks, _kernels(name), logit_scale, softcap)
+            logp, entropy, lse = _chunked_linear_forward(
+                hidden,
+                weight,
+                bias,
+                labels,
+                temperature,
+                ignore_index,
+                ctx.chunks,
+                _kernels(name),
+                logit_scale,
+                softcap,
+            )
         ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
         ctx.temperature, ctx.logit_scale, ctx.softcap = temperature, logit_scale, softcap
         ctx.ignore_index, ctx.name = ignore_index, name
@@ -406,8 +456,9 @@ class _LinearLogprobs(torch.autograd.Function):
         grad_logp, grad_entropy = _per_row(grad_logp), _per_row(grad_entropy)
         whole = len(ctx.chunks) == 1
         # several chunks add their parts of d(hidden) in fp32; one chunk writes it directly
-        grad_hidden = (torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
-                       if need_hidden and not whole else None)
+        grad_hidden = (
+            torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_hidden and not whole else None
+        )
         grad_weight = torch.empty_like(weight) if need_weight else None
         grad_bias = torch.empty_like(bias) if need_bias else None
         rows = lambda t: None if t is None else t[None]  # noqa: E731
@@ -420,9 +471,16 @@ class _LinearLogprobs(torch.autograd.Function):
             if ctx.softcap is not None:  # the kernels differentiate the capped logits c t, t = tanh(s y / c)
                 tanh = _cap_tanh(grad_logits, ctx.logit_scale, ctx.softcap)
                 grad_logits = tanh * ctx.softcap
-            ops.logprobs_backward_(rows(grad_logp), rows(grad_entropy), grad_logits[None], chunk_labels[None],
-                                   lse[None], entropy[None], row_temperature,
-                                   ctx.ignore_index if whole else _SLICE_IGNORE)
+            ops.logprobs_backward_(
+                rows(grad_logp),
+                rows(grad_entropy),
+                grad_logits[None],
+                chunk_labels[None],
+                lse[None],
+                entropy[None],
+                row_temperature,
+                ctx.ignore_index if whole else _SLICE_IGNORE,
+            )
             if tanh is not None:  # d(y) = d(c t) s (1 - t^2)
                 grad_logits.addcmul_(grad_logits, tanh.square_(), value=-1.0)
                 del tanh
@@ -450,8 +508,10 @@ def check_linear(hidden, weight, bias):
     if hidden.dim() < 1:
         raise ValueError("hidden must be (..., H)")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
-        raise ValueError(f"weight must be (V, H) with H = hidden.shape[-1] = {hidden.shape[-1]} and V >= 1, "
-                         f"got shape {tuple(weight.shape)}")
+        raise ValueError(
+            f"weight must be (V, H) with H = hidden.shape[-1] = {hidden.shape[-1]} and V >= 1, "
+            f"got shape {tuple(weight.shape)}"
+        )
     for name, t in (("weight", weight), ("bias", bias)):
         if t is None:
             continue
@@ -463,11 +523,20 @@ def check_linear(hidden, weight, bias):
         raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
 
 
-def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-                    bias: torch.Tensor | None = None, temperature: float = 1.0, logit_scale: float = 1.0,
-                    softcap: float | None = None, ignore_index: int = -100, return_entropy: bool = False,
-                    check_labels: bool | None = None,
-                    backend: str | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    check_labels: bool | None = None,
+    backend: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """`logprobs` of the lm-head logits ``hidden @ weight.T + bias``, never holding them.
 
     Parameters
@@ -534,16 +603,25 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     _check_labels(labels, hidden.shape[:-1], hidden.device, "hidden.shape[:-1]", check_labels)
     name = _backend.select("linear_logprobs", backend, hidden.device)
     if name == "torch":
-        out = reference.linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
-                                        logit_scale=logit_scale, softcap=softcap, ignore_index=ignore_index,
-                                        return_entropy=return_entropy)
+        out = reference.linear_logprobs(
+            hidden,
+            weight,
+            labels,
+            bias=bias,
+            temperature=temperature,
+            logit_scale=logit_scale,
+            softcap=softcap,
+            ignore_index=ignore_index,
+            return_entropy=return_entropy,
+        )
         out = tuple(t.float() for t in out) if return_entropy else out.float()
     else:
         lead = hidden.shape[:-1]
         flat_hidden = hidden.reshape(-1, hidden.shape[-1])
         flat_labels = labels.reshape(-1).long()
-        logp, entropy = _LinearLogprobs.apply(flat_hidden, weight, bias, flat_labels, float(temperature),
-                                              logit_scale, softcap, ignore_index, name)
+        logp, entropy = _LinearLogprobs.apply(
+            flat_hidden, weight, bias, flat_labels, float(temperature), logit_scale, softcap, ignore_index, name
+        )
         out = (logp.view(lead), entropy.view(lead)) if return_entropy else logp.view(lead)
     _check_label_range_of(out[0] if return_entropy else out, labels, weight.shape[0], ignore_index, check_labels)
     return out

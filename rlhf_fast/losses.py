@@ -5,6 +5,7 @@ the kernels accept float32 / bfloat16 / float16 / float64 inputs, compute in flo
 torch backend keeps float64 for float64 inputs). `masked_sum` and `agg_loss` are a few torch ops (cheap, and
 differentiable through autograd). Masked entries are ignored even when they hold inf or nan.
 """
+
 from __future__ import annotations
 
 import math
@@ -49,8 +50,9 @@ def _check_divisor(label: str, value):
     return float(value)
 
 
-def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1", *,
-               backend: str | None = None) -> torch.Tensor:
+def kl_penalty(
+    logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1", *, backend: str | None = None
+) -> torch.Tensor:
     """Per-token KL estimator of the policy against the reference model (verl's ``kl_penalty``), elementwise.
 
     Parameters
@@ -100,8 +102,9 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1", *,
     return _backend.call(_kernels(name).kl_penalty, logp.contiguous(), ref_logp.contiguous(), kind)
 
 
-def masked_sum(x: torch.Tensor, mask: torch.Tensor | None = None, *,
-               dim: int | tuple[int, ...] | None = None) -> torch.Tensor:
+def masked_sum(
+    x: torch.Tensor, mask: torch.Tensor | None = None, *, dim: int | tuple[int, ...] | None = None
+) -> torch.Tensor:
     """Sum of `x` over the entries where `mask` is nonzero.
 
     Parameters
@@ -130,8 +133,14 @@ def masked_sum(x: torch.Tensor, mask: torch.Tensor | None = None, *,
     return reference.masked_sum(x, mask, dim)
 
 
-def agg_loss(loss: torch.Tensor, mask: torch.Tensor | None = None, mode: str = "token-mean", *,
-             normalizer: float | None = None, horizon: float | None = None) -> torch.Tensor:
+def agg_loss(
+    loss: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    mode: str = "token-mean",
+    *,
+    normalizer: float | None = None,
+    horizon: float | None = None,
+) -> torch.Tensor:
     """A per-token loss ``(..., T)`` aggregated over the valid tokens to a scalar, as verl 0.9.1's ``agg_loss``.
 
     Parameters
@@ -175,9 +184,13 @@ def agg_loss(loss: torch.Tensor, mask: torch.Tensor | None = None, mode: str = "
     if loss.dim() < 1:
         raise ValueError("loss must have at least one dim (..., T)")
     mask = check.bool_mask("mask", mask, "loss", loss)
-    return reference.agg_loss(loss, mask, _check_mode("mode", mode),
-                              normalizer=_check_divisor("normalizer", normalizer),
-                              horizon=_check_divisor("horizon", horizon))
+    return reference.agg_loss(
+        loss,
+        mask,
+        _check_mode("mode", mode),
+        normalizer=_check_divisor("normalizer", normalizer),
+        horizon=_check_divisor("horizon", horizon),
+    )
 
 
 def _renormalized(loss, stats, agg, steps, normalizer, horizon):
@@ -216,11 +229,20 @@ def _as_rows(x):
     return x.reshape(x.shape[:-1].numel(), x.shape[-1]).contiguous()
 
 
-def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
-                    mask: torch.Tensor | None = None, *, clip_low: float = 0.2, clip_high: float = 0.2,
-                    dual_clip: float | None = None, agg: str = "token-mean", normalizer: float | None = None,
-                    horizon: float | None = None,
-                    backend: str | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def ppo_policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip: float | None = None,
+    agg: str = "token-mean",
+    normalizer: float | None = None,
+    horizon: float | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The clipped PPO policy loss, fused: one kernel forward (loss, clip decisions, statistics, aggregation)
     and one backward.
 
@@ -278,30 +300,56 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
     (selected out, never multiplied); a nan at a valid token reaches the loss (the clamps keep nan, as
     ``torch.clamp`` does). Mixed float dtypes are promoted to one.
     """
-    (logp, old_logp, advantages), mask = _loss_inputs(("logp", "old_logp", "advantages"),
-                                                      (logp, old_logp, advantages), mask)
+    (logp, old_logp, advantages), mask = _loss_inputs(
+        ("logp", "old_logp", "advantages"), (logp, old_logp, advantages), mask
+    )
     clip_low, clip_high = _check_clip("clip_low", clip_low), _check_clip("clip_high", clip_high)
     dual_clip = _check_dual_clip(dual_clip)
     agg = _check_mode("agg", agg)
     normalizer, horizon = _check_divisor("normalizer", normalizer), _check_divisor("horizon", horizon)
     name = _backend.select("ppo_policy_loss", backend, logp.device)
     if name == "torch":
-        return reference.ppo_policy_loss(logp, old_logp.detach(), advantages.detach(), mask, clip_low=clip_low,
-                                         clip_high=clip_high, dual_clip=dual_clip, agg=agg, normalizer=normalizer,
-                                         horizon=horizon)
+        return reference.ppo_policy_loss(
+            logp,
+            old_logp.detach(),
+            advantages.detach(),
+            mask,
+            clip_low=clip_low,
+            clip_high=clip_high,
+            dual_clip=dual_clip,
+            agg=agg,
+            normalizer=normalizer,
+            horizon=horizon,
+        )
     loss, stats = _backend.call(
-        _kernels(name).ppo_policy_loss, _as_rows(logp), _as_rows(old_logp), _as_rows(advantages),
-        None if mask is None else _as_rows(mask), clip_low, clip_high, dual_clip, agg)
+        _kernels(name).ppo_policy_loss,
+        _as_rows(logp),
+        _as_rows(old_logp),
+        _as_rows(advantages),
+        None if mask is None else _as_rows(mask),
+        clip_low,
+        clip_high,
+        dual_clip,
+        agg,
+    )
     stats = stats.detach()
     loss = _renormalized(loss, stats, agg, logp.shape[-1], normalizer, horizon)
     clipfrac, approx_kl, ratio_mean, _, _ = stats.unbind()
     return loss, {"clipfrac": clipfrac, "approx_kl": approx_kl, "ratio_mean": ratio_mean}
 
 
-def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
-                   mask: torch.Tensor | None = None, *, clip: float | None = 0.2, agg: str = "token-mean",
-                   normalizer: float | None = None, horizon: float | None = None,
-                   backend: str | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def ppo_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    clip: float | None = 0.2,
+    agg: str = "token-mean",
+    normalizer: float | None = None,
+    horizon: float | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The clipped value loss, fused like `ppo_policy_loss`:
     ``0.5 · agg(max((V - R)², (clamp(V, old ± clip) - R)²))``.
 
@@ -347,17 +395,32 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
     -----
     The gradient flows to `values` only. Masking, NaN and dtype rules as in `ppo_policy_loss`.
     """
-    (values, old_values, returns), mask = _loss_inputs(("values", "old_values", "returns"),
-                                                       (values, old_values, returns), mask)
+    (values, old_values, returns), mask = _loss_inputs(
+        ("values", "old_values", "returns"), (values, old_values, returns), mask
+    )
     clip = math.inf if clip is None else _check_clip("clip", clip)
     agg = _check_mode("agg", agg)
     normalizer, horizon = _check_divisor("normalizer", normalizer), _check_divisor("horizon", horizon)
     name = _backend.select("ppo_value_loss", backend, values.device)
     if name == "torch":
-        return reference.ppo_value_loss(values, old_values.detach(), returns.detach(), mask, clip=clip, agg=agg,
-                                        normalizer=normalizer, horizon=horizon)
+        return reference.ppo_value_loss(
+            values,
+            old_values.detach(),
+            returns.detach(),
+            mask,
+            clip=clip,
+            agg=agg,
+            normalizer=normalizer,
+            horizon=horizon,
+        )
     loss, stats = _backend.call(
-        _kernels(name).ppo_value_loss, _as_rows(values), _as_rows(old_values), _as_rows(returns),
-        None if mask is None else _as_rows(mask), clip, agg)
+        _kernels(name).ppo_value_loss,
+        _as_rows(values),
+        _as_rows(old_values),
+        _as_rows(returns),
+        None if mask is None else _as_rows(mask),
+        clip,
+        agg,
+    )
     stats = stats.detach()
     return _renormalized(loss, stats, agg, values.shape[-1], normalizer, horizon), {"clipfrac": stats[0]}

@@ -16,6 +16,7 @@ is an error), while a gradient to x does flow, through the dequantized weight (f
 is treated as the identity, a straight-through estimate). ``QuantizedLinear`` refuses to run in training mode
 with grad enabled, so training a quantized model fails loudly instead of silently leaving its linears frozen.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,8 +43,10 @@ def _check_group_size(group_size, in_features):
     if group_size % 2:
         raise ValueError(f"group_size must be even (two int4 values share a byte), got {group_size}")
     if in_features % group_size:
-        raise ValueError(f"group_size={group_size} does not divide in_features K={in_features}; int4 groups run "
-                         f"along K, so pick a group_size that divides K (e.g. 32, 64 or 128)")
+        raise ValueError(
+            f"group_size={group_size} does not divide in_features K={in_features}; int4 groups run "
+            f"along K, so pick a group_size that divides K (e.g. 32, 64 or 128)"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,8 +103,9 @@ class QuantizedWeight:
             groups = (rows, self.in_features // self.group_size)
             check.tensor("zeros", self.zeros)
             if self.zeros.dtype != torch.uint8 or tuple(self.zeros.shape) != groups:
-                raise ValueError(f"int4 zeros must be uint8 of shape {groups}, got {self.zeros.dtype} "
-                                 f"{tuple(self.zeros.shape)}")
+                raise ValueError(
+                    f"int4 zeros must be uint8 of shape {groups}, got {self.zeros.dtype} {tuple(self.zeros.shape)}"
+                )
             if tuple(self.scales.shape) != groups:
                 raise ValueError(f"int4 scales must have shape {groups}, got {tuple(self.scales.shape)}")
         else:
@@ -170,8 +174,12 @@ class QuantizedWeight:
         QuantizedWeight
             The same weight with its tensors on `device`.
         """
-        return dataclasses.replace(self, qweight=self.qweight.to(device), scales=self.scales.to(device),
-                                   zeros=None if self.zeros is None else self.zeros.to(device))
+        return dataclasses.replace(
+            self,
+            qweight=self.qweight.to(device),
+            scales=self.scales.to(device),
+            zeros=None if self.zeros is None else self.zeros.to(device),
+        )
 
     def state_dict(self) -> dict:
         """The scheme and tensors as a dict, for ``torch.save``.
@@ -255,8 +263,9 @@ def quantize_weight(w: torch.Tensor, scheme: str, *, group_size: int = 128) -> Q
     q = (torch.round(groups / scales[..., None]) + zeros[..., None]).clamp_(0, 15).to(torch.uint8)
     q = q.reshape(rows, cols // 2, 2)
     packed = q[..., 0] | (q[..., 1] << 4)
-    return QuantizedWeight("int4", packed.contiguous(), scales.contiguous(), zeros.to(torch.uint8).contiguous(),
-                           group_size)
+    return QuantizedWeight(
+        "int4", packed.contiguous(), scales.contiguous(), zeros.to(torch.uint8).contiguous(), group_size
+    )
 
 
 def _kernels(name: str):
@@ -265,12 +274,15 @@ def _kernels(name: str):
 
 def _check_frozen(qw: QuantizedWeight):
     if qw.scales.requires_grad:
-        raise ValueError("qw.scales requires grad, but quantized weights are frozen: qmatmul is for inference and "
-                         "gives no gradient to the quantized weight. Train the float weight, then quantize it")
+        raise ValueError(
+            "qw.scales requires grad, but quantized weights are frozen: qmatmul is for inference and "
+            "gives no gradient to the quantized weight. Train the float weight, then quantize it"
+        )
 
 
-def qmatmul(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None, *,
-            backend: str | None = None) -> torch.Tensor:
+def qmatmul(
+    x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None, *, backend: str | None = None
+) -> torch.Tensor:
     """``F.linear(x, qw.dequantize(), bias)`` on the quantized weight.
 
     Parameters
@@ -315,8 +327,9 @@ def qmatmul(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = No
     if not isinstance(qw, QuantizedWeight):
         raise TypeError(f"qw must be a QuantizedWeight (from rlhf_fast.quantize_weight), got {type(qw).__name__}")
     if x.dim() < 1 or x.shape[-1] != qw.in_features:
-        raise ValueError(f"x must have shape (..., {qw.in_features}) to match qw of shape {tuple(qw.shape)}, "
-                         f"got {tuple(x.shape)}")
+        raise ValueError(
+            f"x must have shape (..., {qw.in_features}) to match qw of shape {tuple(qw.shape)}, got {tuple(x.shape)}"
+        )
     check.same_device("x", x, "qw.qweight", qw.qweight)
     if bias is not None:
         check.floating("bias", bias)
@@ -378,9 +391,17 @@ class QuantizedLinear(nn.Module):
     `qmatmul`. Make one from a float layer with `from_linear`.
     """
 
-    def __init__(self, in_features: int, out_features: int, scheme: str, *, bias: bool = True,
-                 group_size: int = 128, device: torch.device | str | None = None,
-                 bias_dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        scheme: str,
+        *,
+        bias: bool = True,
+        group_size: int = 128,
+        device: torch.device | str | None = None,
+        bias_dtype: torch.dtype = torch.float32,
+    ):
         super().__init__()
         _check_scheme(scheme)
         self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
@@ -389,8 +410,9 @@ class QuantizedLinear(nn.Module):
         if scheme == "int4":
             _check_group_size(group_size, in_features)
             groups = in_features // group_size
-            self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8,
-                                                        device=device))
+            self.register_buffer(
+                "qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device)
+            )
             self.register_buffer("scales", torch.ones(out_features, groups, device=device))
             self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=torch.uint8, device=device))
         else:
@@ -420,8 +442,15 @@ class QuantizedLinear(nn.Module):
         weight = linear.weight.t() if _is_conv1d(linear) else linear.weight
         qw = quantize_weight(weight, scheme, group_size=group_size)
         bias = linear.bias
-        module = cls(qw.in_features, qw.out_features, scheme, bias=bias is not None, group_size=group_size,
-                     device=weight.device, bias_dtype=bias.dtype if bias is not None else torch.float32)
+        module = cls(
+            qw.in_features,
+            qw.out_features,
+            scheme,
+            bias=bias is not None,
+            group_size=group_size,
+            device=weight.device,
+            bias_dtype=bias.dtype if bias is not None else torch.float32,
+        )
         module.qweight, module.scales = qw.qweight, qw.scales
         if qw.zeros is not None:
             module.zeros = qw.zeros
@@ -435,9 +464,11 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x):
         if self.training and torch.is_grad_enabled():
-            raise RuntimeError("QuantizedLinear is inference-only: its quantized weights cannot be trained. Call "
-                               "model.eval() (gradients still flow to the inputs) or run under torch.no_grad(); to "
-                               "train, use the float model")
+            raise RuntimeError(
+                "QuantizedLinear is inference-only: its quantized weights cannot be trained. Call "
+                "model.eval() (gradients still flow to the inputs) or run under torch.no_grad(); to "
+                "train, use the float model"
+            )
         return qmatmul(x, self.quantized_weight, self.bias, backend=self.backend)
 
     def _apply(self, fn, recurse=True):
@@ -453,13 +484,17 @@ class QuantizedLinear(nn.Module):
 
     def set_extra_state(self, state):
         if state["scheme"] != self.scheme or state["group_size"] != self.group_size:
-            raise ValueError(f"state dict holds a {state['scheme']} (group_size={state['group_size']}) weight, this "
-                             f"layer is {self.scheme} (group_size={self.group_size})")
+            raise ValueError(
+                f"state dict holds a {state['scheme']} (group_size={state['group_size']}) weight, this "
+                f"layer is {self.scheme} (group_size={self.group_size})"
+            )
 
     def extra_repr(self):
         group = f", group_size={self.group_size}" if self.group_size else ""
-        return (f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}{group}, "
-                f"bias={self.bias is not None}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}{group}, "
+            f"bias={self.bias is not None}"
+        )
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -476,8 +511,9 @@ def _skipped(name: str, skip) -> bool:
     return any(name == s or name.startswith(s + ".") or s in parts for s in skip)
 
 
-def quantizable_layers(model: nn.Module, scheme: str, *, skip: str | tuple[str, ...] = ("lm_head",),
-                       group_size: int = 128) -> list[tuple[str, nn.Module]]:
+def quantizable_layers(
+    model: nn.Module, scheme: str, *, skip: str | tuple[str, ...] = ("lm_head",), group_size: int = 128
+) -> list[tuple[str, nn.Module]]:
     """The layers `quantize_model` would replace, without touching the model (to fail early).
 
     Parameters
@@ -505,8 +541,11 @@ def quantizable_layers(model: nn.Module, scheme: str, *, skip: str | tuple[str, 
     _check_scheme(scheme)
     if isinstance(skip, str):
         skip = (skip,)
-    targets = [(name, module) for name, module in model.named_modules()
-               if name and (isinstance(module, nn.Linear) or _is_conv1d(module)) and not _skipped(name, skip)]
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if name and (isinstance(module, nn.Linear) or _is_conv1d(module)) and not _skipped(name, skip)
+    ]
     if not targets:
         raise ValueError(f"model has no nn.Linear or transformers Conv1D layer outside skip={tuple(skip)} to quantize")
     if scheme == "int4":
@@ -518,8 +557,9 @@ def quantizable_layers(model: nn.Module, scheme: str, *, skip: str | tuple[str, 
     return targets
 
 
-def quantize_model(model: nn.Module, scheme: str, *, skip: str | tuple[str, ...] = ("lm_head",),
-                   group_size: int = 128) -> nn.Module:
+def quantize_model(
+    model: nn.Module, scheme: str, *, skip: str | tuple[str, ...] = ("lm_head",), group_size: int = 128
+) -> nn.Module:
     """Replaces, in place, every ``nn.Linear`` (and transformers ``Conv1D``, as in GPT-2) with a `QuantizedLinear`.
 
     Parameters

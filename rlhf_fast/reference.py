@@ -3,12 +3,12 @@
 Written the way RLHF trainers write them (reversed Python loop over time steps, log_softmax + gather), but with
 the exact contracts of rlhf_fast. Run them in float64 for test references.
 """
+
 from __future__ import annotations
 
 import math
 
 import torch
-
 
 # ---------------------------------------------------------------- advantages
 
@@ -174,8 +174,18 @@ def head_logits(hidden, weight, bias=None, *, logit_scale=1.0, softcap=None):
     return logits if softcap is None else softcap * torch.tanh(logits / softcap)
 
 
-def linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, logit_scale=1.0, softcap=None,
-                    ignore_index=-100, return_entropy=False):
+def linear_logprobs(
+    hidden,
+    weight,
+    labels,
+    *,
+    bias=None,
+    temperature=1.0,
+    logit_scale=1.0,
+    softcap=None,
+    ignore_index=-100,
+    return_entropy=False,
+):
     """`logprobs` of softmax(head_logits(hidden, weight, bias, logit_scale, softcap) / temperature):
     hidden (..., H), weight (V, H), bias (V,) or None, labels (...)."""
     logits = head_logits(hidden, weight, bias, logit_scale=logit_scale, softcap=softcap)
@@ -185,13 +195,25 @@ def linear_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, logit
 def logprobs_per_row_loop(logits, labels):
     """The memory-bounding loop of TRL's selective_log_softmax / OpenRLHF: one batch row (T, V) at a time in
     float32, so only one row's log-softmax is alive. logits (B, T, V), labels (B, T) -> (B, T) float32."""
-    rows = [torch.log_softmax(row.float(), dim=-1).gather(-1, row_labels.unsqueeze(-1)).squeeze(-1)
-            for row, row_labels in zip(logits, labels)]
+    rows = [
+        torch.log_softmax(row.float(), dim=-1).gather(-1, row_labels.unsqueeze(-1)).squeeze(-1)
+        for row, row_labels in zip(logits, labels)
+    ]
     return torch.stack(rows) if rows else logits.new_zeros(labels.shape, dtype=torch.float32)
+
+
 # ---------------------------------------------------------------- losses
 
-KL_KINDS = {"k1": "k1", "abs": "abs", "k2": "k2", "mse": "k2", "k3": "k3", "low_var_kl": "k3", "k1+": "k1+",
-            "k3+": "k3+"}
+KL_KINDS = {
+    "k1": "k1",
+    "abs": "abs",
+    "k2": "k2",
+    "mse": "k2",
+    "k3": "k3",
+    "low_var_kl": "k3",
+    "k1+": "k1+",
+    "k3+": "k3+",
+}
 AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
@@ -263,8 +285,19 @@ def agg_loss(loss, mask=None, mode="token-mean", *, normalizer=None, horizon=Non
     return total / normalizer
 
 
-def ppo_policy_loss(logp, old_logp, advantages, mask=None, *, clip_low=0.2, clip_high=0.2, dual_clip=None,
-                    agg="token-mean", normalizer=None, horizon=None):
+def ppo_policy_loss(
+    logp,
+    old_logp,
+    advantages,
+    mask=None,
+    *,
+    clip_low=0.2,
+    clip_high=0.2,
+    dual_clip=None,
+    agg="token-mean",
+    normalizer=None,
+    horizon=None,
+):
     """Clipped PPO policy loss as verl's compute_policy_loss; returns (loss, stats).
 
     ratio = exp(clamp(logp - old_logp, ±20)); pg = max(-A·ratio, -A·clamp(ratio, 1 - clip_low, 1 + clip_high)); with
@@ -283,14 +316,17 @@ def ppo_policy_loss(logp, old_logp, advantages, mask=None, *, clip_low=0.2, clip
         pg_losses = torch.where(advantages < 0, torch.minimum(pg_losses, pg_losses3), pg_losses)
     loss = agg_loss(pg_losses, mask, agg, normalizer=normalizer, horizon=horizon)
     with torch.no_grad():
-        stats = {"clipfrac": agg_loss(torch.gt(pg_losses2, pg_losses1).to(logp.dtype), mask),
-                 "approx_kl": agg_loss(-negative_approx_kl, mask),
-                 "ratio_mean": agg_loss(ratio, mask)}
+        stats = {
+            "clipfrac": agg_loss(torch.gt(pg_losses2, pg_losses1).to(logp.dtype), mask),
+            "approx_kl": agg_loss(-negative_approx_kl, mask),
+            "ratio_mean": agg_loss(ratio, mask),
+        }
     return loss, stats
 
 
-def ppo_value_loss(values, old_values, returns, mask=None, *, clip=0.2, agg="token-mean", normalizer=None,
-                   horizon=None):
+def ppo_value_loss(
+    values, old_values, returns, mask=None, *, clip=0.2, agg="token-mean", normalizer=None, horizon=None
+):
     """Clipped value loss as verl's compute_value_loss: 0.5·agg(max((V-R)², (clamp(V, old±clip) - R)²)).
 
     stats: clipfrac (valid tokens where the clipped term is larger). clip=None: no clipping.
@@ -303,18 +339,40 @@ def ppo_value_loss(values, old_values, returns, mask=None, *, clip=0.2, agg="tok
     with torch.no_grad():
         stats = {"clipfrac": agg_loss(torch.gt(vf_losses2, vf_losses1).to(values.dtype), mask)}
     return loss, stats
-def linear_ppo_policy_loss(hidden, weight, labels, old_logp, advantages, mask=None, *, bias=None, temperature=1.0,
-                           clip_low=0.2, clip_high=0.2, dual_clip=None, agg="token-mean", normalizer=None,
-                           horizon=None, entropy_coef=0.0, ref_logp=None, kl_coef=0.0, kl_kind="k3",
-                           ignore_index=-100):
+
+
+def linear_ppo_policy_loss(
+    hidden,
+    weight,
+    labels,
+    old_logp,
+    advantages,
+    mask=None,
+    *,
+    bias=None,
+    temperature=1.0,
+    clip_low=0.2,
+    clip_high=0.2,
+    dual_clip=None,
+    agg="token-mean",
+    normalizer=None,
+    horizon=None,
+    entropy_coef=0.0,
+    ref_logp=None,
+    kl_coef=0.0,
+    kl_kind="k3",
+    ignore_index=-100,
+):
     """The eager composition that rlhf_fast.linear_ppo_policy_loss fuses: full logits, log_softmax + gather and
     entropy, ppo_policy_loss, agg_loss of the entropy and of kl_penalty. Returns (loss, stats) with the stats of
     ppo_policy_loss plus the loss's terms pg_loss, entropy and (with ref_logp) kl."""
-    logp, entropy = linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
-                                    ignore_index=ignore_index, return_entropy=True)
+    logp, entropy = linear_logprobs(
+        hidden, weight, labels, bias=bias, temperature=temperature, ignore_index=ignore_index, return_entropy=True
+    )
     scale = dict(normalizer=normalizer, horizon=horizon)
-    pg_loss, stats = ppo_policy_loss(logp, old_logp, advantages, mask, clip_low=clip_low, clip_high=clip_high,
-                                     dual_clip=dual_clip, agg=agg, **scale)
+    pg_loss, stats = ppo_policy_loss(
+        logp, old_logp, advantages, mask, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg, **scale
+    )
     entropy_term = agg_loss(entropy, mask, agg, **scale)
     loss = pg_loss - entropy_coef * entropy_term
     stats.update(pg_loss=pg_loss.detach(), entropy=entropy_term.detach())
@@ -330,7 +388,7 @@ def linear_ppo_policy_loss(hidden, weight, labels, old_logp, advantages, mask=No
 
 def dequantize_int8(qweight, scales, dtype=torch.float32):
     """int8 (N, K) per-output-channel symmetric -> (N, K) `dtype`: q * scales[n]."""
-    return (qweight.to(dtype) * scales.to(dtype)[:, None])
+    return qweight.to(dtype) * scales.to(dtype)[:, None]
 
 
 def unpack_int4(qweight):
@@ -379,6 +437,8 @@ def qmatmul(x, qw, bias=None):
         activations = x.to(compute)
     out = torch.nn.functional.linear(activations, weight, None if bias is None else bias.to(compute))
     return out.to(x.dtype)
+
+
 # ---------------------------------------------------------------- divergence
 
 F_DIVERGENCES = ("kl", "reverse_kl", "js", "tv", "hellinger", "chi2", "alpha")
@@ -452,6 +512,7 @@ def f_divergence_eager(logits_p, logits_q, kind, *, alpha=None, temperature=1.0,
 
 # ---------------------------------------------------------------- sampling
 
+
 def filtered_log_probs(logits, *, temperature=1.0, top_k=None, top_p=None, min_p=None):
     """float64 log-probabilities (..., V) of the distribution Hugging Face's sampling draws from: softmax of
     logits / T after its top-k, top-p and min-p warpers (in that order; removed entries -inf). Top-p removes the
@@ -499,8 +560,13 @@ def sample_rows(logits, *, temperature=1.0, generator=None):
 
 def sample_with_warpers(logits, *, temperature=1.0, top_k=None, top_p=None, min_p=None, generator=None):
     """What trainers run today: Hugging Face's logits warpers, softmax and torch.multinomial. logits (N, V)."""
-    from transformers.generation.logits_process import (MinPLogitsWarper, TemperatureLogitsWarper,
-                                                        TopKLogitsWarper, TopPLogitsWarper)
+    from transformers.generation.logits_process import (
+        MinPLogitsWarper,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
     scores = TemperatureLogitsWarper(temperature)(None, logits)
     if top_k is not None:
         scores = TopKLogitsWarper(top_k)(None, scores)

@@ -8,6 +8,7 @@ from the lm-head input, one vocab chunk of logits at a time.
 Every op takes ``backend=`` (``auto | triton | cpu | torch``; see rlhf_fast.backend). There is no CUDA C++
 kernel: on CUDA tensors ``auto`` runs the Triton kernel.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,8 +24,11 @@ LOGPROB_KINDS = ("filtered", "full")
 
 
 def _check_filters(temperature, top_k, top_p, min_p, logprob):
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
-            math.isfinite(temperature) and temperature >= 0):
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not (math.isfinite(temperature) and temperature >= 0)
+    ):
         raise ValueError(f"temperature must be a finite float >= 0 (0 = greedy), got {temperature!r}")
     if top_k is not None:
         check.positive_int("top_k", top_k)
@@ -40,15 +44,18 @@ def _check_generator(generator, device):
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     if generator is not None and generator.device.type != device.type:
-        raise ValueError(f"generator is on {generator.device} but the logits are on {device}; make it with "
-                         f"torch.Generator(device={str(device)!r})")
+        raise ValueError(
+            f"generator is on {generator.device} but the logits are on {device}; make it with "
+            f"torch.Generator(device={str(device)!r})"
+        )
 
 
 def _select(op, backend, device):
     name = _backend.select(op, backend, device)
     if name == "cuda":  # no CUDA C++ kernel: auto's GPU order for these ops never names it
-        raise _backend.BackendUnavailable(f"{op}: backend 'cuda' has no sampling kernel yet; use backend='triton' "
-                                          f"(or 'auto') on CUDA tensors")
+        raise _backend.BackendUnavailable(
+            f"{op}: backend 'cuda' has no sampling kernel yet; use backend='triton' (or 'auto') on CUDA tensors"
+        )
     return name
 
 
@@ -59,9 +66,17 @@ def _raise_on_invalid_rows(logp, where):
         raise ValueError(f"{where}: row {row} (flattened) has a NaN logit or no finite logit; it cannot be sampled")
 
 
-def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-           min_p: float | None = None, generator: torch.Generator | None = None, logprob: str = "filtered",
-           backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def sample(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    generator: torch.Generator | None = None,
+    logprob: str = "filtered",
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Draws one token per row of `logits`, with its log-prob, in one pass over the vocab.
 
     Parameters
@@ -123,13 +138,19 @@ def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None 
     name = _select("sample", backend, logits.device)
     uniforms = torch.rand(logits.shape[:-1], dtype=torch.float64, device=logits.device, generator=generator)
     if name == "torch":
-        tokens, kept, full = reference.sample(logits, uniforms, temperature=float(temperature), top_k=top_k,
-                                              top_p=top_p, min_p=min_p)
+        tokens, kept, full = reference.sample(
+            logits, uniforms, temperature=float(temperature), top_k=top_k, top_p=top_p, min_p=min_p
+        )
     else:
         rows = _as_rows(logits)
         tokens, kept, full = _backend.kernels(name, "sampling").sample(
-            rows, uniforms.reshape(rows.shape[:2]), float(temperature), top_k or 0,
-            1.0 if top_p is None else float(top_p), 0.0 if min_p is None else float(min_p))
+            rows,
+            uniforms.reshape(rows.shape[:2]),
+            float(temperature),
+            top_k or 0,
+            1.0 if top_p is None else float(top_p),
+            0.0 if min_p is None else float(min_p),
+        )
         lead = logits.shape[:-1]
         tokens, kept, full = tokens.view(lead), kept.view(lead), full.view(lead)
     logp = kept if logprob == "filtered" else full
@@ -144,10 +165,19 @@ def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None 
 _CANDIDATES_PER_CHUNK = 256
 
 
-def linear_sample(hidden: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor | None = None,
-                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                  min_p: float | None = None, generator: torch.Generator | None = None, logprob: str = "filtered",
-                  backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def linear_sample(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    generator: torch.Generator | None = None,
+    logprob: str = "filtered",
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`sample` of the lm-head logits ``hidden @ weight.T + bias``, never holding a row's full logits.
 
     Parameters
@@ -200,8 +230,10 @@ def linear_sample(hidden: torch.Tensor, weight: torch.Tensor, *, bias: torch.Ten
     check.floating("hidden", hidden)
     check.floating("weight", weight)
     if weight.dim() != 2 or hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1] or weight.shape[0] == 0:
-        raise ValueError(f"hidden must be (..., H) and weight (V, H) with V >= 1; got hidden "
-                         f"{tuple(hidden.shape)} and weight {tuple(weight.shape)}")
+        raise ValueError(
+            f"hidden must be (..., H) and weight (V, H) with V >= 1; got hidden "
+            f"{tuple(hidden.shape)} and weight {tuple(weight.shape)}"
+        )
     check.same_device("weight", weight, "hidden", hidden)
     if bias is not None:
         check.floating("bias", bias)
@@ -209,8 +241,10 @@ def linear_sample(hidden: torch.Tensor, weight: torch.Tensor, *, bias: torch.Ten
         if bias.shape != weight.shape[:1]:
             raise ValueError(f"bias must be (V,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
     if weight.dtype != hidden.dtype or (bias is not None and bias.dtype != hidden.dtype):
-        raise TypeError(f"hidden, weight and bias must share one dtype, got {hidden.dtype}, {weight.dtype}"
-                        f"{'' if bias is None else ', ' + str(bias.dtype)}; cast weight with weight.to(hidden.dtype)")
+        raise TypeError(
+            f"hidden, weight and bias must share one dtype, got {hidden.dtype}, {weight.dtype}"
+            f"{'' if bias is None else ', ' + str(bias.dtype)}; cast weight with weight.to(hidden.dtype)"
+        )
     _check_filters(temperature, top_k, top_p, min_p, logprob)
     _check_generator(generator, hidden.device)
     lead = hidden.shape[:-1]
@@ -225,8 +259,9 @@ def linear_sample(hidden: torch.Tensor, weight: torch.Tensor, *, bias: torch.Ten
         if top_k is None and top_p is None and (min_p is None or min_p == 0):
             tokens, logp = _unfiltered(flat, weight, bias, chunks, **options)
         else:
-            tokens, logp = _filtered(flat, weight, bias, chunks, top_k=top_k, top_p=top_p, min_p=min_p,
-                                     logprob=logprob, **options)
+            tokens, logp = _filtered(
+                flat, weight, bias, chunks, top_k=top_k, top_p=top_p, min_p=min_p, logprob=logprob, **options
+            )
     _raise_on_invalid_rows(logp, "linear_sample")
     return tokens.view(lead), logp.view(lead)
 
@@ -288,8 +323,9 @@ def _filtered(hidden, weight, bias, chunks, *, temperature, top_k, top_p, min_p,
     indices = torch.cat(indices, dim=-1)
     lse_full = torch.logsumexp(torch.stack(chunk_lse, dim=-1), dim=-1)
     floor = torch.stack(complete_above, dim=-1).amax(-1)  # candidates hold every entry > floor
-    logp, exact = _filtered_candidates(values, floor, lse_full, temperature=temperature, top_k=top_k, top_p=top_p,
-                                       min_p=min_p)
+    logp, exact = _filtered_candidates(
+        values, floor, lse_full, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p
+    )
     pick = _inverse_cdf(logp.exp(), generator)
     tokens = indices.gather(-1, pick[:, None])[:, 0]
     z = values.gather(-1, pick[:, None])[:, 0] / temperature
@@ -298,10 +334,18 @@ def _filtered(hidden, weight, bias, chunks, *, temperature, top_k, top_p, min_p,
     if redo.numel():
         rows_per_batch = max(1, LINEAR_CHUNK_BYTES // (weight.shape[0] * hidden.element_size()))
         for begin in range(0, redo.numel(), rows_per_batch):
-            rows = redo[begin:begin + rows_per_batch]
+            rows = redo[begin : begin + rows_per_batch]
             full_logits = torch.nn.functional.linear(hidden[rows], weight, bias)
-            token, lp = sample(full_logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                               generator=generator, logprob=logprob, backend=backend)
+            token, lp = sample(
+                full_logits,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                min_p=min_p,
+                generator=generator,
+                logprob=logprob,
+                backend=backend,
+            )
             tokens[rows], out[rows] = token, lp.to(out.dtype)
     return tokens, out.float()
 

@@ -3,6 +3,7 @@
 Without a GPU the Triton kernels run under the Triton interpreter (TRITON_INTERPRET=1, set here before
 anything imports triton). Tests marked `gpu` skip when CUDA is absent.
 """
+
 import os
 
 import pytest
@@ -11,7 +12,6 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import rlhf_fast  # noqa: E402
 from rlhf_fast import backend  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()

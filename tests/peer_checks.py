@@ -1,5 +1,6 @@
 """What the verl and OpenRLHF adapter tests share: inputs (rounded to the test dtype, masks with holes, fresh
 leaves) and the comparison of our result with the peer's own code in the test dtype and in float64."""
+
 from __future__ import annotations
 
 import torch
@@ -30,7 +31,7 @@ def mask_with_holes(rows, steps, dtype=torch.long):
     """Random 0/1 mask with holes, a left-padded row, a right-padded row and a fully masked row."""
     mask = torch.rand(rows, steps) > 0.3
     mask[0, : steps // 3] = False
-    mask[1, steps // 2:] = False
+    mask[1, steps // 2 :] = False
     mask[2] = False
     return mask.to(dtype)
 

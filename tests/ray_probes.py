@@ -2,6 +2,7 @@
 whether the peers are patched there and runs their functions against their originals, and the driver of the
 RAY_RUNTIME_ENV_HOOK route (a launcher's plain `ray.init`). Workers import this module by name: the tests put
 tests/ on their PYTHONPATH."""
+
 from __future__ import annotations
 
 import ast
@@ -13,15 +14,17 @@ import sys
 
 import ray
 import torch
+from peer_checks import mask_with_holes
 
 import rlhf_fast as rf
-from peer_checks import mask_with_holes
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ADAPTERS = {"verl": "rlhf_fast.integrations.verl", "openrlhf": "rlhf_fast.integrations.openrlhf"}
 # The peer modules a trainer's worker imports (the functions run below come from these).
-PEER_MODULES = {"verl": ("verl.utils.torch_functional", "verl.trainer.ppo.core_algos", "verl.workers.utils.losses"),
-                "openrlhf": ("openrlhf.models.utils", "openrlhf.models.loss", "openrlhf.models.actor")}
+PEER_MODULES = {
+    "verl": ("verl.utils.torch_functional", "verl.trainer.ppo.core_algos", "verl.workers.utils.losses"),
+    "openrlhf": ("openrlhf.models.utils", "openrlhf.models.loss", "openrlhf.models.actor"),
+}
 
 
 def _handle(peer):
@@ -47,12 +50,20 @@ def patch_state(peer):
     anything imported our adapter or the peer (a setup hook that patched would have)."""
     handle = _handle(peer)
     if handle is None:
-        return {"patched": False, "adapter_loaded": ADAPTERS[peer] in sys.modules, "peer_loaded": peer in sys.modules,
-                "env": os.environ.get("RLHF_FAST_PATCH")}
+        return {
+            "patched": False,
+            "adapter_loaded": ADAPTERS[peer] in sys.modules,
+            "peer_loaded": peer in sys.modules,
+            "env": os.environ.get("RLHF_FAST_PATCH"),
+        }
     for module in PEER_MODULES[peer]:
         importlib.import_module(module)
-    wrong = [place for qualname, (_, replacement) in handle.replaced.items()
-             for place in handle.bindings[qualname] if _resolve(place) is not replacement]
+    wrong = [
+        place
+        for qualname, (_, replacement) in handle.replaced.items()
+        for place in handle.bindings[qualname]
+        if _resolve(place) is not replacement
+    ]
     return {"patched": True, "replaced": sorted(handle.replaced), "skipped": dict(handle.skipped), "wrong": wrong}
 
 
@@ -66,6 +77,7 @@ def counting(*ops):
         def call(*args, **kwargs):
             calls[op] += 1
             return saved[op](*args, **kwargs)
+
         return call
 
     for op in ops:
@@ -97,16 +109,34 @@ def _verl_calls(original):
     logits, labels = torch.randn(3, 7, 101) * 2, torch.randint(0, 101, (3, 7))
     old, adv, loss_mat = torch.randn(4, 9), torch.randn(4, 9), torch.randn(4, 9)
     new, mask = old + 0.5 * torch.randn(4, 9), mask_with_holes(4, 9)
-    config = OmegaConf.create({"clip_ratio": 0.2, "clip_ratio_low": 0.2, "clip_ratio_high": 0.28,
-                               "clip_ratio_c": 3.0, "global_batch_info": {}})
+    config = OmegaConf.create(
+        {
+            "clip_ratio": 0.2,
+            "clip_ratio_low": 0.2,
+            "clip_ratio_high": 0.28,
+            "clip_ratio_c": 3.0,
+            "global_batch_info": {},
+        }
+    )
     return {
-        "logprobs_from_logits": (tf.logprobs_from_logits, original(f"{tf.__name__}.logprobs_from_logits"),
-                                 (logits, labels), "logprobs"),
-        "agg_loss": (losses.agg_loss, original(f"{core.__name__}.agg_loss"),
-                     (loss_mat, mask, "seq-mean-token-mean"), "agg_loss"),
-        "compute_policy_loss_vanilla": (core.get_policy_loss_fn("vanilla"),
-                                        original(f"{core.__name__}.compute_policy_loss_vanilla"),
-                                        (old, new, adv, mask, "token-mean", config), "ppo_policy_loss"),
+        "logprobs_from_logits": (
+            tf.logprobs_from_logits,
+            original(f"{tf.__name__}.logprobs_from_logits"),
+            (logits, labels),
+            "logprobs",
+        ),
+        "agg_loss": (
+            losses.agg_loss,
+            original(f"{core.__name__}.agg_loss"),
+            (loss_mat, mask, "seq-mean-token-mean"),
+            "agg_loss",
+        ),
+        "compute_policy_loss_vanilla": (
+            core.get_policy_loss_fn("vanilla"),
+            original(f"{core.__name__}.compute_policy_loss_vanilla"),
+            (old, new, adv, mask, "token-mean", config),
+            "ppo_policy_loss",
+        ),
     }
 
 
@@ -117,8 +147,12 @@ def _openrlhf_calls(original):
     policy = loss.PolicyLoss(clip_eps_low=0.2, clip_eps_high=0.28)
     forward = original(f"{loss.__name__}.PolicyLoss.forward")
     return {
-        "compute_approx_kl": (utils.compute_approx_kl, original(f"{utils.__name__}.compute_approx_kl"),
-                              (logp, base, None, "k3"), "kl_penalty"),
+        "compute_approx_kl": (
+            utils.compute_approx_kl,
+            original(f"{utils.__name__}.compute_approx_kl"),
+            (logp, base, None, "k3"),
+            "kl_penalty",
+        ),
         "PolicyLoss.forward": (policy, lambda *args: forward(policy, *args), (new, old, adv, mask), "ppo_policy_loss"),
     }
 
@@ -128,8 +162,11 @@ class Probe:
     """Reports from its own worker process."""
 
     def state(self, peers):
-        return {"pid": os.getpid(), "environ": {k: os.environ.get(k) for k in ("USER_VAR", "RLHF_FAST_PATCH")},
-                **{peer: patch_state(peer) for peer in peers}}
+        return {
+            "pid": os.getpid(),
+            "environ": {k: os.environ.get(k) for k in ("USER_VAR", "RLHF_FAST_PATCH")},
+            **{peer: patch_state(peer) for peer in peers},
+        }
 
     def run(self, peer, seed):
         """Calls the peer's functions as its code reaches them (patched) and their originals (from the Patch
@@ -164,9 +201,13 @@ def driver():
         driver_state = patch_state("verl")
         job_env = ray.get_runtime_context().runtime_env
         probe = Probe.options(runtime_env={"env_vars": {"WG_PREFIX": "actor_rollout"}}).remote()
-        report = {"driver": driver_state, "driver_pid": os.getpid(),
-                  "job_env": {key: job_env[key] for key in job_env if key != "env_vars"},
-                  "job_env_vars": dict(job_env.get("env_vars") or {}), "actor": ray.get(probe.state.remote(["verl"]))}
+        report = {
+            "driver": driver_state,
+            "driver_pid": os.getpid(),
+            "job_env": {key: job_env[key] for key in job_env if key != "env_vars"},
+            "job_env_vars": dict(job_env.get("env_vars") or {}),
+            "actor": ray.get(probe.state.remote(["verl"])),
+        }
     finally:
         ray.shutdown()
     print("REPORT " + json.dumps(report, default=str))

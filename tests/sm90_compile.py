@@ -12,6 +12,7 @@ launcher picks. One JSON line per distinct compiled kernel (registers, stack fra
 shared memory), or one line with the error of a case that failed to compile. tests/test_triton_sm90.py runs it and
 checks them. A kernel found in Triton's cache is not compiled, hence not reported: use an empty cache.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -37,6 +38,7 @@ def missing_toolchain() -> str | None:
     """Why kernels cannot be compiled for sm_90 here (no nvidia backend in triton, or no ptxas), or None."""
     try:
         from triton.backends.nvidia.compiler import get_ptxas
+
         get_ptxas(90).path  # raises when neither TRITON_PTXAS_PATH nor the bundled binary exists
     except (ImportError, RuntimeError) as exc:
         return f"cannot compile Triton kernels for sm_90: {type(exc).__name__}: {exc}"
@@ -44,6 +46,7 @@ def missing_toolchain() -> str | None:
 
 
 # ---------------------------------------------------------------- cases: launcher calls at the target shapes
+
 
 def _empty(*shape, dtype=torch.float32):
     return torch.empty(shape, dtype=dtype)
@@ -55,6 +58,7 @@ def _labels(*shape):
 
 def _logprobs(dtype):
     from rlhf_fast.triton import logprobs as ops
+
     logits = _empty(2, 8, V, dtype=dtype)
     rows = _empty(2, 8)
     for labels in (_labels(2, 8), None):
@@ -65,6 +69,7 @@ def _logprobs(dtype):
 
 def _linear_logprobs(dtype, logit_scale=1.0, softcap=None):
     from rlhf_fast.triton import logprobs as ops
+
     hidden, weight = _empty(TOKENS, HIDDEN, dtype=dtype), _empty(V, HIDDEN, dtype=dtype)
     for bias in (None, _empty(V, dtype=dtype)):
         ops.linear_logprobs_forward(hidden, weight, bias, _labels(TOKENS), 1.0, -100, logit_scale, softcap)
@@ -72,11 +77,13 @@ def _linear_logprobs(dtype, logit_scale=1.0, softcap=None):
 
 def _advantages(dtype):
     from rlhf_fast.triton import advantages as ops
+
     batch, steps = 64, 8192
     tokens = _empty(batch * steps, dtype=dtype)
     cu_seqlens = torch.arange(0, batch * steps + 1, steps)
-    ops.gae(tokens, tokens, torch.ones(batch * steps, dtype=torch.bool), _empty(batch, dtype=dtype), cu_seqlens,
-            1.0, 0.95)
+    ops.gae(
+        tokens, tokens, torch.ones(batch * steps, dtype=torch.bool), _empty(batch, dtype=dtype), cu_seqlens, 1.0, 0.95
+    )
     ops.gae(tokens, tokens, None, None, cu_seqlens, 1.0, 0.95)
     for group_size in (16, 64):
         for norm_std, leave_one_out in ((True, False), (False, False), (False, True)):
@@ -87,6 +94,7 @@ def _advantages(dtype):
 
 def _divergence(dtype):
     from rlhf_fast.triton import divergence as ops
+
     rows = 16
     logits = _empty(rows, V, dtype=dtype)
     mask = torch.ones(rows, dtype=torch.bool)
@@ -103,6 +111,7 @@ def _divergence(dtype):
 
 def _losses(dtype):
     from rlhf_fast.triton import losses as ops
+
     for kind in ("k1", "abs", "k2", "k3", "k1+", "k3+"):
         x = _empty(64, 8192, dtype=dtype)
         ops.kl_penalty(x, x, kind)
@@ -122,6 +131,7 @@ def _losses(dtype):
 
 def _sampling(dtype):
     from rlhf_fast.triton import sampling as ops
+
     logits = _empty(1, 64, V, dtype=dtype)
     uniforms = _empty(1, 64, dtype=torch.float64)
     ops.sample(logits, uniforms, 1.0, 0, 1.0, 0.0)  # plain
@@ -130,15 +140,23 @@ def _sampling(dtype):
 
 def _qmatmul(scheme, dtype):
     import rlhf_fast.triton.quant as ops  # off the GPU its split-K plans for an H100's 132 SMs
+
     for rows, k, n, group_size in [(rows, QMATMUL_FEATURES, QMATMUL_FEATURES, 128) for rows in QMATMUL_ROWS] + [
-            (rows, 736, 1000, 32) for rows in (8, 512)]:  # and an odd shape (int4 groups of 32)
+        (rows, 736, 1000, 32) for rows in (8, 512)
+    ]:  # and an odd shape (int4 groups of 32)
         x = _empty(rows, k, dtype=dtype)
         bias = _empty(n, dtype=dtype)
         if scheme == "int8":
             ops.qmatmul_int8(x, _empty(n, k, dtype=torch.int8), _empty(n, dtype=dtype), bias)
         elif scheme == "int4":
-            ops.qmatmul_int4(x, _empty(n, k // 2, dtype=torch.uint8), _empty(n, k // group_size, dtype=dtype),
-                             _empty(n, k // group_size, dtype=torch.uint8), group_size, bias)
+            ops.qmatmul_int4(
+                x,
+                _empty(n, k // 2, dtype=torch.uint8),
+                _empty(n, k // group_size, dtype=dtype),
+                _empty(n, k // group_size, dtype=torch.uint8),
+                group_size,
+                bias,
+            )
         else:
             ops.qmatmul_w8a8(x, _empty(n, k, dtype=torch.int8), _empty(n), bias)
 
@@ -153,11 +171,11 @@ for _dtype in DTYPES:
     CASES[f"losses-{_dtype}"] = (_losses, DTYPES[_dtype])
     CASES[f"sampling-{_dtype}"] = (_sampling, DTYPES[_dtype])
     for _scheme in ("int8", "int4", "w8a8"):
-        CASES[f"qmatmul_{_scheme}-{_dtype}"] = (lambda dtype, scheme=_scheme: _qmatmul(scheme, dtype),
-                                                 DTYPES[_dtype])
+        CASES[f"qmatmul_{_scheme}-{_dtype}"] = (lambda dtype, scheme=_scheme: _qmatmul(scheme, dtype), DTYPES[_dtype])
 
 
 # ---------------------------------------------------------------- compile-only launches
+
 
 class _Sm90Driver:
     """Reports one sm_90 device with stream 0; enough for Triton to compile, not to launch."""
@@ -170,6 +188,7 @@ class _Sm90Driver:
 
     def get_current_target(self):
         from triton.backends.compiler import GPUTarget
+
         return GPUTarget("cuda", 90, 32)
 
     def get_active_torch_device(self):
@@ -187,6 +206,7 @@ def _compile_instead_of_launching(compiled):
     (kernel name, launch options, compiled kernel, ptxas log) to `compiled` for each kernel built anew."""
     from triton import knobs
     from triton.runtime.jit import JITFunction
+
     knobs.nvidia.dump_ptxas_log = True  # ptxas -v: registers, stack frame, spill stores and loads
     run = JITFunction.run
 
@@ -211,14 +231,20 @@ def resources(kernel, ptxas_log: str) -> dict:
         raise RuntimeError(f"unexpected ptxas -v log:\n{ptxas_log}")
     smem = re.search(r"(\d+) bytes smem", ptxas_log)
     stack, spill_stores, spill_loads = map(int, frame.groups())
-    return {"registers": int(registers.group(1)), "stack": stack, "spill_stores": spill_stores,
-            "spill_loads": spill_loads, "shared": kernel.metadata.shared + (int(smem.group(1)) if smem else 0),
-            "num_warps": kernel.metadata.num_warps}
+    return {
+        "registers": int(registers.group(1)),
+        "stack": stack,
+        "spill_stores": spill_stores,
+        "spill_loads": spill_loads,
+        "shared": kernel.metadata.shared + (int(smem.group(1)) if smem else 0),
+        "num_warps": kernel.metadata.num_warps,
+    }
 
 
 def main(names):
     os.environ.pop("TRITON_INTERPRET", None)
     from triton.runtime.driver import driver
+
     driver.set_active(_Sm90Driver())
     compiled = []
     _compile_instead_of_launching(compiled)
@@ -231,9 +257,19 @@ def main(names):
             print(json.dumps({"case": name, "error": f"{type(exc).__name__}: {exc}"[-4000:]}), flush=True)
         for kernel_name, options, kernel, ptxas_log in compiled:
             ptx = kernel.asm["ptx"]
-            print(json.dumps({"case": name, "kernel": kernel_name, "options": options,
-                              "fma_or_ftz": bool(re.search(r"\bfma\.|\.ftz\b", ptx)),
-                              **resources(kernel, ptxas_log)}, default=str), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "case": name,
+                        "kernel": kernel_name,
+                        "options": options,
+                        "fma_or_ftz": bool(re.search(r"\bfma\.|\.ftz\b", ptx)),
+                        **resources(kernel, ptxas_log),
+                    },
+                    default=str,
+                ),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

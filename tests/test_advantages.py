@@ -1,10 +1,9 @@
 import pytest
 import torch
+from conftest import device_backend_pairs
 
 import rlhf_fast as rf
 from rlhf_fast import reference as ref
-
-from conftest import device_backend_pairs
 
 PAIRS = device_backend_pairs()
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -35,8 +34,14 @@ def _check_against_reference(device, name, dtype, batch, steps, mask_kind, gamma
     mask = _mask(mask_kind, batch, steps, device)
     last_value = torch.randn(batch, device=device) if bootstrap else None
     adv, ret = rf.gae(rewards, values, mask, gamma=gamma, lam=lam, last_value=last_value, backend=name)
-    exp_adv, exp_ret = ref.gae(rewards.double(), values.double(), mask, gamma=gamma, lam=lam,
-                               last_value=None if last_value is None else last_value.double())
+    exp_adv, exp_ret = ref.gae(
+        rewards.double(),
+        values.double(),
+        mask,
+        gamma=gamma,
+        lam=lam,
+        last_value=None if last_value is None else last_value.double(),
+    )
     assert adv.dtype == torch.float32 and ret.dtype == torch.float32
     torch.testing.assert_close(adv.double(), exp_adv, **_tol(dtype))
     torch.testing.assert_close(ret.double(), exp_ret, **_tol(dtype))
@@ -74,8 +79,14 @@ def test_gae_leading_dims_and_noncontiguous(device, name):
     mask = torch.rand(2, 3, 20, device=device) > 0.3
     last_value = torch.randn(2, 3, device=device)
     adv, ret = rf.gae(rewards, values, mask.int(), gamma=0.95, lam=0.9, last_value=last_value, backend=name)
-    exp_adv, exp_ret = ref.gae(rewards.reshape(6, 20).double(), values.reshape(6, 20).double(), mask.reshape(6, 20),
-                               gamma=0.95, lam=0.9, last_value=last_value.reshape(6).double())
+    exp_adv, exp_ret = ref.gae(
+        rewards.reshape(6, 20).double(),
+        values.reshape(6, 20).double(),
+        mask.reshape(6, 20),
+        gamma=0.95,
+        lam=0.9,
+        last_value=last_value.reshape(6).double(),
+    )
     torch.testing.assert_close(adv.reshape(6, 20).double(), exp_adv, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(ret.reshape(6, 20).double(), exp_ret, rtol=1e-4, atol=1e-4)
 
@@ -114,22 +125,29 @@ def _packed_case(device):
     lengths = torch.tensor([5, 0, 1, 1100, 37])
     cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).to(device)
     n = int(lengths.sum())
-    return (torch.randn(n, device=device), torch.randn(n, device=device), cu,
-            torch.rand(n, device=device) > 0.2, torch.randn(len(lengths), device=device))
+    return (
+        torch.randn(n, device=device),
+        torch.randn(n, device=device),
+        cu,
+        torch.rand(n, device=device) > 0.2,
+        torch.randn(len(lengths), device=device),
+    )
 
 
 @pytest.mark.parametrize("device,name", PAIRS)
 def test_gae_packed_matches_reference_and_padded(device, name):
     rewards, values, cu, mask, last_value = _packed_case(device)
     adv, ret = rf.gae_packed(rewards, values, cu, mask, gamma=0.99, lam=0.9, last_value=last_value, backend=name)
-    exp_adv, exp_ret = ref.gae_packed(rewards.double(), values.double(), cu, mask, gamma=0.99, lam=0.9,
-                                      last_value=last_value.double())
+    exp_adv, exp_ret = ref.gae_packed(
+        rewards.double(), values.double(), cu, mask, gamma=0.99, lam=0.9, last_value=last_value.double()
+    )
     torch.testing.assert_close(adv.double(), exp_adv, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(ret.double(), exp_ret, rtol=1e-4, atol=1e-4)
     # the same tokens right-padded into rows give the same advantages
     index, valid = ref.packed_to_padded(cu)
-    pad_adv, _ = rf.gae(rewards[index], values[index], valid & mask[index], gamma=0.99, lam=0.9,
-                        last_value=last_value, backend=name)
+    pad_adv, _ = rf.gae(
+        rewards[index], values[index], valid & mask[index], gamma=0.99, lam=0.9, last_value=last_value, backend=name
+    )
     torch.testing.assert_close(pad_adv[valid], adv[index[valid]], rtol=1e-5, atol=1e-5)
 
 
@@ -141,8 +159,7 @@ def test_gae_packed_backward(device, name):
     g1, g2 = torch.randn_like(adv), torch.randn_like(ret)
     torch.autograd.backward((adv, ret), (g1, g2))
     exp_inputs = [t.double().requires_grad_() for t in (rewards, values, last_value)]
-    e_adv, e_ret = ref.gae_packed(exp_inputs[0], exp_inputs[1], cu, mask, gamma=0.9, lam=0.9,
-                                  last_value=exp_inputs[2])
+    e_adv, e_ret = ref.gae_packed(exp_inputs[0], exp_inputs[1], cu, mask, gamma=0.9, lam=0.9, last_value=exp_inputs[2])
     torch.autograd.backward((e_adv, e_ret), (g1.double(), g2.double()))
     for got, exp in zip(inputs, exp_inputs):
         torch.testing.assert_close(got.grad.double(), exp.grad, rtol=1e-4, atol=1e-4)
@@ -181,8 +198,9 @@ def test_masked_mean_and_whiten(device, name, dtype):
         assert got.dtype == torch.float32
         torch.testing.assert_close(got[mask].double(), exp[mask], rtol=1e-4, atol=1e-4)
     unmasked = rf.masked_whiten(x[1:], backend=name)
-    torch.testing.assert_close(unmasked.double().mean(), torch.tensor(0.0, dtype=torch.float64, device=device),
-                               rtol=0, atol=1e-4)
+    torch.testing.assert_close(
+        unmasked.double().mean(), torch.tensor(0.0, dtype=torch.float64, device=device), rtol=0, atol=1e-4
+    )
 
 
 @pytest.mark.parametrize("device,name", PAIRS)
@@ -225,11 +243,20 @@ def test_opcheck_compiled_ops():
     n = 50
     cu = torch.tensor([0, 20, 20, 50])
     mask = torch.rand(n) > 0.3
-    for args in [(torch.randn(n), torch.randn(n), mask, torch.randn(3), cu, 0.9, 0.95),
-                 (torch.randn(n, dtype=torch.bfloat16), torch.randn(n, dtype=torch.bfloat16), None, None, cu, 1.0, 0.9)]:
+    for args in [
+        (torch.randn(n), torch.randn(n), mask, torch.randn(3), cu, 0.9, 0.95),
+        (torch.randn(n, dtype=torch.bfloat16), torch.randn(n, dtype=torch.bfloat16), None, None, cu, 1.0, 0.9),
+    ]:
         torch.library.opcheck(torch.ops.rlhf_fast.gae.default, args)
-    grad_args = (torch.randn(n, requires_grad=True), torch.randn(n, requires_grad=True), mask,
-                 torch.randn(3, requires_grad=True), cu, 0.9, 0.95)
+    grad_args = (
+        torch.randn(n, requires_grad=True),
+        torch.randn(n, requires_grad=True),
+        mask,
+        torch.randn(3, requires_grad=True),
+        cu,
+        0.9,
+        0.95,
+    )
     torch.library.opcheck(torch.ops.rlhf_fast.gae.default, grad_args)
     torch.library.opcheck(torch.ops.rlhf_fast.group_advantages.default, (torch.randn(12), 4, True, False, 1e-6))
     torch.library.opcheck(torch.ops.rlhf_fast.masked_moments.default, (torch.randn(5, 7), torch.rand(5, 7) > 0.5))

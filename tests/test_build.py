@@ -1,4 +1,5 @@
 """The compiled library: loaded, ops registered, and (where CI expects it) the CUDA sources compiled in."""
+
 import os
 import subprocess
 import sys
@@ -9,22 +10,36 @@ import torch
 
 from rlhf_fast import backend
 
-
 # Per family: the ops registered under torch.ops.rlhf_fast, and CUDA kernel symbols that must be in the library.
 FAMILIES = {
-    "advantages": (("gae", "group_advantages", "masked_moments"),
-                   (b"gae_kernel", b"masked_moments_kernel", b"group_advantages_kernel")),
-    "logprobs": (("logprobs_forward", "logprobs_backward", "logprobs_backward_"),
-                 (b"logprobs_forward_kernel", b"logprobs_backward_kernel")),
-    "divergence": (("f_divergence", "f_divergence_backward", "f_divergence_second_pass"),
-                   (b"f_divergence_forward_kernel", b"f_divergence_backward_kernel",
-                    b"f_divergence_second_pass_kernel")),
-    "losses": (("kl_penalty", "kl_penalty_backward", "ppo_policy_loss", "ppo_policy_loss_backward", "ppo_value_loss",
-                "ppo_value_loss_backward"),
-               (b"kl_penalty_kernel", b"kl_penalty_backward_kernel", b"loss_forward_kernel", b"loss_backward_kernel")),
+    "advantages": (
+        ("gae", "group_advantages", "masked_moments"),
+        (b"gae_kernel", b"masked_moments_kernel", b"group_advantages_kernel"),
+    ),
+    "logprobs": (
+        ("logprobs_forward", "logprobs_backward", "logprobs_backward_"),
+        (b"logprobs_forward_kernel", b"logprobs_backward_kernel"),
+    ),
+    "divergence": (
+        ("f_divergence", "f_divergence_backward", "f_divergence_second_pass"),
+        (b"f_divergence_forward_kernel", b"f_divergence_backward_kernel", b"f_divergence_second_pass_kernel"),
+    ),
+    "losses": (
+        (
+            "kl_penalty",
+            "kl_penalty_backward",
+            "ppo_policy_loss",
+            "ppo_policy_loss_backward",
+            "ppo_value_loss",
+            "ppo_value_loss_backward",
+        ),
+        (b"kl_penalty_kernel", b"kl_penalty_backward_kernel", b"loss_forward_kernel", b"loss_backward_kernel"),
+    ),
     "sampling": (("sample",), ()),  # CPU kernel only so far
-    "quant": (("qmatmul_int8", "qmatmul_int4", "qmatmul_w8a8"),
-              (b"int8_gemv_kernel", b"int4_gemv_kernel", b"quantize_rows_kernel", b"w8a8_epilogue_kernel")),
+    "quant": (
+        ("qmatmul_int8", "qmatmul_int4", "qmatmul_w8a8"),
+        (b"int8_gemv_kernel", b"int4_gemv_kernel", b"quantize_rows_kernel", b"w8a8_epilogue_kernel"),
+    ),
 }
 
 
@@ -35,8 +50,10 @@ def test_compiled_library_registers_ops(family):
         assert hasattr(torch.ops.rlhf_fast, op), f"torch.ops.rlhf_fast.{op} is not registered"
 
 
-@pytest.mark.skipif(os.environ.get("RLHF_FAST_EXPECT_CUDA") != "1",
-                    reason="set RLHF_FAST_EXPECT_CUDA=1 where nvcc and a CUDA torch are present (CI does)")
+@pytest.mark.skipif(
+    os.environ.get("RLHF_FAST_EXPECT_CUDA") != "1",
+    reason="set RLHF_FAST_EXPECT_CUDA=1 where nvcc and a CUDA torch are present (CI does)",
+)
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_cuda_sources_compiled_in(family):
     assert backend.cuda_compiled(), "rlhf_fast._C was built without csrc/cuda/*.cu"

@@ -4,8 +4,9 @@ import sys
 
 
 def _cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "rlhf_fast.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "rlhf_fast.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_info_lists_backends():
@@ -23,8 +24,23 @@ def test_bench_quick_writes_long_format_rows(tmp_path):
     files = list(tmp_path.glob("*.csv"))
     assert len(files) == 1
     rows = list(csv.DictReader(files[0].open()))
-    assert list(rows[0]) == ["op", "provider", "mode", "shape", "dtype", "metric", "unit", "p50", "p20", "p80",
-                             "device", "torch", "triton", "git_commit", "timestamp"]
+    assert list(rows[0]) == [
+        "op",
+        "provider",
+        "mode",
+        "shape",
+        "dtype",
+        "metric",
+        "unit",
+        "p50",
+        "p20",
+        "p80",
+        "device",
+        "torch",
+        "triton",
+        "git_commit",
+        "timestamp",
+    ]
     gae_times = {r["provider"]: float(r["p50"]) for r in rows if r["op"] == "gae" and r["metric"] == "time"}
     assert {"eager", "cpu"} <= set(gae_times) and all(v > 0 for v in gae_times.values())
     assert any(r["metric"] == "peak_mem" and r["unit"] == "MB" for r in rows)

@@ -7,6 +7,7 @@ the tail) and the kernel's merge order (warp butterflies, then warp 0 merging th
 2^x differs: the host takes the exact exp2 where the GPU takes ex2.approx (relative error ~2^-22). Skipped only
 without a C++ compiler.
 """
+
 import shutil
 import subprocess
 from pathlib import Path
@@ -29,16 +30,36 @@ def replay(tmp_path_factory):
     if compiler is None:
         pytest.skip("no C++ compiler")
     exe = tmp_path_factory.mktemp("replay") / "logprobs_block_replay"
-    subprocess.run([compiler, "-O2", "-std=c++20", "-Wall", f"-I{ROOT / 'csrc'}",
-                    str(ROOT / "tests" / "native" / "logprobs_block_replay.cpp"), "-o", str(exe)], check=True)
+    subprocess.run(
+        [
+            compiler,
+            "-O2",
+            "-std=c++20",
+            "-Wall",
+            f"-I{ROOT / 'csrc'}",
+            str(ROOT / "tests" / "native" / "logprobs_block_replay.cpp"),
+            "-o",
+            str(exe),
+        ],
+        check=True,
+    )
 
     def run(rows, misalignment, temperature=1.0):
         """(lse, entropy) float32 per row of `rows` (R, V) float32 / bfloat16, each row placed `misalignment`
         elements past a 16-byte boundary."""
         bits = rows.contiguous().view(torch.int16 if rows.dtype == torch.bfloat16 else torch.int32)
-        out = subprocess.run([str(exe), "bf16" if rows.dtype == torch.bfloat16 else "f32", str(misalignment),
-                              str(rows.shape[1]), repr(temperature)], input=bits.numpy().tobytes(),
-                             capture_output=True, check=True).stdout
+        out = subprocess.run(
+            [
+                str(exe),
+                "bf16" if rows.dtype == torch.bfloat16 else "f32",
+                str(misalignment),
+                str(rows.shape[1]),
+                repr(temperature),
+            ],
+            input=bits.numpy().tobytes(),
+            capture_output=True,
+            check=True,
+        ).stdout
         result = torch.from_numpy(np.frombuffer(out, dtype=np.float32).copy()).view(-1, 2)
         assert result.shape[0] == rows.shape[0]
         return result[:, 0], result[:, 1]
@@ -56,8 +77,17 @@ def _nan_positions(head, pack):
     """Positions of the row that land in each part of a thread's work for a row with `head` head elements."""
     first_pack, packs = head, (VOCAB - head) // pack
     tail = head + packs * pack
-    positions = {0, max(head - 1, 0), first_pack, first_pack + pack - 1, first_pack + (THREADS - 1) * pack,
-                 first_pack + THREADS * pack, tail - 1, tail, VOCAB - 1}
+    positions = {
+        0,
+        max(head - 1, 0),
+        first_pack,
+        first_pack + pack - 1,
+        first_pack + (THREADS - 1) * pack,
+        first_pack + THREADS * pack,
+        tail - 1,
+        tail,
+        VOCAB - 1,
+    }
     return sorted(p for p in positions if 0 <= p < VOCAB)
 
 
@@ -82,7 +112,8 @@ def test_nan_propagates_at_every_misalignment(replay, dtype):
         lse, entropy = replay(torch.stack(rows).to(dtype), misalignment)
         for kind, row_lse, row_entropy in zip(kinds, lse.tolist(), entropy.tolist()):
             assert np.isnan(row_lse) and np.isnan(row_entropy), (
-                f"{dtype} misalignment {misalignment}, {kind}: lse {row_lse}, entropy {row_entropy}")
+                f"{dtype} misalignment {misalignment}, {kind}: lse {row_lse}, entropy {row_entropy}"
+            )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -3,16 +3,24 @@ import sys
 
 import pytest
 import torch
+from conftest import device_backend_pairs
 
 import rlhf_fast as rf
 from rlhf_fast import reference as ref
 
-from conftest import device_backend_pairs
-
 PAIRS = device_backend_pairs()
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-KINDS = [("kl", None), ("reverse_kl", None), ("js", None), ("tv", None), ("hellinger", None), ("chi2", None),
-         ("alpha", -0.5), ("alpha", 0.5), ("alpha", 2.0)]
+KINDS = [
+    ("kl", None),
+    ("reverse_kl", None),
+    ("js", None),
+    ("tv", None),
+    ("hellinger", None),
+    ("chi2", None),
+    ("alpha", -0.5),
+    ("alpha", 0.5),
+    ("alpha", 2.0),
+]
 KIND_IDS = [kind if alpha is None else f"alpha={alpha}" for kind, alpha in KINDS]
 # The Triton interpreter evaluates tiles with numpy, which warns about the inf - inf, log(0) and overflowing casts
 # of padding lanes and masked rows, whose results are then discarded.
@@ -115,8 +123,7 @@ def test_power_kinds_save_the_s_of_their_value(device, name):
         for kind, alpha in [("hellinger", 0.0), ("chi2", 0.0), ("alpha", -0.5), ("alpha", 2.0)]:
             out, stats = ops.f_divergence(p, q, None, kind, alpha, 1.0)
             scale = ref.power_divergence_constants(kind, alpha)[1]
-            torch.testing.assert_close(stats[:, 2].double(), 1 + out.double() / scale, rtol=2.5e-7, atol=0,
-                                       msg=kind)
+            torch.testing.assert_close(stats[:, 2].double(), 1 + out.double() / scale, rtol=2.5e-7, atol=0, msg=kind)
 
 
 @pytest.mark.parametrize("device,name", PAIRS)
@@ -243,6 +250,7 @@ def test_bad_input_names_the_argument():
 @needs_compiled
 def test_forward_allocates_no_rows_by_vocab_buffers():
     from torch.profiler import ProfilerActivity, profile
+
     p, q = torch.randn(64, 4096), torch.randn(64, 4096)  # 1 MiB each
     for kind in ("kl", "js", "alpha"):
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -260,15 +268,19 @@ def test_opcheck_compiled_ops():
             p = torch.randn(rows, vocab, dtype=dtype, requires_grad=True)
             q = torch.randn(rows, vocab, dtype=dtype, requires_grad=True)
             torch.library.opcheck(torch.ops.rlhf_fast.f_divergence.default, (p, q, mask, kind, alpha, 0.7))
-            torch.library.opcheck(torch.ops.rlhf_fast.f_divergence.default, (p.detach(), q.detach(), None, kind,
-                                                                              alpha, 1.0))
+            torch.library.opcheck(
+                torch.ops.rlhf_fast.f_divergence.default, (p.detach(), q.detach(), None, kind, alpha, 1.0)
+            )
             out, stats = torch.ops.rlhf_fast.f_divergence(p.detach(), q.detach(), mask, kind, alpha, 0.7)
-            torch.library.opcheck(torch.ops.rlhf_fast.f_divergence_backward.default,
-                                  (torch.randn(rows), p.detach(), q.detach(), mask, out, stats, kind, alpha, 0.7,
-                                   True, False))
+            torch.library.opcheck(
+                torch.ops.rlhf_fast.f_divergence_backward.default,
+                (torch.randn(rows), p.detach(), q.detach(), mask, out, stats, kind, alpha, 0.7, True, False),
+            )
             if kind == "js":
-                torch.library.opcheck(torch.ops.rlhf_fast.f_divergence_second_pass.default,
-                                      (p.detach(), q.detach(), mask, stats, kind, 0.7))
+                torch.library.opcheck(
+                    torch.ops.rlhf_fast.f_divergence_second_pass.default,
+                    (p.detach(), q.detach(), mask, stats, kind, 0.7),
+                )
 
 
 @pytest.mark.parametrize("device, name", [pair for pair in PAIRS if pair[1] != "torch"])
@@ -281,8 +293,10 @@ def test_second_pass_sums_over_column_blocks(device, name, kind):
     p, q = _logits(6, vocab, torch.float32, device), _logits(6, vocab, torch.float32, device)
     mask = _holes(6, device)
     out, stats = ops.f_divergence(p, q, None, kind, 0.0, 0.8)
-    sums = sum(ops.f_divergence_second_pass(p[:, s:s + 100], q[:, s:s + 100], mask, stats, kind, 0.8)
-               for s in range(0, vocab, 100))
+    sums = sum(
+        ops.f_divergence_second_pass(p[:, s : s + 100], q[:, s : s + 100], mask, stats, kind, 0.8)
+        for s in range(0, vocab, 100)
+    )
     value, statistic = (0.5 * sums.sum(-1), sums[:, 0]) if kind == "js" else (0.5 * sums[:, 0], sums[:, 1])
     zero = torch.zeros_like(out)
     torch.testing.assert_close(value, torch.where(mask, out, zero), rtol=1e-4, atol=1e-6)
@@ -312,8 +326,23 @@ def test_torch_compile_fullgraph_cpu():
 @needs_compiled
 def test_quick_benchmark_providers_agree():
     # every provider's output is checked against eager's by the harness: a MISMATCH or error fails the command
-    out = subprocess.run([sys.executable, "-m", "rlhf_fast.cli", "bench", "--quick", "--family", "divergence",
-                          "--device", "cpu", "--no-save"], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rlhf_fast.cli",
+            "bench",
+            "--quick",
+            "--family",
+            "divergence",
+            "--device",
+            "cpu",
+            "--no-save",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "f_divergence[kl]" in out.stdout and "f_divergence[js]" in out.stdout
 

@@ -1,13 +1,14 @@
 """rlhf_fast.integrations.openrlhf: every patched function against OpenRLHF's own (captured before patching),
 forward and backward, fp32 and bf16, masks with holes and fully masked rows; bindings restored."""
+
 import contextlib
 import importlib
 
 import pytest
 import torch
-
 from _standins import gpu_only_modules
 from peer_checks import RUNS, assert_matches, leaf, mask_with_holes, rounded
+
 from rlhf_fast.integrations import openrlhf as rf_openrlhf
 
 pytest.importorskip("openrlhf")
@@ -23,8 +24,10 @@ from openrlhf.models import utils as orl_utils  # noqa: E402
 from openrlhf.trainer.ppo_utils import experience_maker  # noqa: E402
 
 ORIGINAL = {t.name: getattr(orl_utils, t.name) for t in rf_openrlhf.TARGETS}
-METHODS = {f"{cls}.{method}": importlib.import_module(module).__dict__[cls].__dict__[method]
-           for module, cls, method, _, _ in rf_openrlhf.METHODS}
+METHODS = {
+    f"{cls}.{method}": importlib.import_module(module).__dict__[cls].__dict__[method]
+    for module, cls, method, _, _ in rf_openrlhf.METHODS
+}
 DTYPES = [torch.float32, torch.bfloat16]
 
 
@@ -129,12 +132,12 @@ def test_policy_loss_matches_openrlhf(dtype, global_info):
         dt = dt or dtype
         with patched(label):  # one patch for every setting (patching scans every module)
             for token_level_loss, dual_clip in POLICY_SETTINGS:
-                module = orl_loss.PolicyLoss(clip_eps_low=0.15, clip_eps_high=0.28, dual_clip=dual_clip,
-                                             token_level_loss=token_level_loss)
+                module = orl_loss.PolicyLoss(
+                    clip_eps_low=0.15, clip_eps_high=0.28, dual_clip=dual_clip, token_level_loss=token_level_loss
+                )
                 logp = leaf(new, dt)
                 forward = module.forward if label == "ours" else METHODS["PolicyLoss.forward"].__get__(module)
-                loss, clip_ratio, ppo_kl, vllm_kl, filtered = forward(logp, old.to(dt), adv.to(dt), mask,
-                                                                      **global_info)
+                loss, clip_ratio, ppo_kl, vllm_kl, filtered = forward(logp, old.to(dt), adv.to(dt), mask, **global_info)
                 loss.float().backward()
                 assert vllm_kl is None and filtered is None
                 out[label, token_level_loss, dual_clip] = (loss, logp.grad, clip_ratio, ppo_kl)
@@ -191,8 +194,11 @@ def test_gae_matches_openrlhf(dtype, with_mask, steps):
     for label, dt in RUNS:
         dt = dt or dtype
         with patched(label):
-            method = maker.get_advantages_and_returns if label == "ours" else \
-                METHODS["RemoteExperienceMaker.get_advantages_and_returns"].__get__(maker)
+            method = (
+                maker.get_advantages_and_returns
+                if label == "ours"
+                else METHODS["RemoteExperienceMaker.get_advantages_and_returns"].__get__(maker)
+            )
             out[label] = method(values.to(dt), rewards.to(dt), mask, 0.99, 0.95)
     for o, p, r in zip(out["ours"], out["peer"], out["ref"]):
         assert_matches(o, p, r, rtol=1e-4, atol=1e-5)
@@ -200,6 +206,7 @@ def test_gae_matches_openrlhf(dtype, with_mask, steps):
 
 def test_patch_is_idempotent_and_unpatch_restores_every_binding():
     import openrlhf.models.actor as actor
+
     handle = rf_openrlhf.patch()
     try:
         assert rf_openrlhf.patch() is handle

@@ -1,4 +1,5 @@
 """The patching machinery of rlhf_fast.integrations on a made-up peer package held in sys.modules."""
+
 import sys
 import types
 import warnings
@@ -22,6 +23,7 @@ def _shift(x, offset=1.0):
 def peer(monkeypatch):
     """fakepeer_rf with utils (defines scale, shift), trainer (binds them by name and by alias), registry
     (a dict of them), and a module outside the package that also binds scale."""
+
     def module(name, **attrs):
         mod = types.ModuleType(name)
         mod.__dict__.update(attrs)
@@ -42,13 +44,16 @@ def peer(monkeypatch):
 def _replacement(original):
     def replacement(x, factor=2.0):
         return -original(x, factor)
+
     replacement.__wrapped__ = original
     return replacement
 
 
 def _adapter(pinned="1.2", params=("factor",), **kwargs):
-    targets = [Target(f"{PEER}.utils", "scale", _replacement, params),
-               Target(f"{PEER}.utils", "shift", lambda original: (lambda x, offset=1.0: x - offset), ("offset",))]
+    targets = [
+        Target(f"{PEER}.utils", "scale", _replacement, params),
+        Target(f"{PEER}.utils", "shift", lambda original: lambda x, offset=1.0: x - offset, ("offset",)),
+    ]
     return Adapter(PEER, pinned, targets, **kwargs)
 
 
@@ -123,6 +128,7 @@ def test_module_imported_while_patched_is_restored(peer, monkeypatch):
 def test_other_version_warns_once_and_skips_changed_signatures(peer):
     def scale_v2(x, multiplier=2.0):  # the parameter the replacement translates was renamed
         return x * multiplier
+
     for module in (peer.pkg.utils, peer.pkg.trainer):
         module.scale = scale_v2
     peer.pkg.__version__ = "2.0.0"
@@ -155,8 +161,11 @@ def test_pinned_minor_matches_every_patch_release(peer):
 
 
 def test_missing_module_or_name_is_skipped(peer):
-    targets = [Target(f"{PEER}.absent", "scale", _replacement), Target(f"{PEER}.utils", "gone", _replacement),
-               Target(f"{PEER}.utils", "scale", _replacement, ("factor",))]
+    targets = [
+        Target(f"{PEER}.absent", "scale", _replacement),
+        Target(f"{PEER}.utils", "gone", _replacement),
+        Target(f"{PEER}.utils", "scale", _replacement, ("factor",)),
+    ]
     with pytest.warns(RuntimeWarning, match="does not import"):
         handle = Adapter(PEER, "1.2", targets).patch()
     assert set(handle.skipped) == {f"{PEER}.absent.scale", f"{PEER}.utils.gone"}
@@ -220,8 +229,10 @@ def test_class_target_checks_forward_parameters(peer):
             return hidden
 
     peer.pkg.utils.Function = Function
-    targets = [Target(f"{PEER}.utils", "Function", lambda original: type("F", (original,), {}), ("temperature",)),
-               Target(f"{PEER}.utils", "scale", _replacement, ("logit_scale",))]
+    targets = [
+        Target(f"{PEER}.utils", "Function", lambda original: type("F", (original,), {}), ("temperature",)),
+        Target(f"{PEER}.utils", "scale", _replacement, ("logit_scale",)),
+    ]
     with pytest.warns(RuntimeWarning, match="lacks logit_scale"):
         handle = Adapter(PEER, "1.2", targets).patch()
     assert set(handle.replaced) == {f"{PEER}.utils.Function"}

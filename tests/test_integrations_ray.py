@@ -7,6 +7,7 @@ verl and OpenRLHF patched and runs our kernels with their results; and two launc
 RAY_RUNTIME_ENV_HOOK exported), one with RLHF_FAST_PATCH=verl (driver and actor patched) and one without
 (neither). The drivers start with the cluster and run beside the first tests.
 """
+
 import importlib
 import importlib.util
 import json
@@ -26,8 +27,9 @@ for _peer in ("verl", "openrlhf"):
 
 import _standins  # noqa: E402
 import ray_probes  # noqa: E402
-from rlhf_fast.integrations import ray_workers  # noqa: E402
+
 from rlhf_fast.integrations import openrlhf as rf_openrlhf  # noqa: E402
+from rlhf_fast.integrations import ray_workers  # noqa: E402
 from rlhf_fast.integrations import verl as rf_verl  # noqa: E402
 
 HOOK_ENV = "RAY_RUNTIME_ENV_HOOK"
@@ -36,18 +38,29 @@ DRIVER_TIMEOUT = 240
 
 # ------------------------------------------------------------------ the cluster
 
+
 def _start_driver(address, peers):
     """A launcher's driver in a subprocess (ray_probes.driver) on the cluster at `address`, with our runtime_env
     hook exported and RLHF_FAST_PATCH=peers (unset if None). Its stderr goes to a file (a full pipe would stall
     it)."""
     env = {k: v for k, v in os.environ.items() if k not in (ray_workers.ENV_VAR, "RAY_ADDRESS")}
-    env.update({"RAY_ADDRESS": address, HOOK_ENV: "rlhf_fast.integrations.ray_workers.runtime_env_hook",
-                "PYTHONPATH": os.pathsep.join([ray_probes.TESTS, env.get("PYTHONPATH", "")])})
+    env.update(
+        {
+            "RAY_ADDRESS": address,
+            HOOK_ENV: "rlhf_fast.integrations.ray_workers.runtime_env_hook",
+            "PYTHONPATH": os.pathsep.join([ray_probes.TESTS, env.get("PYTHONPATH", "")]),
+        }
+    )
     if peers is not None:
         env[ray_workers.ENV_VAR] = peers
     stderr = tempfile.TemporaryFile("w+")
-    process = subprocess.Popen([sys.executable, "-c", "import ray_probes; ray_probes.driver()"], env=env,
-                               stdout=subprocess.PIPE, stderr=stderr, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", "import ray_probes; ray_probes.driver()"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+    )
     return process, stderr
 
 
@@ -56,8 +69,10 @@ def cluster():
     """A 2-CPU local cluster whose job runtime_env is the user's own (PYTHONPATH, an env var, a setup hook that
     imports OpenRLHF with the stand-ins) through rf_verl.ray_runtime_env and rf_openrlhf.ray_runtime_env; the
     probe actor and the two launcher drivers start at once (so that their imports overlap)."""
-    user_env = {"env_vars": {"PYTHONPATH": ray_probes.TESTS, "USER_VAR": "kept"},
-                "worker_process_setup_hook": _standins.import_openrlhf}
+    user_env = {
+        "env_vars": {"PYTHONPATH": ray_probes.TESTS, "USER_VAR": "kept"},
+        "worker_process_setup_hook": _standins.import_openrlhf,
+    }
     runtime_env = rf_openrlhf.ray_runtime_env(rf_verl.ray_runtime_env(user_env))
     inherited = os.environ.pop(ray_workers.ENV_VAR, None)  # the cluster's processes must not inherit it
     drivers = {}
@@ -89,7 +104,7 @@ def _report(driver):
     stderr.seek(0)
     lines = [line for line in out.splitlines() if line.startswith("REPORT ")]
     assert process.returncode == 0 and lines, f"driver failed (exit {process.returncode}):\n{stderr.read()[-3000:]}"
-    return json.loads(lines[-1][len("REPORT "):])
+    return json.loads(lines[-1][len("REPORT ") :])
 
 
 def test_a_worker_process_has_both_peers_patched(cluster):
@@ -103,10 +118,13 @@ def test_a_worker_process_has_both_peers_patched(cluster):
     assert len(state["openrlhf"]["replaced"]) == len(rf_openrlhf.TARGETS) + len(rf_openrlhf.METHODS)
 
 
-@pytest.mark.parametrize("peer, functions", [
-    ("verl", {"logprobs_from_logits", "agg_loss", "compute_policy_loss_vanilla"}),
-    ("openrlhf", {"compute_approx_kl", "PolicyLoss.forward"}),
-])
+@pytest.mark.parametrize(
+    "peer, functions",
+    [
+        ("verl", {"logprobs_from_logits", "agg_loss", "compute_policy_loss_vanilla"}),
+        ("openrlhf", {"compute_approx_kl", "PolicyLoss.forward"}),
+    ],
+)
 def test_peer_functions_in_a_worker_run_our_kernels_with_the_peers_results(cluster, peer, functions):
     report = ray.get(cluster["probe"].run.remote(peer, seed=7))
     assert set(report) == functions
@@ -139,17 +157,25 @@ def test_the_launcher_route_without_RLHF_FAST_PATCH_changes_nothing(cluster):
 
 # ------------------------------------------------------------------ runtime_env
 
+
 def test_runtime_env_without_a_user_hook():
     base = {"env_vars": {"A": "1"}, "pip": ["x"]}
     env = ray_workers.runtime_env(["verl"], base)
-    assert env == {"env_vars": {"A": "1", ray_workers.ENV_VAR: "verl"}, "pip": ["x"],
-                   "worker_process_setup_hook": "rlhf_fast.integrations.ray_workers.setup_worker"}
+    assert env == {
+        "env_vars": {"A": "1", ray_workers.ENV_VAR: "verl"},
+        "pip": ["x"],
+        "worker_process_setup_hook": "rlhf_fast.integrations.ray_workers.setup_worker",
+    }
     assert base == {"env_vars": {"A": "1"}, "pip": ["x"]}  # not modified
-    assert ray_workers.runtime_env("verl") == rf_verl.ray_runtime_env() == {
-        "env_vars": {ray_workers.ENV_VAR: "verl"}, "worker_process_setup_hook": ray_workers.HOOK}
+    assert (
+        ray_workers.runtime_env("verl")
+        == rf_verl.ray_runtime_env()
+        == {"env_vars": {ray_workers.ENV_VAR: "verl"}, "worker_process_setup_hook": ray_workers.HOOK}
+    )
     assert rf_openrlhf.ray_runtime_env(env)["env_vars"][ray_workers.ENV_VAR] == "verl,openrlhf"
     assert ray_workers.runtime_env(["verl", " trl"], {"env_vars": {ray_workers.ENV_VAR: "trl,verl"}})["env_vars"] == {
-        ray_workers.ENV_VAR: "trl,verl"}  # a union, each peer once
+        ray_workers.ENV_VAR: "trl,verl"
+    }  # a union, each peer once
 
 
 ORDER = []  # what user_hook and the peers' patch() did, in order
@@ -184,19 +210,30 @@ def test_runtime_env_chains_a_user_hook_before_ours(hook, patched, monkeypatch):
     assert patched == ["user", "verl"]
 
 
-@pytest.mark.parametrize("peers, base, match", [
-    (["verl", "vllm"], None,
-     r"runtime_env\(peers=\.\.\.\): unknown peer 'vllm'; use peer names from verl, openrlhf, trl"),
-    ([], None, r"runtime_env\(peers=\.\.\.\): name at least one peer"),
-    (["verl"], {"env_vars": {ray_workers.ENV_VAR: "verl,deepspeed"}}, r"base env_vars\['RLHF_FAST_PATCH'\]: unknown peer"),
-    (["verl"], {"worker_process_setup_hook": 3}, r"worker_process_setup_hook: a callable or a 'module.function'"),
-])
+@pytest.mark.parametrize(
+    "peers, base, match",
+    [
+        (
+            ["verl", "vllm"],
+            None,
+            r"runtime_env\(peers=\.\.\.\): unknown peer 'vllm'; use peer names from verl, openrlhf, trl",
+        ),
+        ([], None, r"runtime_env\(peers=\.\.\.\): name at least one peer"),
+        (
+            ["verl"],
+            {"env_vars": {ray_workers.ENV_VAR: "verl,deepspeed"}},
+            r"base env_vars\['RLHF_FAST_PATCH'\]: unknown peer",
+        ),
+        (["verl"], {"worker_process_setup_hook": 3}, r"worker_process_setup_hook: a callable or a 'module.function'"),
+    ],
+)
 def test_runtime_env_rejects_bad_arguments(peers, base, match):
     with pytest.raises(ValueError, match=match):
         ray_workers.runtime_env(peers, base)
 
 
 # ------------------------------------------------------------------ setup_worker / runtime_env_hook
+
 
 @pytest.mark.parametrize("value", [None, "", " , "])
 def test_without_RLHF_FAST_PATCH_nothing_is_patched(value, patched, monkeypatch):
@@ -217,8 +254,10 @@ def test_setup_worker_and_runtime_env_hook_patch_the_named_peers(patched, monkey
     assert patched == ["openrlhf", "verl"]
     job_env = {"env_vars": {"A": "1"}, "working_dir": None}
     assert ray_workers.runtime_env_hook(job_env) == {
-        "env_vars": {"A": "1", ray_workers.ENV_VAR: "openrlhf,verl"}, "working_dir": None,
-        "worker_process_setup_hook": ray_workers.HOOK}
+        "env_vars": {"A": "1", ray_workers.ENV_VAR: "openrlhf,verl"},
+        "working_dir": None,
+        "worker_process_setup_hook": ray_workers.HOOK,
+    }
     assert job_env == {"env_vars": {"A": "1"}, "working_dir": None}
     assert patched == ["openrlhf", "verl"] * 2  # the driver too
     monkeypatch.setenv(ray_workers.ENV_VAR, "trl")
@@ -227,7 +266,9 @@ def test_setup_worker_and_runtime_env_hook_patch_the_named_peers(patched, monkey
 
 def test_setup_worker_rejects_an_unknown_peer(patched, monkeypatch):
     monkeypatch.setenv(ray_workers.ENV_VAR, "verl,open_rlhf")
-    with pytest.raises(ValueError, match="environment variable RLHF_FAST_PATCH: unknown peer 'open_rlhf'; use peer "
-                                         "names from verl, openrlhf, trl"):
+    with pytest.raises(
+        ValueError,
+        match="environment variable RLHF_FAST_PATCH: unknown peer 'open_rlhf'; use peer names from verl, openrlhf, trl",
+    ):
         ray_workers.setup_worker()
     assert patched == []  # checked before anything is patched

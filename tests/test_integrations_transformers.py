@@ -1,10 +1,12 @@
 """rlhf_fast.integrations.transformers: generate's warpers + multinomial replaced by rf.sample, with the same law."""
+
 import math
 
 import pytest
 import torch
 
 pytest.importorskip("transformers")
+from test_sampling import _assert_matches_distribution  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from transformers.generation import logits_process as lp  # noqa: E402
 from transformers.generation import utils as generation  # noqa: E402
@@ -12,14 +14,21 @@ from transformers.generation import utils as generation  # noqa: E402
 from rlhf_fast import reference  # noqa: E402
 from rlhf_fast.integrations import transformers as rf_transformers  # noqa: E402
 
-from test_sampling import _assert_matches_distribution  # noqa: E402
-
 
 def _model(vocab=1003):
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                         pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -31,9 +40,14 @@ def test_patch_fuses_the_warpers_and_unpatch_restores():
         assert generation.torch is not torch
         config = model.generation_config
         config.update(do_sample=True, temperature=0.7, top_k=20, top_p=0.9, min_p=0.05)
-        processors = model._get_logits_processor(generation_config=config, input_ids_seq_length=4,
-                                                 encoder_input_ids=None, prefix_allowed_tokens_fn=None,
-                                                 logits_processor=lp.LogitsProcessorList(), device="cpu")
+        processors = model._get_logits_processor(
+            generation_config=config,
+            input_ids_seq_length=4,
+            encoder_input_ids=None,
+            prefix_allowed_tokens_fn=None,
+            logits_processor=lp.LogitsProcessorList(),
+            device="cpu",
+        )
         fused = processors[-1]
         assert isinstance(fused, rf_transformers.FusedSampling)
         assert (fused.temperature, fused.top_k, fused.top_p, fused.min_p) == (0.7, 20, 0.9, 0.05)
@@ -50,29 +64,41 @@ def test_plain_sampling_gets_the_fused_sampler_too():
 
 
 def test_other_warpers_are_left_alone():
-    processors = lp.LogitsProcessorList([lp.TemperatureLogitsWarper(0.7), lp.TopKLogitsWarper(10),
-                                         lp.TypicalLogitsWarper(0.9)])
+    processors = lp.LogitsProcessorList(
+        [lp.TemperatureLogitsWarper(0.7), lp.TopKLogitsWarper(10), lp.TypicalLogitsWarper(0.9)]
+    )
     assert rf_transformers.fuse_warpers(processors) is processors
-    processors = lp.LogitsProcessorList([lp.RepetitionPenaltyLogitsProcessor(1.2), lp.TopKLogitsWarper(10),
-                                         lp.TopPLogitsWarper(0.8, min_tokens_to_keep=2)])
+    processors = lp.LogitsProcessorList(
+        [
+            lp.RepetitionPenaltyLogitsProcessor(1.2),
+            lp.TopKLogitsWarper(10),
+            lp.TopPLogitsWarper(0.8, min_tokens_to_keep=2),
+        ]
+    )
     assert rf_transformers.fuse_warpers(processors) is processors  # the last warper keeps 2 tokens: not ours
-    processors = lp.LogitsProcessorList([lp.RepetitionPenaltyLogitsProcessor(1.2), lp.TopKLogitsWarper(10),
-                                         lp.TopPLogitsWarper(0.8)])
+    processors = lp.LogitsProcessorList(
+        [lp.RepetitionPenaltyLogitsProcessor(1.2), lp.TopKLogitsWarper(10), lp.TopPLogitsWarper(0.8)]
+    )
     fused = rf_transformers.fuse_warpers(processors)
     assert isinstance(fused[0], lp.RepetitionPenaltyLogitsProcessor) and len(fused) == 2
     assert (fused[1].top_k, fused[1].top_p, fused[1].temperature) == (10, 0.8, 1.0)
 
 
-@pytest.mark.parametrize("settings", [dict(temperature=0.8), dict(top_k=7), dict(top_p=0.85, temperature=1.3),
-                                      dict(min_p=0.1)], ids=str)
+@pytest.mark.parametrize(
+    "settings", [dict(temperature=0.8), dict(top_k=7), dict(top_p=0.85, temperature=1.3), dict(min_p=0.1)], ids=str
+)
 def test_one_step_law_equals_the_warpers(settings):
     """The patched step (FusedSampling, then softmax + the generation module's multinomial) draws from the law
     of Hugging Face's warpers, on many rows at once."""
     g = torch.Generator().manual_seed(4)
     row = torch.randn(1, 50, generator=g) * 2
     processors = lp.LogitsProcessorList()
-    for name, warper in (("temperature", lp.TemperatureLogitsWarper), ("top_k", lp.TopKLogitsWarper),
-                         ("top_p", lp.TopPLogitsWarper), ("min_p", lp.MinPLogitsWarper)):
+    for name, warper in (
+        ("temperature", lp.TemperatureLogitsWarper),
+        ("top_k", lp.TopKLogitsWarper),
+        ("top_p", lp.TopPLogitsWarper),
+        ("min_p", lp.MinPLogitsWarper),
+    ):
         if name in settings:
             processors.append(warper(settings[name]))
     exact = torch.softmax(processors(None, row.double()), dim=-1)[0]

@@ -5,6 +5,7 @@ module, so the originals are only themselves while nothing is patched), then the
 equal within float32 rounding. bf16 (TRL returns bf16): both against TRL's code in float64 on the same
 inputs, ours no further off than TRL's own bf16 result.
 """
+
 import contextlib
 import importlib
 import importlib.metadata
@@ -21,8 +22,12 @@ from rlhf_fast.integrations import trl as rf_trl  # noqa: E402
 
 UTILS_NAMES = ("selective_log_softmax", "entropy_from_logits", "selective_log_softmax_and_entropy")
 # Trainer modules of TRL 1.16 that bind the utils functions by name (imported before patching in the tests).
-BINDING_MODULES = ("trl.experimental.cpo.cpo_trainer", "trl.experimental.orpo.orpo_trainer",
-                   "trl.experimental.tpo.tpo_trainer", "trl.experimental.sdft.loss_utils")
+BINDING_MODULES = (
+    "trl.experimental.cpo.cpo_trainer",
+    "trl.experimental.orpo.orpo_trainer",
+    "trl.experimental.tpo.tpo_trainer",
+    "trl.experimental.sdft.loss_utils",
+)
 # Imported only while patched, by test_module_imported_while_patched_is_restored.
 LATE_MODULE = "trl.experimental.sdpo.loss_utils"
 VOCAB = 1003  # not a power of two
@@ -39,7 +44,8 @@ def _unpatched():
 
 def originals():
     return {name: getattr(trl_utils, name) for name in UTILS_NAMES} | {
-        "ChunkedLogProbFunction": chunked_logprob.ChunkedLogProbFunction}
+        "ChunkedLogProbFunction": chunked_logprob.ChunkedLogProbFunction
+    }
 
 
 def outputs_and_grads(out, leaves, seed=7):
@@ -47,8 +53,11 @@ def outputs_and_grads(out, leaves, seed=7):
     weighted sum of those that do with respect to `leaves`."""
     outs = list(out) if isinstance(out, tuple) else [out]
     gen = torch.Generator().manual_seed(seed)
-    weighted = [(o.double() * torch.randn(o.shape, generator=gen, dtype=torch.float64)).sum()
-                for o in outs if o is not None and o.requires_grad]
+    weighted = [
+        (o.double() * torch.randn(o.shape, generator=gen, dtype=torch.float64)).sum()
+        for o in outs
+        if o is not None and o.requires_grad
+    ]
     grads = list(torch.autograd.grad(sum(weighted), leaves)) if weighted else []
     flags = [None if o is None else o.requires_grad for o in outs]
     return [None if o is None else o.detach() for o in outs], flags, grads
@@ -135,8 +144,9 @@ def test_selective_log_softmax_and_entropy(dtype, temperature, masked, entropy_r
     row_mask = holey_mask(index.shape) if masked else None
 
     def call(x):
-        return trl_utils.selective_log_softmax_and_entropy(x[:, :-1], index, entropy_requires_grad,
-                                                           temperature=temperature, row_mask=row_mask)
+        return trl_utils.selective_log_softmax_and_entropy(
+            x[:, :-1], index, entropy_requires_grad, temperature=temperature, row_mask=row_mask
+        )
 
     (logp, entropy), _ = check_against_trl(call, [leaf], dtype)
     if masked:
@@ -145,10 +155,12 @@ def test_selective_log_softmax_and_entropy(dtype, temperature, masked, entropy_r
 
 def head_reference(temperature, logit_scale):
     """TRL's head in float64: log-probs and entropy of softmax((hidden @ weight.T + bias) * scale / T)."""
+
     def reference(hidden, weight, bias, targets):
         z = (hidden @ weight.T + bias) * logit_scale / temperature
         logp = torch.log_softmax(z, -1)
         return logp.gather(-1, targets[:, None])[:, 0], -(logp.exp() * logp).sum(-1), None, None, None
+
     return reference
 
 
@@ -158,17 +170,25 @@ def head_reference(temperature, logit_scale):
 def test_fused_lm_head(dtype, temperature, logit_scale, outputs):
     tokens, hidden_size = 37, 24
     hidden = torch.randn(tokens, hidden_size, dtype=dtype, requires_grad=True)
-    weight = (torch.randn(VOCAB, hidden_size) / hidden_size ** 0.5 * 4).to(dtype).requires_grad_()
+    weight = (torch.randn(VOCAB, hidden_size) / hidden_size**0.5 * 4).to(dtype).requires_grad_()
     bias = torch.randn(VOCAB, dtype=dtype, requires_grad=True)
     targets = torch.randint(0, VOCAB, (tokens,))
 
     def call(h, w, b):
-        return chunked_logprob.ChunkedLogProbFunction.apply(h, w, b, targets, temperature, 256, None, logit_scale,
-                                                            outputs)
+        return chunked_logprob.ChunkedLogProbFunction.apply(
+            h, w, b, targets, temperature, 256, None, logit_scale, outputs
+        )
 
     reference = head_reference(temperature, logit_scale)
-    ref = lambda h, w, b: reference(h, w, b, targets)[:1] + (  # noqa: E731
-        (reference(h, w, b, targets)[1] if "entropy" in outputs else None), None, None, None)
+    ref = lambda h, w, b: (
+        reference(h, w, b, targets)[:1]
+        + (  # noqa: E731
+            (reference(h, w, b, targets)[1] if "entropy" in outputs else None),
+            None,
+            None,
+            None,
+        )
+    )
     check_against_trl(call, [hidden, weight, bias], dtype, reference=ref)
 
 
@@ -181,8 +201,9 @@ def test_fused_lm_head_under_autocast():
 
     def call(h, w):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            return chunked_logprob.ChunkedLogProbFunction.apply(h, w, None, targets, 0.9, 256, None, 1.0,
-                                                                ("log_probs", "entropy"))[:2]
+            return chunked_logprob.ChunkedLogProbFunction.apply(
+                h, w, None, targets, 0.9, 256, None, 1.0, ("log_probs", "entropy")
+            )[:2]
 
     def reference(h, w):
         logp = torch.log_softmax((h.to(torch.bfloat16) @ w.to(torch.bfloat16).T).double() / 0.9, -1)
@@ -266,8 +287,9 @@ def test_fused_head_outside_our_kernels_runs_trl(monkeypatch, case):
         scale = -0.5
 
     def call():
-        return chunked_logprob.ChunkedLogProbFunction.apply(hidden, weight, None, targets, 1.0, 256, softcap, scale,
-                                                            outputs)
+        return chunked_logprob.ChunkedLogProbFunction.apply(
+            hidden, weight, None, targets, 1.0, 256, softcap, scale, outputs
+        )
 
     expected = call()
     calls = _spy(monkeypatch, "linear_logprobs")
@@ -281,9 +303,13 @@ def test_fused_head_outside_our_kernels_runs_trl(monkeypatch, case):
 def _bindings_of(objs):
     """Every (module, attribute) under trl bound to one of `objs`."""
     ids = {id(o) for o in objs}
-    return {(name, attr) for name, module in list(sys.modules.items())
-            if (name == "trl" or name.startswith("trl.")) and module is not None
-            for attr, value in list(vars(module).items()) if id(value) in ids}
+    return {
+        (name, attr)
+        for name, module in list(sys.modules.items())
+        if (name == "trl" or name.startswith("trl.")) and module is not None
+        for attr, value in list(vars(module).items())
+        if id(value) in ids
+    }
 
 
 def test_patch_rebinds_every_binding_and_unpatch_restores_identity():
@@ -334,6 +360,7 @@ def test_other_trl_version_warns_once(monkeypatch):
 
     def changed(logits, index, temperature=1.0):  # row_mask gone
         return logits
+
     monkeypatch.setattr(trl_utils, "selective_log_softmax", changed)
     with pytest.warns(RuntimeWarning, match="selective_log_softmax .*row_mask"):
         handle = rf_trl.patch()
@@ -351,8 +378,9 @@ def grpo_run(patched, steps=2, generate=False):
     from rlhf_fast.cli import _benchmarks_package
 
     bench = importlib.import_module(f"{_benchmarks_package().__name__}.bench_integrations")
-    trainer = bench.tiny_grpo_trainer(32000, 32, 1, samples=4, completion_tokens=8, steps=steps, bf16=False,
-                                      learning_rate=1e-2)
+    trainer = bench.tiny_grpo_trainer(
+        32000, 32, 1, samples=4, completion_tokens=8, steps=steps, bf16=False, learning_rate=1e-2
+    )
     with rf_trl.patch(generate=generate) if patched else contextlib.nullcontext():
         trainer.train()
     return [h for h in trainer.state.log_history if "loss" in h]
@@ -376,6 +404,7 @@ def test_grpo_trainer_generates_with_the_fused_sampler(monkeypatch):
     """patch() (generate=True) also puts transformers' sampling on rf.sample; the trainer runs and learns from
     those completions; unpatch leaves generate as it was."""
     from transformers.generation import utils as generation
+
     calls = _spy(monkeypatch, "sample")
     logs = grpo_run(patched=True, generate=True)
     assert calls, "generation must go through rf.sample"

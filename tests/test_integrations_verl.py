@@ -1,5 +1,6 @@
 """rlhf_fast.integrations.verl: every patched function against verl's own (captured before patching), forward
 and backward, fp32 and bf16, masks with holes and fully masked rows; bindings and registries restored."""
+
 import ast
 import contextlib
 
@@ -12,6 +13,7 @@ core = pytest.importorskip("verl.trainer.ppo.core_algos")
 omegaconf = pytest.importorskip("omegaconf")
 
 from peer_checks import RUNS, assert_matches, leaf, mask_with_holes, rounded  # noqa: E402
+
 from rlhf_fast.integrations import verl as rf_verl  # noqa: E402
 
 MODULES = {rf_verl.TF: verl_f, rf_verl.CORE: core}
@@ -39,6 +41,7 @@ def _seed():
 
 
 # ------------------------------------------------------------------ torch_functional
+
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_logprobs_and_entropy_match_verl(dtype):
@@ -80,8 +83,9 @@ def test_masked_mean_and_whiten_match_verl(dtype, mask_dtype):
             x = leaf(values, dt or dtype)
             mean = function(label, verl_f, "masked_mean")(x, mask)
             mean.float().backward()
-            whitened = [function(label, verl_f, "masked_whiten")(values.to(dt or dtype), mask, shift)
-                        for shift in (True, False)]
+            whitened = [
+                function(label, verl_f, "masked_whiten")(values.to(dt or dtype), mask, shift) for shift in (True, False)
+            ]
         out[label] = (mean, x.grad, *whitened)
     for o, p, r in zip(out["ours"], out["peer"], out["ref"]):
         assert_matches(o, p, r)
@@ -96,14 +100,16 @@ def test_masked_functions_fall_back_or_raise_like_verl():
         assert torch.equal(verl_f.masked_mean(values, weights), original("masked_mean")(values, weights))
         counts = torch.randint(0, 3, (4, 5))  # an integer mask that is not 0/1 weights tokens too
         assert torch.equal(verl_f.masked_mean(values, counts), original("masked_mean")(values, counts))
-        assert torch.equal(verl_f.masked_mean(values, weights, axis=-1),
-                           original("masked_mean")(values, weights, axis=-1))
+        assert torch.equal(
+            verl_f.masked_mean(values, weights, axis=-1), original("masked_mean")(values, weights, axis=-1)
+        )
         assert verl_f.masked_mean(values, torch.zeros(4, 5)).item() == 0.0
         with pytest.raises(ValueError, match="sum of the mask is one"):
             verl_f.masked_whiten(values, one_valid)
 
 
 # ------------------------------------------------------------------ advantages
+
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("steps", [41, 1])
@@ -156,8 +162,22 @@ def test_group_advantages_of_uneven_or_single_groups_fall_back(sizes):
 
 # ------------------------------------------------------------------ losses
 
-KL_NAMES = ["kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3", "kl+", "k1+", "abs+", "mse+", "k2+", "low_var_kl+",
-            "k3+"]
+KL_NAMES = [
+    "kl",
+    "k1",
+    "abs",
+    "mse",
+    "k2",
+    "low_var_kl",
+    "k3",
+    "kl+",
+    "k1+",
+    "abs+",
+    "mse+",
+    "k2+",
+    "low_var_kl+",
+    "k3+",
+]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -218,8 +238,15 @@ def test_agg_loss_all_masked_and_errors_like_verl():
 
 
 def _actor_config(**global_info):
-    return omegaconf.OmegaConf.create({"clip_ratio": 0.2, "clip_ratio_low": 0.15, "clip_ratio_high": 0.28,
-                                       "clip_ratio_c": 2.5, "global_batch_info": global_info})
+    return omegaconf.OmegaConf.create(
+        {
+            "clip_ratio": 0.2,
+            "clip_ratio_low": 0.15,
+            "clip_ratio_high": 0.28,
+            "clip_ratio_c": 2.5,
+            "global_batch_info": global_info,
+        }
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -288,6 +315,7 @@ def test_value_loss_matches_verl(dtype, global_info):
 
 # ------------------------------------------------------------------ patching
 
+
 def test_patch_is_idempotent_and_unpatch_restores_every_binding_and_registry():
     handle = rf_verl.patch()
     try:
@@ -297,6 +325,7 @@ def test_patch_is_idempotent_and_unpatch_restores_every_binding_and_registry():
         for qualname, places in handle.bindings.items():
             assert places, qualname
         import verl.workers.utils.losses as worker_losses
+
         assert worker_losses.agg_loss is core.agg_loss is not original("agg_loss")
         assert core.POLICY_LOSS_REGISTRY["vanilla"] is core.compute_policy_loss_vanilla
         assert core.get_adv_estimator_fn("gae") is core.compute_gae_advantage_return

@@ -1,11 +1,10 @@
 import pytest
 import torch
+from conftest import device_backend_pairs
 
 import rlhf_fast as rf
 from rlhf_fast import linear_losses
 from rlhf_fast import reference as ref
-
-from conftest import device_backend_pairs
 
 PAIRS = device_backend_pairs()
 AGG_MODES = list(ref.AGG_MODES)
@@ -19,8 +18,9 @@ def _inputs(device, dtype, batch=3, steps=7, hidden_size=24, vocab=331, bias=Tru
     b = (torch.randn(vocab, device=device) * 0.5).to(dtype) if bias else None
     labels = torch.randint(0, vocab, (batch, steps), device=device)
     with torch.no_grad():  # old / ref log-probs near the current ones, so that some ratios clip and some do not
-        logp = ref.logprobs(torch.nn.functional.linear(hidden.double(), weight.double(),
-                                                       None if b is None else b.double()), labels)
+        logp = ref.logprobs(
+            torch.nn.functional.linear(hidden.double(), weight.double(), None if b is None else b.double()), labels
+        )
     old_logp = (logp + torch.randn_like(logp) * 0.3).float()
     ref_logp = (logp + torch.randn_like(logp) * 0.5).float()
     advantages = torch.randn(batch, steps, device=device)
@@ -33,22 +33,38 @@ def _inputs(device, dtype, batch=3, steps=7, hidden_size=24, vocab=331, bias=Tru
 def _run(hidden, weight, bias, labels, old_logp, advantages, mask, ref_logp, name, **opts):
     """(loss, stats, grads) of the op and of the float64 reference; grads (hidden, weight, bias)."""
     leaves = [t.clone().requires_grad_() if t is not None else None for t in (hidden, weight, bias)]
-    loss, stats = rf.linear_ppo_policy_loss(leaves[0], leaves[1], labels, old_logp, advantages, mask,
-                                            bias=leaves[2], ref_logp=ref_logp, backend=name, **opts)
+    loss, stats = rf.linear_ppo_policy_loss(
+        leaves[0],
+        leaves[1],
+        labels,
+        old_logp,
+        advantages,
+        mask,
+        bias=leaves[2],
+        ref_logp=ref_logp,
+        backend=name,
+        **opts,
+    )
     loss.backward(torch.tensor(1.7, dtype=loss.dtype, device=loss.device))
     leaves64 = [t.double().requires_grad_() if t is not None else None for t in (hidden, weight, bias)]
-    expected, expected_stats = _reference(leaves64[0], leaves64[1], labels, old_logp, advantages, mask,
-                                          bias=leaves64[2], ref_logp=ref_logp, **opts)
+    expected, expected_stats = _reference(
+        leaves64[0], leaves64[1], labels, old_logp, advantages, mask, bias=leaves64[2], ref_logp=ref_logp, **opts
+    )
     (expected * 1.7).backward()
-    return (loss, stats, [t.grad if t is not None else None for t in leaves],
-            expected, expected_stats, [t.grad if t is not None else None for t in leaves64])
+    return (
+        loss,
+        stats,
+        [t.grad if t is not None else None for t in leaves],
+        expected,
+        expected_stats,
+        [t.grad if t is not None else None for t in leaves64],
+    )
 
 
 def _eager_error(hidden, weight, bias, labels, old_logp, advantages, mask, ref_logp, dtype, **opts):
     """Eager's own error in `dtype` against float64: the scale for low-precision tolerances."""
     leaves = [t.clone().requires_grad_() if t is not None else None for t in (hidden, weight, bias)]
-    loss, _ = _reference(*leaves[:2], labels, old_logp, advantages, mask, bias=leaves[2], ref_logp=ref_logp,
-                         **opts)
+    loss, _ = _reference(*leaves[:2], labels, old_logp, advantages, mask, bias=leaves[2], ref_logp=ref_logp, **opts)
     (loss * 1.7).backward()
     return loss, [t.grad if t is not None else None for t in leaves]
 
@@ -62,8 +78,16 @@ def _close(actual, expected, tol):
 def test_matches_float64_composition_fp32(device, name, agg, monkeypatch):
     monkeypatch.setattr(linear_losses, "CHUNK_BYTES", 331 * 4 * 4)  # 4-token chunks: 21 tokens, ragged last chunk
     inputs = _inputs(device, torch.float32)
-    opts = dict(agg=agg, temperature=0.7, clip_low=0.2, clip_high=0.28, dual_clip=3.0, entropy_coef=0.01,
-                kl_coef=0.1, kl_kind="k3")
+    opts = dict(
+        agg=agg,
+        temperature=0.7,
+        clip_low=0.2,
+        clip_high=0.28,
+        dual_clip=3.0,
+        entropy_coef=0.01,
+        kl_coef=0.1,
+        kl_kind="k3",
+    )
     loss, stats, grads, expected, expected_stats, expected_grads = _run(*inputs, name, **opts)
     assert loss.dtype == torch.float32 and loss.dim() == 0
     _close(loss, expected, dict(rtol=1e-5, atol=1e-6))
@@ -95,10 +119,31 @@ def test_k3_near_zero_without_cancellation(device, name):
     hidden, weight, bias, labels, old_logp, advantages, mask, _ = _inputs(device, torch.float32)
     logp = ref.linear_logprobs(hidden.double(), weight.double(), labels, bias=bias.double())
     ref_logp = (logp + 1e-3 * torch.randn_like(logp)).float()
-    _, stats = rf.linear_ppo_policy_loss(hidden, weight, labels, old_logp, advantages, mask, bias=bias,
-                                         ref_logp=ref_logp, kl_coef=0.1, kl_kind="k3", backend=name)
-    _, expected = _reference(hidden.double(), weight.double(), labels, old_logp, advantages, mask,
-                             bias=bias.double(), ref_logp=ref_logp, kl_coef=0.1, kl_kind="k3")
+    _, stats = rf.linear_ppo_policy_loss(
+        hidden,
+        weight,
+        labels,
+        old_logp,
+        advantages,
+        mask,
+        bias=bias,
+        ref_logp=ref_logp,
+        kl_coef=0.1,
+        kl_kind="k3",
+        backend=name,
+    )
+    _, expected = _reference(
+        hidden.double(),
+        weight.double(),
+        labels,
+        old_logp,
+        advantages,
+        mask,
+        bias=bias.double(),
+        ref_logp=ref_logp,
+        kl_coef=0.1,
+        kl_kind="k3",
+    )
     _close(stats["kl"], expected["kl"], dict(rtol=2e-3, atol=0))
 
 
@@ -118,9 +163,12 @@ def _assert_within_eager_error(inputs, name, dtype, opts):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_within_eager_error(device, name, dtype, monkeypatch):
     monkeypatch.setattr(linear_losses, "CHUNK_BYTES", 331 * 2 * 6)
-    _assert_within_eager_error(_inputs(device, dtype), name, dtype,
-                               dict(agg="token-mean", entropy_coef=0.05, kl_coef=0.2, kl_kind="low_var_kl",
-                                    dual_clip=2.5))
+    _assert_within_eager_error(
+        _inputs(device, dtype),
+        name,
+        dtype,
+        dict(agg="token-mean", entropy_coef=0.05, kl_coef=0.2, kl_kind="low_var_kl", dual_clip=2.5),
+    )
 
 
 @pytest.mark.gpu
@@ -128,9 +176,12 @@ def test_low_precision_within_eager_error(device, name, dtype, monkeypatch):
 def test_gpu_qwen_vocab_bf16(name):
     """V = 151936 in bf16 with the default chunking."""
     inputs = _inputs("cuda", torch.bfloat16, batch=4, steps=96, hidden_size=128, vocab=151936)
-    _assert_within_eager_error(inputs, name, torch.bfloat16,
-                               dict(agg="seq-mean-token-mean", entropy_coef=0.01, kl_coef=0.1, kl_kind="k3",
-                                    dual_clip=3.0))
+    _assert_within_eager_error(
+        inputs,
+        name,
+        torch.bfloat16,
+        dict(agg="seq-mean-token-mean", entropy_coef=0.01, kl_coef=0.1, kl_kind="k3", dual_clip=3.0),
+    )
 
 
 @pytest.mark.parametrize("device,name", PAIRS)
@@ -145,8 +196,7 @@ def test_frozen_weight_and_hidden_only(device, name):
     _close(h.grad, h64.grad, dict(rtol=1e-4, atol=1e-6))
     # no gradient needed at all: the forward alone
     with torch.no_grad():
-        value, stats = rf.linear_ppo_policy_loss(h, weight, labels, old_logp, advantages, mask, bias=bias,
-                                                 backend=name)
+        value, stats = rf.linear_ppo_policy_loss(h, weight, labels, old_logp, advantages, mask, bias=bias, backend=name)
     _close(value, expected, dict(rtol=1e-5, atol=1e-6))
     assert "kl" not in stats
 
@@ -156,6 +206,7 @@ def test_three_lm_head_matmuls_as_eager(frozen, monkeypatch):
     """Forward + backward costs the FLOPs of eager's three lm-head matmuls (logits, grad_hidden, grad_weight);
     a frozen weight drops the grad_weight one."""
     from torch.utils.flop_counter import FlopCounterMode
+
     monkeypatch.setattr(linear_losses, "CHUNK_BYTES", 331 * 4 * 4)
     hidden, weight, bias, labels, old_logp, advantages, mask, _ = _inputs("cpu", torch.float32)
     counts = []
@@ -177,8 +228,9 @@ def test_everything_masked_gives_zero(device, name):
     old_logp = old_logp.masked_fill(~mask, float("nan"))  # masked inputs are ignored even when nan
     for agg in AGG_MODES:
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-        loss, stats = rf.linear_ppo_policy_loss(h, w, labels, old_logp, advantages, mask, bias=bias, agg=agg,
-                                                ref_logp=ref_logp, kl_coef=0.1, backend=name)
+        loss, stats = rf.linear_ppo_policy_loss(
+            h, w, labels, old_logp, advantages, mask, bias=bias, agg=agg, ref_logp=ref_logp, kl_coef=0.1, backend=name
+        )
         loss.backward()
         assert loss.item() == 0 and all(v.item() == 0 for v in stats.values())
         assert h.grad.abs().max().item() == 0 and w.grad.abs().max().item() == 0
@@ -190,12 +242,24 @@ def test_matches_unfused_ops(device, name, agg):
     """The fused-head twin of linear_logprobs + ppo_policy_loss + agg_loss of the entropy and kl_penalty."""
     hidden, weight, bias, labels, old_logp, advantages, mask, ref_logp = _inputs(device, torch.float32)
     h1, h2 = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
-    loss, stats = rf.linear_ppo_policy_loss(h1, weight, labels, old_logp, advantages, mask, bias=bias,
-                                            dual_clip=3.0, agg=agg, entropy_coef=0.05, ref_logp=ref_logp,
-                                            kl_coef=0.2, kl_kind="k1+", backend=name)
+    loss, stats = rf.linear_ppo_policy_loss(
+        h1,
+        weight,
+        labels,
+        old_logp,
+        advantages,
+        mask,
+        bias=bias,
+        dual_clip=3.0,
+        agg=agg,
+        entropy_coef=0.05,
+        ref_logp=ref_logp,
+        kl_coef=0.2,
+        kl_kind="k1+",
+        backend=name,
+    )
     logp, entropy = rf.linear_logprobs(h2, weight, labels, bias=bias, return_entropy=True, backend=name)
-    pg, expected_stats = rf.ppo_policy_loss(logp, old_logp, advantages, mask, dual_clip=3.0, agg=agg,
-                                            backend=name)
+    pg, expected_stats = rf.ppo_policy_loss(logp, old_logp, advantages, mask, dual_clip=3.0, agg=agg, backend=name)
     kl = rf.agg_loss(rf.kl_penalty(logp, ref_logp, "k1+", backend=name), mask, agg)
     expected = pg - 0.05 * rf.agg_loss(entropy, mask, agg) + 0.2 * kl
     loss.backward()
@@ -236,21 +300,55 @@ def test_leading_dims_and_non_contiguous_hidden(device, name):
     wide = torch.randn(3, 9, 24, device=device)
     wide[:, :-1] = hidden
     sliced = wide[:, :-1]  # a view, as the loop's hidden[:, n_prompt - 1:-1]
-    loss, _ = rf.linear_ppo_policy_loss(sliced, weight, labels, old_logp, advantages, mask, bias=bias,
-                                        agg="seq-mean-token-sum", backend=name)
-    expected, _ = _reference(hidden.double(), weight.double(), labels, old_logp, advantages, mask,
-                             bias=bias.double(), agg="seq-mean-token-sum")
+    loss, _ = rf.linear_ppo_policy_loss(
+        sliced, weight, labels, old_logp, advantages, mask, bias=bias, agg="seq-mean-token-sum", backend=name
+    )
+    expected, _ = _reference(
+        hidden.double(),
+        weight.double(),
+        labels,
+        old_logp,
+        advantages,
+        mask,
+        bias=bias.double(),
+        agg="seq-mean-token-sum",
+    )
     _close(loss, expected, dict(rtol=1e-5, atol=1e-6))
     # one row (T, H) and an extra leading dim (A, B, T, H)
-    loss, _ = rf.linear_ppo_policy_loss(hidden[0], weight, labels[0], old_logp[0], advantages[0], None,
-                                        bias=bias, backend=name)
-    expected, _ = _reference(hidden[0].double(), weight.double(), labels[0], old_logp[0], advantages[0],
-                             torch.ones_like(mask[0]), bias=bias.double())
+    loss, _ = rf.linear_ppo_policy_loss(
+        hidden[0], weight, labels[0], old_logp[0], advantages[0], None, bias=bias, backend=name
+    )
+    expected, _ = _reference(
+        hidden[0].double(),
+        weight.double(),
+        labels[0],
+        old_logp[0],
+        advantages[0],
+        torch.ones_like(mask[0]),
+        bias=bias.double(),
+    )
     _close(loss, expected, dict(rtol=1e-5, atol=1e-6))
-    loss, _ = rf.linear_ppo_policy_loss(hidden[None], weight, labels[None], old_logp[None], advantages[None],
-                                        mask[None], bias=bias, agg="seq-mean-token-mean", backend=name)
-    expected, _ = _reference(hidden.double(), weight.double(), labels, old_logp, advantages, mask,
-                             bias=bias.double(), agg="seq-mean-token-mean")
+    loss, _ = rf.linear_ppo_policy_loss(
+        hidden[None],
+        weight,
+        labels[None],
+        old_logp[None],
+        advantages[None],
+        mask[None],
+        bias=bias,
+        agg="seq-mean-token-mean",
+        backend=name,
+    )
+    expected, _ = _reference(
+        hidden.double(),
+        weight.double(),
+        labels,
+        old_logp,
+        advantages,
+        mask,
+        bias=bias.double(),
+        agg="seq-mean-token-mean",
+    )
     _close(loss, expected, dict(rtol=1e-5, atol=1e-6))
 
 
@@ -306,8 +404,20 @@ def test_torch_compile_fullgraph_cpu(monkeypatch):
     hidden, weight, bias, labels, old_logp, advantages, mask, ref_logp = _inputs("cpu", torch.float32)
 
     def step(h, w):
-        return rf.linear_ppo_policy_loss(h, w, labels, old_logp, advantages, mask, bias=bias, ref_logp=ref_logp,
-                                         kl_coef=0.1, entropy_coef=0.01, agg="seq-mean-token-sum", backend="cpu")
+        return rf.linear_ppo_policy_loss(
+            h,
+            w,
+            labels,
+            old_logp,
+            advantages,
+            mask,
+            bias=bias,
+            ref_logp=ref_logp,
+            kl_coef=0.1,
+            entropy_coef=0.01,
+            agg="seq-mean-token-sum",
+            backend="cpu",
+        )
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()

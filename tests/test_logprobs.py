@@ -2,11 +2,10 @@ import importlib
 
 import pytest
 import torch
+from conftest import device_backend_pairs
 
 import rlhf_fast as rf
 from rlhf_fast import reference as ref
-
-from conftest import device_backend_pairs
 
 lp_module = importlib.import_module("rlhf_fast.logprobs")  # the package attribute `logprobs` is the function
 PAIRS = device_backend_pairs()
@@ -52,8 +51,14 @@ def _backward(logits, labels, name, temperature=1.0, inplace=False, with_entropy
     x = logits.clone().requires_grad_()
     g_lp = torch.randn(labels.shape, device=logits.device)
     g_h = torch.randn(labels.shape, device=logits.device)
-    logp, ent = rf.logprobs(x * 1 if inplace else x, labels, temperature=temperature, return_entropy=True,
-                            inplace_backward=inplace, backend=name)
+    logp, ent = rf.logprobs(
+        x * 1 if inplace else x,
+        labels,
+        temperature=temperature,
+        return_entropy=True,
+        inplace_backward=inplace,
+        backend=name,
+    )
     outputs, grads = ((logp, ent), (g_lp, g_h)) if with_entropy else ((logp,), (g_lp,))
     torch.autograd.backward(outputs, grads)
     return x.grad, g_lp, g_h
@@ -232,8 +237,9 @@ def test_bad_input_names_the_argument():
     with pytest.raises(TypeError, match="weight"):
         rf.linear_logprobs(torch.randn(2, 4), torch.randn(11, 4, dtype=torch.float64), torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match="bias"):
-        rf.linear_logprobs(torch.randn(2, 4), torch.randn(11, 4), torch.zeros(2, dtype=torch.long),
-                           bias=torch.randn(10))
+        rf.linear_logprobs(
+            torch.randn(2, 4), torch.randn(11, 4), torch.zeros(2, dtype=torch.long), bias=torch.randn(10)
+        )
     with pytest.raises(ValueError, match="labels"):
         rf.linear_logprobs(torch.randn(2, 4), torch.randn(11, 4), torch.full((2,), 11))
 
@@ -254,14 +260,16 @@ def test_linear_logprobs_matches_reference(device, name, dtype, with_bias, monke
     bias = torch.randn(1003, device=device).to(dtype).requires_grad_() if with_bias else None
     labels = torch.randint(0, 1003, (2, 3), device=device)
     labels[0, 1] = -100
-    logp, ent = rf.linear_logprobs(hidden, weight, labels, bias=bias, temperature=0.9, return_entropy=True,
-                                   backend=name)
+    logp, ent = rf.linear_logprobs(
+        hidden, weight, labels, bias=bias, temperature=0.9, return_entropy=True, backend=name
+    )
     g_lp, g_h = torch.randn(2, 3, device=device), torch.randn(2, 3, device=device)
     torch.autograd.backward((logp, ent), (g_lp, g_h))
 
     leaves = [t.detach().double().requires_grad_() for t in (hidden, weight) + ((bias,) if with_bias else ())]
-    exp_logp, exp_ent = ref.linear_logprobs(leaves[0], leaves[1], labels, bias=leaves[2] if with_bias else None,
-                                            temperature=0.9, return_entropy=True)
+    exp_logp, exp_ent = ref.linear_logprobs(
+        leaves[0], leaves[1], labels, bias=leaves[2] if with_bias else None, temperature=0.9, return_entropy=True
+    )
     torch.autograd.backward((exp_logp, exp_ent), (g_lp.double(), g_h.double()))
     # low precision: the logits of each chunk are rounded to the inputs' dtype, as an lm_head's output is
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
@@ -317,8 +325,9 @@ def test_linear_logprobs_logit_transforms_match_float64(device, name, dtype, tra
             torch.testing.assert_close(got.grad.double(), exp.grad, rtol=1e-4, atol=1e-4)
         return
     # bfloat16: the lm_head output is rounded to bfloat16 as the model's is (the transform is float32): <1% here
-    for got, exp in [(logp, exp_logp), (ent, exp_ent)] + [(t.grad, e.grad) for t, e in zip((hidden, weight, bias),
-                                                                                            leaves)]:
+    for got, exp in [(logp, exp_logp), (ent, exp_ent)] + [
+        (t.grad, e.grad) for t, e in zip((hidden, weight, bias), leaves)
+    ]:
         assert _relative_error(got, exp) < 1.5e-2
 
 
@@ -327,8 +336,9 @@ def test_linear_logprobs_transform_is_not_a_no_op():
     hidden, weight = torch.randn(4, 16), torch.randn(300, 16) * 3
     labels = torch.randint(0, 300, (4,))
     plain = rf.linear_logprobs(hidden, weight, labels, backend="torch")
-    torch.testing.assert_close(rf.linear_logprobs(hidden, weight, labels, logit_scale=1.0, softcap=None), plain,
-                               **OUT_TOL)
+    torch.testing.assert_close(
+        rf.linear_logprobs(hidden, weight, labels, logit_scale=1.0, softcap=None), plain, **OUT_TOL
+    )
     for options in (dict(logit_scale=0.5), dict(softcap=5.0)):
         assert (rf.linear_logprobs(hidden, weight, labels, **options) - plain).abs().max() > 0.1
 
@@ -337,8 +347,7 @@ def test_linear_logprobs_transform_is_not_a_no_op():
 @pytest.mark.parametrize("value", [0.0, -2.0, float("inf"), float("nan"), True, "1"])
 def test_linear_logprobs_bad_transform_names_the_argument(argument, value):
     with pytest.raises(ValueError, match=argument):
-        rf.linear_logprobs(torch.randn(2, 4), torch.randn(11, 4), torch.zeros(2, dtype=torch.long),
-                           **{argument: value})
+        rf.linear_logprobs(torch.randn(2, 4), torch.randn(11, 4), torch.zeros(2, dtype=torch.long), **{argument: value})
 
 
 @pytest.mark.parametrize("device,name", PAIRS)
@@ -350,8 +359,9 @@ def test_linear_logprobs_strided_labels_and_bias(device, name):
     ids = torch.randint(0, 131, (37, 3), device=device)
     labels = ids[:, 1]
     logp, ent = rf.linear_logprobs(hidden, weight, labels, bias=bias, return_entropy=True, backend=name)
-    exp_logp, exp_ent = ref.linear_logprobs(hidden.double(), weight.double(), labels, bias=bias.double(),
-                                            return_entropy=True)
+    exp_logp, exp_ent = ref.linear_logprobs(
+        hidden.double(), weight.double(), labels, bias=bias.double(), return_entropy=True
+    )
     torch.testing.assert_close(logp.double(), exp_logp, **OUT_TOL)
     torch.testing.assert_close(ent.double(), exp_ent, **OUT_TOL)
 
@@ -394,8 +404,9 @@ def test_triton_linear_logprobs_same_for_any_tile_order(group, monkeypatch):
     monkeypatch.setattr(ops, "linear_config", lambda dtype: {**config, "GROUP_N": group})
     for got, exp in zip(ops.linear_logprobs_forward(hidden, weight, None, labels, 1.0, -100), expected):
         assert torch.equal(got, exp)
-    torch.testing.assert_close(expected[0].double(), ref.linear_logprobs(hidden.double(), weight.double(), labels),
-                               **OUT_TOL)
+    torch.testing.assert_close(
+        expected[0].double(), ref.linear_logprobs(hidden.double(), weight.double(), labels), **OUT_TOL
+    )
 
 
 @pytest.mark.skipif("triton" not in [n for _, n in PAIRS], reason="Triton backend not live")
@@ -424,16 +435,20 @@ def test_triton_ops_out_of_range_labels_give_nan():
     safe = torch.where(bad, 0, labels)
     exp_logp, exp_ent = ref.logprobs(logits.double(), safe, return_entropy=True)
     exp_logp = torch.where(bad, float("nan"), exp_logp)
-    results = {"row": ops.logprobs_forward(logits[None], labels[None], 1.0, -100),
-               "linear": ops.linear_logprobs_forward(hidden, weight, None, labels, 1.0, -100),
-               "chunked": lp_module._chunked_linear_forward(hidden.double(), weight.double(), None, labels, 1.0,
-                                                            -100, [(0, 32), (32, vocab)], ops)}
+    results = {
+        "row": ops.logprobs_forward(logits[None], labels[None], 1.0, -100),
+        "linear": ops.linear_logprobs_forward(hidden, weight, None, labels, 1.0, -100),
+        "chunked": lp_module._chunked_linear_forward(
+            hidden.double(), weight.double(), None, labels, 1.0, -100, [(0, 32), (32, vocab)], ops
+        ),
+    }
     for where, (logp, ent, _) in results.items():
         torch.testing.assert_close(logp.reshape(-1).double(), exp_logp, equal_nan=True, **OUT_TOL, msg=where)
         torch.testing.assert_close(ent.reshape(-1).double(), exp_ent, **OUT_TOL, msg=where)
     _, entropy, lse = results["row"]
-    grad = ops.logprobs_backward(torch.ones(1, 6), torch.ones(1, 6), logits[None], labels[None], lse, entropy, 1.0,
-                                 -100)
+    grad = ops.logprobs_backward(
+        torch.ones(1, 6), torch.ones(1, 6), logits[None], labels[None], lse, entropy, 1.0, -100
+    )
     assert torch.isfinite(grad).all()
 
 
@@ -447,8 +462,9 @@ def test_triton_row_ops_take_strided_per_row_tensors():
     exp_logp, exp_ent = _reference(logits, labels)
     torch.testing.assert_close(logp.double(), exp_logp, **OUT_TOL)
     g_lp, g_h = torch.randn(2, 5), torch.randn(2, 5)
-    grad = ops.logprobs_backward(strided(g_lp), strided(g_h), logits, strided(labels), strided(lse),
-                                 strided(ent), 1.0, -100)
+    grad = ops.logprobs_backward(
+        strided(g_lp), strided(g_h), logits, strided(labels), strided(lse), strided(ent), 1.0, -100
+    )
     torch.testing.assert_close(grad.double(), _reference_grad(logits, labels, g_lp, g_h), **OUT_TOL)
 
 
@@ -474,19 +490,27 @@ def test_opcheck_compiled_ops():
     labels = torch.randint(0, 37, (2, 3))
     labels[0, 0] = -100
     strided = torch.randn(2, 4, 37)[:, 1:]
-    for args in [(logits, labels, 1.0, -100), (logits.bfloat16(), labels, 0.7, -100), (logits, None, 1.0, -100),
-                 (strided, labels, 1.3, -100)]:
+    for args in [
+        (logits, labels, 1.0, -100),
+        (logits.bfloat16(), labels, 0.7, -100),
+        (logits, None, 1.0, -100),
+        (strided, labels, 1.3, -100),
+    ]:
         torch.library.opcheck(torch.ops.rlhf_fast.logprobs_forward.default, args)
-    torch.library.opcheck(torch.ops.rlhf_fast.logprobs_forward.default,
-                          (logits.clone().requires_grad_(), labels, 0.8, -100))
+    torch.library.opcheck(
+        torch.ops.rlhf_fast.logprobs_forward.default, (logits.clone().requires_grad_(), labels, 0.8, -100)
+    )
     _, entropy, lse = torch.ops.rlhf_fast.logprobs_forward(logits, labels, 1.0, -100)
     grads = (torch.randn(2, 3), torch.randn(2, 3))
-    torch.library.opcheck(torch.ops.rlhf_fast.logprobs_backward.default,
-                          (*grads, logits, labels, lse, entropy, 1.0, -100))
-    torch.library.opcheck(torch.ops.rlhf_fast.logprobs_backward.default,
-                          (None, grads[1], logits, None, lse, entropy, 1.0, -100))
-    torch.library.opcheck(torch.ops.rlhf_fast.logprobs_backward_.default,
-                          (*grads, logits.clone(), labels, lse, entropy, 1.0, -100))
+    torch.library.opcheck(
+        torch.ops.rlhf_fast.logprobs_backward.default, (*grads, logits, labels, lse, entropy, 1.0, -100)
+    )
+    torch.library.opcheck(
+        torch.ops.rlhf_fast.logprobs_backward.default, (None, grads[1], logits, None, lse, entropy, 1.0, -100)
+    )
+    torch.library.opcheck(
+        torch.ops.rlhf_fast.logprobs_backward_.default, (*grads, logits.clone(), labels, lse, entropy, 1.0, -100)
+    )
 
 
 @pytest.mark.skipif(rf.backend.compiled() is None, reason="compiled library not built")
@@ -517,8 +541,9 @@ def test_torch_compile_fullgraph_cpu():
 @pytest.mark.skipif(rf.backend.compiled() is None, reason="compiled library not built")
 def test_torch_compile_fullgraph_cpu_logit_transforms():
     def step(hidden, weight, labels):
-        return rf.linear_logprobs(hidden, weight, labels, temperature=0.8, logit_scale=0.5, softcap=4.0,
-                                  return_entropy=True, backend="cpu")
+        return rf.linear_logprobs(
+            hidden, weight, labels, temperature=0.8, logit_scale=0.5, softcap=4.0, return_entropy=True, backend="cpu"
+        )
 
     hidden, labels = torch.randn(2, 5, 16), torch.randint(0, 50, (2, 5))
     grads = []
@@ -549,8 +574,9 @@ def test_gpu_large_vocab(name, dtype):
     torch.testing.assert_close(grad.double(), expected, **tol)
     odd = torch.randn(5, 50257, device="cuda").to(dtype)[:, 1:]  # every row misaligned differently
     odd_labels = torch.randint(0, 50256, (5,), device="cuda")
-    torch.testing.assert_close(rf.logprobs(odd, odd_labels, backend=name).double(), _reference(odd, odd_labels)[0],
-                               **OUT_TOL)
+    torch.testing.assert_close(
+        rf.logprobs(odd, odd_labels, backend=name).double(), _reference(odd, odd_labels)[0], **OUT_TOL
+    )
     grad, g_lp, g_h = _backward(odd, odd_labels, name, inplace=True)
     torch.testing.assert_close(grad.double(), _reference_grad(odd, odd_labels, g_lp, g_h), **tol)
 
@@ -738,11 +764,11 @@ def test_gpu_nan_and_misaligned_rows_in_place(dtype):
     vocab = 151936
     big = (torch.randn(8, 9, vocab + 8, device="cuda") * 3).to(dtype)  # rows of vocab + 8: each one aligned
     for offset in range(8):
-        logits = big[..., offset:offset + vocab]
+        logits = big[..., offset : offset + vocab]
         assert lp_module._as_rows(logits).data_ptr() == logits.data_ptr()
         labels = torch.randint(0, vocab, logits.shape[:2], device="cuda")
         labels[3, :4] = -100
-        poisoned = big.clone()[..., offset:offset + vocab]
+        poisoned = big.clone()[..., offset : offset + vocab]
         poisoned[0, 0, 0] = float("nan")  # the first element of the row, in the head when misaligned
         poisoned[1, 0, :4000] = float("-inf")
         poisoned[1, 0, 3000] = float("nan")  # its thread's first value that is not -inf
@@ -774,8 +800,8 @@ def _backward_of_view(base, view, labels, inplace):
 
 def test_head_transform_reads_hugging_face_configs():
     from transformers import CohereConfig, Gemma2Config, Gemma3Config, GraniteConfig, LlamaConfig
-    assert lp_module.head_transform(Gemma2Config(final_logit_softcapping=30.0)) == {"logit_scale": 1.0,
-                                                                                     "softcap": 30.0}
+
+    assert lp_module.head_transform(Gemma2Config(final_logit_softcapping=30.0)) == {"logit_scale": 1.0, "softcap": 30.0}
     assert lp_module.head_transform(CohereConfig(logit_scale=0.0625)) == {"logit_scale": 0.0625, "softcap": None}
     assert lp_module.head_transform(CohereConfig(logit_scale=None)) == {"logit_scale": 1.0, "softcap": None}
     assert lp_module.head_transform(LlamaConfig()) == {"logit_scale": 1.0, "softcap": None}
@@ -789,8 +815,19 @@ def test_head_transform_reads_hugging_face_configs():
 def _tiny_causal_lm(kind):
     """A 2-layer model of `kind` with vocab 300 whose head transform matters: logits spread well past the cap."""
     import transformers
-    shape = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                 num_key_value_heads=1, head_dim=16, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+    shape = dict(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     if kind == "gemma2":
         config = transformers.Gemma2Config(final_logit_softcapping=3.0, query_pre_attn_scalar=16, **shape)
         model = transformers.Gemma2ForCausalLM(config)
@@ -806,6 +843,7 @@ def _tiny_causal_lm(kind):
 def test_fused_head_applies_the_models_logit_transform(kind):
     from rlhf_fast.ppo.models import LogProbModel, position_ids
     from rlhf_fast.ppo.ops import get_ops
+
     model = _tiny_causal_lm(kind)
     input_ids = torch.randint(3, 300, (2, 9))
     attention_mask = torch.ones(2, 9, dtype=torch.long)
@@ -816,7 +854,8 @@ def test_fused_head_applies_the_models_logit_transform(kind):
     for fused in (True, False):
         model.zero_grad()
         logp, ent = LogProbModel(model, get_ops(True), fused=fused, temperature=0.8)(
-            input_ids, attention_mask, labels, 4, return_entropy=True)
+            input_ids, attention_mask, labels, 4, return_entropy=True
+        )
         (logp.sum() + ent.sum()).backward()
         results.append((logp, ent, model.get_output_embeddings().weight.grad.clone()))
     (logp, ent, grad), (exp_logp, exp_ent, exp_grad) = results
@@ -824,8 +863,10 @@ def test_fused_head_applies_the_models_logit_transform(kind):
     torch.testing.assert_close(ent, exp_ent, **OUT_TOL)
     torch.testing.assert_close(grad, exp_grad, rtol=1e-4, atol=1e-5)
     # the transform matters here: the plain lm_head(hidden) gives other log-probs
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                              position_ids=position_ids(attention_mask)).last_hidden_state
-    plain = rf.linear_logprobs(hidden[:, 3:-1].detach(), model.get_output_embeddings().weight.detach(), labels,
-                               temperature=0.8)
+    hidden = model.base_model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)
+    ).last_hidden_state
+    plain = rf.linear_logprobs(
+        hidden[:, 3:-1].detach(), model.get_output_embeddings().weight.detach(), labels, temperature=0.8
+    )
     assert (plain - exp_logp).abs().max() > 0.5

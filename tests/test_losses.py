@@ -2,11 +2,10 @@ import math
 
 import pytest
 import torch
+from conftest import device_backend_pairs
 
 import rlhf_fast as rf
 from rlhf_fast import reference as ref
-
-from conftest import device_backend_pairs
 
 PAIRS = device_backend_pairs()
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -104,11 +103,16 @@ def test_kl_penalty_k3_small_differences_keep_relative_accuracy(device, name, ki
 def test_kl_penalty_shapes_noncontiguous_mixed_dtypes_empty(device, name):
     big_a, big_b = _log_probs((3, 4, 30), device, torch.float32)
     a, b = big_a.transpose(0, 1)[..., ::3], big_b.transpose(0, 1)[..., ::3]
-    torch.testing.assert_close(rf.kl_penalty(a, b, "k3", backend=name).double(),
-                               ref.kl_penalty(a.double(), b.double(), "k3"), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        rf.kl_penalty(a, b, "k3", backend=name).double(),
+        ref.kl_penalty(a.double(), b.double(), "k3"),
+        rtol=1e-5,
+        atol=1e-5,
+    )
     mixed = rf.kl_penalty(a, b.to(torch.bfloat16), "k2", backend=name)
-    torch.testing.assert_close(mixed.double(), ref.kl_penalty(a.double(), b.to(torch.bfloat16).double(), "k2"),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        mixed.double(), ref.kl_penalty(a.double(), b.to(torch.bfloat16).double(), "k2"), rtol=1e-5, atol=1e-5
+    )
     scalar = rf.kl_penalty(a[0, 0, 0], b[0, 0, 0], "abs", backend=name)
     assert scalar.shape == () and scalar.dtype == torch.float32
     for shape in [(0,), (3, 0)]:
@@ -146,8 +150,9 @@ def test_agg_loss_modes(mode, dtype):
     assert got.dtype == torch.float32 and got.shape == ()
     assert got.item() == pytest.approx(_agg_by_rows(loss, mask, mode), rel=1e-5, abs=1e-6)
     unmasked = rf.agg_loss(torch.nan_to_num(loss), None, mode)
-    assert unmasked.item() == pytest.approx(_agg_by_rows(torch.nan_to_num(loss), torch.ones_like(mask), mode),
-                                            rel=1e-5, abs=1e-6)
+    assert unmasked.item() == pytest.approx(
+        _agg_by_rows(torch.nan_to_num(loss), torch.ones_like(mask), mode), rel=1e-5, abs=1e-6
+    )
     for normalizer, horizon in [(7, None), (None, 3.5), (0.25, 40)]:
         got = rf.agg_loss(loss, mask, mode, normalizer=normalizer, horizon=horizon)
         assert got.item() == pytest.approx(_agg_by_rows(loss, mask, mode, normalizer, horizon), rel=1e-5, abs=1e-6)
@@ -175,12 +180,18 @@ def test_agg_loss_matches_verl():
     mask[4, 5:] = False
     for mode in AGG_MODES:
         got = rf.agg_loss(loss, mask, mode)
-        torch.testing.assert_close(got, core_algos.agg_loss(loss, mask.double(), mode), rtol=1e-7, atol=0,
-                                   msg=mode)
+        torch.testing.assert_close(got, core_algos.agg_loss(loss, mask.double(), mode), rtol=1e-7, atol=0, msg=mode)
         # The parallel-invariant arguments: global counts over dp_size ranks, and a fixed horizon.
         dp_size, batch_num_tokens, global_batch_size, scale_factor = 4, 250, 19, 64
-        expected = core_algos.agg_loss(loss, mask.double(), mode, dp_size=dp_size, batch_num_tokens=batch_num_tokens,
-                                       global_batch_size=global_batch_size, loss_scale_factor=scale_factor)
+        expected = core_algos.agg_loss(
+            loss,
+            mask.double(),
+            mode,
+            dp_size=dp_size,
+            batch_num_tokens=batch_num_tokens,
+            global_batch_size=global_batch_size,
+            loss_scale_factor=scale_factor,
+        )
         count = {"token-mean": batch_num_tokens, "token-sum": 1}.get(mode, global_batch_size)
         got = rf.agg_loss(loss, mask, mode, normalizer=count / dp_size, horizon=scale_factor)
         torch.testing.assert_close(got, expected, rtol=1e-7, atol=0, msg=mode)
@@ -188,8 +199,11 @@ def test_agg_loss_matches_verl():
 
 @pytest.mark.parametrize("mode", AGG_MODES)
 def test_agg_loss_nothing_valid_is_zero(mode):
-    for loss, mask in [(torch.randn(3, 4), torch.zeros(3, 4, dtype=torch.bool)), (torch.randn(0, 4), None),
-                       (torch.randn(2, 0), None)]:
+    for loss, mask in [
+        (torch.randn(3, 4), torch.zeros(3, 4, dtype=torch.bool)),
+        (torch.randn(0, 4), None),
+        (torch.randn(2, 0), None),
+    ]:
         out = rf.agg_loss(loss, mask, mode)
         assert out.item() == 0.0 and not torch.isnan(out)
 
@@ -264,7 +278,6 @@ def test_ppo_value_loss_matches_float64_reference(device, name, dtype, agg):
     assert 0 < expected[1]["clipfrac"] < 1
 
 
-
 @pytest.mark.parametrize("device,name", PAIRS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("agg", AGG_MODES)
@@ -274,17 +287,27 @@ def test_ppo_losses_normalizer_and_horizon(device, name, dtype, agg):
     for loss_fn, reference_fn in ((rf.ppo_policy_loss, ref.ppo_policy_loss), (rf.ppo_value_loss, ref.ppo_value_loss)):
         for normalizer, horizon in [(50.0, None), (None, 64), (2.5, 100.0)]:
             x = logp.clone().requires_grad_()
-            loss, _ = loss_fn(x, old_logp, advantages, mask, agg=agg, normalizer=normalizer, horizon=horizon,
-                              backend=name)
+            loss, _ = loss_fn(
+                x, old_logp, advantages, mask, agg=agg, normalizer=normalizer, horizon=horizon, backend=name
+            )
             loss.backward()
             x64 = logp.double().requires_grad_()
-            expected, _ = reference_fn(x64, old_logp.double(), advantages.double(), mask, agg=agg,
-                                       normalizer=normalizer, horizon=horizon)
+            expected, _ = reference_fn(
+                x64, old_logp.double(), advantages.double(), mask, agg=agg, normalizer=normalizer, horizon=horizon
+            )
             expected.backward()
             torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(x.grad.double(), x64.grad, **_grad_tol(dtype))
-            nothing_valid, _ = loss_fn(x, old_logp, advantages, torch.zeros_like(mask), agg=agg,
-                                       normalizer=normalizer, horizon=horizon, backend=name)
+            nothing_valid, _ = loss_fn(
+                x,
+                old_logp,
+                advantages,
+                torch.zeros_like(mask),
+                agg=agg,
+                normalizer=normalizer,
+                horizon=horizon,
+                backend=name,
+            )
             assert nothing_valid.item() == 0.0
 
 
@@ -320,6 +343,7 @@ def test_ppo_value_loss_without_clipping(device, name):
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(v.grad.double(), v64.grad, rtol=1e-5, atol=1e-6)
     assert stats["clipfrac"].item() == 0
+
 
 def test_reference_policy_loss_token_by_token():
     """The reference against the PPO formulas written per token with floats (dual clip active on some)."""
@@ -393,8 +417,10 @@ def test_ppo_losses_awkward_shapes(device, name, shape):
     logp, old_logp, advantages = _policy_inputs(shape, device, torch.float32)
     mask = torch.rand(shape, device=device) > 0.2
     for agg in AGG_MODES:
-        for loss_fn, reference_fn in ((rf.ppo_policy_loss, ref.ppo_policy_loss),
-                                      (rf.ppo_value_loss, ref.ppo_value_loss)):
+        for loss_fn, reference_fn in (
+            (rf.ppo_policy_loss, ref.ppo_policy_loss),
+            (rf.ppo_value_loss, ref.ppo_value_loss),
+        ):
             x = logp.clone().requires_grad_()
             got = loss_fn(x, old_logp, advantages, mask, agg=agg, backend=name)
             got[0].backward()
@@ -498,16 +524,21 @@ def test_opcheck_compiled_ops():
     logp, old_logp, adv = _policy_inputs((5, 13), "cpu", torch.float32)
     mask = _mask((5, 13), "cpu")
     for agg in AGG_MODES:
-        torch.library.opcheck(ops.ppo_policy_loss.default,
-                              (logp.clone().requires_grad_(), old_logp, adv, mask, 0.2, 0.3, 2.0, agg))
-        torch.library.opcheck(ops.ppo_value_loss.default,
-                              (logp.clone().requires_grad_(), old_logp, adv, None, 0.2, agg))
+        torch.library.opcheck(
+            ops.ppo_policy_loss.default, (logp.clone().requires_grad_(), old_logp, adv, mask, 0.2, 0.3, 2.0, agg)
+        )
+        torch.library.opcheck(
+            ops.ppo_value_loss.default, (logp.clone().requires_grad_(), old_logp, adv, None, 0.2, agg)
+        )
     _, stats = ops.ppo_policy_loss(logp, old_logp, adv, mask, 0.2, 0.2, None, "token-mean")
-    torch.library.opcheck(ops.ppo_policy_loss_backward.default,
-                          (torch.tensor(1.0), logp, old_logp, adv, mask, stats, 0.2, 0.2, None, "token-mean"))
-    torch.library.opcheck(ops.ppo_value_loss_backward.default,
-                          (torch.tensor(0.5), logp.half(), old_logp.half(), adv.half(), mask, stats, 0.2,
-                           "seq-mean-token-mean"))
+    torch.library.opcheck(
+        ops.ppo_policy_loss_backward.default,
+        (torch.tensor(1.0), logp, old_logp, adv, mask, stats, 0.2, 0.2, None, "token-mean"),
+    )
+    torch.library.opcheck(
+        ops.ppo_value_loss_backward.default,
+        (torch.tensor(0.5), logp.half(), old_logp.half(), adv.half(), mask, stats, 0.2, "seq-mean-token-mean"),
+    )
 
 
 @pytest.mark.skipif(not COMPILED, reason="compiled library not built")
@@ -568,5 +599,6 @@ def test_gpu_large_shape_and_compile(name, agg):
     torch.testing.assert_close(loss.double(), exp_loss, rtol=1e-5, atol=1e-6)
     _assert_grads_close_but_at_clip_edges(v.grad, v64.grad)
     kl = rf.kl_penalty(logp, old_logp, "k3", backend=name)
-    torch.testing.assert_close(kl.double(), ref.kl_penalty(logp.double(), old_logp.double(), "k3"), rtol=1e-5,
-                               atol=1e-5)
+    torch.testing.assert_close(
+        kl.double(), ref.kl_penalty(logp.double(), old_logp.double(), "k3"), rtol=1e-5, atol=1e-5
+    )

@@ -1,4 +1,5 @@
 """The PPO loop: CLI smoke run and outputs, kernels on/off agreement, resume, torchrun, learning, user paths."""
+
 import copy
 import json
 import math
@@ -14,18 +15,41 @@ from rlhf_fast.ppo import PPOConfig, models, precision, tasks, train
 from rlhf_fast.ppo.__main__ import build_parser, config_from_args
 from rlhf_fast.ppo.ops import OP_NAMES, get_ops
 from rlhf_fast.ppo.policy_loss import minibatch_policy_loss
-from rlhf_fast.ppo.trainer import (Dist, RunningLogZ, RunningMoments, encode_prompts, encode_responses,
-                                   fdpg_pseudo_reward, join, whiten)
+from rlhf_fast.ppo.trainer import (
+    Dist,
+    RunningLogZ,
+    RunningMoments,
+    encode_prompts,
+    encode_responses,
+    fdpg_pseudo_reward,
+    join,
+    whiten,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = dict(warmup_steps=3, eval_size=8, batch_size=8, minibatch_size=4, ppo_epochs=2, critic_warmup_steps=0,
-            max_new_tokens=7, progress=False, plot=False)
+TINY = dict(
+    warmup_steps=3,
+    eval_size=8,
+    batch_size=8,
+    minibatch_size=4,
+    ppo_epochs=2,
+    critic_warmup_steps=0,
+    max_new_tokens=7,
+    progress=False,
+    plot=False,
+)
 TIMING_KEYS = ("tokens_per_s", "time_")
 
 
 def _run(*args, timeout=300, env=None):
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+    return subprocess.run(
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+    )
 
 
 def _metrics(folder):
@@ -40,14 +64,42 @@ def _without_timings(rows):
 
 
 def test_cli_two_step_smoke_run_writes_every_output(tmp_path):
-    out = _run("-m", "rlhf_fast.cli", "train", "--out", str(tmp_path), "--total-steps", "2", "--warmup-steps", "2",
-               "--eval-size", "16", "--batch-size", "8", "--minibatch-size", "4", "--critic-warmup-steps", "0")
+    out = _run(
+        "-m",
+        "rlhf_fast.cli",
+        "train",
+        "--out",
+        str(tmp_path),
+        "--total-steps",
+        "2",
+        "--warmup-steps",
+        "2",
+        "--eval-size",
+        "16",
+        "--batch-size",
+        "8",
+        "--minibatch-size",
+        "4",
+        "--critic-warmup-steps",
+        "0",
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "eval reward" in out.stdout
     rows = _metrics(tmp_path)
     assert [r["step"] for r in rows] == [0, 1]
-    for key in ("reward_mean", "kl", "policy_loss", "value_loss", "entropy", "clipfrac", "tokens_per_s",
-                "time_generate", "time_score", "time_advantages", "time_update"):
+    for key in (
+        "reward_mean",
+        "kl",
+        "policy_loss",
+        "value_loss",
+        "entropy",
+        "clipfrac",
+        "tokens_per_s",
+        "time_generate",
+        "time_score",
+        "time_advantages",
+        "time_update",
+    ):
         assert isinstance(rows[-1][key], float) and math.isfinite(rows[-1][key]), key
     summary = json.loads((tmp_path / "summary.json").read_text())
     for key in ("eval_reward_before", "eval_reward_after", "wall_time_s", "config"):
@@ -63,8 +115,9 @@ def test_every_config_field_is_a_flag_with_help():
     flags = {a.dest: a for a in parser._actions}
     for name in PPOConfig.__dataclass_fields__:
         assert name in flags and flags[name].help, name
-    cfg = config_from_args(parser.parse_args(["--no-reward-norm", "--dual-clip", "3", "--divergence", "js",
-                                              "--total-steps", "5"]))
+    cfg = config_from_args(
+        parser.parse_args(["--no-reward-norm", "--dual-clip", "3", "--divergence", "js", "--total-steps", "5"])
+    )
     assert cfg.reward_norm is False and cfg.dual_clip == 3.0 and cfg.divergence == "js" and cfg.total_steps == 5
     assert config_from_args(parser.parse_args([])) == PPOConfig()
 
@@ -72,17 +125,20 @@ def test_every_config_field_is_a_flag_with_help():
 # ---------------------------------------------------------------- bad input fails before any work
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--model", "/nonexistent/model"], "--model /nonexistent/model: no such directory"),
-    (["--reward-model", "/nonexistent/rm"], "--reward-model /nonexistent/rm: no such directory"),
-    (["--prompts", "/nonexistent.jsonl", "--reward", "os:getcwd"], "no such file"),
-    (["--reward", "not_a_module_xyz:f"], "cannot import module"),
-    (["--reward", "os"], "expected module:function"),
-    (["--algo", "grpo"], "--group-size >= 2"),
-    (["--ref-quant", "int3"], "invalid choice"),
-    (["--critic-init", "reward-model"], "--critic-init reward-model needs --reward-model"),
-    (["--ref-quant", "int4"], "--ref-quant int4: model.layers.0.self_attn.q_proj: group_size=128 does not divide"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "/nonexistent/model"], "--model /nonexistent/model: no such directory"),
+        (["--reward-model", "/nonexistent/rm"], "--reward-model /nonexistent/rm: no such directory"),
+        (["--prompts", "/nonexistent.jsonl", "--reward", "os:getcwd"], "no such file"),
+        (["--reward", "not_a_module_xyz:f"], "cannot import module"),
+        (["--reward", "os"], "expected module:function"),
+        (["--algo", "grpo"], "--group-size >= 2"),
+        (["--ref-quant", "int3"], "invalid choice"),
+        (["--critic-init", "reward-model"], "--critic-init reward-model needs --reward-model"),
+        (["--ref-quant", "int4"], "--ref-quant int4: model.layers.0.self_attn.q_proj: group_size=128 does not divide"),
+    ],
+)
 def test_bad_flags_fail_with_a_clear_message(tmp_path, args, message):
     out = _run("-m", "rlhf_fast.ppo", "--out", str(tmp_path / "run"), *args, timeout=120)
     assert out.returncode != 0 and message in out.stderr, out.stderr[-2000:]
@@ -90,11 +146,14 @@ def test_bad_flags_fail_with_a_clear_message(tmp_path, args, message):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-@pytest.mark.parametrize("content, message", [
-    ('{"prompt": "12="}\n{"prompt": 3}\n', "line 2: expected an object"),
-    ('{"prompt": "12="}\nnot json\n', "line 2: not valid JSON"),
-    ('{"prompt": "12="}\n', "at least 2 prompts"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"prompt": "12="}\n{"prompt": 3}\n', "line 2: expected an object"),
+        ('{"prompt": "12="}\nnot json\n', "line 2: not valid JSON"),
+        ('{"prompt": "12="}\n', "at least 2 prompts"),
+    ],
+)
 def test_malformed_prompt_files_name_the_line(tmp_path, content, message):
     path = tmp_path / "prompts.jsonl"
     path.write_text(content)
@@ -105,14 +164,27 @@ def test_malformed_prompt_files_name_the_line(tmp_path, content, message):
 
 def test_prompt_file_and_reward_function_run(tmp_path):
     path = tmp_path / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"{a}{b}=", "response": "".join(sorted(f"{a}{b}"))}) + "\n"
-                            for a in range(10) for b in range(3)))
+    path.write_text(
+        "".join(
+            json.dumps({"prompt": f"{a}{b}=", "response": "".join(sorted(f"{a}{b}"))}) + "\n"
+            for a in range(10)
+            for b in range(3)
+        )
+    )
     module = tmp_path / "my_reward_mod.py"
     module.write_text("def score(prompts, responses):\n    return [float(len(r) == 2) for r in responses]\n")
     sys.path.insert(0, str(tmp_path))
     try:
-        summary = train(PPOConfig(out=str(tmp_path / "run"), prompts=str(path), reward="my_reward_mod:score",
-                                  total_steps=1, ptx_coef=0.1, **TINY))
+        summary = train(
+            PPOConfig(
+                out=str(tmp_path / "run"),
+                prompts=str(path),
+                reward="my_reward_mod:score",
+                total_steps=1,
+                ptx_coef=0.1,
+                **TINY,
+            )
+        )
     finally:
         sys.path.remove(str(tmp_path))
     assert 0 <= summary["eval_reward_after"] <= 1 and len(_metrics(tmp_path / "run")) == 1
@@ -178,8 +250,10 @@ def test_kernels_on_and_off_agree_on_one_update():
     assert on["clipfrac"] > 0 and any(g.abs().sum() > 0 for g in grads_on)
 
 
-@pytest.mark.parametrize("extra", [{}, dict(entropy_coef=0.01, kl_in_loss=True, kl_estimator="k3", dual_clip=3.0,
-                                            loss_agg="seq-mean-token-mean")])
+@pytest.mark.parametrize(
+    "extra",
+    [{}, dict(entropy_coef=0.01, kl_in_loss=True, kl_estimator="k3", dual_clip=3.0, loss_agg="seq-mean-token-mean")],
+)
 def test_fused_policy_loss_matches_the_unfused_on_one_minibatch(extra):
     """--fused-head's linear_ppo_policy_loss against log-probs from the model's logits + ppo_policy_loss (and
     the entropy / KL terms): the same loss, metrics and policy gradients."""
@@ -190,8 +264,9 @@ def test_fused_policy_loss_matches_the_unfused_on_one_minibatch(extra):
     ops = get_ops(True)
     input_ids, attention, labels, n_prompt, mask = _rollout(tokenizer)
     with torch.no_grad():
-        old_logp = models.LogProbModel(policy, ops, fused=False, temperature=0.9)(input_ids, attention, labels,
-                                                                                  n_prompt)
+        old_logp = models.LogProbModel(policy, ops, fused=False, temperature=0.9)(
+            input_ids, attention, labels, n_prompt
+        )
     old_logp = (old_logp + 0.2 * torch.randn(mask.shape)) * mask
     ref_logp = (old_logp + 0.3 * torch.randn(mask.shape)) * mask
     advantages = torch.randn(mask.shape) * mask
@@ -199,9 +274,21 @@ def test_fused_policy_loss_matches_the_unfused_on_one_minibatch(extra):
     for fused in (True, False):
         policy.zero_grad(set_to_none=True)
         policy_lp = models.LogProbModel(policy, ops, fused=fused, temperature=0.9)
-        loss, metrics = minibatch_policy_loss(policy_lp, ops, cfg, 0.1, fused=fused, input_ids=input_ids,
-                                              attention=attention, labels=labels, n_prompt=n_prompt,
-                                              old_logp=old_logp, advantages=advantages, mask=mask, ref_logp=ref_logp)
+        loss, metrics = minibatch_policy_loss(
+            policy_lp,
+            ops,
+            cfg,
+            0.1,
+            fused=fused,
+            input_ids=input_ids,
+            attention=attention,
+            labels=labels,
+            n_prompt=n_prompt,
+            old_logp=old_logp,
+            advantages=advantages,
+            mask=mask,
+            ref_logp=ref_logp,
+        )
         loss.backward()
         results.append((loss.item(), metrics, [p.grad.clone() for p in policy.parameters()]))
     (loss_fused, metrics_fused, grads_fused), (loss_plain, metrics_plain, grads_plain) = results
@@ -258,8 +345,18 @@ def test_generation_is_deterministic_for_a_generator_state():
     tokenizer = tasks.CharTokenizer()
     policy = models.tiny_llama(tokenizer.vocab_size, PPOConfig(hidden_size=32, num_layers=1, num_heads=2))
     ids, mask = encode_prompts(tokenizer, ["12=", "3456="], "cpu")
-    outs = [models.generate(policy, ids, mask, max_new_tokens=6, eos_token_id=1, pad_token_id=0,
-                            generator=torch.Generator().manual_seed(5)) for _ in range(2)]
+    outs = [
+        models.generate(
+            policy,
+            ids,
+            mask,
+            max_new_tokens=6,
+            eos_token_id=1,
+            pad_token_id=0,
+            generator=torch.Generator().manual_seed(5),
+        )
+        for _ in range(2)
+    ]
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
     response, valid = outs[0]
     assert valid[:, 0].all() and (response[~valid] == 0).all()
@@ -268,15 +365,30 @@ def test_generation_is_deterministic_for_a_generator_state():
 # ---------------------------------------------------------------- algorithms and switches
 
 
-@pytest.mark.parametrize("extra", [
-    dict(algo="grpo", group_size=4, kl_in_loss=True, kl_estimator="k3"),
-    dict(algo="rloo", group_size=2),
-    dict(divergence="rkl"), dict(divergence="fkl"), dict(divergence="js"), dict(divergence="tv"),
-    dict(adaptive_kl=True, target_kl=0.01, dual_clip=3.0, entropy_coef=0.01, ptx_coef=0.5,
-         loss_agg="seq-mean-token-sum-norm", value_clip=None),
-    dict(ref_quant="int8"), dict(ref_quant="int4", quant_group_size=32), dict(ref_quant="w8a8"),
-    dict(critic_embedding="trainable"),
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        dict(algo="grpo", group_size=4, kl_in_loss=True, kl_estimator="k3"),
+        dict(algo="rloo", group_size=2),
+        dict(divergence="rkl"),
+        dict(divergence="fkl"),
+        dict(divergence="js"),
+        dict(divergence="tv"),
+        dict(
+            adaptive_kl=True,
+            target_kl=0.01,
+            dual_clip=3.0,
+            entropy_coef=0.01,
+            ptx_coef=0.5,
+            loss_agg="seq-mean-token-sum-norm",
+            value_clip=None,
+        ),
+        dict(ref_quant="int8"),
+        dict(ref_quant="int4", quant_group_size=32),
+        dict(ref_quant="w8a8"),
+        dict(critic_embedding="trainable"),
+    ],
+)
 def test_algorithms_and_switches_run(tmp_path, extra):
     train(PPOConfig(out=str(tmp_path), total_steps=2, **{**TINY, **extra}))
     rows = _metrics(tmp_path)
@@ -292,8 +404,12 @@ def test_fdpg_reverse_kl_is_the_kl_penalised_reward():
     shaped = scores - beta * (logp - ref)
     torch.testing.assert_close(pseudo - shaped, torch.full_like(pseudo, -beta * (log_z + 1)))
     # every divergence against f'(t) written out, at t = pi / p = e^0.5 and e^-0.5
-    f_prime = {"rkl": lambda t: math.log(t) + 1, "fkl": lambda t: -1 / t,
-               "js": lambda t: math.log(2 * t / (1 + t)), "tv": lambda t: math.copysign(0.5, t - 1)}
+    f_prime = {
+        "rkl": lambda t: math.log(t) + 1,
+        "fkl": lambda t: -1 / t,
+        "js": lambda t: math.log(2 * t / (1 + t)),
+        "tv": lambda t: math.copysign(0.5, t - 1),
+    }
     at_target = ref + scores / beta - log_z
     for kind, fn in f_prime.items():
         for log_t in (0.5, -0.5):
@@ -325,7 +441,6 @@ def test_running_log_z_is_the_log_mean_weight_of_every_sample():
     assert estimate.value == pytest.approx((pooled.logsumexp(0) - math.log(pooled.numel())).item())
 
 
-
 class _TwoProcesses(Dist):
     """Stands in for a 2-process group: the other process's contribution to every sum is `other`."""
 
@@ -347,14 +462,39 @@ def test_whitening_under_ddp_uses_the_whole_batch():
     torch.testing.assert_close(got, expected[:4], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(got, (ops.masked_whiten(advantages[:4], mask[:4]) * mask[:4]), atol=1e-3)
 
+
 # ---------------------------------------------------------------- scale-out and learning
 
 
 def test_torchrun_two_processes(tmp_path):
-    out = _run("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29731", "-m", "rlhf_fast.ppo",
-               "--out", str(tmp_path), "--total-steps", "2", "--warmup-steps", "2", "--eval-size", "8",
-               "--batch-size", "8", "--minibatch-size", "4", "--critic-warmup-steps", "0", "--no-progress",
-               "--save-every", "1", "--ptx-coef", "0.1", timeout=300)
+    out = _run(
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29731",
+        "-m",
+        "rlhf_fast.ppo",
+        "--out",
+        str(tmp_path),
+        "--total-steps",
+        "2",
+        "--warmup-steps",
+        "2",
+        "--eval-size",
+        "8",
+        "--batch-size",
+        "8",
+        "--minibatch-size",
+        "4",
+        "--critic-warmup-steps",
+        "0",
+        "--no-progress",
+        "--save-every",
+        "1",
+        "--ptx-coef",
+        "0.1",
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["world_size"] == 2 and len(_metrics(tmp_path)) == 2
@@ -375,8 +515,17 @@ def test_cuda_run_same_with_kernels_on_and_off(tmp_path):
 def test_short_run_learns_the_default_task(tmp_path):
     """100 PPO steps (0.4 of the default run, at a higher learning rate): the held-out greedy reward and the
     sampled reward both rise."""
-    summary = train(PPOConfig(out=str(tmp_path), total_steps=100, eval_size=128, lr=5e-4, critic_warmup_steps=0,
-                              progress=False, plot=False))
+    summary = train(
+        PPOConfig(
+            out=str(tmp_path),
+            total_steps=100,
+            eval_size=128,
+            lr=5e-4,
+            critic_warmup_steps=0,
+            progress=False,
+            plot=False,
+        )
+    )
     rows = _metrics(tmp_path)
     first, last = (sum(r["reward_mean"] for r in part) / len(part) for part in (rows[:10], rows[-10:]))
     assert last > first + 0.1, (first, last)
@@ -385,8 +534,10 @@ def test_short_run_learns_the_default_task(tmp_path):
 
 def _save_hf_tokenizer(folder):
     """A character-level fast tokenizer saved like a Hub tokenizer (built here: no download)."""
-    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tok_models
     from transformers import PreTrainedTokenizerFast
+
     vocab = {tok: i for i, tok in enumerate(["<pad>", "<eos>", *"0123456789="])}
     core = Tokenizer(tok_models.WordLevel(vocab, unk_token="<pad>"))
     core.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
@@ -397,18 +548,49 @@ def _save_hf_tokenizer(folder):
 
 def test_local_model_reward_model_and_prompt_file(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
     vocab = _save_hf_tokenizer(tmp_path / "policy")
     _save_hf_tokenizer(tmp_path / "rm")
-    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, pad_token_id=0, eos_token_id=1, num_labels=1)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        eos_token_id=1,
+        num_labels=1,
+    )
     LlamaForCausalLM(config).save_pretrained(tmp_path / "policy")
     LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"{i}{i + 1}="}) + "\n" for i in range(8)))
-    out = _run("-m", "rlhf_fast.ppo", "--out", str(tmp_path / "run"), "--model", str(tmp_path / "policy"),
-               "--reward-model", str(tmp_path / "rm"), "--prompts", str(prompts), "--total-steps", "2",
-               "--batch-size", "4", "--minibatch-size", "2", "--eval-size", "4", "--critic-warmup-steps", "0",
-               "--max-new-tokens", "4", "--no-progress")
+    out = _run(
+        "-m",
+        "rlhf_fast.ppo",
+        "--out",
+        str(tmp_path / "run"),
+        "--model",
+        str(tmp_path / "policy"),
+        "--reward-model",
+        str(tmp_path / "rm"),
+        "--prompts",
+        str(prompts),
+        "--total-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--minibatch-size",
+        "2",
+        "--eval-size",
+        "4",
+        "--critic-warmup-steps",
+        "0",
+        "--max-new-tokens",
+        "4",
+        "--no-progress",
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     rows = _metrics(tmp_path / "run")
     assert len(rows) == 2 and all(math.isfinite(r["policy_loss"]) for r in rows)
@@ -418,8 +600,17 @@ def test_local_model_reward_model_and_prompt_file(tmp_path):
 
 def test_critic_from_the_reward_model_starts_at_its_scores():
     from transformers import LlamaConfig, LlamaForSequenceClassification
-    config = LlamaConfig(vocab_size=13, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, pad_token_id=0, num_labels=1)
+
+    config = LlamaConfig(
+        vocab_size=13,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        num_labels=1,
+    )
     reward_model = LlamaForSequenceClassification(config).eval()
     critic = models.ValueModel.from_reward_model(reward_model).eval()
     ids, attention = torch.randint(2, 13, (3, 9)), torch.ones(3, 9, dtype=torch.long)
@@ -448,8 +639,15 @@ def test_generation_with_last_logits_only_equals_full_logits(monkeypatch):
     tokenizer = tasks.CharTokenizer()
     policy = models.tiny_llama(tokenizer.vocab_size, PPOConfig(hidden_size=32, num_layers=1, num_heads=2))
     ids, mask = encode_prompts(tokenizer, ["12=", "3456=", "7="], "cpu")
-    sample = lambda: models.generate(policy, ids, mask, max_new_tokens=6, eos_token_id=1, pad_token_id=0,  # noqa
-                                     generator=torch.Generator().manual_seed(3))
+    sample = lambda: models.generate(
+        policy,
+        ids,
+        mask,
+        max_new_tokens=6,
+        eos_token_id=1,
+        pad_token_id=0,  # noqa
+        generator=torch.Generator().manual_seed(3),
+    )
     assert models._last_logits_kwarg(policy) == {"logits_to_keep": 1}
     last_only = sample()
     monkeypatch.setattr(models, "_last_logits_kwarg", lambda model: {})
@@ -471,8 +669,18 @@ def test_grad_checkpointing_keeps_generation_and_gradients():
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     ids, prompt_mask = encode_prompts(tokenizer, ["12=", "3456="], "cpu")
-    outs = [models.generate(m.train(), ids, prompt_mask, max_new_tokens=6, eos_token_id=1, pad_token_id=0,
-                            generator=torch.Generator().manual_seed(5)) for m in (plain, checkpointed)]
+    outs = [
+        models.generate(
+            m.train(),
+            ids,
+            prompt_mask,
+            max_new_tokens=6,
+            eos_token_id=1,
+            pad_token_id=0,
+            generator=torch.Generator().manual_seed(5),
+        )
+        for m in (plain, checkpointed)
+    ]
     assert torch.equal(outs[0][0], outs[1][0])
 
 
@@ -486,11 +694,14 @@ def test_bf16_models_give_float32_log_probs_and_values():
     assert next(policy.parameters()).dtype == torch.float32 and next(critic.parameters()).dtype == torch.float32
     input_ids, attention, labels, n_prompt, mask = _rollout(tokenizer)
     for kernels in (True, False):
-        policy_lp = models.LogProbModel(policy, get_ops(kernels), fused=kernels, temperature=1.0,
-                                        autocast=precision.compute_dtype(cfg))
+        policy_lp = models.LogProbModel(
+            policy, get_ops(kernels), fused=kernels, temperature=1.0, autocast=precision.compute_dtype(cfg)
+        )
         ref_lp = models.LogProbModel(reference, get_ops(kernels), fused=kernels, temperature=1.0)
-        logp, ref_logp = policy_lp(input_ids, attention, labels, n_prompt), ref_lp(input_ids, attention, labels,
-                                                                                  n_prompt)
+        logp, ref_logp = (
+            policy_lp(input_ids, attention, labels, n_prompt),
+            ref_lp(input_ids, attention, labels, n_prompt),
+        )
         assert logp.dtype == ref_logp.dtype == torch.float32
         torch.testing.assert_close(logp, ref_logp, rtol=0.05, atol=0.05)  # the same weights, rounded to bf16
         logp.sum().backward()
@@ -500,8 +711,18 @@ def test_bf16_models_give_float32_log_probs_and_values():
 
 def test_bf16_run_learns_the_default_task(tmp_path):
     """A short bf16 run (autocast policy and critic, bf16 reference): the held-out greedy reward rises."""
-    summary = train(PPOConfig(out=str(tmp_path), dtype="bf16", total_steps=60, eval_size=128, lr=5e-4,
-                              critic_warmup_steps=0, progress=False, plot=False))
+    summary = train(
+        PPOConfig(
+            out=str(tmp_path),
+            dtype="bf16",
+            total_steps=60,
+            eval_size=128,
+            lr=5e-4,
+            critic_warmup_steps=0,
+            progress=False,
+            plot=False,
+        )
+    )
     assert summary["eval_reward_after"] > summary["eval_reward_before"] + 0.05, summary
 
 
@@ -516,17 +737,36 @@ def test_rollout_logprobs_match_the_recomputed_ones_and_learn(tmp_path):
     for kernels in (True, False):
         ops = get_ops(kernels)
         response, mask, logp, entropy = models.generate(
-            policy, prompt_ids, prompt_mask, max_new_tokens=8, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, temperature=0.8, generator=torch.Generator().manual_seed(1),
-            ops=ops, return_logprobs=True)
+            policy,
+            prompt_ids,
+            prompt_mask,
+            max_new_tokens=8,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            temperature=0.8,
+            generator=torch.Generator().manual_seed(1),
+            ops=ops,
+            return_logprobs=True,
+        )
         input_ids, attention, labels = join(prompt_ids, prompt_mask, response, mask)
         with torch.no_grad():
             again, again_entropy = models.LogProbModel(policy, ops, fused=kernels, temperature=0.8)(
-                input_ids, attention, labels, prompt_ids.shape[1], return_entropy=True)
+                input_ids, attention, labels, prompt_ids.shape[1], return_entropy=True
+            )
         torch.testing.assert_close(logp, again * mask, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(entropy, again_entropy * mask, rtol=1e-4, atol=1e-4)
-    train(PPOConfig(out=str(tmp_path), total_steps=60, eval_size=128, lr=5e-4, critic_warmup_steps=0,
-                    rollout_logprobs=True, progress=False, plot=False))
+    train(
+        PPOConfig(
+            out=str(tmp_path),
+            total_steps=60,
+            eval_size=128,
+            lr=5e-4,
+            critic_warmup_steps=0,
+            rollout_logprobs=True,
+            progress=False,
+            plot=False,
+        )
+    )
     rows = _metrics(tmp_path)
     first, last = (sum(r["reward_mean"] for r in part) / len(part) for part in (rows[:10], rows[-10:]))
     assert last > first + 0.05, (first, last)

@@ -3,6 +3,7 @@
 The runs are short (3 PPO steps of the default task at the TINY shapes of test_ppo.py); each module-scoped run is
 shared by the tests that read it.
 """
+
 import json
 import math
 import os
@@ -18,10 +19,39 @@ import torch
 from rlhf_fast.ppo import PPOConfig, sharding
 
 ROOT = Path(__file__).resolve().parent.parent
-ARGS = ["--total-steps", "3", "--warmup-steps", "3", "--eval-size", "8", "--batch-size", "8", "--minibatch-size", "4",
-        "--ppo-epochs", "2", "--critic-warmup-steps", "0", "--max-new-tokens", "7", "--no-progress", "--no-plot"]
-COMPARED = ("reward_mean", "kl", "entropy", "response_len", "policy_loss", "value_loss", "clipfrac", "approx_kl",
-            "ratio_mean", "policy_grad_norm", "value_clipfrac")
+ARGS = [
+    "--total-steps",
+    "3",
+    "--warmup-steps",
+    "3",
+    "--eval-size",
+    "8",
+    "--batch-size",
+    "8",
+    "--minibatch-size",
+    "4",
+    "--ppo-epochs",
+    "2",
+    "--critic-warmup-steps",
+    "0",
+    "--max-new-tokens",
+    "7",
+    "--no-progress",
+    "--no-plot",
+]
+COMPARED = (
+    "reward_mean",
+    "kl",
+    "entropy",
+    "response_len",
+    "policy_loss",
+    "value_loss",
+    "clipfrac",
+    "approx_kl",
+    "ratio_mean",
+    "policy_grad_norm",
+    "value_clipfrac",
+)
 
 
 def _command(out, flags, nproc=2):
@@ -34,8 +64,9 @@ def _env():
 
 
 def _run(out, *flags, nproc=2):
-    done = subprocess.run(_command(out, flags, nproc), capture_output=True, text=True, timeout=300, cwd=ROOT,
-                          env=_env())
+    done = subprocess.run(
+        _command(out, flags, nproc), capture_output=True, text=True, timeout=300, cwd=ROOT, env=_env()
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     return _metrics(out), json.loads((Path(out) / "summary.json").read_text())
 
@@ -56,8 +87,7 @@ def _assert_same_run(rows, expected, rel):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("fsdp")
-    return {name: (base / name, *_run(base / name, *flags)) for name, flags in
-            {"ddp": [], "fsdp": ["--fsdp"]}.items()}
+    return {name: (base / name, *_run(base / name, *flags)) for name, flags in {"ddp": [], "fsdp": ["--fsdp"]}.items()}
 
 
 def test_fsdp_run_equals_the_ddp_run(runs):
@@ -85,6 +115,7 @@ def test_fsdp_holds_half_the_parameter_and_optimiser_bytes_per_process(runs):
 
 def test_fsdp_saves_the_whole_policy_in_hugging_face_format(runs):
     from transformers import AutoModelForCausalLM
+
     ddp_policy = AutoModelForCausalLM.from_pretrained(runs["ddp"][0] / "policy")
     fsdp_policy = AutoModelForCausalLM.from_pretrained(runs["fsdp"][0] / "policy")
     ddp_weights, fsdp_weights = ddp_policy.state_dict(), fsdp_policy.state_dict()
@@ -108,8 +139,9 @@ def test_fsdp_killed_mid_run_resumes_to_the_uninterrupted_metrics(runs, tmp_path
     out = tmp_path / "killed"
     log = tmp_path / "killed.log"
     with log.open("w") as sink:
-        run = subprocess.Popen(_command(out, ["--fsdp", "--save-every", "1"]), cwd=ROOT, env=_env(), stdout=sink,
-                               stderr=subprocess.STDOUT)
+        run = subprocess.Popen(
+            _command(out, ["--fsdp", "--save-every", "1"]), cwd=ROOT, env=_env(), stdout=sink, stderr=subprocess.STDOUT
+        )
         state = out / "checkpoint" / "state.pt"
         deadline = time.monotonic() + 240
         while not state.is_file() and run.poll() is None and time.monotonic() < deadline:
@@ -121,9 +153,24 @@ def test_fsdp_killed_mid_run_resumes_to_the_uninterrupted_metrics(runs, tmp_path
     saved = torch.load(state, weights_only=False)["step"]
     assert 1 <= saved < 3
 
-    resumed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                              "-m", "rlhf_fast.ppo", "--resume", str(out)], capture_output=True, text=True,
-                             timeout=300, cwd=ROOT, env=_env())
+    resumed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "rlhf_fast.ppo",
+            "--resume",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env=_env(),
+    )
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["resumed_at_step"] == saved and summary["fsdp"] is True

@@ -1,5 +1,6 @@
 """--kl-full-vocab: flag checks, the loss term on one minibatch (every op path against a float64 reference from the
 full logits), and short runs of the default task that learn with the KL bounded."""
+
 import copy
 import json
 
@@ -20,16 +21,19 @@ TEMPERATURE = 0.9
 # ---------------------------------------------------------------- flags
 
 
-@pytest.mark.parametrize("fields, message", [
-    (dict(kl_full_vocab="kl", kl_in_loss=True), "replaces --kl-in-loss"),
-    (dict(kl_full_vocab="js", divergence="rkl"), "--kl-full-vocab with --divergence"),
-    (dict(kl_full_vocab="tv", kl_coef=0.0), "--kl-full-vocab needs --kl-coef > 0"),
-    (dict(kl_full_vocab="alpha"), "--kl-full-vocab alpha needs a finite --kl-full-vocab-alpha"),
-    (dict(kl_full_vocab="alpha", kl_full_vocab_alpha=1.0), "other than 0 and 1"),
-    (dict(kl_full_vocab="alpha", kl_full_vocab_alpha=float("inf")), "finite"),
-    (dict(kl_full_vocab="kl", kl_full_vocab_alpha=0.5), "only used by --kl-full-vocab alpha, not kl"),
-    (dict(kl_full_vocab_alpha=0.5), "only used by --kl-full-vocab alpha"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(kl_full_vocab="kl", kl_in_loss=True), "replaces --kl-in-loss"),
+        (dict(kl_full_vocab="js", divergence="rkl"), "--kl-full-vocab with --divergence"),
+        (dict(kl_full_vocab="tv", kl_coef=0.0), "--kl-full-vocab needs --kl-coef > 0"),
+        (dict(kl_full_vocab="alpha"), "--kl-full-vocab alpha needs a finite --kl-full-vocab-alpha"),
+        (dict(kl_full_vocab="alpha", kl_full_vocab_alpha=1.0), "other than 0 and 1"),
+        (dict(kl_full_vocab="alpha", kl_full_vocab_alpha=float("inf")), "finite"),
+        (dict(kl_full_vocab="kl", kl_full_vocab_alpha=0.5), "only used by --kl-full-vocab alpha, not kl"),
+        (dict(kl_full_vocab_alpha=0.5), "only used by --kl-full-vocab alpha"),
+    ],
+)
 def test_bad_combinations_fail_with_a_clear_message(fields, message):
     with pytest.raises(ValueError, match=message):
         PPOConfig(**fields).validate()
@@ -78,8 +82,9 @@ def _term_and_grads(policy, ref, cfg, batch, *, kernels, fused, advantages=None)
     """(loss, metrics, policy gradients) of minibatch_policy_loss with the term, through the loop's own path."""
     input_ids, attention, labels, n_prompt, mask = batch
     ops = get_ops(kernels)
-    policy_lp = models.LogProbModel(policy, ops, fused=fused, temperature=TEMPERATURE,
-                                    autocast=precision.compute_dtype(cfg))
+    policy_lp = models.LogProbModel(
+        policy, ops, fused=fused, temperature=TEMPERATURE, autocast=precision.compute_dtype(cfg)
+    )
     full_kl = FullVocabKL(cfg, ops, models.LogProbModel(ref, ops, fused=fused, temperature=TEMPERATURE))
     ref_logp, ref_hidden = full_kl.reference_scores(input_ids, attention, labels, n_prompt)
     assert (ref_hidden is not None) == fused  # the fused path keeps (B, R, H), never logits
@@ -89,10 +94,23 @@ def _term_and_grads(policy, ref, cfg, batch, *, kernels, fused, advantages=None)
         old_logp = policy_lp(input_ids, attention, labels, n_prompt)
     advantages = torch.zeros(mask.shape) if advantages is None else advantages
     policy.zero_grad(set_to_none=True)
-    loss, metrics = minibatch_policy_loss(policy_lp, ops, cfg, 0.7, fused=policy_lp.fuses_policy_loss,
-                                          input_ids=input_ids, attention=attention, labels=labels, n_prompt=n_prompt,
-                                          old_logp=old_logp, advantages=advantages, mask=mask, ref_logp=ref_logp,
-                                          full_kl=full_kl, ref_hidden=ref_hidden)
+    loss, metrics = minibatch_policy_loss(
+        policy_lp,
+        ops,
+        cfg,
+        0.7,
+        fused=policy_lp.fuses_policy_loss,
+        input_ids=input_ids,
+        attention=attention,
+        labels=labels,
+        n_prompt=n_prompt,
+        old_logp=old_logp,
+        advantages=advantages,
+        mask=mask,
+        ref_logp=ref_logp,
+        full_kl=full_kl,
+        ref_hidden=ref_hidden,
+    )
     loss.backward()
     assert all(p.grad is None for p in ref.parameters())  # the reference is frozen
     return loss.item(), metrics, [p.grad.clone() for p in policy.parameters()]
@@ -103,16 +121,20 @@ def _float64_term(policy, ref, cfg, batch):
     config's head transform (reference.head_logits)."""
     input_ids, attention, _, n_prompt, mask = batch
     policy64, ref64 = copy.deepcopy(policy).double(), models.frozen_copy(ref, torch.float64)
-    transform = {"logit_scale": getattr(policy.config, "logit_scale", 1.0) or 1.0,
-                 "softcap": getattr(policy.config, "final_logit_softcapping", None)}
+    transform = {
+        "logit_scale": getattr(policy.config, "logit_scale", 1.0) or 1.0,
+        "softcap": getattr(policy.config, "final_logit_softcapping", None),
+    }
     logits = []
     for model in (policy64, ref64):
-        hidden = model.base_model(input_ids=input_ids, attention_mask=attention,
-                                  position_ids=models.position_ids(attention)).last_hidden_state
+        hidden = model.base_model(
+            input_ids=input_ids, attention_mask=attention, position_ids=models.position_ids(attention)
+        ).last_hidden_state
         head = model.get_output_embeddings()
-        logits.append(reference.head_logits(hidden[:, n_prompt - 1:-1], head.weight, head.bias, **transform))
-    divergence = reference.f_divergence(*logits, cfg.kl_full_vocab, alpha=cfg.kl_full_vocab_alpha,
-                                        temperature=TEMPERATURE, mask=mask)
+        logits.append(reference.head_logits(hidden[:, n_prompt - 1 : -1], head.weight, head.bias, **transform))
+    divergence = reference.f_divergence(
+        *logits, cfg.kl_full_vocab, alpha=cfg.kl_full_vocab_alpha, temperature=TEMPERATURE, mask=mask
+    )
     term = 0.7 * reference.agg_loss(divergence, mask, cfg.loss_agg)
     term.backward()
     grads = [p.grad.float() for p in policy64.parameters()]
@@ -122,9 +144,16 @@ def _float64_term(policy, ref, cfg, batch):
 PATHS = [(True, True), (True, False), (False, True), (False, False)]  # (kernels, fused head)
 
 
-@pytest.mark.parametrize("kind, alpha, agg", [("kl", None, "token-mean"), ("reverse_kl", None, "seq-mean-token-sum"),
-                                              ("js", None, "seq-mean-token-mean"), ("tv", None, "token-mean"),
-                                              ("alpha", 0.5, "token-sum")])
+@pytest.mark.parametrize(
+    "kind, alpha, agg",
+    [
+        ("kl", None, "token-mean"),
+        ("reverse_kl", None, "seq-mean-token-sum"),
+        ("js", None, "seq-mean-token-mean"),
+        ("tv", None, "token-mean"),
+        ("alpha", 0.5, "token-sum"),
+    ],
+)
 def test_term_and_gradient_match_float64_on_every_path(kind, alpha, agg):
     """With zero advantages the loss is the term alone: kl_coef * agg(D), equal on every path (kernels on / off,
     fused head or logits) to float64 from the full logits, value and policy gradients."""
@@ -164,8 +193,10 @@ def test_whole_loss_same_on_every_path():
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=where)
 
 
-@pytest.mark.parametrize("transform", [{"logit_scale": 0.5}, {"final_logit_softcapping": 2.0},
-                                       {"logit_scale": 3.0, "final_logit_softcapping": 5.0}])
+@pytest.mark.parametrize(
+    "transform",
+    [{"logit_scale": 0.5}, {"final_logit_softcapping": 2.0}, {"logit_scale": 3.0, "final_logit_softcapping": 5.0}],
+)
 def test_fused_head_with_a_logit_transform_matches_float64(transform):
     """A logit scale and a soft cap from the model's config, passed to linear_f_divergence: the term of the
     transformed logits."""
@@ -196,15 +227,28 @@ def test_bf16_term_close_to_float64():
 
 # ---------------------------------------------------------------- the default task
 
-TINY = dict(warmup_steps=3, eval_size=8, batch_size=8, minibatch_size=4, ppo_epochs=2, critic_warmup_steps=0,
-            max_new_tokens=7, progress=False, plot=False)
+TINY = dict(
+    warmup_steps=3,
+    eval_size=8,
+    batch_size=8,
+    minibatch_size=4,
+    ppo_epochs=2,
+    critic_warmup_steps=0,
+    max_new_tokens=7,
+    progress=False,
+    plot=False,
+)
 
 
-@pytest.mark.parametrize("extra", [dict(kl_full_vocab="kl", algo="grpo", group_size=2),
-                                   dict(kl_full_vocab="js", dtype="bf16"),
-                                   dict(kl_full_vocab="reverse_kl", ref_quant="int8", fused_head=False),
-                                   dict(kl_full_vocab="alpha", kl_full_vocab_alpha=0.5, kernels="off",
-                                        loss_agg="seq-mean-token-sum")])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        dict(kl_full_vocab="kl", algo="grpo", group_size=2),
+        dict(kl_full_vocab="js", dtype="bf16"),
+        dict(kl_full_vocab="reverse_kl", ref_quant="int8", fused_head=False),
+        dict(kl_full_vocab="alpha", kl_full_vocab_alpha=0.5, kernels="off", loss_agg="seq-mean-token-sum"),
+    ],
+)
 def test_two_steps_with_other_switches(tmp_path, extra):
     """The term with a critic-free algorithm, bf16, a quantized reference without the fused head, kernels off."""
     train(PPOConfig(out=str(tmp_path), total_steps=2, **{**TINY, **extra}))
@@ -221,8 +265,18 @@ def test_short_run_learns_with_the_kl_bounded(tmp_path, kind, kl_bound):
     with less force at the same coefficient), the reward-penalty default at 2.8, and the same run without a
     regulariser (--kl-in-loss --kl-coef 1e-6 --no-adaptive-kl) at 5.1: kl stays under the controller's 2.5-nat
     target, tv well under the unregularised KL."""
-    summary = train(PPOConfig(out=str(tmp_path), kl_full_vocab=kind, total_steps=60, eval_size=128, lr=5e-4,
-                              critic_warmup_steps=0, progress=False, plot=False))
+    summary = train(
+        PPOConfig(
+            out=str(tmp_path),
+            kl_full_vocab=kind,
+            total_steps=60,
+            eval_size=128,
+            lr=5e-4,
+            critic_warmup_steps=0,
+            progress=False,
+            plot=False,
+        )
+    )
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     first, last = (sum(r["reward_mean"] for r in part) / len(part) for part in (rows[:10], rows[-10:]))
     assert last > first + 0.1, (first, last)

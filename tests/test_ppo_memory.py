@@ -1,5 +1,6 @@
 """The PPO loop's memory choices: the critic reads a frozen input embedding (the reference's table, not a trained
 copy), and the optimiser steps through fused AdamW and drops the gradients it applied."""
+
 import pytest
 import torch
 
@@ -10,8 +11,9 @@ from rlhf_fast.ppo.trainer import encode_prompts
 def _models(dtype=torch.float32):
     torch.manual_seed(0)
     tokenizer = tasks.CharTokenizer()
-    policy = models.tiny_llama(tokenizer.vocab_size, PPOConfig(hidden_size=32, num_layers=1, num_heads=2,
-                                                               tie_embeddings=True))
+    policy = models.tiny_llama(
+        tokenizer.vocab_size, PPOConfig(hidden_size=32, num_layers=1, num_heads=2, tie_embeddings=True)
+    )
     reference = models.frozen_copy(policy, dtype)
     critic = models.ValueModel.from_policy(policy)
     torch.nn.init.normal_(critic.head.weight, std=0.1)
@@ -82,4 +84,3 @@ def test_fused_adamw_is_the_default_update_and_the_step_drops_the_gradients():
     for default, ours in zip(*runs):
         assert not torch.equal(ours, start[0] if ours.dim() == 2 else start[1])
         torch.testing.assert_close(ours, default, rtol=1e-6, atol=1e-6)
-

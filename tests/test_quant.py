@@ -8,12 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import device_backend_pairs
 
 import rlhf_fast as rf
 from rlhf_fast import reference as ref
 from rlhf_fast.quant import QuantizedLinear, QuantizedWeight
-
-from conftest import device_backend_pairs
 
 PAIRS = device_backend_pairs()
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -119,20 +118,32 @@ def test_qmatmul_backward_to_x_and_bias(device, name, scheme, dtype):
 def _empty_weight(scheme, out_features, in_features, device):
     """A QuantizedWeight with N or K of zero (quantize_weight refuses empty weights; the kernels must not)."""
     if scheme == "int4":
-        return QuantizedWeight("int4", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device),
-                               torch.ones(out_features, in_features // GROUP, device=device),
-                               torch.zeros(out_features, in_features // GROUP, dtype=torch.uint8, device=device), GROUP)
-    return QuantizedWeight(scheme, torch.zeros(out_features, in_features, dtype=torch.int8, device=device),
-                           torch.ones(out_features, device=device))
+        return QuantizedWeight(
+            "int4",
+            torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device),
+            torch.ones(out_features, in_features // GROUP, device=device),
+            torch.zeros(out_features, in_features // GROUP, dtype=torch.uint8, device=device),
+            GROUP,
+        )
+    return QuantizedWeight(
+        scheme,
+        torch.zeros(out_features, in_features, dtype=torch.int8, device=device),
+        torch.ones(out_features, device=device),
+    )
 
 
 @pytest.mark.parametrize("device,name", PAIRS)
 @pytest.mark.parametrize("scheme", SCHEMES)
-@pytest.mark.parametrize("rows,out_features,in_features", [(2, 0, 64), (20, 0, 64), (2, 24, 0), (20, 24, 0), (0, 24, 64)])
+@pytest.mark.parametrize(
+    "rows,out_features,in_features", [(2, 0, 64), (20, 0, 64), (2, 24, 0), (20, 24, 0), (0, 24, 64)]
+)
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_qmatmul_empty_n_k_or_m_gives_the_bias(device, name, scheme, rows, out_features, in_features, with_bias):
-    qw = _empty_weight(scheme, out_features, in_features, device) if 0 in (out_features, in_features) else \
-        _quantize(_weight(out_features, in_features, device), scheme)
+    qw = (
+        _empty_weight(scheme, out_features, in_features, device)
+        if 0 in (out_features, in_features)
+        else _quantize(_weight(out_features, in_features, device), scheme)
+    )
     bias = torch.randn(out_features, device=device) if with_bias else None
     x = torch.randn(rows, in_features, device=device, dtype=torch.bfloat16)
     out = rf.qmatmul(x, qw, bias, backend=name)
@@ -186,6 +197,7 @@ def test_w8a8_activation_rounding_is_the_references(device, name, rows, dtype):
         # The interpreter rounds float32 -> bfloat16 loosely (the output cannot be read back) and mangles bfloat16
         # subnormals (the GPU's conversions are exact): check the quantizer's own int8 output on the normal rows.
         from rlhf_fast.triton import quant as triton_quant
+
         _, launches = triton_quant.plan(x, qw.qweight, qw.scales, None, 1, None, "w8a8")
         quantizer = launches[0]
         quantizer.kernel[quantizer.grid](*quantizer.args, **quantizer.options)
@@ -313,8 +325,9 @@ def test_opcheck_compiled_ops():
         for bias in (None, torch.randn(24)):
             torch.library.opcheck(torch.ops.rlhf_fast.qmatmul_int8.default, (x, int8.qweight, int8.scales, bias))
             torch.library.opcheck(torch.ops.rlhf_fast.qmatmul_w8a8.default, (x, int8.qweight, int8.scales, bias))
-            torch.library.opcheck(torch.ops.rlhf_fast.qmatmul_int4.default,
-                                  (x, int4.qweight, int4.scales, int4.zeros, GROUP, bias))
+            torch.library.opcheck(
+                torch.ops.rlhf_fast.qmatmul_int4.default, (x, int4.qweight, int4.scales, int4.zeros, GROUP, bias)
+            )
 
 
 @pytest.mark.skipif(rf.backend.compiled() is None, reason="compiled library not built")
@@ -335,8 +348,10 @@ def test_torch_compile_fullgraph_cpu(scheme):
 
 
 def _nvcc():
-    for candidate in (os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc"),
-                      shutil.which("nvcc") or ""):
+    for candidate in (
+        os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc"),
+        shutil.which("nvcc") or "",
+    ):
         if os.path.isfile(candidate):
             return candidate
     return None
@@ -355,16 +370,37 @@ def test_cuda_activation_quantizer_ptx_keeps_subnormals_under_fast_math(tmp_path
 
     root = Path(__file__).parent.parent
     nvcc = _nvcc()
-    includes = [str(root / "csrc"), *include_paths(), os.path.join(os.path.dirname(os.path.dirname(nvcc)), "include"),
-                *sorted(d for base in nvidia.__path__ for d in glob.glob(os.path.join(base, "cu*", "include"))),
-                sysconfig.get_paths()["include"]]
+    includes = [
+        str(root / "csrc"),
+        *include_paths(),
+        os.path.join(os.path.dirname(os.path.dirname(nvcc)), "include"),
+        *sorted(d for base in nvidia.__path__ for d in glob.glob(os.path.join(base, "cu*", "include"))),
+        sysconfig.get_paths()["include"],
+    ]
     ptx = tmp_path / "quant.ptx"
-    done = subprocess.run([nvcc, "-ptx", "-O3", "--use_fast_math", "--expt-relaxed-constexpr", "-std=c++20",
-                           "-arch=sm_90a", "-DRLHF_FAST_WITH_CUDA=1", "-D__CUDA_NO_HALF_OPERATORS__",
-                           "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
-                           "-D__CUDA_NO_HALF2_OPERATORS__", *(f"-I{d}" for d in includes),
-                           str(root / "csrc" / "cuda" / "quant.cu"), "-o", str(ptx)],
-                          capture_output=True, text=True, timeout=1800)
+    done = subprocess.run(
+        [
+            nvcc,
+            "-ptx",
+            "-O3",
+            "--use_fast_math",
+            "--expt-relaxed-constexpr",
+            "-std=c++20",
+            "-arch=sm_90a",
+            "-DRLHF_FAST_WITH_CUDA=1",
+            "-D__CUDA_NO_HALF_OPERATORS__",
+            "-D__CUDA_NO_HALF_CONVERSIONS__",
+            "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+            "-D__CUDA_NO_HALF2_OPERATORS__",
+            *(f"-I{d}" for d in includes),
+            str(root / "csrc" / "cuda" / "quant.cu"),
+            "-o",
+            str(ptx),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     kernels = re.findall(r"\.entry (\S*(?:quantize_rows|w8a8_epilogue)_kernel\S*)\((.*?)\n}\n", ptx.read_text(), re.S)
     assert len(kernels) == 6  # float32, bfloat16 and float16 of each
@@ -378,9 +414,16 @@ def test_cuda_activation_quantizer_ptx_keeps_subnormals_under_fast_math(tmp_path
 def _tiny_llama(seed=0):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=384, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                      initializer_range=0.05)
+    config = transformers.LlamaConfig(
+        vocab_size=384,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        initializer_range=0.05,
+    )
     return transformers.LlamaForCausalLM(config).eval()
 
 
@@ -426,7 +469,8 @@ def test_quantized_model_state_dict_round_trip_and_dtype_cast():
     torch.testing.assert_close(_log_probs(other, ids)[0], _log_probs(model, ids)[0], rtol=0, atol=0)
     with pytest.raises(ValueError, match="int8"):  # a state dict of another scheme is refused
         rf.quantize_model(_tiny_llama(1), "int4", group_size=64).load_state_dict(
-            rf.quantize_model(_tiny_llama(1), "int8").state_dict(), strict=False)
+            rf.quantize_model(_tiny_llama(1), "int8").state_dict(), strict=False
+        )
     model.to(torch.bfloat16)
     layer = model.model.layers[0].mlp.down_proj
     assert layer.scales.dtype == torch.float32 and layer.qweight.dtype == torch.uint8
@@ -519,7 +563,7 @@ def test_gpu_cuda_rows_agree_across_the_gemv_limit(scheme, dtype):
     sixteen = rf.qmatmul(x[:16], qw, bias, backend="cuda")
     seventeen = rf.qmatmul(x, qw, bias, backend="cuda")[:16]
     # an output rounding step of x's dtype at most (the old fallback rounded W and bias to x's dtype first)
-    torch.testing.assert_close(seventeen.float(), sixteen.float(), rtol=2 ** -7, atol=1e-3)
+    torch.testing.assert_close(seventeen.float(), sixteen.float(), rtol=2**-7, atol=1e-3)
     assert (seventeen != sixteen).float().mean() < 0.05
     cpu = rf.qmatmul(x.cpu(), qw.to("cpu"), bias.cpu(), backend="cpu")
     assert (seventeen.cpu() != cpu[:16]).float().mean() < 0.05
@@ -556,8 +600,10 @@ def test_gpu_second_device(name, scheme):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["cuda", "triton"])
-@pytest.mark.parametrize("scheme,out_features,in_features,group_size", [
-    ("int8", 96, 100, None), ("int4", 96, 192, 48), ("w8a8", 70, 100, None)])
+@pytest.mark.parametrize(
+    "scheme,out_features,in_features,group_size",
+    [("int8", 96, 100, None), ("int4", 96, 192, 48), ("w8a8", 70, 100, None)],
+)
 @pytest.mark.parametrize("rows", [1, 5, 16, 17, 40])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gpu_odd_shapes(name, scheme, out_features, in_features, group_size, rows, dtype):
@@ -585,9 +631,14 @@ def test_bench_metric_rows_are_written(tmp_path):
 
     x = torch.randn(4, 64)
     qw = rf.quantize_weight(_weight(8, 64), "int8")
-    case = Case("qmatmul_int8", "M=4", torch.float32, "fwd",
-                {"eager": lambda: F.linear(x, qw.dequantize()), "torch": lambda: rf.qmatmul(x, qw, backend="torch")},
-                metrics={"torch": [("kl_vs_float", "nats/token", 0.25)]})
+    case = Case(
+        "qmatmul_int8",
+        "M=4",
+        torch.float32,
+        "fwd",
+        {"eager": lambda: F.linear(x, qw.dequantize()), "torch": lambda: rf.qmatmul(x, qw, backend="torch")},
+        metrics={"torch": [("kl_vs_float", "nats/token", 0.25)]},
+    )
     results = run_case(case, torch.device("cpu"), quick=True)
     assert all(r.status == "ok" for r in results)
     write_rows(results, torch.device("cpu"), tmp_path / "cpu.csv")

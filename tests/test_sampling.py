@@ -1,16 +1,16 @@
 """sample / linear_sample: the distribution against the exact filtered probabilities (Hugging Face's warpers),
 the returned log-probs against float64, reproducibility, and the edge cases (masked entries, one finite entry,
 bf16, strided rows, bad arguments)."""
+
 import importlib
 import math
 
 import pytest
 import torch
+from conftest import live_backends
 
 import rlhf_fast as rf
 from rlhf_fast import reference
-
-from conftest import live_backends
 
 BACKENDS = ["torch"] + [b for b in live_backends("cpu") if b == "cpu"]
 FILTERS = [
@@ -67,7 +67,8 @@ def test_distribution(backend, vocab, filters):
 
 def test_filters_equal_huggingface_warpers():
     """The filtered distribution is the one Hugging Face's warpers leave (inputs without ties)."""
-    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper
+    from transformers.generation.logits_process import MinPLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
     logits = _logits(16, 1003, seed=5, dtype=torch.float64)
     for top_k, top_p, min_p in [(None, 0.9, None), (50, None, None), (None, None, 0.1), (100, 0.7, 0.02)]:
         scores = logits / 0.8
@@ -92,8 +93,11 @@ def test_cpu_kernel_equals_reference_draw(filters, dtype):
         t_cpu, lp_cpu = rf.sample(logits, generator=g1, backend="cpu", logprob=logprob, **filters)
         t_ref, lp_ref = rf.sample(logits, generator=g2, backend="torch", logprob=logprob, **filters)
         assert torch.equal(t_cpu, t_ref)
-        exact = (reference.filtered_log_probs(logits, **filters) if logprob == "filtered" else
-                 torch.log_softmax(logits.double() / filters.get("temperature", 1.0), -1))
+        exact = (
+            reference.filtered_log_probs(logits, **filters)
+            if logprob == "filtered"
+            else torch.log_softmax(logits.double() / filters.get("temperature", 1.0), -1)
+        )
         torch.testing.assert_close(lp_cpu.double(), exact.gather(-1, t_cpu[:, None])[:, 0], rtol=2e-6, atol=2e-5)
 
 
@@ -140,8 +144,9 @@ def test_ties_top_k_keeps_all_equal():
     probs = reference.filtered_log_probs(logits, top_k=2).exp()[0]
     assert bool((probs[[0, 2, 3, 4]] > 0).all()) and probs[1] == 0 and probs[5] == 0
     if "cpu" in BACKENDS:
-        tokens, _ = rf.sample(logits.expand(30000, 6), top_k=2, generator=torch.Generator().manual_seed(1),
-                              backend="cpu")
+        tokens, _ = rf.sample(
+            logits.expand(30000, 6), top_k=2, generator=torch.Generator().manual_seed(1), backend="cpu"
+        )
         _assert_matches_distribution(tokens, probs)
 
 
@@ -151,10 +156,17 @@ def test_tiny_top_p_keeps_the_first_token():
     assert torch.equal(tokens, logits.argmax(-1)) and torch.equal(logp, torch.zeros(8))
 
 
-@pytest.mark.parametrize("bad, match", [
-    (dict(temperature=-1.0), "temperature"), (dict(top_k=0), "top_k"), (dict(top_p=0.0), "top_p"),
-    (dict(top_p=1.5), "top_p"), (dict(min_p=2.0), "min_p"), (dict(logprob="raw"), "logprob"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(temperature=-1.0), "temperature"),
+        (dict(top_k=0), "top_k"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(min_p=2.0), "min_p"),
+        (dict(logprob="raw"), "logprob"),
+    ],
+)
 def test_bad_arguments(bad, match):
     with pytest.raises(ValueError, match=match):
         rf.sample(_logits(2, 10, seed=0), **bad)
@@ -169,8 +181,12 @@ def test_bad_generator_and_dtype():
 
 # ---------------------------------------------------------------- linear_sample
 
-@pytest.mark.parametrize("filters", [dict(), dict(top_k=10, temperature=0.9), dict(top_p=0.9), dict(min_p=0.2),
-                                     dict(top_k=20, top_p=0.8, min_p=0.01)], ids=str)
+
+@pytest.mark.parametrize(
+    "filters",
+    [dict(), dict(top_k=10, temperature=0.9), dict(top_p=0.9), dict(min_p=0.2), dict(top_k=20, top_p=0.8, min_p=0.01)],
+    ids=str,
+)
 def test_linear_sample_distribution(filters, monkeypatch):
     """From hidden states, with the vocab in several chunks (V not a multiple of the chunk): the same law."""
     lp = importlib.import_module("rlhf_fast.logprobs")  # the module (rf.logprobs is the function)
@@ -182,8 +198,13 @@ def test_linear_sample_distribution(filters, monkeypatch):
     logits = hidden @ weight.T + bias
     probs = reference.filtered_log_probs(logits[0], **filters).exp()
     draws = 40000
-    tokens, logp = rf.linear_sample(hidden.float().expand(draws, 16).contiguous(), weight.float(), bias=bias.float(),
-                                    generator=torch.Generator().manual_seed(5), **filters)
+    tokens, logp = rf.linear_sample(
+        hidden.float().expand(draws, 16).contiguous(),
+        weight.float(),
+        bias=bias.float(),
+        generator=torch.Generator().manual_seed(5),
+        **filters,
+    )
     _assert_matches_distribution(tokens, probs)
     torch.testing.assert_close(logp.double(), probs.log()[tokens], rtol=1e-4, atol=1e-4)
 
@@ -191,9 +212,10 @@ def test_linear_sample_distribution(filters, monkeypatch):
 def test_linear_sample_full_logp_and_greedy():
     g = torch.Generator().manual_seed(8)
     hidden, weight = torch.randn(2, 3, 32, generator=g), torch.randn(777, 32, generator=g)
-    logits = (hidden.double() @ weight.double().T)
-    tokens, logp = rf.linear_sample(hidden, weight, temperature=0.7, top_k=30, logprob="full",
-                                    generator=torch.Generator().manual_seed(1))
+    logits = hidden.double() @ weight.double().T
+    tokens, logp = rf.linear_sample(
+        hidden, weight, temperature=0.7, top_k=30, logprob="full", generator=torch.Generator().manual_seed(1)
+    )
     expected = torch.log_softmax(logits / 0.7, -1).gather(-1, tokens[..., None])[..., 0]
     torch.testing.assert_close(logp.double(), expected, rtol=1e-4, atol=1e-4)
     tokens, logp = rf.linear_sample(hidden, weight, temperature=0)
@@ -227,8 +249,12 @@ def test_triton_kernel_equals_reference_draw(filters, dtype):
     logits[1, 5] = logits[1, 9] = logits[1].max()  # a tie at the top
     rows = logits[None]
     uniforms = torch.rand(1, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    options = (filters.get("temperature", 1.0), filters.get("top_k", 0), filters.get("top_p", 1.0),
-               filters.get("min_p", 0.0))
+    options = (
+        filters.get("temperature", 1.0),
+        filters.get("top_k", 0),
+        filters.get("top_p", 1.0),
+        filters.get("min_p", 0.0),
+    )
     original = tr.launch_config
     tr.launch_config = lambda vocab: {"BLOCK": 128, "num_warps": 4}  # three blocks per row
     try:
@@ -249,8 +275,9 @@ def test_gpu_sample_matches_reference_draw(filters, dtype):
     state, log-probs to float32 accuracy; then the law at V=1003 from many draws."""
     logits = _logits(64, 151936, seed=17, dtype=dtype).cuda()
     tokens, logp = rf.sample(logits, generator=torch.Generator("cuda").manual_seed(5), **filters)
-    ref_tokens, ref_logp = rf.sample(logits, generator=torch.Generator("cuda").manual_seed(5), backend="torch",
-                                     **filters)
+    ref_tokens, ref_logp = rf.sample(
+        logits, generator=torch.Generator("cuda").manual_seed(5), backend="torch", **filters
+    )
     assert (tokens == ref_tokens).float().mean() > 0.99  # a cumulative boundary may round either way
     same = tokens == ref_tokens
     torch.testing.assert_close(logp[same], ref_logp[same], rtol=1e-4, atol=1e-4)

@@ -7,16 +7,17 @@ own launcher picks for the shapes of a real run (vocab 151936, lm_head 16384 x 4
 and soft cap, qmatmul 4096 x 4096 at M = 1, 16, 256, 8192; float32 and bfloat16 inputs), in a subprocess without TRITON_INTERPRET and with an empty
 Triton cache. No GPU needed; skipped only where Triton's nvidia backend or ptxas is missing.
 """
+
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+import sm90_compile
 import torch
 
 import rlhf_fast as rf
-import sm90_compile
 
 # Bytes of spill stores (and of stack frame) per thread that a kernel may have, with the reason; all others: 0.
 SPILL_BOUNDS = {
@@ -32,12 +33,17 @@ def compiled(tmp_path_factory):
     missing = sm90_compile.missing_toolchain()
     if missing is not None:
         pytest.skip(missing)
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("TRITON_INTERPRET", "TRITON_ALLOW_NON_CONSTEXPR_GLOBALS")}
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_ALLOW_NON_CONSTEXPR_GLOBALS")}
     env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton_cache"))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, os.path.join(root, "tests", "sm90_compile.py")], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=1200)
+    done = subprocess.run(
+        [sys.executable, os.path.join(root, "tests", "sm90_compile.py")],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     if done.returncode != 0:
         pytest.fail(f"tests/sm90_compile.py exited with {done.returncode}:\n{done.stderr[-6000:]}")
     results = {name: ([], []) for name in sm90_compile.CASES}
@@ -78,13 +84,22 @@ def _ops_on(device):
         results[name] = [o.detach().cpu() for o in out] + [t.grad.cpu() for t in leaves if t.grad is not None]
 
     run("logprobs", lambda z: rf.logprobs(z, labels, return_entropy=True, backend="triton"), x(4, 8, 1000))
-    run("linear_logprobs", lambda h, w: rf.linear_logprobs(h, w, labels, backend="triton"), x(4, 8, 64),
-        x(1000, 64) * 0.1)
+    run(
+        "linear_logprobs",
+        lambda h, w: rf.linear_logprobs(h, w, labels, backend="triton"),
+        x(4, 8, 64),
+        x(1000, 64) * 0.1,
+    )
     run("gae", lambda r, v: rf.gae(r, v, gamma=0.99, lam=0.95, backend="triton"), x(4, 300), x(4, 300))
     run("f_divergence", lambda p, q: rf.f_divergence(p, q, "js", backend="triton"), x(4, 8, 1000), x(4, 8, 1000))
     run("kl_penalty", lambda a, b: rf.kl_penalty(a, b, "k3", backend="triton"), x(4, 300), x(4, 300))
-    run("ppo_policy_loss", lambda a, b, c: rf.ppo_policy_loss(a, b, c, backend="triton")[0], x(4, 300), x(4, 300),
-        x(4, 300))
+    run(
+        "ppo_policy_loss",
+        lambda a, b, c: rf.ppo_policy_loss(a, b, c, backend="triton")[0],
+        x(4, 300),
+        x(4, 300),
+        x(4, 300),
+    )
     qw = rf.quantize_weight(x(96, 128), "int4", group_size=64)
     run("qmatmul", lambda a: rf.qmatmul(a, qw, backend="triton"), x(5, 128))
     return results

@@ -1,4 +1,5 @@
 """The product speaks of itself only: no word in its code, docs or results about how it was built."""
+
 import re
 from pathlib import Path
 

@@ -1,4 +1,5 @@
 """Input checks shared by the verl and OpenRLHF adapters: when a peer's call can go to our kernels."""
+
 from __future__ import annotations
 
 import torch

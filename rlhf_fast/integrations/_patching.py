@@ -11,6 +11,7 @@ while patched, and puts the original object back.
 With a peer version other than the pinned one, `patch()` warns once and skips every target whose original no
 longer has the parameters the replacement translates (the handle's `skipped` says which and why).
 """
+
 from __future__ import annotations
 
 import functools
@@ -19,8 +20,8 @@ import importlib.metadata
 import inspect
 import sys
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 
 @dataclass(frozen=True)
@@ -77,8 +78,7 @@ class Patch:
 
     def __repr__(self) -> str:
         state = "active" if self.active else "undone"
-        return (f"<{self.adapter.peer} patch ({state}): {len(self.replaced)} patched, "
-                f"{len(self.skipped)} skipped>")
+        return f"<{self.adapter.peer} patch ({state}): {len(self.replaced)} patched, {len(self.skipped)} skipped>"
 
 
 def _under(module_name: str, packages: Sequence[str]) -> bool:
@@ -97,8 +97,9 @@ def _bindings(packages: Sequence[str], obj) -> list[tuple[dict, str, str]]:
             if value is obj:
                 found.append((namespace, attr, f"{module_name}.{attr}"))
             elif type(value) is dict and attr != "__builtins__":
-                found += [(value, key, f"{module_name}.{attr}[{key!r}]")
-                          for key, item in list(value.items()) if item is obj]
+                found += [
+                    (value, key, f"{module_name}.{attr}[{key!r}]") for key, item in list(value.items()) if item is obj
+                ]
     return found
 
 
@@ -168,8 +169,9 @@ class Adapter:
     hooks: extra steps run after patching, each returning its undo.
     """
 
-    def __init__(self, peer: str, pinned: str, targets: Sequence[Target], *, scan: Sequence[str] = (),
-                 hooks: Sequence[Hook] = ()):
+    def __init__(
+        self, peer: str, pinned: str, targets: Sequence[Target], *, scan: Sequence[str] = (), hooks: Sequence[Hook] = ()
+    ):
         self.peer = peer
         self.pinned = pinned
         self.targets = tuple(targets)
@@ -243,8 +245,10 @@ class Adapter:
     def _warn(self, version: str, other_version: bool, skipped: dict[str, str]) -> None:
         lines = []
         if other_version:
-            lines.append(f"rlhf_fast.integrations.{self.peer} was written against {self.peer} {self.pinned}, "
-                         f"found {version}: only functions whose signature still matches are patched.")
+            lines.append(
+                f"rlhf_fast.integrations.{self.peer} was written against {self.peer} {self.pinned}, "
+                f"found {version}: only functions whose signature still matches are patched."
+            )
         if skipped:
             lines.append("Left as the peer has them: " + "; ".join(f"{name} ({why})" for name, why in skipped.items()))
         warnings.warn(" ".join(lines), RuntimeWarning, stacklevel=3)

@@ -22,6 +22,7 @@ are not 0/1 (OpenRLHF weights tokens by the mask), reductions over a dim, `unbia
 train/rollout importance-sampling corrections, gradients wanted for old log-probs, advantages, old values or
 returns, and every argument OpenRLHF itself rejects.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -31,8 +32,8 @@ import torch
 
 import rlhf_fast as rf
 
-from ._common import aggregation, binary_mask, discount, kernel_floats, needs_grad
 from . import ray_workers
+from ._common import aggregation, binary_mask, discount, kernel_floats, needs_grad
 from ._patching import Adapter, Patch, Target, dispatching
 
 PEER = "openrlhf"
@@ -46,10 +47,16 @@ EXPERIENCE = "openrlhf.trainer.ppo_utils.experience_maker"
 # Each function below gets the call's arguments by name and returns NotImplemented where OpenRLHF's original
 # runs (see _patching.dispatching).
 
+
 def _compute_approx_kl(a):
     log_probs, base, estimator = a["log_probs"], a["log_probs_base"], a["kl_estimator"]
-    if (a["unbiased_gradient"] or estimator not in ("k1", "k2", "k3") or not isinstance(log_probs, torch.Tensor)
-            or not isinstance(base, torch.Tensor) or log_probs.shape != base.shape):
+    if (
+        a["unbiased_gradient"]
+        or estimator not in ("k1", "k2", "k3")
+        or not isinstance(log_probs, torch.Tensor)
+        or not isinstance(base, torch.Tensor)
+        or log_probs.shape != base.shape
+    ):
         return NotImplemented
     # OpenRLHF computes in float32 and clamps every estimator to ±10; our k3 clamps the same way (its ±20 clamp
     # of the log-ratio only acts where the value is already past 10).
@@ -79,6 +86,7 @@ def _masked_mean(a):
 
 # ------------------------------------------------------------------ losses and GAE (methods)
 
+
 def _plan(action_mask, like, token_level_loss, dp_size, batch_num_tokens, global_batch_size):
     """(our mode, factor) for OpenRLHF's aggregate_loss, or None for the original. The global counts are
     only used when given (OpenRLHF ignores dp_size without them)."""
@@ -88,8 +96,12 @@ def _plan(action_mask, like, token_level_loss, dp_size, batch_num_tokens, global
         return None
     if token_level_loss:
         return aggregation(action_mask, "token-mean", 1 if batch_num_tokens is None else dp_size, batch_num_tokens)
-    return aggregation(action_mask, "seq-mean-token-mean", 1 if global_batch_size is None else dp_size,
-                       global_batch_size=global_batch_size)
+    return aggregation(
+        action_mask,
+        "seq-mean-token-mean",
+        1 if global_batch_size is None else dp_size,
+        global_batch_size=global_batch_size,
+    )
 
 
 def _same_shape(first, *others):
@@ -102,23 +114,27 @@ def _loss_plan(a, module, first, constants):
     tensors = (a[first],) + tuple(a[name] for name in constants)
     if not kernel_floats(*tensors) or not _same_shape(*tensors) or needs_grad(*tensors[1:]):
         return None
-    return _plan(a["action_mask"], a[first], module.token_level_loss, a["dp_size"], a["batch_num_tokens"],
-                 a["global_batch_size"])
+    return _plan(
+        a["action_mask"], a[first], module.token_level_loss, a["dp_size"], a["batch_num_tokens"], a["global_batch_size"]
+    )
 
 
 def _policy_forward(a):
-    module, logp, old, adv, mask = (a[k] for k in ("self", "log_probs", "old_log_probs", "advantages",
-                                                   "action_mask"))
+    module, logp, old, adv, mask = (a[k] for k in ("self", "log_probs", "old_log_probs", "advantages", "action_mask"))
     clips = [discount(v) for v in (module.clip_eps_low, module.clip_eps_high)]
-    if (module.policy_loss_type != "ppo" or module.is_correction_level != "off"
-            or any(c is None or c < 0 for c in clips)):
+    if (
+        module.policy_loss_type != "ppo"
+        or module.is_correction_level != "off"
+        or any(c is None or c < 0 for c in clips)
+    ):
         return NotImplemented
     plan = _loss_plan(a, module, "log_probs", ("old_log_probs", "advantages"))
     if plan is None:
         return NotImplemented
     mode, factor = plan
-    loss, stats = rf.ppo_policy_loss(logp, old, adv, mask, clip_low=clips[0], clip_high=clips[1],
-                                     dual_clip=module.dual_clip, agg=mode)
+    loss, stats = rf.ppo_policy_loss(
+        logp, old, adv, mask, clip_low=clips[0], clip_high=clips[1], dual_clip=module.dual_clip, agg=mode
+    )
     clip_ratio = stats["clipfrac"]
     if mask is not None:
         clip_ratio = torch.where(mask.bool().any(), clip_ratio, float("nan"))
@@ -143,8 +159,14 @@ def _value_forward(a):
 def _gae_method(a):
     values, rewards, mask = a["values"], a["rewards"], a["action_mask"]
     gamma, lam = discount(a["gamma"]), discount(a["lambd"])
-    if (gamma is None or lam is None or not kernel_floats(values, rewards) or values.dim() != 2
-            or values.shape != rewards.shape or (mask is not None and not binary_mask(mask, values))):
+    if (
+        gamma is None
+        or lam is None
+        or not kernel_floats(values, rewards)
+        or values.dim() != 2
+        or values.shape != rewards.shape
+        or (mask is not None and not binary_mask(mask, values))
+    ):
         return NotImplemented
     with torch.no_grad():
         # OpenRLHF zeroes rewards and values at masked tokens and runs its loop over every position.
@@ -154,13 +176,37 @@ def _gae_method(a):
 
 
 METHODS = (
-    (LOSS, "PolicyLoss", "forward", _policy_forward,
-     ("self", "log_probs", "old_log_probs", "advantages", "action_mask", "rollout_log_probs", "dp_size",
-      "batch_num_tokens", "global_batch_size")),
-    (LOSS, "ValueLoss", "forward", _value_forward,
-     ("self", "values", "old_values", "returns", "action_mask", "dp_size", "batch_num_tokens", "global_batch_size")),
-    (EXPERIENCE, "RemoteExperienceMaker", "get_advantages_and_returns", _gae_method,
-     ("self", "values", "rewards", "action_mask", "gamma", "lambd")),
+    (
+        LOSS,
+        "PolicyLoss",
+        "forward",
+        _policy_forward,
+        (
+            "self",
+            "log_probs",
+            "old_log_probs",
+            "advantages",
+            "action_mask",
+            "rollout_log_probs",
+            "dp_size",
+            "batch_num_tokens",
+            "global_batch_size",
+        ),
+    ),
+    (
+        LOSS,
+        "ValueLoss",
+        "forward",
+        _value_forward,
+        ("self", "values", "old_values", "returns", "action_mask", "dp_size", "batch_num_tokens", "global_batch_size"),
+    ),
+    (
+        EXPERIENCE,
+        "RemoteExperienceMaker",
+        "get_advantages_and_returns",
+        _gae_method,
+        ("self", "values", "rewards", "action_mask", "gamma", "lambd"),
+    ),
 )
 
 
@@ -191,6 +237,7 @@ def _patch_methods():
     def restore():
         for cls, method, original in undo:
             setattr(cls, method, original)
+
     return restore
 
 
@@ -200,16 +247,25 @@ def _target(name, ours, params):
 
 
 TARGETS = (
-    _target("compute_approx_kl", _compute_approx_kl,
-            ("log_probs", "log_probs_base", "log_probs_old", "kl_estimator", "unbiased_gradient")),
+    _target(
+        "compute_approx_kl",
+        _compute_approx_kl,
+        ("log_probs", "log_probs_base", "log_probs_old", "kl_estimator", "unbiased_gradient"),
+    ),
     _target("log_probs_from_logits", _log_probs_from_logits, ("logits", "labels", "temperature")),
     _target("compute_entropy", _compute_entropy, ("logits",)),
     _target("masked_mean", _masked_mean, ("tensor", "mask", "dim")),
 )
 
 # OpenRLHF modules that bind the targets by name (imported first so that patch() finds them).
-SCAN = (UTILS, LOSS, "openrlhf.models.actor", EXPERIENCE, "openrlhf.trainer.ray.ppo_actor",
-        "openrlhf.trainer.ray.ppo_critic")
+SCAN = (
+    UTILS,
+    LOSS,
+    "openrlhf.models.actor",
+    EXPERIENCE,
+    "openrlhf.trainer.ray.ppo_actor",
+    "openrlhf.trainer.ray.ppo_critic",
+)
 
 _ADAPTER = Adapter(PEER, PINNED, TARGETS, scan=SCAN, hooks=(_patch_methods,))
 

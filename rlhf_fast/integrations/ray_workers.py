@@ -12,11 +12,13 @@ Two routes, both carried by the job's runtime_env (its `env_vars` reach every no
 
 Importing this module imports neither Ray nor any peer.
 """
+
 from __future__ import annotations
 
 import importlib
 import os
-from typing import Callable, Iterable, Mapping, Union
+from collections.abc import Callable, Iterable, Mapping
+from typing import Union
 
 # Comma-separated peers to patch in every worker process (and, through runtime_env_hook, in the driver).
 ENV_VAR = "RLHF_FAST_PATCH"
@@ -122,8 +124,9 @@ def runtime_env(peers: Iterable[str], base: Mapping | None = None) -> dict:
         env["worker_process_setup_hook"] = HOOK
     elif not isinstance(user_hook, ChainedHook):
         if not isinstance(user_hook, str) and not callable(user_hook):
-            raise ValueError("runtime_env base worker_process_setup_hook: a callable or a 'module.function' "
-                             f"path, got {user_hook!r}")
+            raise ValueError(
+                f"runtime_env base worker_process_setup_hook: a callable or a 'module.function' path, got {user_hook!r}"
+            )
         env["worker_process_setup_hook"] = ChainedHook(user_hook)
     return env
 

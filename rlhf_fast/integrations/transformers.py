@@ -15,6 +15,7 @@ longer calls `torch.multinomial` (the version guard says so). The random numbers
 generator, as `torch.multinomial` takes them: the same seed gives the same text, but not the same text as
 unpatched.
 """
+
 from __future__ import annotations
 
 import functools
@@ -41,14 +42,16 @@ class FusedSampling:
         self.temperature, self.top_k, self.top_p, self.min_p = temperature, top_k, top_p, min_p
 
     def __call__(self, input_ids, scores):
-        tokens, _ = rf.sample(scores, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                              min_p=self.min_p)
+        tokens, _ = rf.sample(
+            scores, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p
+        )
         _drawn.tokens = tokens
         return torch.full_like(scores, -math.inf).scatter_(-1, tokens[:, None], 0.0)
 
     def __repr__(self):
-        return (f"FusedSampling(temperature={self.temperature}, top_k={self.top_k}, top_p={self.top_p}, "
-                f"min_p={self.min_p})")
+        return (
+            f"FusedSampling(temperature={self.temperature}, top_k={self.top_k}, top_p={self.top_p}, min_p={self.min_p})"
+        )
 
 
 _drawn = threading.local()  # the tokens FusedSampling drew last, until the multinomial call takes them
@@ -57,6 +60,7 @@ _drawn = threading.local()  # the tokens FusedSampling drew last, until the mult
 def _warper_settings(processor):
     """(field, value) that a trailing warper stands for, or None if FusedSampling cannot stand in for it."""
     from transformers.generation import logits_process as lp
+
     if getattr(processor, "min_tokens_to_keep", 1) != 1 or getattr(processor, "filter_value", -math.inf) != -math.inf:
         return None
     if type(processor) is lp.TemperatureLogitsWarper:
@@ -95,9 +99,15 @@ def _multinomial(input, num_samples, replacement=False, *, generator=None, out=N
     """torch.multinomial, except right after FusedSampling: its token, when `input` is the one-hot it made."""
     tokens = getattr(_drawn, "tokens", None)
     _drawn.tokens = None
-    if (tokens is not None and out is None and num_samples == 1 and input.dim() == 2
-            and input.shape[0] == tokens.shape[0] and input.device == tokens.device
-            and (input.device.type != "cpu" or bool((input.gather(1, tokens[:, None]) == 1).all()))):
+    if (
+        tokens is not None
+        and out is None
+        and num_samples == 1
+        and input.dim() == 2
+        and input.shape[0] == tokens.shape[0]
+        and input.device == tokens.device
+        and (input.device.type != "cpu" or bool((input.gather(1, tokens[:, None]) == 1).all()))
+    ):
         return tokens[:, None]
     return torch.multinomial(input, num_samples, replacement, generator=generator, out=out)
 
@@ -114,6 +124,7 @@ def _torch_with_fused_draw():
 def _install():
     """Wraps GenerationMixin._get_logits_processor and gives the generation module the torch stand-in."""
     import importlib
+
     generation = importlib.import_module(_GENERATION)
     mixin = generation.GenerationMixin
     if "torch.multinomial" not in inspect.getsource(mixin._sample):
@@ -149,8 +160,12 @@ def _guarded_install():
         return _install()
     except _Unsupported as exc:
         import warnings
-        warnings.warn(f"rlhf_fast.integrations.transformers: generate is left as Hugging Face has it: {exc}",
-                      RuntimeWarning, stacklevel=4)
+
+        warnings.warn(
+            f"rlhf_fast.integrations.transformers: generate is left as Hugging Face has it: {exc}",
+            RuntimeWarning,
+            stacklevel=4,
+        )
         return lambda: None
 
 

@@ -23,6 +23,7 @@ index of shape (..., K), float64 logits, indices that are not int64 or not in [0
 autocast around the three logits functions, a logit softcap, the fused head's extra outputs
 (`log_sum_sq_probs`, `mean_logits`, `is_top1`).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -51,25 +52,44 @@ def _all_in_range(index: torch.Tensor, size: int) -> bool:
 
 def _logits_ours(logits) -> bool:
     """Logits our kernels take where TRL's own code would run: CPU, fp32/bf16/fp16, not under autocast."""
-    return (isinstance(logits, torch.Tensor) and logits.device.type == "cpu" and logits.dtype in _DTYPES
-            and logits.dim() >= 1 and logits.numel() > 0 and not torch.is_autocast_enabled("cpu"))
+    return (
+        isinstance(logits, torch.Tensor)
+        and logits.device.type == "cpu"
+        and logits.dtype in _DTYPES
+        and logits.dim() >= 1
+        and logits.numel() > 0
+        and not torch.is_autocast_enabled("cpu")
+    )
 
 
 def _gather_ours(logits, index, temperature, row_mask) -> bool:
     """One int64 index per position, in range, a positive temperature, a row_mask shaped like the index."""
-    return (_logits_ours(logits) and logits.dim() >= 2 and isinstance(index, torch.Tensor)
-            and index.dtype == torch.int64 and index.shape == logits.shape[:-1] and index.device == logits.device
-            and _positive(temperature)
-            and (row_mask is None or (isinstance(row_mask, torch.Tensor) and row_mask.shape == index.shape
-                                      and row_mask.device == logits.device))
-            and _all_in_range(index, logits.shape[-1]))
+    return (
+        _logits_ours(logits)
+        and logits.dim() >= 2
+        and isinstance(index, torch.Tensor)
+        and index.dtype == torch.int64
+        and index.shape == logits.shape[:-1]
+        and index.device == logits.device
+        and _positive(temperature)
+        and (
+            row_mask is None
+            or (
+                isinstance(row_mask, torch.Tensor)
+                and row_mask.shape == index.shape
+                and row_mask.device == logits.device
+            )
+        )
+        and _all_in_range(index, logits.shape[-1])
+    )
 
 
 def _logprobs(logits, index, temperature, row_mask, return_entropy):
     """(logp, entropy or None) in the logits' dtype; zero where row_mask is 0."""
     labels = index if row_mask is None else index.masked_fill(row_mask == 0, _MASKED)
-    out = rf.logprobs(logits, labels, temperature=float(temperature), ignore_index=_MASKED,
-                      return_entropy=return_entropy)
+    out = rf.logprobs(
+        logits, labels, temperature=float(temperature), ignore_index=_MASKED, return_entropy=return_entropy
+    )
     logp, entropy = out if return_entropy else (out, None)
     if entropy is not None and row_mask is not None:
         entropy = entropy.masked_fill(row_mask == 0, 0.0)
@@ -81,6 +101,7 @@ def _selective_log_softmax(original):
         if not _gather_ours(a["logits"], a["index"], a["temperature"], a["row_mask"]):
             return NotImplemented
         return _logprobs(a["logits"], a["index"], a["temperature"], a["row_mask"], return_entropy=False)[0]
+
     return dispatching(original, ours, _SELECTIVE)
 
 
@@ -89,16 +110,20 @@ def _entropy_from_logits(original):
         if not _logits_ours(a["logits"]):
             return NotImplemented
         return rf.entropy(a["logits"]).to(a["logits"].dtype)
+
     return dispatching(original, ours, _ENTROPY)
 
 
 def _selective_log_softmax_and_entropy(original):
     def ours(a):
-        if not (_gather_ours(a["logits"], a["index"], a["temperature"], a["row_mask"])
-                and isinstance(a["entropy_requires_grad"], bool)):
+        if not (
+            _gather_ours(a["logits"], a["index"], a["temperature"], a["row_mask"])
+            and isinstance(a["entropy_requires_grad"], bool)
+        ):
             return NotImplemented
         logp, entropy = _logprobs(a["logits"], a["index"], a["temperature"], a["row_mask"], return_entropy=True)
         return logp, entropy if a["entropy_requires_grad"] else entropy.detach()
+
     return dispatching(original, ours, _SELECTIVE_AND_ENTROPY)
 
 
@@ -107,14 +132,22 @@ def _head_ours(a, compute_dtype) -> bool:
     log-probs and entropy requested, targets in range."""
     hidden, weight, bias, targets = a["hidden"], a["weight"], a["bias"], a["targets"]
     tensors = [hidden, weight, targets] + ([] if bias is None else [bias])
-    return (all(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in tensors)
-            and compute_dtype in _DTYPES and hidden.dim() == 2 and weight.dim() == 2
-            and weight.shape[1] == hidden.shape[1] and weight.shape[0] > 0
-            and (bias is None or bias.shape == weight.shape[:1])
-            and targets.dtype == torch.int64 and targets.shape == hidden.shape[:1]
-            and a["final_logit_softcapping"] is None and _positive(a["logit_scale"]) and _positive(a["temperature"])
-            and set(a["outputs"]) <= {"log_probs", "entropy"}
-            and _all_in_range(targets, weight.shape[0]))
+    return (
+        all(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in tensors)
+        and compute_dtype in _DTYPES
+        and hidden.dim() == 2
+        and weight.dim() == 2
+        and weight.shape[1] == hidden.shape[1]
+        and weight.shape[0] > 0
+        and (bias is None or bias.shape == weight.shape[:1])
+        and targets.dtype == torch.int64
+        and targets.shape == hidden.shape[:1]
+        and a["final_logit_softcapping"] is None
+        and _positive(a["logit_scale"])
+        and _positive(a["temperature"])
+        and set(a["outputs"]) <= {"log_probs", "entropy"}
+        and _all_in_range(targets, weight.shape[0])
+    )
 
 
 def _chunked_logprob_function(original):
@@ -136,8 +169,13 @@ def _chunked_logprob_function(original):
             cast = lambda t: None if t is None else t.to(compute_dtype)  # noqa: E731  (TRL's head runs in this dtype)
             with torch.autocast("cpu", enabled=False):
                 logp, entropy = rf.linear_logprobs(
-                    cast(a["hidden"]), cast(a["weight"]), a["targets"], bias=cast(a["bias"]),
-                    temperature=a["temperature"] / a["logit_scale"], return_entropy=True)
+                    cast(a["hidden"]),
+                    cast(a["weight"]),
+                    a["targets"],
+                    bias=cast(a["bias"]),
+                    temperature=a["temperature"] / a["logit_scale"],
+                    return_entropy=True,
+                )
             return logp, entropy if "entropy" in a["outputs"] else None, None, None, None
 
     ChunkedLogProbFunction.__qualname__ = original.__qualname__
@@ -148,8 +186,17 @@ def _chunked_logprob_function(original):
 _SELECTIVE = ("logits", "index", "temperature", "row_mask")
 _ENTROPY = ("logits", "chunk_size")
 _SELECTIVE_AND_ENTROPY = ("logits", "index", "entropy_requires_grad", "temperature", "row_mask")
-_HEAD = ("hidden", "weight", "bias", "targets", "temperature", "chunk_size", "final_logit_softcapping",
-         "logit_scale", "outputs")
+_HEAD = (
+    "hidden",
+    "weight",
+    "bias",
+    "targets",
+    "temperature",
+    "chunk_size",
+    "final_logit_softcapping",
+    "logit_scale",
+    "outputs",
+)
 
 TARGETS = (
     Target(_UTILS, "selective_log_softmax", _selective_log_softmax, _SELECTIVE),
@@ -158,12 +205,14 @@ TARGETS = (
     Target("trl.kernels.chunked_logprob", "ChunkedLogProbFunction", _chunked_logprob_function, _HEAD),
 )
 
+
 # Trainer modules bind these by name when imported; those loaded before patch() are found in sys.modules, those
 # imported later bind the patched function, and unpatch() finds both.
 def _generate_hook():
     """GRPOTrainer samples its completions with transformers' generate: its warpers + multinomial step on
     rf.sample too (rlhf_fast.integrations.transformers), unless that is patched already or not wanted."""
     from . import transformers as rf_transformers
+
     if not _options["generate"] or rf_transformers._ADAPTER.handle is not None:
         return lambda: None
     rf_transformers.patch()

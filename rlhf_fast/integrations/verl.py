@@ -29,6 +29,7 @@ gradients wanted for inputs our fused losses treat as constants (old log-probs, 
 importance weights, the `abs+` and `full` KL names, and every argument verl itself rejects (so its errors are
 unchanged). Results are float32 where verl would return bf16/fp16.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -36,8 +37,8 @@ import torch
 
 import rlhf_fast as rf
 
-from ._common import aggregation, binary_mask, discount, kernel_floats, needs_grad
 from . import ray_workers
+from ._common import aggregation, binary_mask, discount, kernel_floats, needs_grad
 from ._patching import Adapter, Patch, Target, dispatching
 
 PEER = "verl"
@@ -46,14 +47,28 @@ TF = "verl.utils.torch_functional"
 CORE = "verl.trainer.ppo.core_algos"
 
 # verl's kl_penalty names -> ours; None: the peer's original (abs+ has no kernel; full raises in verl).
-_KL_NAMES = {"kl": "k1", "k1": "k1", "abs": "abs", "mse": "k2", "k2": "k2", "low_var_kl": "k3", "k3": "k3",
-             "kl+": "k1+", "k1+": "k1+", "mse+": "k2", "k2+": "k2", "low_var_kl+": "k3+", "k3+": "k3+"}
+_KL_NAMES = {
+    "kl": "k1",
+    "k1": "k1",
+    "abs": "abs",
+    "mse": "k2",
+    "k2": "k2",
+    "low_var_kl": "k3",
+    "k3": "k3",
+    "kl+": "k1+",
+    "k1+": "k1+",
+    "mse+": "k2",
+    "k2+": "k2",
+    "low_var_kl+": "k3+",
+    "k3+": "k3+",
+}
 
 
 # ------------------------------------------------------------------ torch_functional
 
 # Each function below gets the call's arguments by name and returns NotImplemented where verl's original runs
 # (see _patching.dispatching).
+
 
 def _logprobs_from_logits(a):
     logits, labels = a["logits"], a["labels"]
@@ -86,6 +101,7 @@ def _masked_whiten(a):
 
 # ------------------------------------------------------------------ advantages
 
+
 def _carry_into_holes(advantages, valid):
     """verl's loop leaves, at a masked position, the advantage of the next valid token of the row (0 after the
     last one); ours writes 0 there. advantages, valid: (B, T)."""
@@ -100,8 +116,15 @@ def _carry_into_holes(advantages, valid):
 def _gae(a):
     rewards, values, mask = a["token_level_rewards"], a["values"], a["response_mask"]
     gamma, lam = discount(a["gamma"]), discount(a["lam"])
-    if (gamma is None or lam is None or not kernel_floats(rewards, values) or rewards.dim() != 2
-            or values.shape != rewards.shape or not binary_mask(mask, rewards) or int(mask.sum()) < 2):
+    if (
+        gamma is None
+        or lam is None
+        or not kernel_floats(rewards, values)
+        or rewards.dim() != 2
+        or values.shape != rewards.shape
+        or not binary_mask(mask, rewards)
+        or int(mask.sum()) < 2
+    ):
         return NotImplemented  # (verl's whitening raises for fewer than two valid tokens)
     with torch.no_grad():
         valid = mask.bool()
@@ -166,11 +189,16 @@ def _rloo(a):
 
 # ------------------------------------------------------------------ losses
 
+
 def _kl_penalty(a):
     logprob, ref_logprob = a["logprob"], a["ref_logprob"]
     kind = _KL_NAMES.get(a["kl_penalty"]) if isinstance(a["kl_penalty"], str) else None
-    if (kind is None or not kernel_floats(logprob, ref_logprob) or not isinstance(ref_logprob, torch.Tensor)
-            or logprob.shape != ref_logprob.shape):
+    if (
+        kind is None
+        or not kernel_floats(logprob, ref_logprob)
+        or not isinstance(ref_logprob, torch.Tensor)
+        or logprob.shape != ref_logprob.shape
+    ):
         return NotImplemented
     return rf.kl_penalty(logprob, ref_logprob, kind)
 
@@ -202,11 +230,16 @@ def _clip_ranges(config):
 
 
 def _policy_loss(a):
-    old, logp, adv, mask, config = (a[k] for k in ("old_log_prob", "log_prob", "advantages", "response_mask",
-                                                   "config"))
-    if (config is None or a["rollout_is_weights"] is not None or not kernel_floats(old, logp, adv)
-            or not old.shape == logp.shape == adv.shape or logp.dim() < 1 or needs_grad(old, adv)
-            or not binary_mask(mask, logp)):
+    old, logp, adv, mask, config = (a[k] for k in ("old_log_prob", "log_prob", "advantages", "response_mask", "config"))
+    if (
+        config is None
+        or a["rollout_is_weights"] is not None
+        or not kernel_floats(old, logp, adv)
+        or not old.shape == logp.shape == adv.shape
+        or logp.dim() < 1
+        or needs_grad(old, adv)
+        or not binary_mask(mask, logp)
+    ):
         return NotImplemented
     ranges = _clip_ranges(config)
     plan = None if ranges is None else aggregation(mask, a["loss_agg_mode"], **config.global_batch_info)
@@ -229,9 +262,15 @@ def _policy_loss(a):
 def _value_loss(a):
     vpreds, returns, values, mask = a["vpreds"], a["returns"], a["values"], a["response_mask"]
     clip = discount(a["cliprange_value"])
-    if (clip is None or clip < 0 or not kernel_floats(vpreds, returns, values)
-            or not vpreds.shape == returns.shape == values.shape or vpreds.dim() < 1 or needs_grad(returns, values)
-            or not binary_mask(mask, vpreds)):
+    if (
+        clip is None
+        or clip < 0
+        or not kernel_floats(vpreds, returns, values)
+        or not vpreds.shape == returns.shape == values.shape
+        or vpreds.dim() < 1
+        or needs_grad(returns, values)
+        or not binary_mask(mask, vpreds)
+    ):
         return NotImplemented
     plan = aggregation(mask, a["loss_agg_mode"], **{k: a[k] for k in _GLOBAL_COUNTS})
     if plan is None:
@@ -243,6 +282,7 @@ def _value_loss(a):
 
 # ------------------------------------------------------------------ the adapter
 
+
 def _target(module, name, ours, params):
     """Target `module.name` replaced by a dispatcher to `ours`, which handles calls that set only `params`."""
     return Target(module, name, lambda original: dispatching(original, ours, params), params)
@@ -253,27 +293,45 @@ TARGETS = (
     _target(TF, "entropy_from_logits", _entropy_from_logits, ("logits",)),
     _target(TF, "masked_mean", _masked_mean, ("values", "mask", "axis")),
     _target(TF, "masked_whiten", _masked_whiten, ("values", "mask", "shift_mean")),
-    _target(CORE, "compute_gae_advantage_return", _gae,
-            ("token_level_rewards", "values", "response_mask", "gamma", "lam")),
-    _target(CORE, "compute_grpo_outcome_advantage", _grpo,
-            ("token_level_rewards", "response_mask", "index", "epsilon", "norm_adv_by_std_in_grpo", "config")),
-    _target(CORE, "compute_rloo_outcome_advantage", _rloo,
-            ("token_level_rewards", "response_mask", "index", "epsilon", "config", "kwargs")),
+    _target(
+        CORE, "compute_gae_advantage_return", _gae, ("token_level_rewards", "values", "response_mask", "gamma", "lam")
+    ),
+    _target(
+        CORE,
+        "compute_grpo_outcome_advantage",
+        _grpo,
+        ("token_level_rewards", "response_mask", "index", "epsilon", "norm_adv_by_std_in_grpo", "config"),
+    ),
+    _target(
+        CORE,
+        "compute_rloo_outcome_advantage",
+        _rloo,
+        ("token_level_rewards", "response_mask", "index", "epsilon", "config", "kwargs"),
+    ),
     _target(CORE, "kl_penalty", _kl_penalty, ("logprob", "ref_logprob", "kl_penalty")),
     _target(CORE, "agg_loss", _agg_loss, ("loss_mat", "loss_mask", "loss_agg_mode") + _GLOBAL_COUNTS),
-    _target(CORE, "compute_policy_loss_vanilla", _policy_loss,
-            ("old_log_prob", "log_prob", "advantages", "response_mask", "loss_agg_mode", "config",
-             "rollout_is_weights")),
-    _target(CORE, "compute_value_loss", _value_loss,
-            ("vpreds", "returns", "values", "response_mask", "cliprange_value", "loss_agg_mode") + _GLOBAL_COUNTS),
+    _target(
+        CORE,
+        "compute_policy_loss_vanilla",
+        _policy_loss,
+        ("old_log_prob", "log_prob", "advantages", "response_mask", "loss_agg_mode", "config", "rollout_is_weights"),
+    ),
+    _target(
+        CORE,
+        "compute_value_loss",
+        _value_loss,
+        ("vpreds", "returns", "values", "response_mask", "cliprange_value", "loss_agg_mode") + _GLOBAL_COUNTS,
+    ),
 )
 
 # Names registered while patched: registry -> {name: qualified name of the patched target it selects}.
 REGISTERED = {
     "POLICY_LOSS_REGISTRY": {"rlhf_fast": f"{CORE}.compute_policy_loss_vanilla"},
-    "ADV_ESTIMATOR_REGISTRY": {"rlhf_fast": f"{CORE}.compute_gae_advantage_return",
-                               "rlhf_fast_grpo": f"{CORE}.compute_grpo_outcome_advantage",
-                               "rlhf_fast_rloo": f"{CORE}.compute_rloo_outcome_advantage"},
+    "ADV_ESTIMATOR_REGISTRY": {
+        "rlhf_fast": f"{CORE}.compute_gae_advantage_return",
+        "rlhf_fast_grpo": f"{CORE}.compute_grpo_outcome_advantage",
+        "rlhf_fast_rloo": f"{CORE}.compute_rloo_outcome_advantage",
+    },
 }
 
 
@@ -293,13 +351,20 @@ def _register_names():
     def undo():
         for registry, name in added:
             registry.pop(name, None)
+
     return undo
 
 
 # verl modules that bind the targets by name (imported first so that patch() finds them; one that does not
 # import in this environment binds the replacements if it is imported while patched).
-SCAN = (CORE, "verl.workers.utils.losses", "verl.trainer.ppo.ray_trainer", "verl.trainer.distillation.losses",
-        "verl.workers.rollout.naive.naive_rollout", "verl.workers.engine.fsdp.transformer_impl")
+SCAN = (
+    CORE,
+    "verl.workers.utils.losses",
+    "verl.trainer.ppo.ray_trainer",
+    "verl.trainer.distillation.losses",
+    "verl.workers.rollout.naive.naive_rollout",
+    "verl.workers.engine.fsdp.transformer_impl",
+)
 
 _ADAPTER = Adapter(PEER, PINNED, TARGETS, scan=SCAN, hooks=(_register_names,))
 

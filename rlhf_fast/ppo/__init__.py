@@ -1,8 +1,9 @@
 """The built-in PPO loop: `rlhf-fast train`, `python -m rlhf_fast.ppo`, `torchrun -m rlhf_fast.ppo`.
 
-    from rlhf_fast.ppo import PPOConfig, train
-    summary = train(PPOConfig(out="runs/sort", total_steps=50))
+from rlhf_fast.ppo import PPOConfig, train
+summary = train(PPOConfig(out="runs/sort", total_steps=50))
 """
+
 from .config import PPOConfig
 from .trainer import train
 
@@ -23,4 +24,5 @@ def main(argv: list[str] | None = None) -> int:
         The exit status, 0 (a bad flag, path or file exits through ``SystemExit`` with a message).
     """
     from .__main__ import main as run
+
     return run(argv)

@@ -1,4 +1,5 @@
 """`python -m rlhf_fast.ppo [flags]` (also under torchrun); the same flags as `rlhf-fast train`."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,9 +11,10 @@ from . import config
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="rlhf-fast train",
-                                               description="PPO on Hugging Face models with rlhf_fast kernels; "
-                                                           "with no flags, the embedded digit-sorting task")
+    parser = parser or argparse.ArgumentParser(
+        prog="rlhf-fast train",
+        description="PPO on Hugging Face models with rlhf_fast kernels; with no flags, the embedded digit-sorting task",
+    )
     config.add_arguments(parser)
     return parser
 
@@ -35,6 +37,7 @@ def config_from_args(args: argparse.Namespace) -> config.PPOConfig:
 
 def run(args: argparse.Namespace) -> int:
     from .trainer import SetupError, train
+
     cfg = config_from_args(args)
     try:
         train(cfg)

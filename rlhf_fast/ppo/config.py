@@ -6,6 +6,7 @@ policy clip 0.2, value clip 0.2, global gradient clip 1.0, gamma 1, lambda 0.95.
 PPO-max's fixed 0.02 let the default task's KL(policy || ref) reach 11 nats, so it starts at 0.3 under the adaptive
 controller (target 2.5 nats per sequence) after a longer warm-up (25 supervised steps).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -204,24 +205,37 @@ class PPOConfig:
 
     # ---- run
     out: str = _opt("runs/ppo", "output folder: metrics.jsonl, summary.json, reward_kl.png, checkpoint/, policy/")
-    resume: str | None = _opt(None, "continue the run saved in this folder (its config, overridden by the flags "
-                                    "given, e.g. a larger --total-steps)")
+    resume: str | None = _opt(
+        None,
+        "continue the run saved in this folder (its config, overridden by the flags "
+        "given, e.g. a larger --total-steps)",
+    )
     seed: int = _opt(0, "seed of the model init, prompt sampling, generation and minibatch order")
     device: str = _opt("auto", "auto (cuda if visible), cpu or cuda", ["auto", "cpu", "cuda"])
     threads: int = _opt(0, "torch CPU threads per process; 0: the cores available / processes per machine")
-    fsdp: bool = _opt(False, "shard the policy, critic, reference and reward model with FSDP2 (fully_shard per "
-                             "decoder layer and per model; with --dtype bf16 the trainable models gather bf16 "
-                             "weights) instead of replicating them with DDP; sharded checkpoints "
-                             "(torch.distributed.checkpoint). Under torchrun, or alone as one process")
-    kernels: str = _opt("on", "on: rlhf_fast fused ops; off: the eager torch references (A/B timing)",
-                        ["on", "off"])
-    fused_head: bool = _opt(True, "with kernels on, log-probs straight from hidden states and the lm-head weight "
-                                  "(linear_logprobs, no full logits; with the config's logit scale / soft cap)")
-    dtype: str = _opt("fp32", "bf16: the policy and critic run under bf16 autocast (float32 master weights and "
-                              "optimiser state), the frozen reference and reward model hold bf16 weights; "
-                              "log-probs and losses stay float32", ["fp32", "bf16"])
-    grad_checkpointing: bool = _opt(False, "recompute each decoder layer's activations in the backward (policy and "
-                                           "critic) instead of keeping them")
+    fsdp: bool = _opt(
+        False,
+        "shard the policy, critic, reference and reward model with FSDP2 (fully_shard per "
+        "decoder layer and per model; with --dtype bf16 the trainable models gather bf16 "
+        "weights) instead of replicating them with DDP; sharded checkpoints "
+        "(torch.distributed.checkpoint). Under torchrun, or alone as one process",
+    )
+    kernels: str = _opt("on", "on: rlhf_fast fused ops; off: the eager torch references (A/B timing)", ["on", "off"])
+    fused_head: bool = _opt(
+        True,
+        "with kernels on, log-probs straight from hidden states and the lm-head weight "
+        "(linear_logprobs, no full logits; with the config's logit scale / soft cap)",
+    )
+    dtype: str = _opt(
+        "fp32",
+        "bf16: the policy and critic run under bf16 autocast (float32 master weights and "
+        "optimiser state), the frozen reference and reward model hold bf16 weights; "
+        "log-probs and losses stay float32",
+        ["fp32", "bf16"],
+    )
+    grad_checkpointing: bool = _opt(
+        False, "recompute each decoder layer's activations in the backward (policy and critic) instead of keeping them"
+    )
     save_every: int = _opt(25, "PPO steps between checkpoints (one is always written at the end)")
     progress: bool = _opt(True, "tqdm progress bar")
     plot: bool = _opt(True, "write reward_kl.png at the end")
@@ -229,79 +243,119 @@ class PPOConfig:
     # ---- models and data
     model: str | None = _opt(None, "local Hugging Face causal-LM folder; default: the embedded tiny Llama")
     reward_model: str | None = _opt(None, "local sequence-classification reward model folder (score = logit 0)")
-    reward: str | None = _opt(None, "Python reward module:function(prompts, responses) -> list[float]; default: "
-                                    "the task's verifier")
-    prompts: str | None = _opt(None, "JSON-lines prompts file ({\"prompt\": ..., optional \"response\": ...}); "
-                                     "default: the embedded digit-sorting task")
-    ref_quant: str = _opt("none", "quantize the frozen reference with rlhf_fast.quantize_model",
-                          ["none", "int8", "int4", "w8a8"])
-    reward_quant: str = _opt("none", "quantize the reward model with rlhf_fast.quantize_model",
-                             ["none", "int8", "int4", "w8a8"])
-    quant_group_size: int = _opt(128, "int4 group size along K for --ref-quant / --reward-quant (must divide "
-                                      "every quantized layer's input size)")
-    preset: str | None = _opt(None, "a named model shape (rlhf_fast.ppo.presets) filling the fields left at their "
-                                    "defaults; qwen-shape: Qwen2.5-0.5B's vocabulary (151936) and tied embeddings "
-                                    "on a h128 L2 trunk", ["qwen-shape"])
+    reward: str | None = _opt(
+        None, "Python reward module:function(prompts, responses) -> list[float]; default: the task's verifier"
+    )
+    prompts: str | None = _opt(
+        None,
+        'JSON-lines prompts file ({"prompt": ..., optional "response": ...}); default: the embedded digit-sorting task',
+    )
+    ref_quant: str = _opt(
+        "none", "quantize the frozen reference with rlhf_fast.quantize_model", ["none", "int8", "int4", "w8a8"]
+    )
+    reward_quant: str = _opt(
+        "none", "quantize the reward model with rlhf_fast.quantize_model", ["none", "int8", "int4", "w8a8"]
+    )
+    quant_group_size: int = _opt(
+        128, "int4 group size along K for --ref-quant / --reward-quant (must divide every quantized layer's input size)"
+    )
+    preset: str | None = _opt(
+        None,
+        "a named model shape (rlhf_fast.ppo.presets) filling the fields left at their "
+        "defaults; qwen-shape: Qwen2.5-0.5B's vocabulary (151936) and tied embeddings "
+        "on a h128 L2 trunk",
+        ["qwen-shape"],
+    )
     task_length: int = _opt(6, "default task: digits per prompt")
     hidden_size: int = _opt(64, "embedded tiny Llama: hidden size (MLP is twice that)")
     num_layers: int = _opt(2, "embedded tiny Llama: decoder layers")
     num_heads: int = _opt(4, "embedded tiny Llama: attention heads")
     tie_embeddings: bool = _opt(False, "embedded Llama: the lm head shares the input embedding (as in Qwen2.5-0.5B)")
-    vocab_size: int = _opt(0, "embedded Llama: vocabulary rows; 0: the tokenizer's; more pads the lm head to a "
-                              "real model's size (ids past the tokenizer decode to nothing), for timing")
+    vocab_size: int = _opt(
+        0,
+        "embedded Llama: vocabulary rows; 0: the tokenizer's; more pads the lm head to a "
+        "real model's size (ids past the tokenizer decode to nothing), for timing",
+    )
     eval_size: int = _opt(256, "held-out prompts for the greedy evaluation before and after training")
 
     # ---- supervised warm-up on the task's demonstrations (skipped when there are none)
-    warmup_steps: int = _opt(25, "supervised steps before RL: a reference that already knows the format, so RL has "
-                                 "to move it less (short enough to leave room to improve)")
+    warmup_steps: int = _opt(
+        25,
+        "supervised steps before RL: a reference that already knows the format, so RL has "
+        "to move it less (short enough to leave room to improve)",
+    )
     warmup_batch: int = _opt(64, "demonstrations per warm-up step")
     warmup_lr: float = _opt(3e-3, "warm-up learning rate (AdamW)")
 
     # ---- RL algorithm
-    algo: str = _opt("ppo", "ppo (critic + GAE), grpo or rloo (critic-free group advantages)",
-                     ["ppo", "grpo", "rloo"])
-    divergence: str | None = _opt(None, "f-DPG: train towards p ~ ref * exp(r / kl_coef) with the per-sequence "
-                                        "pseudo-reward -f'(pi/p); rkl equals the KL-penalised PPO reward",
-                                  ["rkl", "fkl", "js", "tv"])
+    algo: str = _opt("ppo", "ppo (critic + GAE), grpo or rloo (critic-free group advantages)", ["ppo", "grpo", "rloo"])
+    divergence: str | None = _opt(
+        None,
+        "f-DPG: train towards p ~ ref * exp(r / kl_coef) with the per-sequence "
+        "pseudo-reward -f'(pi/p); rkl equals the KL-penalised PPO reward",
+        ["rkl", "fkl", "js", "tv"],
+    )
     total_steps: int = _opt(250, "PPO steps (rollout + update each)")
     batch_size: int = _opt(64, "prompts per step (over all processes)")
     group_size: int = _opt(1, "samples per prompt (grpo/rloo need >= 2)")
     max_new_tokens: int = _opt(8, "response length limit")
     temperature: float = _opt(1.0, "sampling temperature (log-probs use the same)")
-    rollout_logprobs: bool = _opt(False, "take the old log-probs (and entropies) of the PPO update from the sampler "
-                                         "during the rollout instead of a second policy forward pass")
+    rollout_logprobs: bool = _opt(
+        False,
+        "take the old log-probs (and entropies) of the PPO update from the sampler "
+        "during the rollout instead of a second policy forward pass",
+    )
     ppo_epochs: int = _opt(4, "passes over each rollout batch")
     minibatch_size: int = _opt(32, "sequences per optimiser step (per process)")
     lr: float = _opt(3e-4, "policy learning rate (AdamW)")
     critic_lr: float = _opt(2e-3, "critic learning rate (AdamW)")
-    critic_init: str = _opt("auto", "critic trunk and value head from the reward model (PPO-max; needs --reward-model "
-                                    "with the policy's tokenizer) or from the policy's trunk with a zero head; auto: "
-                                    "the reward model when there is one", ["auto", "reward-model", "policy"])
-    critic_embedding: str = _opt("frozen", "the critic's input embedding: frozen (read through the reference's or "
-                                           "the reward model's table when it holds the same values: no copy, "
-                                           "gradient or optimiser state of its own) or trainable (its own copy)",
-                                 ["frozen", "trainable"])
+    critic_init: str = _opt(
+        "auto",
+        "critic trunk and value head from the reward model (PPO-max; needs --reward-model "
+        "with the policy's tokenizer) or from the policy's trunk with a zero head; auto: "
+        "the reward model when there is one",
+        ["auto", "reward-model", "policy"],
+    )
+    critic_embedding: str = _opt(
+        "frozen",
+        "the critic's input embedding: frozen (read through the reference's or "
+        "the reward model's table when it holds the same values: no copy, "
+        "gradient or optimiser state of its own) or trainable (its own copy)",
+        ["frozen", "trainable"],
+    )
     gamma: float = _opt(1.0, "discount")
     lam: float = _opt(0.95, "GAE lambda")
 
     # ---- PPO-max switches
     reward_norm: bool = _opt(True, "normalise scores by running mean and std")
     reward_clip: float = _opt(10.0, "clip normalised scores to +-this")
-    kl_coef: float = _opt(0.3, "KL coefficient (beta), the adaptive controller's starting value (PPO-max's 0.02 let "
-                               "the default task's KL(policy || ref) reach 11 nats)")
-    kl_in_loss: bool = _opt(False, "KL as a loss term (estimator kl_estimator) instead of a token-level penalty "
-                                   "in the reward")
-    kl_estimator: str = _opt("k1", "KL estimator for the penalty or loss",
-                             ["k1", "abs", "k2", "mse", "k3", "low_var_kl", "k1+", "k3+"])
-    kl_full_vocab: str | None = _opt(None, "KL as the loss term kl_coef x agg(D), D the exact per-token f-divergence "
-                                           "of the policy from the reference over the whole vocabulary (f_divergence; "
-                                           "linear_f_divergence with the fused head), instead of a sampled estimator "
-                                           "(no KL penalty in the reward)", list(F_DIVERGENCES))
+    kl_coef: float = _opt(
+        0.3,
+        "KL coefficient (beta), the adaptive controller's starting value (PPO-max's 0.02 let "
+        "the default task's KL(policy || ref) reach 11 nats)",
+    )
+    kl_in_loss: bool = _opt(
+        False, "KL as a loss term (estimator kl_estimator) instead of a token-level penalty in the reward"
+    )
+    kl_estimator: str = _opt(
+        "k1", "KL estimator for the penalty or loss", ["k1", "abs", "k2", "mse", "k3", "low_var_kl", "k1+", "k3+"]
+    )
+    kl_full_vocab: str | None = _opt(
+        None,
+        "KL as the loss term kl_coef x agg(D), D the exact per-token f-divergence "
+        "of the policy from the reference over the whole vocabulary (f_divergence; "
+        "linear_f_divergence with the fused head), instead of a sampled estimator "
+        "(no KL penalty in the reward)",
+        list(F_DIVERGENCES),
+    )
     kl_full_vocab_alpha: float | None = _opt(None, "the alpha of --kl-full-vocab alpha (not 0 or 1)")
     adaptive_kl: bool = _opt(True, "adaptive KL controller (Ziegler et al.) towards kl_target")
     kl_target: float = _opt(2.5, "adaptive KL: target sequence KL(policy || ref), nats")
-    kl_horizon: int = _opt(1280, "adaptive KL: horizon in samples (beta moves by at most 20% x samples / horizon per "
-                                 "step: 1% per step at 64 samples)")
+    kl_horizon: int = _opt(
+        1280,
+        "adaptive KL: horizon in samples (beta moves by at most 20% x samples / horizon per "
+        "step: 1% per step at 64 samples)",
+    )
     whiten_advantages: bool = _opt(True, "whiten advantages over the batch")
     clip_low: float = _opt(0.2, "policy ratio clip below 1")
     clip_high: float = _opt(0.2, "policy ratio clip above 1")
@@ -313,9 +367,11 @@ class PPOConfig:
     critic_warmup_steps: int = _opt(5, "steps that train only the critic before the policy moves")
     ptx_coef: float = _opt(0.0, "PPO-ptx: weight of the supervised loss on demonstrations mixed into each update")
     target_kl: float | None = _opt(None, "early stop the epochs of a step when approx KL(old||new) > 1.5 x this")
-    loss_agg: str = _opt("token-mean", "loss aggregation",
-                         ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean",
-                          "seq-mean-token-sum-norm"])
+    loss_agg: str = _opt(
+        "token-mean",
+        "loss aggregation",
+        ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"],
+    )
 
     def __post_init__(self):
         presets.apply(self)
@@ -337,34 +393,48 @@ class PPOConfig:
         if self.divergence is not None and self.kl_coef <= 0:
             raise ValueError("--divergence needs --kl-coef > 0 (it is the temperature beta of the target)")
         if self.fsdp and (self.ref_quant != "none" or self.reward_quant != "none"):
-            raise ValueError("--fsdp shards every model's weights; --ref-quant / --reward-quant replace a model's "
-                             "linear layers with quantized buffers, which FSDP2 does not shard: use one of them")
+            raise ValueError(
+                "--fsdp shards every model's weights; --ref-quant / --reward-quant replace a model's "
+                "linear layers with quantized buffers, which FSDP2 does not shard: use one of them"
+            )
         if self.kl_full_vocab is not None:
             self._validate_kl_full_vocab()
         elif self.kl_full_vocab_alpha is not None:
             raise ValueError("--kl-full-vocab-alpha is only used by --kl-full-vocab alpha")
-        for name in ("total_steps", "batch_size", "group_size", "ppo_epochs", "minibatch_size", "max_new_tokens",
-                     "save_every", "eval_size"):
+        for name in (
+            "total_steps",
+            "batch_size",
+            "group_size",
+            "ppo_epochs",
+            "minibatch_size",
+            "max_new_tokens",
+            "save_every",
+            "eval_size",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
 
     def _validate_kl_full_vocab(self) -> None:
         if self.kl_in_loss:
-            raise ValueError("--kl-full-vocab is the KL loss term; it replaces --kl-in-loss's sampled estimator: "
-                             "give one of them")
+            raise ValueError(
+                "--kl-full-vocab is the KL loss term; it replaces --kl-in-loss's sampled estimator: give one of them"
+            )
         if self.divergence is not None:
-            raise ValueError("--kl-full-vocab with --divergence: f-DPG already regularises towards the reference "
-                             "through its target p ~ ref * exp(r / kl_coef); drop one of them")
+            raise ValueError(
+                "--kl-full-vocab with --divergence: f-DPG already regularises towards the reference "
+                "through its target p ~ ref * exp(r / kl_coef); drop one of them"
+            )
         if self.kl_coef <= 0:
             raise ValueError(f"--kl-full-vocab needs --kl-coef > 0 (the weight of the term), got {self.kl_coef}")
         if self.kl_full_vocab == "alpha":
             alpha = self.kl_full_vocab_alpha
             if alpha is None or not math.isfinite(alpha) or alpha in (0, 1):
-                raise ValueError(f"--kl-full-vocab alpha needs a finite --kl-full-vocab-alpha other than 0 and 1 "
-                                 f"(those limits are reverse_kl and kl), got {alpha}")
+                raise ValueError(
+                    f"--kl-full-vocab alpha needs a finite --kl-full-vocab-alpha other than 0 and 1 "
+                    f"(those limits are reverse_kl and kl), got {alpha}"
+                )
         elif self.kl_full_vocab_alpha is not None:
-            raise ValueError(f"--kl-full-vocab-alpha is only used by --kl-full-vocab alpha, not "
-                             f"{self.kl_full_vocab}")
+            raise ValueError(f"--kl-full-vocab-alpha is only used by --kl-full-vocab alpha, not {self.kl_full_vocab}")
 
     @property
     def kl_in_reward(self) -> bool:
@@ -384,6 +454,7 @@ def _parser_type(hint):
 
     def parse(text):
         return None if optional and text.lower() == "none" else base(text)
+
     parse.__name__ = base.__name__
     return parse
 
@@ -396,11 +467,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         hint = _FIELD_TYPES[f.name]
         help_text = f"{f.metadata['help']} (default: {f.default})".replace("%", "%%")  # argparse formats help
         if hint is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=help_text)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         else:
-            parser.add_argument(flag, type=_parser_type(hint), choices=f.metadata["choices"],
-                                default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument(
+                flag, type=_parser_type(hint), choices=f.metadata["choices"], default=argparse.SUPPRESS, help=help_text
+            )
 
 
 def given(args: argparse.Namespace) -> dict:

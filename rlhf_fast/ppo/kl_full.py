@@ -10,6 +10,7 @@ Where the reference's side comes from:
 - otherwise: the reference's logits of the minibatch, recomputed without gradient in the update and dropped
   after it, and `f_divergence` (with --kernels off: the eager reference).
 """
+
 from __future__ import annotations
 
 import torch
@@ -46,7 +47,17 @@ class FullVocabKL:
         def divergence(head):
             if head.logits is not None:
                 return self.ops.f_divergence(head.logits, ref_logits, self.kind, mask=mask, **self.options)
-            return self.ops.linear_f_divergence(head.hidden, head.weight, ref_hidden, ref_head.weight, self.kind,
-                                                bias_p=head.bias, bias_q=ref_head.bias, mask=mask,
-                                                **head.transform, **self.options)
+            return self.ops.linear_f_divergence(
+                head.hidden,
+                head.weight,
+                ref_hidden,
+                ref_head.weight,
+                self.kind,
+                bias_p=head.bias,
+                bias_q=ref_head.bias,
+                mask=mask,
+                **head.transform,
+                **self.options,
+            )
+
         return divergence

@@ -5,6 +5,7 @@ policy after the warm-up; critic: a causal-LM trunk with a scalar value head (in
 model, as in PPO-max, or from the policy's trunk); reward: a sequence-classification model (--reward-model
 PATH) or a Python function (--reward module:function, or the task's own verifier).
 """
+
 from __future__ import annotations
 
 import copy
@@ -30,17 +31,27 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 def tiny_llama(vocab_size: int, cfg):
     """The embedded policy: a small Llama built from a config (no download)."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=cfg.hidden_size, intermediate_size=2 * cfg.hidden_size,
-                         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-                         num_key_value_heads=cfg.num_heads, max_position_embeddings=4096,
-                         tie_word_embeddings=cfg.tie_embeddings,
-                         pad_token_id=0, eos_token_id=1, bos_token_id=None)
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=2 * cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=4096,
+        tie_word_embeddings=cfg.tie_embeddings,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+    )
     return LlamaForCausalLM(config)
 
 
 def float32_kwargs() -> dict:
     """from_pretrained's dtype argument: `dtype` since transformers 4.56, `torch_dtype` before."""
     import transformers
+
     major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
     return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": torch.float32}
 
@@ -49,6 +60,7 @@ def load_policy(cfg, vocab_size: int):
     if cfg.model is None:
         return tiny_llama(max(vocab_size, cfg.vocab_size), cfg)
     from transformers import AutoModelForCausalLM
+
     return AutoModelForCausalLM.from_pretrained(cfg.model, **float32_kwargs())
 
 
@@ -76,8 +88,20 @@ def _last_logits_kwarg(model) -> dict:
 
 
 @torch.no_grad()
-def generate(model, prompt_ids, prompt_mask, *, max_new_tokens, eos_token_id, pad_token_id, temperature=1.0,
-             generator=None, autocast: torch.dtype | None = None, ops=None, return_logprobs: bool = False):
+def generate(
+    model,
+    prompt_ids,
+    prompt_mask,
+    *,
+    max_new_tokens,
+    eos_token_id,
+    pad_token_id,
+    temperature=1.0,
+    generator=None,
+    autocast: torch.dtype | None = None,
+    ops=None,
+    return_logprobs: bool = False,
+):
     """Samples responses with a KV cache: prompt_ids, prompt_mask (B, P) left-padded. generator=None decodes
     greedily; otherwise tokens are drawn with torch.multinomial from softmax(logits / temperature) with that
     generator (deterministic for a given generator state). Returns response (B, R) right-padded with
@@ -98,8 +122,14 @@ def generate(model, prompt_ids, prompt_mask, *, max_new_tokens, eos_token_id, pa
     out_tokens, out_mask, out_logp, out_entropy = [], [], [], []
     for _ in range(max_new_tokens):
         with precision.autocast(autocast, prompt_ids.device):
-            out = step(input_ids=tokens, attention_mask=attention, position_ids=positions, use_cache=True,
-                       **{cache_arg: cache}, **last_only)
+            out = step(
+                input_ids=tokens,
+                attention_mask=attention,
+                position_ids=positions,
+                use_cache=True,
+                **{cache_arg: cache},
+                **last_only,
+            )
         cache = out.cache if cache_arg == "cache" else out.past_key_values
         logits = out.logits[:, -1].float()
         if generator is None:
@@ -160,8 +190,16 @@ class LogProbModel(nn.Module):
         self.transform = head_transform(model.config) if fused else {}
         self.fuses_policy_loss = fused and self.transform["softcap"] is None
 
-    def forward(self, input_ids, attention_mask, labels, n_prompt: int, return_entropy: bool = False,
-                policy_loss: dict | None = None, tap=None):
+    def forward(
+        self,
+        input_ids,
+        attention_mask,
+        labels,
+        n_prompt: int,
+        return_entropy: bool = False,
+        policy_loss: dict | None = None,
+        tap=None,
+    ):
         """input_ids, attention_mask (B, P + R); labels (B, R) with -100 at padding -> logp (B, R) fp32
         [, entropy (B, R) fp32]. With `policy_loss` (fused only: the keyword arguments of
         linear_ppo_policy_loss after the labels) -> its (loss, stats) instead. With `tap` (a function of the
@@ -179,23 +217,38 @@ class LogProbModel(nn.Module):
         positions = position_ids(attention_mask)
         if self.fused:
             head = self.model.get_output_embeddings()
-            hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                           position_ids=positions).last_hidden_state
-            hidden, weight, bias = precision.head_inputs(hidden[:, n_prompt - 1:-1], head.weight, head.bias,
-                                                         self.autocast)
+            hidden = self.model.base_model(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=positions
+            ).last_hidden_state
+            hidden, weight, bias = precision.head_inputs(
+                hidden[:, n_prompt - 1 : -1], head.weight, head.bias, self.autocast
+            )
             tapped = None if tap is None else tap(Head(hidden, weight, bias, self.transform, None))
             if policy_loss is not None:
                 if not self.fuses_policy_loss:
                     raise ValueError("policy_loss needs a head without a soft cap (fuses_policy_loss)")
-                out = self.ops.linear_ppo_policy_loss(hidden, weight, labels, bias=bias,
-                                                      temperature=self.temperature / self.transform["logit_scale"],
-                                                      **policy_loss)
+                out = self.ops.linear_ppo_policy_loss(
+                    hidden,
+                    weight,
+                    labels,
+                    bias=bias,
+                    temperature=self.temperature / self.transform["logit_scale"],
+                    **policy_loss,
+                )
             else:
-                out = self.ops.linear_logprobs(hidden, weight, labels, bias=bias, temperature=self.temperature,
-                                               return_entropy=return_entropy, **self.transform)
+                out = self.ops.linear_logprobs(
+                    hidden,
+                    weight,
+                    labels,
+                    bias=bias,
+                    temperature=self.temperature,
+                    return_entropy=return_entropy,
+                    **self.transform,
+                )
         else:
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                                position_ids=positions).logits[:, n_prompt - 1:-1]
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).logits[
+                :, n_prompt - 1 : -1
+            ]
             tapped = None if tap is None else tap(Head(None, None, None, None, logits))
             out = self.ops.logprobs(logits, labels, temperature=self.temperature, return_entropy=return_entropy)
         return out if tap is None else (out, tapped)
@@ -205,6 +258,7 @@ class Head(NamedTuple):
     """The lm head at the response positions, as a LogProbModel's `tap` sees it: with the fused head its inputs
     hidden (B, R, H), weight (V, H), bias (V,) or None (in the forward's dtype) and `transform`
     (head_transform's {logit_scale, softcap}), logits None; otherwise only the model's own logits (B, R, V)."""
+
     hidden: torch.Tensor | None
     weight: torch.Tensor | None
     bias: torch.Tensor | None
@@ -233,8 +287,10 @@ class ValueModel(nn.Module):
         values are the reward model's per-position scores."""
         head = getattr(reward_model, "score", None)
         if not isinstance(head, nn.Linear):
-            raise ValueError(f"--critic-init reward-model: {type(reward_model).__name__} has no linear `score` head "
-                             f"to start the value head from; use --critic-init policy")
+            raise ValueError(
+                f"--critic-init reward-model: {type(reward_model).__name__} has no linear `score` head "
+                f"to start the value head from; use --critic-init policy"
+            )
         critic = cls(copy.deepcopy(reward_model.base_model), reward_model.config.hidden_size)
         with torch.no_grad():
             critic.head.weight.copy_(head.weight[:1])
@@ -249,8 +305,13 @@ class ValueModel(nn.Module):
         drops its own copy."""
         own = self.trunk.get_input_embeddings()
         theirs = None if source is None else source.get_input_embeddings()
-        if (theirs is not None and not theirs.weight.requires_grad and theirs.weight.dtype == own.weight.dtype
-                and theirs.weight.device == own.weight.device and torch.equal(theirs.weight, own.weight)):
+        if (
+            theirs is not None
+            and not theirs.weight.requires_grad
+            and theirs.weight.dtype == own.weight.dtype
+            and theirs.weight.device == own.weight.device
+            and torch.equal(theirs.weight, own.weight)
+        ):
             self.trunk.set_input_embeddings(theirs)
         else:
             own.requires_grad_(False)
@@ -258,9 +319,10 @@ class ValueModel(nn.Module):
     def forward(self, input_ids, attention_mask, n_prompt: int):
         """(B, P + R) -> values (B, R) fp32."""
         with precision.autocast(self.autocast, input_ids.device):
-            hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask,
-                                position_ids=position_ids(attention_mask)).last_hidden_state
-            return own_outputs(self, self.head(hidden[:, n_prompt - 1:-1]).squeeze(-1).float())
+            hidden = self.trunk(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)
+            ).last_hidden_state
+            return own_outputs(self, self.head(hidden[:, n_prompt - 1 : -1]).squeeze(-1).float())
 
 
 class RewardFunction:
@@ -281,6 +343,7 @@ class RewardModel:
 
     def __init__(self, path: str, device):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token

@@ -4,6 +4,7 @@
 `get_ops(kernels=False)` gives the eager references in rlhf_fast.reference with the same names, for A/B runs
 (`--kernels off`). The trainer calls nothing else for sampling, log-probs, KL, advantages and losses.
 """
+
 from __future__ import annotations
 
 from functools import partial
@@ -12,9 +13,23 @@ from types import SimpleNamespace
 import rlhf_fast as rf
 from rlhf_fast import reference
 
-OP_NAMES = ("logprobs", "linear_logprobs", "entropy", "kl_penalty", "masked_sum", "agg_loss", "ppo_policy_loss",
-            "linear_ppo_policy_loss", "ppo_value_loss", "gae", "masked_whiten", "masked_mean", "grpo_advantages",
-            "rloo_advantages", "f_divergence")
+OP_NAMES = (
+    "logprobs",
+    "linear_logprobs",
+    "entropy",
+    "kl_penalty",
+    "masked_sum",
+    "agg_loss",
+    "ppo_policy_loss",
+    "linear_ppo_policy_loss",
+    "ppo_value_loss",
+    "gae",
+    "masked_whiten",
+    "masked_mean",
+    "grpo_advantages",
+    "rloo_advantages",
+    "f_divergence",
+)
 
 
 def _sample(logits, *, temperature, generator):
@@ -28,6 +43,9 @@ def get_ops(kernels: bool = True) -> SimpleNamespace:
     `linear_f_divergence` (rf's, or its torch backend: the full logits, then the eager f_divergence)."""
     source = rf if kernels else reference
     linear_f_divergence = rf.linear_f_divergence if kernels else partial(rf.linear_f_divergence, backend="torch")
-    return SimpleNamespace(kernels=kernels, sample=_sample if kernels else reference.sample_rows,
-                           linear_f_divergence=linear_f_divergence,
-                           **{name: getattr(source, name) for name in OP_NAMES})
+    return SimpleNamespace(
+        kernels=kernels,
+        sample=_sample if kernels else reference.sample_rows,
+        linear_f_divergence=linear_f_divergence,
+        **{name: getattr(source, name) for name in OP_NAMES},
+    )

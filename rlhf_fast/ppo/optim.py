@@ -4,6 +4,7 @@ At a 151936-row vocabulary the embedding dominates both: torch's default AdamW p
 over each (V, H) parameter per step (a (V, H) temporary among them), the fused kernel one; and a gradient kept
 until the next backward holds another (V, H) float32 tensor through the next rollout and scoring.
 """
+
 from __future__ import annotations
 
 import torch

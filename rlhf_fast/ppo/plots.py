@@ -1,4 +1,5 @@
 """reward_kl.png: the sampled reward and KL(policy || ref) per PPO step (with the adaptive controller's target)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,8 +7,10 @@ from pathlib import Path
 
 def reward_kl(metrics: list[dict], path: Path, cfg) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     steps = [m["step"] for m in metrics]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
     top.plot(steps, [m["reward_mean"] for m in metrics])

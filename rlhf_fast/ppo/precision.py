@@ -5,6 +5,7 @@ forward passes (rollout, scoring and update) under bf16 autocast; the frozen ref
 cast to bf16 weights. The fused lm head reads bf16 hidden states and a bf16 copy of the head weight. Log-probs,
 entropies, KL terms, advantages and losses stay float32: the kernels return float32 whatever their inputs.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -3,6 +3,7 @@
 A preset fills the config fields left at their defaults; fields set explicitly (flags, or keyword arguments of
 PPOConfig) keep their values, so `--preset qwen-shape --hidden-size 256` widens the preset's model.
 """
+
 from __future__ import annotations
 
 import dataclasses

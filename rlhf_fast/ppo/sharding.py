@@ -13,6 +13,7 @@ Equal shapes shard alike (dim 0 of each parameter over the same processes), so c
 another of the same architecture is a copy of the local shards (`copy_weights`): the reference and the critic's
 trunk take the warmed-up policy's weights that way, without gathering them.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,7 +28,6 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
-
 TRAINABLE_ROOT = "_rlhf_fast_trainable_root"  # set on each root `shard` makes
 
 
@@ -39,8 +39,9 @@ def layer_classes(root: nn.Module) -> set[str]:
     return names
 
 
-def shard(root: nn.Module, *, trainable: bool, param_dtype: torch.dtype | None = None,
-          forward_methods: tuple[str, ...] = ()) -> nn.Module:
+def shard(
+    root: nn.Module, *, trainable: bool, param_dtype: torch.dtype | None = None, forward_methods: tuple[str, ...] = ()
+) -> nn.Module:
     """fully_shard on every decoder layer of `root`, then on `root` (in place; returns it). Trainable models keep
     their root group gathered from the forward to the backward (as FSDP2 does for a root by default); frozen
     ones free everything after each forward. param_dtype (trainable only): MixedPrecisionPolicy(param_dtype, reduce_dtype
@@ -49,11 +50,14 @@ def shard(root: nn.Module, *, trainable: bool, param_dtype: torch.dtype | None =
     classes = layer_classes(root)
     layers = [m for m in root.modules() if type(m).__name__ in classes]
     if not layers:
-        raise ValueError(f"--fsdp: {type(root).__name__} has no decoder layers to shard (no Hugging Face model "
-                         f"with _no_split_modules inside it)")
+        raise ValueError(
+            f"--fsdp: {type(root).__name__} has no decoder layers to shard (no Hugging Face model "
+            f"with _no_split_modules inside it)"
+        )
     mixed = trainable and param_dtype is not None and param_dtype != torch.float32
-    policy = (MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if mixed
-              else MixedPrecisionPolicy())
+    policy = (
+        MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if mixed else MixedPrecisionPolicy()
+    )
     for layer in layers:
         fully_shard(layer, reshard_after_forward=True, mp_policy=policy)
     fully_shard(root, reshard_after_forward=not trainable, mp_policy=policy)
@@ -136,8 +140,14 @@ def local_bytes(modules, optimizers) -> tuple[int, int]:
 
     params = sum(size(p) for m in modules if m is not None for p in m.parameters())
     buffers = sum(size(b) for m in modules if m is not None for b in m.buffers())
-    state = sum(size(v) for o in optimizers if o is not None for s in o.state.values() for v in s.values()
-                if isinstance(v, torch.Tensor))
+    state = sum(
+        size(v)
+        for o in optimizers
+        if o is not None
+        for s in o.state.values()
+        for v in s.values()
+        if isinstance(v, torch.Tensor)
+    )
     return params + buffers, state
 
 
@@ -153,8 +163,9 @@ def save_sharded(folder: Path, models: dict, optimizers: dict, step: int) -> str
 
     name = f"sharded-{step}"
     state = {key: get_model_state_dict(model) for key, model in models.items() if model is not None}
-    state.update({key: get_optimizer_state_dict(model, opt) for key, (model, opt) in optimizers.items()
-                  if opt is not None})
+    state.update(
+        {key: get_optimizer_state_dict(model, opt) for key, (model, opt) in optimizers.items() if opt is not None}
+    )
     dcp.save(state, checkpoint_id=str(folder / name))
     dist.barrier()
     return name
@@ -170,8 +181,12 @@ def remove_old_sharded(folder: Path, keep: str) -> None:
 def load_sharded(folder: Path, models: dict, optimizers: dict) -> None:
     """Reads what save_sharded wrote into the (already sharded) models and optimisers, each process its shards."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                         set_model_state_dict, set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     models = {k: m for k, m in models.items() if m is not None}
     optimizers = {k: v for k, v in optimizers.items() if v[1] is not None}
@@ -190,7 +205,7 @@ def full_state_dict(model: nn.Module, prefix: str = "") -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def init_single_process(backend: str) -> None:
@@ -198,6 +213,7 @@ def init_single_process(backend: str) -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
         import socket
+
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             os.environ["MASTER_PORT"] = str(probe.getsockname()[1])

@@ -3,6 +3,7 @@ stdin. After each step it writes one line `STEP <json>` to stdout: the step's me
 peak resident memory so far (`peak_rss_mb`, set-up and warm-up included). A benchmark runs two of these (kernels
 off and on) and steps them in turn, so both see the same machine load and each has its own peak memory.
 """
+
 from __future__ import annotations
 
 import json

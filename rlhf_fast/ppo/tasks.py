@@ -8,6 +8,7 @@ only sees prompts the run never trained on.
 A task provides: `train_prompts(n, generator)`, `eval_prompts()`, `demonstration(prompt)` (a reference answer
 for the supervised warm-up and PPO-ptx, or None) and optionally `reward(prompts, responses)`.
 """
+
 from __future__ import annotations
 
 import json
@@ -75,6 +76,7 @@ def load_tokenizer(model_path: str | None):
     if model_path is None:
         return CharTokenizer()
     from transformers import AutoTokenizer
+
     return HFTokenizer(AutoTokenizer.from_pretrained(model_path))
 
 
@@ -103,6 +105,7 @@ class SortDigits:
     def train_prompts(self, n: int, generator: torch.Generator) -> list[str]:
         def draw(high):
             return int(torch.randint(high, (), generator=generator))
+
         return self._sample(n, draw, held_out=False)
 
     def eval_prompts(self) -> list[str]:
@@ -129,8 +132,9 @@ class PromptFile:
     def __init__(self, path: str, eval_size: int = 256, seed: int = 0):
         self.records = read_prompt_file(path)
         if len(self.records) < 2:
-            raise ValueError(f"--prompts {path}: needs at least 2 prompts (training and held-out), "
-                             f"found {len(self.records)}")
+            raise ValueError(
+                f"--prompts {path}: needs at least 2 prompts (training and held-out), found {len(self.records)}"
+            )
         order = list(range(len(self.records)))
         random.Random(seed).shuffle(order)
         n_eval = min(eval_size, len(order) // 2)
@@ -163,8 +167,8 @@ def read_prompt_file(path: str) -> list[dict]:
         except json.JSONDecodeError as exc:
             raise ValueError(f"--prompts {path}, line {number}: not valid JSON ({exc.msg})") from None
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-            raise ValueError(f"--prompts {path}, line {number}: expected an object with a \"prompt\" string")
+            raise ValueError(f'--prompts {path}, line {number}: expected an object with a "prompt" string')
         if "response" in record and not isinstance(record["response"], str):
-            raise ValueError(f"--prompts {path}, line {number}: \"response\" must be a string")
+            raise ValueError(f'--prompts {path}, line {number}: "response" must be a string')
         records.append(record)
     return records

@@ -4,6 +4,7 @@ epochs x minibatches of clipped policy and value updates; metrics, checkpoints a
 Every log-prob, KL, advantage and loss goes through the op namespace of rlhf_fast.ppo.ops (fused kernels, or
 the torch references with --kernels off), so the two modes run the identical loop.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -131,7 +132,7 @@ def _build_task(cfg: PPOConfig):
     if cfg.model is not None and cfg.prompts is None:
         raise ValueError("--model needs --prompts (the embedded task uses the embedded tokenizer)")
     if cfg.ptx_coef > 0 and not task.has_demonstrations:
-        raise ValueError("--ptx-coef > 0 needs demonstrations (\"response\" fields in --prompts)")
+        raise ValueError('--ptx-coef > 0 needs demonstrations ("response" fields in --prompts)')
     if cfg.critic_init == "reward-model" and cfg.reward_model is None:
         raise ValueError("--critic-init reward-model needs --reward-model PATH")
     return task, reward_fn
@@ -144,8 +145,10 @@ def critic_from_reward_model(cfg: PPOConfig, reward_model, tokenizer):
         return None
     if tokenizer.get_vocab() != reward_model.tokenizer.get_vocab():
         if cfg.critic_init == "reward-model":
-            raise SetupError("--critic-init reward-model: the reward model's tokenizer differs from the policy's, "
-                             "so it cannot read the policy's tokens; use --critic-init policy")
+            raise SetupError(
+                "--critic-init reward-model: the reward model's tokenizer differs from the policy's, "
+                "so it cannot read the policy's tokens; use --critic-init policy"
+            )
         print("critic: starts from the policy's trunk (the reward model's tokenizer differs from the policy's)")
         return None
     return models.ValueModel.from_reward_model(reward_model.model)
@@ -161,8 +164,8 @@ def encode_prompts(tokenizer, prompts: list[str], device) -> tuple[torch.Tensor,
     ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros(len(encoded), width, dtype=torch.bool)
     for row, e in enumerate(encoded):
-        ids[row, width - len(e):] = torch.tensor(e)
-        mask[row, width - len(e):] = True
+        ids[row, width - len(e) :] = torch.tensor(e)
+        mask[row, width - len(e) :] = True
     return ids.to(device), mask.to(device)
 
 
@@ -173,8 +176,8 @@ def encode_responses(tokenizer, responses: list[str], device) -> tuple[torch.Ten
     ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros(len(encoded), width, dtype=torch.bool)
     for row, e in enumerate(encoded):
-        ids[row, :len(e)] = torch.tensor(e)
-        mask[row, :len(e)] = True
+        ids[row, : len(e)] = torch.tensor(e)
+        mask[row, : len(e)] = True
     return ids.to(device), mask.to(device)
 
 
@@ -270,13 +273,18 @@ class RunningLogZ:
 
     def update(self, log_weights: torch.Tensor, d: Dist) -> float:
         peak = d.max(log_weights.max().double())
-        stats = d.sum(torch.stack([(log_weights.double() - peak).exp().sum(),
-                                   torch.tensor(float(log_weights.numel()), dtype=torch.float64)]))
+        stats = d.sum(
+            torch.stack(
+                [
+                    (log_weights.double() - peak).exp().sum(),
+                    torch.tensor(float(log_weights.numel()), dtype=torch.float64),
+                ]
+            )
+        )
         log_total = (peak + stats[0].log()).item()  # log of the sum of this batch's weights
         n = int(stats[1].item())
         if self.count:
-            log_total = float(torch.logaddexp(torch.tensor(log_total),
-                                              torch.tensor(self.value + math.log(self.count))))
+            log_total = float(torch.logaddexp(torch.tensor(log_total), torch.tensor(self.value + math.log(self.count))))
         self.count += n
         self.value = log_total - math.log(self.count)
         return self.value
@@ -300,8 +308,7 @@ def supervised_warmup(train_policy, task, tokenizer, cfg, device, generator, d: 
     optimizer = optim.adamw(train_policy.parameters(), lr=cfg.warmup_lr)
     loss = torch.tensor(float("nan"))
     for _ in range(cfg.warmup_steps):
-        loss = demonstration_loss(train_policy, task, tokenizer, max(1, cfg.warmup_batch // d.world), device,
-                                  generator)
+        loss = demonstration_loss(train_policy, task, tokenizer, max(1, cfg.warmup_batch // d.world), device, generator)
         loss.backward()
         optim.clip_and_step(optimizer, train_policy.parameters(), cfg.max_grad_norm)
     return loss.item()
@@ -323,7 +330,7 @@ def demonstration_loss(policy_lp, task, tokenizer, n, device, generator) -> torc
 def evaluate(policy, task, tokenizer, score, cfg, device, d: Dist) -> tuple[float, list]:
     """Mean reward of greedy decoding on the held-out prompts (each process takes its share). policy: the
     policy's LogProbModel."""
-    prompts = task.eval_prompts()[d.rank::d.world]
+    prompts = task.eval_prompts()[d.rank :: d.world]
     policy.eval()
     with sharding.gathered(policy), sharding.gathered(getattr(score, "model", None)):
         total, examples = _evaluate_prompts(policy, prompts, tokenizer, score, cfg, device)
@@ -336,12 +343,17 @@ def _evaluate_prompts(policy, prompts, tokenizer, score, cfg, device) -> tuple[f
     """(sum of the rewards of greedy responses to `prompts`, the first examples)."""
     total, examples = 0.0, []
     for start in range(0, len(prompts), 256):
-        chunk = prompts[start:start + 256]
+        chunk = prompts[start : start + 256]
         prompt_ids, prompt_mask = encode_prompts(tokenizer, chunk, device)
-        response, response_mask = models.generate(policy, prompt_ids, prompt_mask, max_new_tokens=cfg.max_new_tokens,
-                                                  eos_token_id=tokenizer.eos_token_id,
-                                                  pad_token_id=tokenizer.pad_token_id,
-                                                  autocast=precision.compute_dtype(cfg))
+        response, response_mask = models.generate(
+            policy,
+            prompt_ids,
+            prompt_mask,
+            max_new_tokens=cfg.max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            autocast=precision.compute_dtype(cfg),
+        )
         texts = decode(tokenizer, response, response_mask)
         rewards = score(chunk, texts)
         total += float(rewards.sum())
@@ -424,8 +436,13 @@ def training_steps(cfg: PPOConfig):
     generator = torch.Generator(device="cpu").manual_seed(cfg.seed * 1000 + d.rank)
     sample_gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + d.rank + 1)
     policy = precision.trainable(models.load_policy(cfg, tokenizer.vocab_size).to(device), cfg)
-    policy_lp = models.LogProbModel(policy, ops, fused=cfg.kernels == "on" and cfg.fused_head,
-                                    temperature=cfg.temperature, autocast=precision.compute_dtype(cfg))
+    policy_lp = models.LogProbModel(
+        policy,
+        ops,
+        fused=cfg.kernels == "on" and cfg.fused_head,
+        temperature=cfg.temperature,
+        autocast=precision.compute_dtype(cfg),
+    )
     rm_critic = None
     score: models.RewardFunction | models.RewardModel
     if reward_fn is not None:
@@ -445,19 +462,22 @@ def training_steps(cfg: PPOConfig):
 
     state = torch.load(checkpoint_dir / "state.pt", map_location=device, weights_only=False) if resumed else None
     if state is not None and cfg.fsdp != ("sharded" in state):
-        raise SetupError(f"--resume {cfg.resume}: its checkpoint was written {'with' if 'sharded' in state else 'without'}"
-                         f" --fsdp; resume it the same way")
+        raise SetupError(
+            f"--resume {cfg.resume}: its checkpoint was written {'with' if 'sharded' in state else 'without'}"
+            f" --fsdp; resume it the same way"
+        )
     # The reference and the critic start as copies of the policy, built before the models are sharded; they take
     # the policy's weights after its warm-up (sharded models copy their local shards).
     reference = models.frozen_copy(policy, precision.DTYPES[cfg.dtype])
     ref_lp = models.LogProbModel(reference, ops, fused=policy_lp.fused, temperature=cfg.temperature)
-    critic = (precision.critic(rm_critic or models.ValueModel.from_policy(policy), cfg, device)
-              if cfg.algo == "ppo" else None)
+    critic = (
+        precision.critic(rm_critic or models.ValueModel.from_policy(policy), cfg, device) if cfg.algo == "ppo" else None
+    )
     train_policy: nn.Module = policy_lp
     train_critic: nn.Module | None = critic
     if cfg.fsdp:
         if critic is not None and cfg.critic_embedding == "frozen":  # its own frozen table: a sharded model
-            critic.freeze_embedding()                                # cannot read another one's
+            critic.freeze_embedding()  # cannot read another one's
         dtype = precision.compute_dtype(cfg)
         sharding.shard(policy_lp, trainable=True, param_dtype=dtype, forward_methods=("decode",))
         sharding.shard(ref_lp, trainable=False)
@@ -523,6 +543,7 @@ def training_steps(cfg: PPOConfig):
     progress = None
     if cfg.progress and d.main:
         from tqdm import tqdm
+
         progress = tqdm(total=cfg.total_steps, initial=start_step, desc="PPO", unit="step", dynamic_ncols=True)
 
     for step in range(start_step, cfg.total_steps):
@@ -534,10 +555,19 @@ def training_steps(cfg: PPOConfig):
         prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
         n_prompt = prompt_ids.shape[1]
         with sharding.gathered(policy_lp):
-            rollout = models.generate(policy_lp, prompt_ids, prompt_mask, max_new_tokens=cfg.max_new_tokens,
-                                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                      temperature=cfg.temperature, generator=sample_gen,
-                                      autocast=policy_lp.autocast, ops=ops, return_logprobs=cfg.rollout_logprobs)
+            rollout = models.generate(
+                policy_lp,
+                prompt_ids,
+                prompt_mask,
+                max_new_tokens=cfg.max_new_tokens,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                temperature=cfg.temperature,
+                generator=sample_gen,
+                autocast=policy_lp.autocast,
+                ops=ops,
+                return_logprobs=cfg.rollout_logprobs,
+            )
         response, response_mask = rollout[:2]
         input_ids, attention, labels = join(prompt_ids, prompt_mask, response, response_mask)
         mask = response_mask
@@ -547,8 +577,11 @@ def training_steps(cfg: PPOConfig):
         t0 = time.perf_counter()
         raw_scores = score(prompts, decode(tokenizer, response, response_mask)).to(device)
         with torch.no_grad():
-            old_logp, entropy = rollout[2:] if cfg.rollout_logprobs else policy_lp(input_ids, attention, labels,
-                                                                                   n_prompt, return_entropy=True)
+            old_logp, entropy = (
+                rollout[2:]
+                if cfg.rollout_logprobs
+                else policy_lp(input_ids, attention, labels, n_prompt, return_entropy=True)
+            )
             ref_logp, ref_hidden = full_kl.reference_scores(input_ids, attention, labels, n_prompt)
             old_values = critic(input_ids, attention, n_prompt) if critic is not None else None
         timings["score"] = time.perf_counter() - t0
@@ -580,8 +613,11 @@ def training_steps(cfg: PPOConfig):
                     advantages = whiten(advantages, mask, d, ops)
             else:
                 seq_scores = scores + penalty.sum(-1)
-                group = (ops.grpo_advantages(seq_scores, cfg.group_size) if cfg.algo == "grpo"
-                         else ops.rloo_advantages(seq_scores, cfg.group_size))
+                group = (
+                    ops.grpo_advantages(seq_scores, cfg.group_size)
+                    if cfg.algo == "grpo"
+                    else ops.rloo_advantages(seq_scores, cfg.group_size)
+                )
                 advantages, returns = group[:, None] * mask, None
         timings["advantages"] = time.perf_counter() - t0
 
@@ -598,10 +634,22 @@ def training_steps(cfg: PPOConfig):
                     loss, stats = torch.zeros((), device=device), {}
                     if policy_moves:
                         loss, stats = minibatch_policy_loss(
-                            train_policy, ops, cfg, kl_coef, fused=policy_lp.fuses_policy_loss,
-                            input_ids=input_ids[mb], attention=attention[mb], labels=labels[mb], n_prompt=n_prompt,
-                            old_logp=old_logp[mb], advantages=advantages[mb], mask=mask[mb], ref_logp=ref_logp[mb],
-                            full_kl=full_kl, ref_hidden=None if ref_hidden is None else ref_hidden[mb])
+                            train_policy,
+                            ops,
+                            cfg,
+                            kl_coef,
+                            fused=policy_lp.fuses_policy_loss,
+                            input_ids=input_ids[mb],
+                            attention=attention[mb],
+                            labels=labels[mb],
+                            n_prompt=n_prompt,
+                            old_logp=old_logp[mb],
+                            advantages=advantages[mb],
+                            mask=mask[mb],
+                            ref_logp=ref_logp[mb],
+                            full_kl=full_kl,
+                            ref_hidden=None if ref_hidden is None else ref_hidden[mb],
+                        )
                         approx_kls.append(stats["approx_kl"])
                         if cfg.ptx_coef > 0:
                             ptx = demonstration_loss(train_policy, task, tokenizer, len(mb), device, generator)
@@ -610,14 +658,16 @@ def training_steps(cfg: PPOConfig):
                     if train_critic is not None:
                         assert old_values is not None and returns is not None
                         values = train_critic(input_ids[mb], attention[mb], n_prompt)
-                        v_loss, v_stats = ops.ppo_value_loss(values, old_values[mb], returns[mb], mask[mb],
-                                                             clip=cfg.value_clip, agg=cfg.loss_agg)
+                        v_loss, v_stats = ops.ppo_value_loss(
+                            values, old_values[mb], returns[mb], mask[mb], clip=cfg.value_clip, agg=cfg.loss_agg
+                        )
                         loss = loss + cfg.vf_coef * v_loss
                         stats.update(value_loss=v_loss.item(), value_clipfrac=v_stats["clipfrac"].item())
                     loss.backward()
                     if policy_moves:
-                        stats["policy_grad_norm"] = optim.clip_and_step(policy_opt, policy.parameters(),
-                                                                        cfg.max_grad_norm).item()
+                        stats["policy_grad_norm"] = optim.clip_and_step(
+                            policy_opt, policy.parameters(), cfg.max_grad_norm
+                        ).item()
                     if critic is not None and critic_opt is not None:
                         optim.clip_and_step(critic_opt, critic.parameters(), cfg.max_grad_norm)
                     for k, v in stats.items():
@@ -633,14 +683,26 @@ def training_steps(cfg: PPOConfig):
         # ---- bookkeeping: metrics, adaptive KL, checkpoint
         step_time = time.perf_counter() - step_start
         n_tokens = d.sum(mask.sum().double()).item()
-        row = {"step": step, "reward_mean": raw_scores.mean().item(), "kl": seq_kl.mean().item(),
-               "entropy": ((entropy * mask).sum() / mask.sum()).item(),
-               "response_len": mask.sum(-1).float().mean().item(),
-               "policy_loss": float("nan"), "value_loss": float("nan"), "clipfrac": float("nan"),
-               **{k: v / max(count, 1) for k, v in sums.items()}}
+        row = {
+            "step": step,
+            "reward_mean": raw_scores.mean().item(),
+            "kl": seq_kl.mean().item(),
+            "entropy": ((entropy * mask).sum() / mask.sum()).item(),
+            "response_len": mask.sum(-1).float().mean().item(),
+            "policy_loss": float("nan"),
+            "value_loss": float("nan"),
+            "clipfrac": float("nan"),
+            **{k: v / max(count, 1) for k, v in sums.items()},
+        }
         row = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in d.mean(row).items()}
-        row.update(step=step, kl_coef=kl_coef, epochs=epochs_done, tokens_per_s=n_tokens / step_time,
-                   **{f"time_{k}": v for k, v in timings.items()}, time_step=step_time)
+        row.update(
+            step=step,
+            kl_coef=kl_coef,
+            epochs=epochs_done,
+            tokens_per_s=n_tokens / step_time,
+            **{f"time_{k}": v for k, v in timings.items()},
+            time_step=step_time,
+        )
         if cfg.divergence is not None:
             row["log_z"] = log_z_estimate.value
         metrics.append(row)
@@ -651,25 +713,43 @@ def training_steps(cfg: PPOConfig):
                 handle.write(json.dumps(row) + "\n")
         if progress is not None:
             progress.update(1)
-            progress.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl']:.3f}",
-                                 gen=f"{timings['generate']:.2f}s", upd=f"{timings['update']:.2f}s")
+            progress.set_postfix(
+                reward=f"{row['reward_mean']:.3f}",
+                kl=f"{row['kl']:.3f}",
+                gen=f"{timings['generate']:.2f}s",
+                upd=f"{timings['update']:.2f}s",
+            )
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.total_steps:
             models_state: dict[str, object]
             if cfg.fsdp:  # each process writes its shards; state.pt names the folder
-                models_state = {"sharded": sharding.save_sharded(checkpoint_dir, sharded_models, sharded_optimizers,
-                                                                 step + 1)}
+                models_state = {
+                    "sharded": sharding.save_sharded(checkpoint_dir, sharded_models, sharded_optimizers, step + 1)
+                }
             else:
-                models_state = {"policy": policy.state_dict(), "reference": reference.state_dict(),
-                                "critic": critic.state_dict() if critic is not None else None,
-                                "policy_opt": policy_opt.state_dict(),
-                                "critic_opt": critic_opt.state_dict() if critic_opt is not None else None}
-            state = {"step": step + 1, **models_state,
-                     "moments": moments.state_dict(), "fdpg_baseline": fdpg_baseline.state_dict(),
-                     "kl_coef": kl_coef, "log_z": log_z_estimate.state_dict(),
-                     "eval_before": eval_before, "examples_before": examples_before,
-                     "warmup_loss": warmup_loss, "warmup_time": warmup_time}
-            rng = {"generator": generator.get_state(), "sample_gen": sample_gen.get_state(),
-                   "torch": torch.get_rng_state()}
+                models_state = {
+                    "policy": policy.state_dict(),
+                    "reference": reference.state_dict(),
+                    "critic": critic.state_dict() if critic is not None else None,
+                    "policy_opt": policy_opt.state_dict(),
+                    "critic_opt": critic_opt.state_dict() if critic_opt is not None else None,
+                }
+            state = {
+                "step": step + 1,
+                **models_state,
+                "moments": moments.state_dict(),
+                "fdpg_baseline": fdpg_baseline.state_dict(),
+                "kl_coef": kl_coef,
+                "log_z": log_z_estimate.state_dict(),
+                "eval_before": eval_before,
+                "examples_before": examples_before,
+                "warmup_loss": warmup_loss,
+                "warmup_time": warmup_time,
+            }
+            rng = {
+                "generator": generator.get_state(),
+                "sample_gen": sample_gen.get_state(),
+                "torch": torch.get_rng_state(),
+            }
             save_checkpoint(checkpoint_dir, state, rng, d)
         yield row
     if progress is not None:
@@ -678,27 +758,40 @@ def training_steps(cfg: PPOConfig):
     # ---- evaluation and outputs
     eval_after, examples_after = evaluate(policy_lp, task, tokenizer, score, cfg, device, d)
     param_bytes, optimizer_bytes = sharding.local_bytes(
-        [policy_lp, ref_lp, critic, getattr(score, "model", None)], [policy_opt, critic_opt])
+        [policy_lp, ref_lp, critic, getattr(score, "model", None)], [policy_opt, critic_opt]
+    )
     final_policy = sharding.full_state_dict(policy_lp, prefix="model.") if cfg.fsdp else None
     phase_means = {k: sum(m[f"time_{k}"] for m in metrics) / max(len(metrics), 1) for k in TIMED_PHASES}
-    summary = {"eval_reward_before": eval_before, "eval_reward_after": eval_after,
-               "eval_reward_gain": eval_after - eval_before, "wall_time_s": time.perf_counter() - wall_start,
-               "warmup_time_s": warmup_time, "warmup_loss": warmup_loss, "steps": len(metrics),
-               "resumed_at_step": start_step if resumed else None, "world_size": d.world, "fsdp": cfg.fsdp,
-               "param_mb_per_rank": [b / 2**20 for b in d.gather(param_bytes)],
-               "optimizer_mb_per_rank": [b / 2**20 for b in d.gather(optimizer_bytes)],
-               "peak_rss_mb_per_rank": d.gather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-               "phase_time_mean_s": phase_means, "examples_before": examples_before, "examples_after": examples_after,
-               "config": dataclasses.asdict(cfg)}
+    summary = {
+        "eval_reward_before": eval_before,
+        "eval_reward_after": eval_after,
+        "eval_reward_gain": eval_after - eval_before,
+        "wall_time_s": time.perf_counter() - wall_start,
+        "warmup_time_s": warmup_time,
+        "warmup_loss": warmup_loss,
+        "steps": len(metrics),
+        "resumed_at_step": start_step if resumed else None,
+        "world_size": d.world,
+        "fsdp": cfg.fsdp,
+        "param_mb_per_rank": [b / 2**20 for b in d.gather(param_bytes)],
+        "optimizer_mb_per_rank": [b / 2**20 for b in d.gather(optimizer_bytes)],
+        "peak_rss_mb_per_rank": d.gather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "phase_time_mean_s": phase_means,
+        "examples_before": examples_before,
+        "examples_after": examples_after,
+        "config": dataclasses.asdict(cfg),
+    }
     if d.main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         if cfg.plot and metrics:
             plots.reward_kl(metrics, out / "reward_kl.png", cfg)
         policy.save_pretrained(out / "policy", state_dict=final_policy)
         tokenizer.save(out / "policy")
-        print(f"eval reward (greedy, {len(task.eval_prompts())} held-out prompts): {eval_before:.3f} -> "
-              f"{eval_after:.3f}; {len(metrics)} steps in {summary['wall_time_s']:.0f} s; mean phase times "
-              + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in phase_means.items()))
+        print(
+            f"eval reward (greedy, {len(task.eval_prompts())} held-out prompts): {eval_before:.3f} -> "
+            f"{eval_after:.3f}; {len(metrics)} steps in {summary['wall_time_s']:.0f} s; mean phase times "
+            + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in phase_means.items())
+        )
     if d.world > 1:
         dist.barrier()
     return summary

@@ -1,5 +1,6 @@
 """Triton kernels, one module per family. Imported lazily: importing triton costs time and needs a GPU or
 TRITON_INTERPRET=1 (set before the first call) to run."""
+
 from __future__ import annotations
 
 import functools
@@ -14,6 +15,7 @@ def on_tensor_device(launcher):
     Triton launches on the current CUDA device (and its current stream); without this, tensors on cuda:1 while
     cuda:0 is current would be read by a kernel running on cuda:0. No-op for tensors elsewhere (the CPU under the
     interpreter)."""
+
     @functools.wraps(launcher)
     def on_device(*args, **kwargs):
         first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)

@@ -5,6 +5,7 @@ polynomial) rather than through tl.exp: on the GPU tl.exp is the approximate ex2
 error near exp(x) = 1 becomes a large relative error of exp(x) - 1. The same reduction and series as
 csrc/cpu/vec_exp.h and csrc/losses_common.h.
 """
+
 from __future__ import annotations
 
 import triton

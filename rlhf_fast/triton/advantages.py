@@ -5,6 +5,7 @@ a valid token maps (a, nv) -> (gl*a + g*nv + r - v, v), a masked one is the iden
 loads a tile latest-token-first and runs tl.associative_scan over the maps (a true parallel scan), then applies
 the prefix maps to the state carried in from the later tiles.
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,8 +26,20 @@ def _then(p1, q1, c11, s1, c21, p2, q2, c12, s2, c22):
 
 
 @triton.jit
-def _gae_kernel(rewards, values, mask, last_value, cu_seqlens, advantages, returns, gamma, gamma_lam,
-                HAS_MASK: tl.constexpr, HAS_LAST_VALUE: tl.constexpr, BLOCK: tl.constexpr):
+def _gae_kernel(
+    rewards,
+    values,
+    mask,
+    last_value,
+    cu_seqlens,
+    advantages,
+    returns,
+    gamma,
+    gamma_lam,
+    HAS_MASK: tl.constexpr,
+    HAS_LAST_VALUE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     seg = tl.program_id(0)
     start = tl.load(cu_seqlens + seg)
     end = tl.load(cu_seqlens + seg + 1)
@@ -63,8 +76,15 @@ def _gae_kernel(rewards, values, mask, last_value, cu_seqlens, advantages, retur
 
 @triton_op("rlhf_fast_triton::gae", mutates_args=())
 @on_tensor_device
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, last_value: torch.Tensor | None,
-        cu_seqlens: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+def gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor | None,
+    last_value: torch.Tensor | None,
+    cu_seqlens: torch.Tensor,
+    gamma: float,
+    lam: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as torch.ops.rlhf_fast.gae: packed 1-D tokens, fp32 outputs."""
     advantages = torch.empty(rewards.shape, dtype=torch.float32, device=rewards.device)
     returns = torch.empty_like(advantages)
@@ -74,15 +94,34 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, 
         # longer segments loop over several tiles.
         block = min(GAE_MAX_BLOCK, max(16, triton.next_power_of_2(triton.cdiv(rewards.numel(), segments))))
         wrap_triton(_gae_kernel)[(segments,)](
-            rewards, values, mask if mask is not None else rewards, last_value if last_value is not None else rewards,
-            cu_seqlens, advantages, returns, gamma, gamma * lam,
-            HAS_MASK=mask is not None, HAS_LAST_VALUE=last_value is not None, BLOCK=block)
+            rewards,
+            values,
+            mask if mask is not None else rewards,
+            last_value if last_value is not None else rewards,
+            cu_seqlens,
+            advantages,
+            returns,
+            gamma,
+            gamma * lam,
+            HAS_MASK=mask is not None,
+            HAS_LAST_VALUE=last_value is not None,
+            BLOCK=block,
+        )
     return advantages, returns
 
 
 @triton.jit
-def _group_advantages_kernel(scores, out, groups, group_size, eps, NORM_STD: tl.constexpr,
-                             LEAVE_ONE_OUT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+def _group_advantages_kernel(
+    scores,
+    out,
+    groups,
+    group_size,
+    eps,
+    NORM_STD: tl.constexpr,
+    LEAVE_ONE_OUT: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]
     col = tl.arange(0, BLOCK)[None, :]
     inside = (row < groups) & (col < group_size)
@@ -101,8 +140,9 @@ def _group_advantages_kernel(scores, out, groups, group_size, eps, NORM_STD: tl.
 
 @triton_op("rlhf_fast_triton::group_advantages", mutates_args=())
 @on_tensor_device
-def group_advantages(scores: torch.Tensor, group_size: int, norm_std: bool, leave_one_out: bool,
-                     eps: float) -> torch.Tensor:
+def group_advantages(
+    scores: torch.Tensor, group_size: int, norm_std: bool, leave_one_out: bool, eps: float
+) -> torch.Tensor:
     """Same contract as torch.ops.rlhf_fast.group_advantages."""
     out = torch.empty(scores.shape, dtype=torch.float32, device=scores.device)
     groups = scores.numel() // group_size
@@ -110,8 +150,8 @@ def group_advantages(scores: torch.Tensor, group_size: int, norm_std: bool, leav
         block = triton.next_power_of_2(group_size)
         rows = max(1, min(64, 4096 // block))
         wrap_triton(_group_advantages_kernel)[(triton.cdiv(groups, rows),)](
-            scores, out, groups, group_size, eps, NORM_STD=norm_std, LEAVE_ONE_OUT=leave_one_out, ROWS=rows,
-            BLOCK=block)
+            scores, out, groups, group_size, eps, NORM_STD=norm_std, LEAVE_ONE_OUT=leave_one_out, ROWS=rows, BLOCK=block
+        )
     return out
 
 
@@ -136,12 +176,14 @@ def masked_moments(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     blocks = max(1, triton.cdiv(x.numel(), MOMENTS_BLOCK))
     partial = torch.empty((blocks, 3), dtype=torch.float32, device=x.device)
     wrap_triton(_masked_moments_kernel)[(blocks,)](
-        x, mask if mask is not None else x, partial, x.numel(), HAS_MASK=mask is not None, BLOCK=MOMENTS_BLOCK)
+        x, mask if mask is not None else x, partial, x.numel(), HAS_MASK=mask is not None, BLOCK=MOMENTS_BLOCK
+    )
     return partial.double().sum(0)
 
 
 def _register_autograd():
     from .._ops import register_triton_autograd
+
     register_triton_autograd(__import__(__name__, fromlist=["gae"]))
 
 

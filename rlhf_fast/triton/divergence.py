@@ -6,6 +6,7 @@ carry, per stream, a running max, the sum of exp(x - max) and a weighted sum, re
 is read once (the sums are kept per lane and reduced once at the end); js and tv read the row a second time once
 lse_p and lse_q are known. The backward reads each input once and writes each gradient that is needed once.
 """
+
 from __future__ import annotations
 
 import torch
@@ -87,8 +88,22 @@ def _second_pass_sums(xp, xq, end, vocab, inv_t, lse_a, lse_b, KIND: tl.constexp
 
 
 @triton.jit
-def _forward_kernel(xp, xq, mask, out, stats, vocab, stride_p, stride_q, inv_t, exponent, scale,
-                    KIND: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
+def _forward_kernel(
+    xp,
+    xq,
+    mask,
+    out,
+    stats,
+    vocab,
+    stride_p,
+    stride_q,
+    inv_t,
+    exponent,
+    scale,
+    KIND: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     xp += row * stride_p
     xq += row * stride_q
@@ -161,22 +176,61 @@ def _forward_kernel(xp, xq, mask, out, stats, vocab, stride_p, stride_q, inv_t, 
 
 
 @triton.jit
-def _second_pass_kernel(xp, xq, mask, stats, sums, vocab, stride_p, stride_q, inv_t, KIND: tl.constexpr,
-                        HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
+def _second_pass_kernel(
+    xp,
+    xq,
+    mask,
+    stats,
+    sums,
+    vocab,
+    stride_p,
+    stride_q,
+    inv_t,
+    KIND: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     end = vocab
     if HAS_MASK:
         end = tl.where(tl.load(mask + row) != 0, vocab, 0)  # masked rows read nothing and sum to 0
-    t1, t2 = _second_pass_sums(xp + row * stride_p, xq + row * stride_q, end, vocab, inv_t,
-                               tl.load(stats + 3 * row + 0), tl.load(stats + 3 * row + 1), KIND, BLOCK)
+    t1, t2 = _second_pass_sums(
+        xp + row * stride_p,
+        xq + row * stride_q,
+        end,
+        vocab,
+        inv_t,
+        tl.load(stats + 3 * row + 0),
+        tl.load(stats + 3 * row + 1),
+        KIND,
+        BLOCK,
+    )
     tl.store(sums + 2 * row + 0, t1)
     tl.store(sums + 2 * row + 1, t2)
 
 
 @triton.jit
-def _backward_kernel(grad_out, xp, xq, mask, out, stats, grad_p, grad_q, vocab, stride_p, stride_q, inv_t, exponent,
-                     scale, KIND: tl.constexpr, HAS_MASK: tl.constexpr, NEED_P: tl.constexpr, NEED_Q: tl.constexpr,
-                     BLOCK: tl.constexpr):
+def _backward_kernel(
+    grad_out,
+    xp,
+    xq,
+    mask,
+    out,
+    stats,
+    grad_p,
+    grad_q,
+    vocab,
+    stride_p,
+    stride_q,
+    inv_t,
+    exponent,
+    scale,
+    KIND: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    NEED_P: tl.constexpr,
+    NEED_Q: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     xp += row * stride_p
     xq += row * stride_q
@@ -227,8 +281,14 @@ def _backward_kernel(grad_out, xp, xq, mask, out, stats, grad_p, grad_q, vocab, 
 
 @triton_op("rlhf_fast_triton::f_divergence", mutates_args=())
 @on_tensor_device
-def f_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor, mask: torch.Tensor | None, kind: str,
-                 alpha: float, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def f_divergence(
+    logits_p: torch.Tensor,
+    logits_q: torch.Tensor,
+    mask: torch.Tensor | None,
+    kind: str,
+    alpha: float,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as torch.ops.rlhf_fast.f_divergence: (rows, V) logits -> out (rows,), stats (rows, 3) fp32."""
     code, exponent, scale = _params(kind, alpha)
     rows, vocab = logits_p.shape
@@ -236,16 +296,35 @@ def f_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor, mask: torch.Ten
     stats = torch.empty((rows, 3), dtype=torch.float32, device=logits_p.device)
     if rows > 0:
         wrap_triton(_forward_kernel)[(rows,)](
-            logits_p, logits_q, mask if mask is not None else logits_p, out, stats, vocab, logits_p.stride(0),
-            logits_q.stride(0), 1.0 / temperature, exponent, scale, KIND=code, HAS_MASK=mask is not None,
-            BLOCK=_block(vocab), num_warps=8)
+            logits_p,
+            logits_q,
+            mask if mask is not None else logits_p,
+            out,
+            stats,
+            vocab,
+            logits_p.stride(0),
+            logits_q.stride(0),
+            1.0 / temperature,
+            exponent,
+            scale,
+            KIND=code,
+            HAS_MASK=mask is not None,
+            BLOCK=_block(vocab),
+            num_warps=8,
+        )
     return out, stats
 
 
 @triton_op("rlhf_fast_triton::f_divergence_second_pass", mutates_args=())
 @on_tensor_device
-def f_divergence_second_pass(logits_p: torch.Tensor, logits_q: torch.Tensor, mask: torch.Tensor | None,
-                             stats: torch.Tensor, kind: str, temperature: float) -> torch.Tensor:
+def f_divergence_second_pass(
+    logits_p: torch.Tensor,
+    logits_q: torch.Tensor,
+    mask: torch.Tensor | None,
+    stats: torch.Tensor,
+    kind: str,
+    temperature: float,
+) -> torch.Tensor:
     """Same contract as torch.ops.rlhf_fast.f_divergence_second_pass: (rows, 2) fp32 js / tv sums."""
     if kind not in ("js", "tv"):
         raise ValueError(f"f_divergence_second_pass: kind must be 'js' or 'tv', got {kind!r}")
@@ -253,18 +332,38 @@ def f_divergence_second_pass(logits_p: torch.Tensor, logits_q: torch.Tensor, mas
     sums = torch.empty((rows, 2), dtype=torch.float32, device=logits_p.device)
     if rows > 0:
         wrap_triton(_second_pass_kernel)[(rows,)](
-            logits_p, logits_q, mask if mask is not None else logits_p, stats, sums, vocab, logits_p.stride(0),
-            logits_q.stride(0), 1.0 / temperature, KIND=KIND_CODES[kind], HAS_MASK=mask is not None,
-            BLOCK=_block(vocab), num_warps=8)
+            logits_p,
+            logits_q,
+            mask if mask is not None else logits_p,
+            stats,
+            sums,
+            vocab,
+            logits_p.stride(0),
+            logits_q.stride(0),
+            1.0 / temperature,
+            KIND=KIND_CODES[kind],
+            HAS_MASK=mask is not None,
+            BLOCK=_block(vocab),
+            num_warps=8,
+        )
     return sums
 
 
 @triton_op("rlhf_fast_triton::f_divergence_backward", mutates_args=())
 @on_tensor_device
-def f_divergence_backward(grad_out: torch.Tensor, logits_p: torch.Tensor, logits_q: torch.Tensor,
-                          mask: torch.Tensor | None, out: torch.Tensor, stats: torch.Tensor, kind: str, alpha: float,
-                          temperature: float, need_grad_p: bool,
-                          need_grad_q: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def f_divergence_backward(
+    grad_out: torch.Tensor,
+    logits_p: torch.Tensor,
+    logits_q: torch.Tensor,
+    mask: torch.Tensor | None,
+    out: torch.Tensor,
+    stats: torch.Tensor,
+    kind: str,
+    alpha: float,
+    temperature: float,
+    need_grad_p: bool,
+    need_grad_q: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as torch.ops.rlhf_fast.f_divergence_backward."""
     code, exponent, scale = _params(kind, alpha)
     rows, vocab = logits_p.shape
@@ -272,15 +371,33 @@ def f_divergence_backward(grad_out: torch.Tensor, logits_p: torch.Tensor, logits
     grad_q = logits_q.new_empty(logits_q.shape if need_grad_q else (0,))
     if rows > 0 and (need_grad_p or need_grad_q):
         wrap_triton(_backward_kernel)[(rows,)](
-            grad_out, logits_p, logits_q, mask if mask is not None else logits_p, out, stats,
-            grad_p if need_grad_p else logits_p, grad_q if need_grad_q else logits_q, vocab, logits_p.stride(0),
-            logits_q.stride(0), 1.0 / temperature, exponent, scale, KIND=code, HAS_MASK=mask is not None,
-            NEED_P=need_grad_p, NEED_Q=need_grad_q, BLOCK=_block(vocab), num_warps=8)
+            grad_out,
+            logits_p,
+            logits_q,
+            mask if mask is not None else logits_p,
+            out,
+            stats,
+            grad_p if need_grad_p else logits_p,
+            grad_q if need_grad_q else logits_q,
+            vocab,
+            logits_p.stride(0),
+            logits_q.stride(0),
+            1.0 / temperature,
+            exponent,
+            scale,
+            KIND=code,
+            HAS_MASK=mask is not None,
+            NEED_P=need_grad_p,
+            NEED_Q=need_grad_q,
+            BLOCK=_block(vocab),
+            num_warps=8,
+        )
     return grad_p, grad_q
 
 
 def _register_autograd():
     from .._ops import register_triton_divergence_autograd
+
     register_triton_divergence_autograd(__import__(__name__, fromlist=["f_divergence"]))
 
 

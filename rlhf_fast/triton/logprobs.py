@@ -6,6 +6,7 @@ Same contracts as torch.ops.rlhf_fast.logprobs_forward / logprobs_backward / log
 so the row is read once; lse = ln2 (max + log2 s), entropy = ln2 (log2 s - t / s). The backward reads the row
 once more and writes d(logits) = -p (g_lp + g_H (log p + H)) / T (+ g_lp / T at the label) in the logits' dtype.
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,8 +21,21 @@ MAX_BLOCK = 4096
 
 
 @triton.jit
-def _forward_kernel(logits, labels, logp, entropy, lse, inner, stride_outer, stride_inner, vocab, inv_t,
-                    ignore_index, HAS_LABELS: tl.constexpr, BLOCK: tl.constexpr):
+def _forward_kernel(
+    logits,
+    labels,
+    logp,
+    entropy,
+    lse,
+    inner,
+    stride_outer,
+    stride_inner,
+    vocab,
+    inv_t,
+    ignore_index,
+    HAS_LABELS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     r = tl.program_id(0).to(tl.int64)
     row = logits + (r // inner) * stride_outer + (r % inner) * stride_inner
     scale = inv_t * 1.4426950408889634
@@ -56,9 +70,26 @@ def _forward_kernel(logits, labels, logp, entropy, lse, inner, stride_outer, str
 
 
 @triton.jit
-def _backward_kernel(logits, grad, labels, lse, entropy, grad_logp, grad_entropy, inner, stride_outer, stride_inner,
-                     grad_stride_outer, grad_stride_inner, vocab, inv_t, ignore_index, HAS_GRAD_LOGP: tl.constexpr,
-                     HAS_GRAD_ENTROPY: tl.constexpr, BLOCK: tl.constexpr):
+def _backward_kernel(
+    logits,
+    grad,
+    labels,
+    lse,
+    entropy,
+    grad_logp,
+    grad_entropy,
+    inner,
+    stride_outer,
+    stride_inner,
+    grad_stride_outer,
+    grad_stride_inner,
+    vocab,
+    inv_t,
+    ignore_index,
+    HAS_GRAD_LOGP: tl.constexpr,
+    HAS_GRAD_ENTROPY: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     r = tl.program_id(0).to(tl.int64)
     outer, within = r // inner, r % inner
     row = logits + outer * stride_outer + within * stride_inner
@@ -102,8 +133,9 @@ def _by_row(t: torch.Tensor | None) -> torch.Tensor | None:
 
 @triton_op("rlhf_fast_triton::logprobs_forward", mutates_args=())
 @on_tensor_device
-def logprobs_forward(logits: torch.Tensor, labels: torch.Tensor | None, temperature: float,
-                     ignore_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def logprobs_forward(
+    logits: torch.Tensor, labels: torch.Tensor | None, temperature: float, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits (A, B, V), last dim contiguous; labels (A, B) int64 or None -> (logp, entropy, lse) fp32."""
     rows = logits.shape[:2]
     labels = _by_row(labels)
@@ -114,9 +146,20 @@ def logprobs_forward(logits: torch.Tensor, labels: torch.Tensor | None, temperat
     if count > 0:
         vocab = logits.shape[2]
         wrap_triton(_forward_kernel)[(count,)](
-            logits, labels if labels is not None else lse, logp, entropy, lse, max(1, rows[1]), logits.stride(0),
-            logits.stride(1), vocab, 1.0 / temperature, ignore_index, HAS_LABELS=labels is not None,
-            **row_config(vocab))
+            logits,
+            labels if labels is not None else lse,
+            logp,
+            entropy,
+            lse,
+            max(1, rows[1]),
+            logits.stride(0),
+            logits.stride(1),
+            vocab,
+            1.0 / temperature,
+            ignore_index,
+            HAS_LABELS=labels is not None,
+            **row_config(vocab),
+        )
     return logp, entropy, lse
 
 
@@ -129,17 +172,38 @@ def _launch_backward(grad_logp, grad_entropy, logits, labels, lse, entropy, temp
     grad_logp, grad_entropy, labels, lse, entropy = map(_by_row, (grad_logp, grad_entropy, labels, lse, entropy))
     vocab = logits.shape[2]
     wrap_triton(_backward_kernel)[(rows,)](
-        logits, grad, labels if labels is not None else lse, lse, entropy,
-        grad_logp if has_grad_logp else lse, grad_entropy if grad_entropy is not None else lse,
-        max(1, logits.shape[1]), logits.stride(0), logits.stride(1), grad.stride(0), grad.stride(1), vocab,
-        1.0 / temperature, ignore_index, HAS_GRAD_LOGP=has_grad_logp, HAS_GRAD_ENTROPY=grad_entropy is not None,
-        **row_config(vocab))
+        logits,
+        grad,
+        labels if labels is not None else lse,
+        lse,
+        entropy,
+        grad_logp if has_grad_logp else lse,
+        grad_entropy if grad_entropy is not None else lse,
+        max(1, logits.shape[1]),
+        logits.stride(0),
+        logits.stride(1),
+        grad.stride(0),
+        grad.stride(1),
+        vocab,
+        1.0 / temperature,
+        ignore_index,
+        HAS_GRAD_LOGP=has_grad_logp,
+        HAS_GRAD_ENTROPY=grad_entropy is not None,
+        **row_config(vocab),
+    )
 
 
 @triton_op("rlhf_fast_triton::logprobs_backward", mutates_args=())
-def logprobs_backward(grad_logp: torch.Tensor | None, grad_entropy: torch.Tensor | None, logits: torch.Tensor,
-                      labels: torch.Tensor | None, lse: torch.Tensor, entropy: torch.Tensor, temperature: float,
-                      ignore_index: int) -> torch.Tensor:
+def logprobs_backward(
+    grad_logp: torch.Tensor | None,
+    grad_entropy: torch.Tensor | None,
+    logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    lse: torch.Tensor,
+    entropy: torch.Tensor,
+    temperature: float,
+    ignore_index: int,
+) -> torch.Tensor:
     """d(logits) (A, B, V) contiguous in the logits' dtype."""
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     _launch_backward(grad_logp, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index, grad)
@@ -147,19 +211,46 @@ def logprobs_backward(grad_logp: torch.Tensor | None, grad_entropy: torch.Tensor
 
 
 @triton_op("rlhf_fast_triton::logprobs_backward_", mutates_args=("logits",))
-def logprobs_backward_(grad_logp: torch.Tensor | None, grad_entropy: torch.Tensor | None, logits: torch.Tensor,
-                       labels: torch.Tensor | None, lse: torch.Tensor, entropy: torch.Tensor, temperature: float,
-                       ignore_index: int) -> None:
+def logprobs_backward_(
+    grad_logp: torch.Tensor | None,
+    grad_entropy: torch.Tensor | None,
+    logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    lse: torch.Tensor,
+    entropy: torch.Tensor,
+    temperature: float,
+    ignore_index: int,
+) -> None:
     """d(logits) written over the logits (their strides kept)."""
     _launch_backward(grad_logp, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index, logits)
 
 
 @triton.jit
-def _linear_forward_kernel(hidden, weight, bias, labels, partial, label_logit, tokens, vocab, hidden_size,
-                           stride_hidden, stride_weight, stride_bias, stride_labels, inv_t, cap_in,
-                           HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
-                           DOT_FP32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                           BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr):
+def _linear_forward_kernel(
+    hidden,
+    weight,
+    bias,
+    labels,
+    partial,
+    label_logit,
+    tokens,
+    vocab,
+    hidden_size,
+    stride_hidden,
+    stride_weight,
+    stride_bias,
+    stride_labels,
+    inv_t,
+    cap_in,
+    HAS_BIAS: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    GROUP_N: tl.constexpr,
+):
     """One (BLOCK_N tokens x BLOCK_V vocab) tile of the logits, never stored: its rows' (max, sum e^(z - max),
     sum e^(z - max) (z - max)) go to partial[tile, :, row], and the label's logit where it falls in the tile.
     z = y inv_t with inv_t = logit_scale / T, or with SOFTCAP z = inv_t tanh(y cap_in) with cap_in =
@@ -182,10 +273,16 @@ def _linear_forward_kernel(hidden, weight, bias, labels, partial, label_logit, t
     acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
     for k in range(0, hidden_size, BLOCK_H):
         k_ok = (k + ks) < hidden_size
-        a = tl.load(hidden + rows[:, None].to(tl.int64) * stride_hidden + (k + ks)[None, :],
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(weight + cols[None, :].to(tl.int64) * stride_weight + (k + ks)[:, None],
-                    mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        a = tl.load(
+            hidden + rows[:, None].to(tl.int64) * stride_hidden + (k + ks)[None, :],
+            mask=row_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            weight + cols[None, :].to(tl.int64) * stride_weight + (k + ks)[:, None],
+            mask=col_ok[None, :] & k_ok[:, None],
+            other=0.0,
+        )
         if DOT_FP32:  # exact products of 16-bit inputs; for the interpreter, whose 16-bit tl.dot is wrong
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -228,20 +325,51 @@ def linear_config(dtype: torch.dtype) -> dict:
     multiplies in float32 (DOT_FP32: its 16-bit tl.dot is wrong; it also rounds the logits to bfloat16 by hand,
     as the interpreter's cast rounds toward zero)."""
     if triton_interpret():  # GROUP_N = 2: small inputs still span several groups and a short last one
-        return {"PRECISION": "ieee", "DOT_FP32": True, "BLOCK_N": 16, "BLOCK_V": 64, "BLOCK_H": 16, "GROUP_N": 2,
-                "num_warps": 4, "num_stages": 1}
+        return {
+            "PRECISION": "ieee",
+            "DOT_FP32": True,
+            "BLOCK_N": 16,
+            "BLOCK_V": 64,
+            "BLOCK_H": 16,
+            "GROUP_N": 2,
+            "num_warps": 4,
+            "num_stages": 1,
+        }
     if dtype == torch.float32:
-        return {"PRECISION": "ieee", "DOT_FP32": False, "BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_H": 32, "GROUP_N": 8,
-                "num_warps": 4, "num_stages": 2}
-    return {"PRECISION": "tf32", "DOT_FP32": False, "BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 64, "GROUP_N": 8,
-            "num_warps": 8, "num_stages": 3}
+        return {
+            "PRECISION": "ieee",
+            "DOT_FP32": False,
+            "BLOCK_N": 64,
+            "BLOCK_V": 64,
+            "BLOCK_H": 32,
+            "GROUP_N": 8,
+            "num_warps": 4,
+            "num_stages": 2,
+        }
+    return {
+        "PRECISION": "tf32",
+        "DOT_FP32": False,
+        "BLOCK_N": 128,
+        "BLOCK_V": 128,
+        "BLOCK_H": 64,
+        "GROUP_N": 8,
+        "num_warps": 8,
+        "num_stages": 3,
+    }
 
 
 @triton_op("rlhf_fast_triton::linear_logprobs_forward", mutates_args=())
 @on_tensor_device
-def linear_logprobs_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                            labels: torch.Tensor, temperature: float, ignore_index: int, logit_scale: float = 1.0,
-                            softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def linear_logprobs_forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    temperature: float,
+    ignore_index: int,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden (N, H), weight (V, H) with contiguous last dims, bias (V,) or None and labels (N,) int64 of any
     stride -> (logp, entropy, lse) (N,) fp32 of softmax(z / T), the logits never stored: y = hidden @ weight.T +
     bias, z = logit_scale y, then z = softcap tanh(z / softcap) when softcap is set (rlhf_fast.linear_logprobs).
@@ -255,11 +383,25 @@ def linear_logprobs_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: to
     label_logit = torch.full((tokens,), float("nan"), dtype=torch.float32, device=hidden.device)
     if tokens > 0:
         wrap_triton(_linear_forward_kernel)[(triton.cdiv(tokens, config["BLOCK_N"]) * tiles,)](
-            hidden, weight, bias if bias is not None else hidden, labels, partial, label_logit, tokens, vocab,
-            hidden_size, hidden.stride(0), weight.stride(0), bias.stride(0) if bias is not None else 0,
-            labels.stride(0), logit_scale / temperature if softcap is None else softcap / temperature,
-            1.0 if softcap is None else logit_scale / softcap, HAS_BIAS=bias is not None, SOFTCAP=softcap is not None,
-            **config)
+            hidden,
+            weight,
+            bias if bias is not None else hidden,
+            labels,
+            partial,
+            label_logit,
+            tokens,
+            vocab,
+            hidden_size,
+            hidden.stride(0),
+            weight.stride(0),
+            bias.stride(0) if bias is not None else 0,
+            labels.stride(0),
+            logit_scale / temperature if softcap is None else softcap / temperature,
+            1.0 if softcap is None else logit_scale / softcap,
+            HAS_BIAS=bias is not None,
+            SOFTCAP=softcap is not None,
+            **config,
+        )
     tile_max, tile_sum, tile_weighted = partial.unbind(1)
     top = tile_max.max(dim=0).values
     scale = torch.exp(tile_max - top)
@@ -274,6 +416,7 @@ def linear_logprobs_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: to
 
 def _register_autograd():
     from .._ops import register_logprobs_triton_autograd
+
     register_logprobs_triton_autograd(__import__(__name__, fromlist=["logprobs_forward"]))
 
 

@@ -6,6 +6,7 @@ exact row means) and the statistics, and writes one partial slot; a single-progr
 slots in order and writes the loss and stats. Backward = one kernel recomputing the per-token math, scaled by
 the normalisers left in `stats` (no host sync). The per-token math matches csrc/losses_common.h.
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,8 +24,13 @@ TOTALS = 8  # partial slot: loss sum, row-mean sum, valid tokens, valid rows, cl
 STATS = 5  # clipfrac, approx_kl, ratio_mean, valid tokens, valid rows
 
 KL_CODES = {"k1": 0, "abs": 1, "k2": 2, "mse": 2, "k3": 3, "low_var_kl": 3, "k1+": 4, "k3+": 5}
-AGG_CODES = {"token-mean": 0, "token-sum": 1, "seq-mean-token-sum": 2, "seq-mean-token-mean": 3,
-             "seq-mean-token-sum-norm": 4}
+AGG_CODES = {
+    "token-mean": 0,
+    "token-sum": 1,
+    "seq-mean-token-sum": 2,
+    "seq-mean-token-mean": 3,
+    "seq-mean-token-sum-norm": 4,
+}
 
 
 def _code(table, label, value):
@@ -108,7 +114,8 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.T
     n = logp.numel()
     if n:
         wrap_triton(_kl_penalty_kernel)[(triton.cdiv(n, ELEMENTWISE_BLOCK),)](
-            logp, ref_logp, out, n, KIND=code, BLOCK=ELEMENTWISE_BLOCK)
+            logp, ref_logp, out, n, KIND=code, BLOCK=ELEMENTWISE_BLOCK
+        )
     return out
 
 
@@ -121,7 +128,8 @@ def kl_penalty_backward(grad: torch.Tensor, logp: torch.Tensor, ref_logp: torch.
     n = logp.numel()
     if n:
         wrap_triton(_kl_penalty_backward_kernel)[(triton.cdiv(n, ELEMENTWISE_BLOCK),)](
-            grad, logp, ref_logp, out, n, KIND=code, BLOCK=ELEMENTWISE_BLOCK)
+            grad, logp, ref_logp, out, n, KIND=code, BLOCK=ELEMENTWISE_BLOCK
+        )
     return out
 
 
@@ -171,9 +179,23 @@ def _load_tile(a, b, c, mask, row, row_ok, t, steps, HAS_MASK: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["rows", "steps"])
-def _loss_forward_kernel(a, b, c, mask, partial, rows, steps, p0, p1, p2, IS_POLICY: tl.constexpr,
-                         HAS_DUAL: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_R: tl.constexpr,
-                         BLOCK_T: tl.constexpr):
+def _loss_forward_kernel(
+    a,
+    b,
+    c,
+    mask,
+    partial,
+    rows,
+    steps,
+    p0,
+    p1,
+    p2,
+    IS_POLICY: tl.constexpr,
+    HAS_DUAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
     pid = tl.program_id(0)
     row = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = row < rows
@@ -250,9 +272,26 @@ def _loss_finalize_kernel(partial, programs, loss, stats, steps, AGG: tl.constex
 
 
 @triton.jit(do_not_specialize=["rows", "steps"])
-def _loss_backward_kernel(grad_loss, a, b, c, mask, stats, grad, rows, steps, p0, p1, p2, IS_POLICY: tl.constexpr,
-                          HAS_DUAL: tl.constexpr, HAS_MASK: tl.constexpr, AGG: tl.constexpr, BLOCK_R: tl.constexpr,
-                          BLOCK_T: tl.constexpr):
+def _loss_backward_kernel(
+    grad_loss,
+    a,
+    b,
+    c,
+    mask,
+    stats,
+    grad,
+    rows,
+    steps,
+    p0,
+    p1,
+    p2,
+    IS_POLICY: tl.constexpr,
+    HAS_DUAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    AGG: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
     pid = tl.program_id(0)
     row = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = row < rows
@@ -294,10 +333,21 @@ def _forward(a, b, c, mask, params, is_policy, has_dual, agg):
     loss = torch.empty((), dtype=torch.float32, device=a.device)
     stats = torch.empty((STATS,), dtype=torch.float32, device=a.device)
     wrap_triton(_loss_forward_kernel)[(programs,)](
-        a, b, c, mask if mask is not None else a, partial, rows, steps, *params, IS_POLICY=is_policy,
-        HAS_DUAL=has_dual, HAS_MASK=mask is not None, BLOCK_R=block_r, BLOCK_T=block_t)
-    wrap_triton(_loss_finalize_kernel)[(1,)](partial, programs, loss, stats, steps, AGG=agg_code,
-                                             BLOCK=FINALIZE_BLOCK)
+        a,
+        b,
+        c,
+        mask if mask is not None else a,
+        partial,
+        rows,
+        steps,
+        *params,
+        IS_POLICY=is_policy,
+        HAS_DUAL=has_dual,
+        HAS_MASK=mask is not None,
+        BLOCK_R=block_r,
+        BLOCK_T=block_t,
+    )
+    wrap_triton(_loss_finalize_kernel)[(1,)](partial, programs, loss, stats, steps, AGG=agg_code, BLOCK=FINALIZE_BLOCK)
     return loss, stats
 
 
@@ -309,9 +359,23 @@ def _backward(grad_loss, a, b, c, mask, stats, params, is_policy, has_dual, agg)
     if a.numel():
         block_r, block_t, programs = _tiles(rows, steps)
         wrap_triton(_loss_backward_kernel)[(programs,)](
-            grad_loss, a, b, c, mask if mask is not None else a, stats, grad, rows, steps, *params,
-            IS_POLICY=is_policy, HAS_DUAL=has_dual, HAS_MASK=mask is not None, AGG=agg_code, BLOCK_R=block_r,
-            BLOCK_T=block_t)
+            grad_loss,
+            a,
+            b,
+            c,
+            mask if mask is not None else a,
+            stats,
+            grad,
+            rows,
+            steps,
+            *params,
+            IS_POLICY=is_policy,
+            HAS_DUAL=has_dual,
+            HAS_MASK=mask is not None,
+            AGG=agg_code,
+            BLOCK_R=block_r,
+            BLOCK_T=block_t,
+        )
     return grad
 
 
@@ -320,40 +384,88 @@ def _policy_params(clip_low, clip_high, dual_clip):
 
 
 @triton_op("rlhf_fast_triton::ppo_policy_loss", mutates_args=())
-def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor | None,
-                    clip_low: float, clip_high: float, dual_clip: float | None,
-                    agg: str) -> tuple[torch.Tensor, torch.Tensor]:
+def ppo_policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor | None,
+    clip_low: float,
+    clip_high: float,
+    dual_clip: float | None,
+    agg: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as torch.ops.rlhf_fast.ppo_policy_loss: (rows, steps) inputs, fp32 loss and stats (5,)."""
-    return _forward(logp, old_logp, advantages, mask, _policy_params(clip_low, clip_high, dual_clip), True,
-                    dual_clip is not None, agg)
+    return _forward(
+        logp,
+        old_logp,
+        advantages,
+        mask,
+        _policy_params(clip_low, clip_high, dual_clip),
+        True,
+        dual_clip is not None,
+        agg,
+    )
 
 
 @triton_op("rlhf_fast_triton::ppo_policy_loss_backward", mutates_args=())
-def ppo_policy_loss_backward(grad_loss: torch.Tensor, logp: torch.Tensor, old_logp: torch.Tensor,
-                             advantages: torch.Tensor, mask: torch.Tensor | None, stats: torch.Tensor,
-                             clip_low: float, clip_high: float, dual_clip: float | None, agg: str) -> torch.Tensor:
+def ppo_policy_loss_backward(
+    grad_loss: torch.Tensor,
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor | None,
+    stats: torch.Tensor,
+    clip_low: float,
+    clip_high: float,
+    dual_clip: float | None,
+    agg: str,
+) -> torch.Tensor:
     """d loss / d logp in logp's dtype."""
-    return _backward(grad_loss, logp, old_logp, advantages, mask, stats,
-                     _policy_params(clip_low, clip_high, dual_clip), True, dual_clip is not None, agg)
+    return _backward(
+        grad_loss,
+        logp,
+        old_logp,
+        advantages,
+        mask,
+        stats,
+        _policy_params(clip_low, clip_high, dual_clip),
+        True,
+        dual_clip is not None,
+        agg,
+    )
 
 
 @triton_op("rlhf_fast_triton::ppo_value_loss", mutates_args=())
-def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor | None,
-                   clip: float, agg: str) -> tuple[torch.Tensor, torch.Tensor]:
+def ppo_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor | None,
+    clip: float,
+    agg: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as torch.ops.rlhf_fast.ppo_value_loss."""
     return _forward(values, old_values, returns, mask, (clip, 0.0, 0.0), False, False, agg)
 
 
 @triton_op("rlhf_fast_triton::ppo_value_loss_backward", mutates_args=())
-def ppo_value_loss_backward(grad_loss: torch.Tensor, values: torch.Tensor, old_values: torch.Tensor,
-                            returns: torch.Tensor, mask: torch.Tensor | None, stats: torch.Tensor, clip: float,
-                            agg: str) -> torch.Tensor:
+def ppo_value_loss_backward(
+    grad_loss: torch.Tensor,
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor | None,
+    stats: torch.Tensor,
+    clip: float,
+    agg: str,
+) -> torch.Tensor:
     """d loss / d values in values' dtype."""
     return _backward(grad_loss, values, old_values, returns, mask, stats, (clip, 0.0, 0.0), False, False, agg)
 
 
 def _register_autograd():
     from .._ops import register_losses_triton_autograd
+
     register_losses_triton_autograd(__import__(__name__, fromlist=["kl_penalty"]))
 
 

@@ -16,6 +16,7 @@ re-reading and re-quantizing 16-bit ones per N tile.
 Block sizes are fixed, not autotuned (no GPU measurement yet); `plan` lists every launch and tests/test_quant.py
 compiles each for sm_90 (no spills). See benchmarks/NOTES.md.
 """
+
 from __future__ import annotations
 
 import functools
@@ -72,10 +73,30 @@ def _quantize_rows_kernel(x, q, scale, K, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _qmatmul_kernel(x, qweight, scales, zeros, x_scale, bias, out, M, N, K, group_size, k_per_split,
-                    SCHEME: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_ALIGNED: tl.constexpr,
-                    UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+def _qmatmul_kernel(
+    x,
+    qweight,
+    scales,
+    zeros,
+    x_scale,
+    bias,
+    out,
+    M,
+    N,
+    K,
+    group_size,
+    k_per_split,
+    SCHEME: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    GROUP_ALIGNED: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
     # Grouped tile order: GROUP_M row tiles share each weight column tile while it is in L2.
     pid = tl.program_id(0)
     tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -109,7 +130,9 @@ def _qmatmul_kernel(x, qweight, scales, zeros, x_scale, bias, out, M, N, K, grou
             offs_p = k0 // 2 + tl.arange(0, BLOCK_K // 2)
             p_ok = offs_p < k_end // 2
             channel = offs_n.to(tl.int64)[:, None]
-            packed = tl.load(qweight + channel * (K // 2) + offs_p[None, :], mask=n_ok[:, None] & p_ok[None, :], other=0)
+            packed = tl.load(
+                qweight + channel * (K // 2) + offs_p[None, :], mask=n_ok[:, None] & p_ok[None, :], other=0
+            )
             if GROUP_ALIGNED:  # the whole tile lies in one group
                 at = channel * groups + k0 // group_size
                 g_ok = n_ok[:, None]
@@ -143,8 +166,9 @@ def _qmatmul_kernel(x, qweight, scales, zeros, x_scale, bias, out, M, N, K, grou
 
 
 @triton.jit
-def _sum_splits_kernel(partials, bias, out, total, N, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       BLOCK: tl.constexpr):
+def _sum_splits_kernel(
+    partials, bias, out, total, N, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr
+):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < total
     acc = tl.zeros([BLOCK], tl.float32)
@@ -158,14 +182,17 @@ def _sum_splits_kernel(partials, bias, out, total, N, SPLIT_K: tl.constexpr, HAS
 SM90_SMS = 132  # H100 SXM / H200: the SM count planned for when no device is visible (compile checks)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _device_sm_count(device_index):
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _sm_count(device):
-    return _device_sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else SM90_SMS
+    return (
+        _device_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        if device.type == "cuda"
+        else SM90_SMS
+    )
 
 
 def _config(rows, in_features, out_features, scheme, dtype, sm_count):
@@ -178,11 +205,13 @@ def _config(rows, in_features, out_features, scheme, dtype, sm_count):
     ieee = dtype == torch.float32 and scheme != "w8a8"
     if rows <= GEMV_MAX_ROWS:
         block_n, block_k, warps = (64, 32, 4) if ieee else (64, 256, 4) if scheme == "w8a8" else (64, 128, 8)
-        split = max(1, min(triton.cdiv(in_features, block_k),
-                           triton.cdiv(4 * sm_count, triton.cdiv(out_features, block_n))))
+        split = max(
+            1, min(triton.cdiv(in_features, block_k), triton.cdiv(4 * sm_count, triton.cdiv(out_features, block_n)))
+        )
         return 16, block_n, block_k, split, warps, 4
-    block_m, block_n, block_k, warps, stages = (64, 128, 16, 8, 3) if ieee else \
-        (128, 128, 128 if scheme == "w8a8" else 64, 8, 3)
+    block_m, block_n, block_k, warps, stages = (
+        (64, 128, 16, 8, 3) if ieee else (128, 128, 128 if scheme == "w8a8" else 64, 8, 3)
+    )
     # Up to SPLIT_MAX_ROWS rows the output tiles alone leave SMs idle (32 CTAs for M <= 128, N = 4096 on 132
     # SMs): split K so that about one wave runs, keeping >= 4 K tiles per split for the pipeline.
     tiles = triton.cdiv(rows, block_m) * triton.cdiv(out_features, block_n)
@@ -219,32 +248,69 @@ def plan(x, qweight, scales, zeros, group_size, bias, scheme, *, sm_count=None):
     if scheme == "w8a8":  # quantize the activations first; the GEMM streams int8
         xq = torch.empty((rows, in_features), dtype=torch.int8, device=x.device)
         x_scale = torch.empty((rows,), dtype=torch.float32, device=x.device)
-        launches.append(Launch(_quantize_rows_kernel, (rows,), (x, xq, x_scale, in_features),
-                               dict(BLOCK=min(QUANT_BLOCK, triton.next_power_of_2(max(in_features, 16))))))
+        launches.append(
+            Launch(
+                _quantize_rows_kernel,
+                (rows,),
+                (x, xq, x_scale, in_features),
+                dict(BLOCK=min(QUANT_BLOCK, triton.next_power_of_2(max(in_features, 16)))),
+            )
+        )
         activations = xq
     else:
         activations = x
     block_m, block_n, block_k, split, warps, stages = _config(
-        rows, in_features, out_features, scheme, x.dtype, _sm_count(x.device) if sm_count is None else sm_count)
+        rows, in_features, out_features, scheme, x.dtype, _sm_count(x.device) if sm_count is None else sm_count
+    )
     k_per_split = triton.cdiv(triton.cdiv(in_features, split), block_k) * block_k  # whole BLOCK_K tiles
     split = triton.cdiv(in_features, k_per_split)
     target = out if split == 1 else torch.empty((split, rows, out_features), dtype=torch.float32, device=x.device)
     unused = scales  # any tensor, for the pointers a scheme does not read
-    launches.append(Launch(
-        _qmatmul_kernel, (triton.cdiv(rows, block_m) * triton.cdiv(out_features, block_n), split),
-        (activations, qweight, scales, unused if zeros is None else zeros, unused if x_scale is None else x_scale,
-         unused if bias is None else bias, target, rows, out_features, in_features, group_size, k_per_split),
-        dict(SCHEME=scheme, HAS_BIAS=bias is not None, SPLIT_K=split,
-             GROUP_ALIGNED=scheme == "int4" and group_size % block_k == 0,
-             # the interpreter's bfloat16 tl.dot is wrong: it multiplies in float32 there instead
-             UPCAST=x.dtype == torch.bfloat16 and _backend.triton_interpret(),
-             PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=warps, num_stages=stages)))
+    launches.append(
+        Launch(
+            _qmatmul_kernel,
+            (triton.cdiv(rows, block_m) * triton.cdiv(out_features, block_n), split),
+            (
+                activations,
+                qweight,
+                scales,
+                unused if zeros is None else zeros,
+                unused if x_scale is None else x_scale,
+                unused if bias is None else bias,
+                target,
+                rows,
+                out_features,
+                in_features,
+                group_size,
+                k_per_split,
+            ),
+            dict(
+                SCHEME=scheme,
+                HAS_BIAS=bias is not None,
+                SPLIT_K=split,
+                GROUP_ALIGNED=scheme == "int4" and group_size % block_k == 0,
+                # the interpreter's bfloat16 tl.dot is wrong: it multiplies in float32 there instead
+                UPCAST=x.dtype == torch.bfloat16 and _backend.triton_interpret(),
+                PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+                BLOCK_M=block_m,
+                BLOCK_N=block_n,
+                BLOCK_K=block_k,
+                GROUP_M=8,
+                num_warps=warps,
+                num_stages=stages,
+            ),
+        )
+    )
     if split > 1:  # one pass: sum of the partials, bias, cast
         total = rows * out_features
-        launches.append(Launch(_sum_splits_kernel, (triton.cdiv(total, SUM_BLOCK),),
-                               (target, unused if bias is None else bias, out, total, out_features),
-                               dict(SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK=SUM_BLOCK)))
+        launches.append(
+            Launch(
+                _sum_splits_kernel,
+                (triton.cdiv(total, SUM_BLOCK),),
+                (target, unused if bias is None else bias, out, total, out_features),
+                dict(SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK=SUM_BLOCK),
+            )
+        )
     return out, launches
 
 
@@ -257,28 +323,37 @@ def _run(x, qweight, scales, zeros, group_size, bias, scheme):
 
 
 @triton_op("rlhf_fast_triton::qmatmul_int8", mutates_args=())
-def qmatmul_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-                 bias: torch.Tensor | None) -> torch.Tensor:
+def qmatmul_int8(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     """Same contract as torch.ops.rlhf_fast.qmatmul_int8."""
     return _run(x, qweight, scales, None, 1, bias, "int8")
 
 
 @triton_op("rlhf_fast_triton::qmatmul_int4", mutates_args=())
-def qmatmul_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                 group_size: int, bias: torch.Tensor | None) -> torch.Tensor:
+def qmatmul_int4(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
     """Same contract as torch.ops.rlhf_fast.qmatmul_int4."""
     return _run(x, qweight, scales, zeros, group_size, bias, "int4")
 
 
 @triton_op("rlhf_fast_triton::qmatmul_w8a8", mutates_args=())
-def qmatmul_w8a8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-                 bias: torch.Tensor | None) -> torch.Tensor:
+def qmatmul_w8a8(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     """Same contract as torch.ops.rlhf_fast.qmatmul_w8a8."""
     return _run(x, qweight, scales, None, 1, bias, "w8a8")
 
 
 def _register_autograd():
     from .._ops import register_triton_quant_autograd
+
     register_triton_quant_autograd(__import__(__name__, fromlist=["qmatmul_int8"]))
 
 

@@ -7,6 +7,7 @@ over the 32-bit order-preserving keys of the float values (32 counting passes ov
 together); min-p's is max + T log(min_p). The draw is the inverse-CDF walk of the CPU kernel: the first kept
 entry at which the running sum of exp((x - max) / T) exceeds u * Z_kept, u one uniform per row.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,7 +18,6 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from . import on_tensor_device
-
 
 MAX_BLOCK = 4096
 
@@ -60,9 +60,26 @@ def _largest_key(row, vocab, lo, hi, goal, floor_key, m, scale2, WEIGHTED: tl.co
 
 
 @triton.jit
-def _sample_kernel(logits, uniforms, tokens, logp_kept, logp_full, inner, stride_outer, stride_inner, vocab,
-                   inv_t, temperature, top_k, top_p, log_min_p, HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr,
-                   HAS_MIN_P: tl.constexpr, BLOCK: tl.constexpr):
+def _sample_kernel(
+    logits,
+    uniforms,
+    tokens,
+    logp_kept,
+    logp_full,
+    inner,
+    stride_outer,
+    stride_inner,
+    vocab,
+    inv_t,
+    temperature,
+    top_k,
+    top_p,
+    log_min_p,
+    HAS_TOP_K: tl.constexpr,
+    HAS_TOP_P: tl.constexpr,
+    HAS_MIN_P: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     r = tl.program_id(0).to(tl.int64)
     row = logits + (r // inner) * stride_outer + (r % inner) * stride_inner
     scale2 = inv_t * 1.4426950408889634
@@ -84,8 +101,7 @@ def _sample_kernel(logits, uniforms, tokens, logp_kept, logp_full, inner, stride
     kept = s
     if HAS_TOP_K:
         if top_k < vocab:
-            floor_key = _largest_key(row, vocab, floor_key, max_plus, top_k + 0.0, floor_key, m, scale2,
-                                     False, BLOCK)
+            floor_key = _largest_key(row, vocab, floor_key, max_plus, top_k + 0.0, floor_key, m, scale2, False, BLOCK)
             kept = _count_at_least(row, vocab, floor_key, floor_key, m, scale2, True, BLOCK)
     if HAS_TOP_P:
         goal = top_p * kept
@@ -123,8 +139,9 @@ def launch_config(vocab: int) -> dict:
 
 @triton_op("rlhf_fast_triton::sample", mutates_args=())
 @on_tensor_device
-def sample(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, top_k: int, top_p: float,
-           min_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sample(
+    logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, top_k: int, top_p: float, min_p: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits (A, B, V), last dim contiguous; uniforms (A, B) float64 -> (tokens int64, logp_filtered,
     logp_full fp32), each (A, B)."""
     rows = logits.shape[:2]
@@ -135,7 +152,23 @@ def sample(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, top
     if count > 0:
         vocab = logits.shape[2]
         wrap_triton(_sample_kernel)[(count,)](
-            logits, uniforms.contiguous(), tokens, kept, full, max(1, rows[1]), logits.stride(0), logits.stride(1),
-            vocab, 1.0 / temperature, temperature, max(top_k, 1), top_p, math.log(min_p) if min_p > 0 else 0.0,
-            HAS_TOP_K=top_k > 0, HAS_TOP_P=top_p < 1.0, HAS_MIN_P=min_p > 0, **launch_config(vocab))
+            logits,
+            uniforms.contiguous(),
+            tokens,
+            kept,
+            full,
+            max(1, rows[1]),
+            logits.stride(0),
+            logits.stride(1),
+            vocab,
+            1.0 / temperature,
+            temperature,
+            max(top_k, 1),
+            top_p,
+            math.log(min_p) if min_p > 0 else 0.0,
+            HAS_TOP_K=top_k > 0,
+            HAS_TOP_P=top_p < 1.0,
+            HAS_MIN_P=min_p > 0,
+            **launch_config(vocab),
+        )
     return tokens, kept, full

@@ -4,6 +4,7 @@ They cannot be installed here (vllm would replace torch; the others build CUDA c
 under test never call them: its log-probs fall back to torch when flash_attn's cross-entropy does not import,
 exactly as on a machine without it. Nothing else is stood in for.
 """
+
 from __future__ import annotations
 
 import contextlib
