@@ -50,8 +50,8 @@ def _want_cuda():
         return False
     if flag == "1" and not available:
         sys.exit(
-            "RLHF_FAST_CUDA=1 but the CUDA sources cannot be built: need nvcc (CUDA_HOME=%s) and a CUDA "
-            "build of torch (torch.version.cuda=%s)." % (CUDA_HOME, torch.version.cuda)
+            f"RLHF_FAST_CUDA=1 but the CUDA sources cannot be built: need nvcc (CUDA_HOME={CUDA_HOME}) and a "
+            f"CUDA build of torch (torch.version.cuda={torch.version.cuda})."
         )
     return available
 

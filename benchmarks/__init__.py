@@ -1,2 +1,2 @@
-"""Benchmark suite: one bench_<family>.py per kernel family plus the shared harness (installed as
-rlhf_fast.benchmarks; run with `rlhf-fast bench`)."""
+"""Benchmark suite: one bench_<family>.py per kernel family plus the shared harness. Not part of the installed
+package: `rlhf-fast bench` imports it from the source checkout as the package `benchmarks`."""

@@ -38,7 +38,7 @@ def _case(kind, rows, vocab, dtype, mode, device):
 
     compiled_eager = compiled(eager)
     per_call = {"eager": eager, "compile": lambda p: compiled_eager(p)}
-    for name, run in kernel_providers(device, lambda name: name).items():
+    for name in kernel_providers(device, lambda name: name):
         per_call[name] = lambda p, name=name: rf.f_divergence(p, logits_q, kind, alpha=alpha, backend=name)
     if mode == "fwd":
         providers = {name: (lambda fn=fn: fn(logits_p)) for name, fn in per_call.items()}
@@ -127,8 +127,8 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
 
 
 def _linear_case(kind, rows, hidden, vocab, device):
-    """Two cases: linear_f_divergence forward+backward with a trainable p side and a frozen q side (the reference model),
-    against eager (both full logits, then the formula), TRL's chunked JSD from hidden states (js only), and the
+    """Two cases: linear_f_divergence forward+backward with a trainable p side and a frozen q side (the reference
+    model), against eager (both full logits, then the formula), TRL's chunked JSD from hidden states (js only), and the
     matmuls the chunked op cannot avoid, timed alone (each side's projection, the recompute of both in the
     backward, grad_hidden and grad_weight of the p side: the floor on this CPU)."""
     hidden_p = torch.randn(rows, hidden, device=device, requires_grad=True)

@@ -1,7 +1,7 @@
 """PPO loop: time per PPO step and phase of real runs, kernels off (`eager`: the torch references) vs on
 (`rlhf_fast`: the fused ops). The per-call cost of each op the loop uses is bench_tiny.py's.
 
-The step cases run two training runs, one per mode, each in its own process (rlhf_fast.ppo.stepper), stepped in
+The step cases run two training runs, one per mode, each in its own process (stepper.py), stepped in
 turn (off, on, off, on, ...) so both see the same machine load; the first step (set-up, warm-up, evaluation) is
 not timed. Rows per phase (generate, score, advantages, update, step) give the median and 20/80% quantiles over
 the timed steps; peak_mem is the peak resident memory of each whole run (set-up and warm-up included).
@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-from rlhf_fast.ppo import stepper
-
 from .harness import Case, Result
+from .stepper import PREFIX
 
 PHASES = ("generate", "score", "advantages", "update", "step")
-ROOT = Path(__file__).resolve().parent.parent
+STEPPER = Path(__file__).resolve().with_name("stepper.py")
+ROOT = STEPPER.parent.parent  # the checkout: its rlhf_fast for the training processes
 
 
 # ---------------------------------------------------------------- PPO steps, kernels off and on in turn
@@ -43,7 +43,7 @@ def _start(kernels: str, folder: str, overrides: dict) -> subprocess.Popen:
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     return subprocess.Popen(
-        [sys.executable, "-m", "rlhf_fast.ppo.stepper", json.dumps(cfg)],
+        [sys.executable, str(STEPPER), json.dumps(cfg)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -55,8 +55,8 @@ def _step(proc: subprocess.Popen) -> dict:
     proc.stdin.write("\n")
     proc.stdin.flush()
     for line in proc.stdout:
-        if line.startswith(stepper.PREFIX):
-            return json.loads(line[len(stepper.PREFIX) :])
+        if line.startswith(PREFIX):
+            return json.loads(line[len(PREFIX) :])
     raise RuntimeError(f"the training process stopped (exit code {proc.wait()}); its errors are above")
 
 

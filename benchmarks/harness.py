@@ -302,10 +302,8 @@ def _git_commit() -> str:
 
 
 def default_results_dir() -> Path:
-    here = Path(__file__).resolve().parent
-    if (here.parent / "pyproject.toml").exists():  # a source checkout: results are committed beside the benches
-        return here / "results"
-    return Path.cwd() / "benchmarks" / "results"
+    """benchmarks/results of the checkout: results are committed beside the benches."""
+    return Path(__file__).resolve().parent / "results"
 
 
 def _versions() -> tuple[str, str]:
@@ -337,11 +335,9 @@ def write_rows(results: list[Result], device: torch.device, path: Path) -> int:
             p50, p20, p80 = res.ms
             metrics = [("time", "ms", p50, p20, p80), ("peak_mem", "MB", res.peak_mb, res.peak_mb, res.peak_mb)]
             if case.bytes_moved:
-                gbs = lambda ms: case.bytes_moved / (ms * 1e-3) / 1e9  # noqa: E731
-                metrics.append(("bandwidth", "GB/s", gbs(p50), gbs(p80), gbs(p20)))
+                metrics.append(("bandwidth", "GB/s", *(case.bytes_moved / (ms * 1e-3) / 1e9 for ms in (p50, p80, p20))))
             if case.flops:
-                tfs = lambda ms: case.flops / (ms * 1e-3) / 1e12  # noqa: E731
-                metrics.append(("throughput", "TFLOP/s", tfs(p50), tfs(p80), tfs(p20)))
+                metrics.append(("throughput", "TFLOP/s", *(case.flops / (ms * 1e-3) / 1e12 for ms in (p50, p80, p20))))
             metrics += [
                 (metric, unit, value, value, value) for metric, unit, value in case.metrics.get(res.provider, [])
             ]

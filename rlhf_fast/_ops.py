@@ -1,27 +1,38 @@
-"""Fake (meta) kernels and autograd for the rlhf_fast ops, in one place.
+"""The rlhf_fast ops outside their kernels: one spec per op (fake kernel, setup_context, backward), registered in
+one place, and how the family modules reach and call a backend's ops.
 
-Compiled ops live under torch.ops.rlhf_fast (csrc/registration.cpp); Triton ops under torch.ops.rlhf_fast_triton
-share their schemas and register the same backward through `register_triton_autograd`.
+Compiled ops live under torch.ops.rlhf_fast (csrc/registration.cpp) and get their specs when this module is
+imported. The Triton triton_ops of rlhf_fast.triton.<family> (torch.ops.rlhf_fast_triton, the same schemas) get
+their family's specs when `kernels` first loads that module; a triton_op needs no fake kernel (torch traces its
+launcher).
 """
 
 from __future__ import annotations
+
+import functools
+import importlib
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
 from . import backend
 
-
-def _register_autograd(name: str, backward, setup_context) -> None:
-    """The backward of the compiled op rlhf_fast::<name>, for the dispatcher (torch.compile, direct torch.ops
-    calls) and for the eager calls of backend.call."""
-    torch.library.register_autograd(f"rlhf_fast::{name}", backward, setup_context=setup_context)
-    backend.register_eager_autograd(getattr(torch.ops.rlhf_fast, name), backward, setup_context)
+COMPILED = "rlhf_fast"
+TRITON = "rlhf_fast_triton"
 
 
-def _register_triton_autograd(op, backward, setup_context) -> None:
-    """The same for a Triton triton_op."""
-    op.register_autograd(backward, setup_context=setup_context)
-    backend.register_eager_autograd(op, backward, setup_context)
+class OpSpec(NamedTuple):
+    """What the dispatcher needs of an op besides its kernels.
+
+    fake(*inputs): the outputs' shapes and dtypes (compiled ops). setup_context(ctx, inputs, output) and
+    backward(backward_op, ctx, *grads): its autograd, where backward_op is the op named `backward_op` of the same
+    backend (None: the backward runs no op of its own)."""
+
+    fake: Callable | None = None
+    setup_context: Callable | None = None
+    backward: Callable | None = None
+    backward_op: str | None = None
 
 
 # ---------------------------------------------------------------- advantages
@@ -40,7 +51,7 @@ def _gae_setup_context(ctx, inputs, output):
     ctx.has_last_value = last_value is not None
 
 
-def gae_backward(gae_op, ctx, grad_advantages, grad_returns):
+def _gae_backward(gae_op, ctx, grad_advantages, grad_returns):
     """Backward of packed GAE through the forward kernel itself.
 
     returns = A + V, so A receives g = gA + gR. A_t = sum over later valid k of (g*l)^n delta_k, hence
@@ -117,7 +128,7 @@ def _logprobs_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def logprobs_backward(backward_op, ctx, grad_logp, grad_entropy, grad_lse):
+def _logprobs_backward(backward_op, ctx, grad_logp, grad_entropy, grad_lse):
     """d(logits) from the saved lse and entropy, one pass over the logits (grad_lse: lse is an internal output)."""
     logits, labels, lse, entropy = ctx.saved_tensors
     grad_logp = None if grad_logp is None or labels is None else grad_logp.float().contiguous()
@@ -128,28 +139,6 @@ def logprobs_backward(backward_op, ctx, grad_logp, grad_entropy, grad_lse):
     return grad, None, None, None
 
 
-def register_logprobs_triton_autograd(module) -> None:
-    """Called by rlhf_fast.triton.logprobs once its triton_ops exist."""
-    _register_triton_autograd(
-        module.logprobs_forward,
-        lambda ctx, *grads: logprobs_backward(module.logprobs_backward, ctx, *grads),
-        _logprobs_setup_context,
-    )
-
-
-def _register_logprobs_compiled() -> None:
-    torch.library.register_fake("rlhf_fast::logprobs_forward")(_logprobs_forward_fake)
-    torch.library.register_fake("rlhf_fast::logprobs_backward")(_logprobs_backward_fake)
-    torch.library.register_fake("rlhf_fast::logprobs_backward_")(_logprobs_backward_inplace_fake)
-    _register_autograd(
-        "logprobs_forward",
-        lambda ctx, *grads: logprobs_backward(torch.ops.rlhf_fast.logprobs_backward, ctx, *grads),
-        _logprobs_setup_context,
-    )
-
-
-if backend.compiled() is not None:
-    _register_logprobs_compiled()
 # ---------------------------------------------------------------- divergence
 
 
@@ -179,7 +168,7 @@ def _f_divergence_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(stats)
 
 
-def f_divergence_backward(backward_op, ctx, grad_out, _grad_stats):
+def _f_divergence_backward(backward_op, ctx, grad_out, _grad_stats):
     """One kernel reads both logits once and writes the gradients that are needed, from the per-row (lse_p,
     lse_q, aux) statistics the forward saved."""
     logits_p, logits_q, mask, out, stats = ctx.saved_tensors
@@ -189,50 +178,6 @@ def f_divergence_backward(backward_op, ctx, grad_out, _grad_stats):
     )
     return grad_p if need_p else None, grad_q if need_q else None, None, None, None, None
 
-
-def _register_divergence() -> None:
-    torch.library.register_fake("rlhf_fast::f_divergence")(_f_divergence_fake)
-    torch.library.register_fake("rlhf_fast::f_divergence_backward")(_f_divergence_backward_fake)
-    torch.library.register_fake("rlhf_fast::f_divergence_second_pass")(_f_divergence_second_pass_fake)
-    _register_autograd(
-        "f_divergence",
-        lambda ctx, g, gs: f_divergence_backward(torch.ops.rlhf_fast.f_divergence_backward, ctx, g, gs),
-        _f_divergence_setup_context,
-    )
-
-
-def register_triton_divergence_autograd(module) -> None:
-    """Called by rlhf_fast.triton.divergence once its triton_ops exist."""
-    _register_triton_autograd(
-        module.f_divergence,
-        lambda ctx, g, gs: f_divergence_backward(module.f_divergence_backward, ctx, g, gs),
-        _f_divergence_setup_context,
-    )
-
-
-# ---------------------------------------------------------------- registration
-
-
-def _register_compiled() -> None:
-    torch.library.register_fake("rlhf_fast::gae")(_gae_fake)
-    torch.library.register_fake("rlhf_fast::group_advantages")(_group_advantages_fake)
-    torch.library.register_fake("rlhf_fast::masked_moments")(_masked_moments_fake)
-    _register_autograd(
-        "gae", lambda ctx, ga, gr: gae_backward(torch.ops.rlhf_fast.gae, ctx, ga, gr), _gae_setup_context
-    )
-    _register_divergence()
-
-
-def register_triton_autograd(module) -> None:
-    """Called by the Triton family modules once their triton_ops exist."""
-    if hasattr(module, "gae"):
-        _register_triton_autograd(
-            module.gae, lambda ctx, ga, gr: gae_backward(module.gae, ctx, ga, gr), _gae_setup_context
-        )
-
-
-if backend.compiled() is not None:
-    _register_compiled()
 
 # ---------------------------------------------------------------- losses
 
@@ -251,7 +196,7 @@ def _kl_penalty_setup_context(ctx, inputs, output):
     ctx.kind = kind
 
 
-def kl_penalty_backward(backward_op, ctx, grad):
+def _kl_penalty_backward(backward_op, ctx, grad):
     """Every kind depends on logp - ref_logp only, so d/dref_logp = -d/dlogp: one kernel gives both."""
     logp, ref_logp = ctx.saved_tensors
     grad_logp = backward_op(grad.float().contiguous(), logp, ref_logp, ctx.kind)
@@ -272,52 +217,13 @@ def _ppo_loss_setup_context(ctx, inputs, output):
     ctx.params = params
 
 
-def ppo_loss_backward(backward_op, ctx, grad_loss, grad_stats):
+def _ppo_loss_backward(backward_op, ctx, grad_loss, grad_stats):
     """Gradient of the first input only (logp / values); the others are detached by contract. The stats are not
     differentiable: their gradient is ignored."""
     a, b, c, mask, stats = ctx.saved_tensors
     grad = backward_op(grad_loss.float().reshape(()).contiguous(), a, b, c, mask, stats, *ctx.params)
     return (grad,) + (None,) * (3 + len(ctx.params))
 
-
-def _register_losses_compiled() -> None:
-    ops = torch.ops.rlhf_fast
-    torch.library.register_fake("rlhf_fast::kl_penalty")(_kl_penalty_fake)
-    torch.library.register_fake("rlhf_fast::kl_penalty_backward")(_kl_penalty_backward_fake)
-    _register_autograd(
-        "kl_penalty", lambda ctx, g: kl_penalty_backward(ops.kl_penalty_backward, ctx, g), _kl_penalty_setup_context
-    )
-    for op in ("ppo_policy_loss", "ppo_value_loss"):
-        backward_op = getattr(ops, f"{op}_backward")
-        torch.library.register_fake(f"rlhf_fast::{op}")(_ppo_loss_fake)
-        torch.library.register_fake(f"rlhf_fast::{op}_backward")(_ppo_loss_backward_fake)
-        _register_autograd(
-            op,
-            lambda ctx, gl, gs, backward_op=backward_op: ppo_loss_backward(backward_op, ctx, gl, gs),
-            _ppo_loss_setup_context,
-        )
-
-
-def register_losses_triton_autograd(module) -> None:
-    """Called by rlhf_fast.triton.losses once its triton_ops exist."""
-    _register_triton_autograd(
-        module.kl_penalty,
-        lambda ctx, g: kl_penalty_backward(module.kl_penalty_backward, ctx, g),
-        _kl_penalty_setup_context,
-    )
-    for op, backward_op in (
-        (module.ppo_policy_loss, module.ppo_policy_loss_backward),
-        (module.ppo_value_loss, module.ppo_value_loss_backward),
-    ):
-        _register_triton_autograd(
-            op,
-            lambda ctx, gl, gs, backward_op=backward_op: ppo_loss_backward(backward_op, ctx, gl, gs),
-            _ppo_loss_setup_context,
-        )
-
-
-if backend.compiled() is not None:
-    _register_losses_compiled()
 
 # ---------------------------------------------------------------- quant
 # qmatmul_* (x (M, K), quantized weight tensors..., bias) -> (M, N) in x's dtype. Backward: the quantized weight
@@ -336,7 +242,7 @@ def _qmatmul_setup_context(ctx, inputs, output):
     ctx.n_inputs = len(inputs)
 
 
-def _qmatmul_backward(ctx, grad):
+def _qmatmul_backward(_no_op, ctx, grad):
     from . import reference
 
     grad_x = grad_bias = None
@@ -353,25 +259,6 @@ def _qmatmul_backward(ctx, grad):
     return (grad_x,) + (None,) * (ctx.n_inputs - 2) + (grad_bias,)
 
 
-QMATMUL_OPS = ("qmatmul_int8", "qmatmul_int4", "qmatmul_w8a8")
-
-
-def _register_quant_compiled() -> None:
-    for op in QMATMUL_OPS:
-        torch.library.register_fake(f"rlhf_fast::{op}")(_qmatmul_fake)
-        torch.library.register_autograd(f"rlhf_fast::{op}", _qmatmul_backward, setup_context=_qmatmul_setup_context)
-
-
-def register_triton_quant_autograd(module) -> None:
-    """Called by rlhf_fast.triton.quant once its triton_ops exist."""
-    for op in QMATMUL_OPS:
-        getattr(module, op).register_autograd(_qmatmul_backward, setup_context=_qmatmul_setup_context)
-
-
-if backend.compiled() is not None:
-    _register_quant_compiled()
-
-
 # ---------------------------------------------------------------- sampling
 
 
@@ -384,5 +271,137 @@ def _sample_fake(logits, uniforms, temperature, top_k, top_p, min_p):
     )
 
 
+# ---------------------------------------------------------------- the specs, by family
+
+_QMATMUL = OpSpec(_qmatmul_fake, _qmatmul_setup_context, _qmatmul_backward)
+
+SPECS: dict[str, dict[str, OpSpec]] = {
+    "advantages": {
+        "gae": OpSpec(_gae_fake, _gae_setup_context, _gae_backward, backward_op="gae"),
+        "group_advantages": OpSpec(_group_advantages_fake),
+        "masked_moments": OpSpec(_masked_moments_fake),
+    },
+    "logprobs": {
+        "logprobs_forward": OpSpec(
+            _logprobs_forward_fake, _logprobs_setup_context, _logprobs_backward, backward_op="logprobs_backward"
+        ),
+        "logprobs_backward": OpSpec(_logprobs_backward_fake),
+        "logprobs_backward_": OpSpec(_logprobs_backward_inplace_fake),
+    },
+    "divergence": {
+        "f_divergence": OpSpec(
+            _f_divergence_fake, _f_divergence_setup_context, _f_divergence_backward, backward_op="f_divergence_backward"
+        ),
+        "f_divergence_backward": OpSpec(_f_divergence_backward_fake),
+        "f_divergence_second_pass": OpSpec(_f_divergence_second_pass_fake),
+    },
+    "losses": {
+        "kl_penalty": OpSpec(
+            _kl_penalty_fake, _kl_penalty_setup_context, _kl_penalty_backward, backward_op="kl_penalty_backward"
+        ),
+        "kl_penalty_backward": OpSpec(_kl_penalty_backward_fake),
+        "ppo_policy_loss": OpSpec(
+            _ppo_loss_fake, _ppo_loss_setup_context, _ppo_loss_backward, backward_op="ppo_policy_loss_backward"
+        ),
+        "ppo_policy_loss_backward": OpSpec(_ppo_loss_backward_fake),
+        "ppo_value_loss": OpSpec(
+            _ppo_loss_fake, _ppo_loss_setup_context, _ppo_loss_backward, backward_op="ppo_value_loss_backward"
+        ),
+        "ppo_value_loss_backward": OpSpec(_ppo_loss_backward_fake),
+    },
+    "quant": {"qmatmul_int8": _QMATMUL, "qmatmul_int4": _QMATMUL, "qmatmul_w8a8": _QMATMUL},
+    "sampling": {"sample": OpSpec(_sample_fake)},
+}
+
+
+# ---------------------------------------------------------------- registration
+
+# op -> the autograd Function that `call` runs it through when a gradient is needed in eager mode
+_eager_functions: dict = {}
+
+
+def _autograd_function(op, setup_context, backward) -> type[torch.autograd.Function]:
+    """`op` as a plain torch.autograd.Function with this setup_context and backward (those of its spec).
+
+    In eager mode it costs less per call than the autograd kernel that torch.library.register_autograd installs,
+    which does the same work through the dispatcher and its Python argument handling (~20 us for a forward and
+    backward at 256 tokens)."""
+
+    def forward(ctx, *args):
+        with torch._C._AutoDispatchBelowAutograd():
+            out = op(*args)
+        setup_context(ctx, args, out)
+        return out
+
+    return type(
+        f"Eager_{getattr(op, '__name__', 'op')}",
+        (torch.autograd.Function,),
+        {"forward": staticmethod(forward), "backward": staticmethod(backward)},
+    )
+
+
+def _register(family: str, ops, namespace: str) -> None:
+    """Registers the specs of `family` for its ops in `ops`, the namespace `namespace` (COMPILED:
+    torch.ops.rlhf_fast, with the fake kernels; TRITON: a module of rlhf_fast.triton): the autograd through the
+    dispatcher (torch.compile, direct torch.ops calls) and as the autograd Function that `call` uses."""
+    for name, spec in SPECS[family].items():
+        qualname = f"{namespace}::{name}"
+        if namespace == COMPILED and spec.fake is not None:
+            torch.library.register_fake(qualname)(spec.fake)
+        if spec.backward is None:
+            continue
+        backward_op = None if spec.backward_op is None else getattr(ops, spec.backward_op)
+        backward = functools.partial(spec.backward, backward_op)
+        torch.library.register_autograd(qualname, backward, setup_context=spec.setup_context)
+        op = getattr(ops, name)
+        _eager_functions[op] = _autograd_function(op, spec.setup_context, backward)
+
+
+# family -> rlhf_fast.triton.<family>, registered. Two threads loading a family at once both register it, which
+# is harmless: a triton_op's autograd is replaced, not added to.
+_triton_modules: dict = {}
+
+
+def kernels(name: str, family: str):
+    """The ops of kernel backend `name` for `family`: torch.ops.rlhf_fast for the compiled cpu and cuda kernels,
+    or the triton_ops of rlhf_fast.triton.<family>, imported and registered (`_register`) on first use."""
+    if name != "triton":
+        return torch.ops.rlhf_fast
+    module = _triton_modules.get(family)
+    if module is None:
+        module = importlib.import_module(f"rlhf_fast.triton.{family}")
+        _register(family, module, TRITON)
+        _triton_modules[family] = module
+    return module
+
+
+def _needs_grad(args) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.requires_grad:
+            return True
+    return False
+
+
+def call(op, *args):
+    """op(*args) for a compiled or Triton op. When no tensor argument needs a gradient, below the autograd layer
+    (the Python autograd kernel that torch.library.register_autograd installs costs ~2 us a call even then, as
+    much as a small kernel itself); when one does, through the op's autograd Function (`_autograd_function`).
+    Under torch.compile, the plain call (the graph sees the op as it is)."""
+    if torch.compiler.is_compiling():
+        return op(*args)
+    if _needs_grad(args):
+        function = _eager_functions.get(op)
+        return op(*args) if function is None else function.apply(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
+def _register_compiled() -> None:
+    for family in SPECS:
+        _register(family, torch.ops.rlhf_fast, COMPILED)
+
+
 if backend.compiled() is not None:
-    torch.library.register_fake("rlhf_fast::sample")(_sample_fake)
+    _register_compiled()

@@ -11,19 +11,19 @@ import math
 
 import torch
 
+from . import _ops, reference
 from . import _validate as check
 from . import backend as _backend
-from . import reference
 
 
 def _kernels(name: str):
-    return _backend.kernels(name, "advantages")
+    return _ops.kernels(name, "advantages")
 
 
 def _packed_gae(rewards, values, mask, last_value, cu_seqlens, gamma, lam, name):
     ops = _kernels(name)
     lv = None if last_value is None else last_value.float().contiguous()
-    return _backend.call(
+    return _ops.call(
         ops.gae,
         rewards.contiguous(),
         values.contiguous(),

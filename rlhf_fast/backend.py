@@ -106,60 +106,6 @@ def why_not(backend: str, device: torch.device) -> str | None:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
-def kernels(name: str, family: str):
-    """The op namespace of kernel backend `name` for `family`: the Triton triton_ops of rlhf_fast.triton.<family>
-    (imported on first use), or torch.ops.rlhf_fast for the compiled cpu and cuda kernels."""
-    if name == "triton":
-        return importlib.import_module(f"rlhf_fast.triton.{family}")
-    return torch.ops.rlhf_fast
-
-
-# op -> the torch.autograd.Function that runs it in eager mode when a gradient is needed (register_eager_autograd)
-_eager_autograd: dict = {}
-
-
-def register_eager_autograd(op, backward, setup_context) -> None:
-    """Runs `op` through a plain torch.autograd.Function with this backward and setup_context (those given to
-    torch.library.register_autograd) when `call` needs its gradient outside torch.compile. The autograd kernel
-    that register_autograd installs does the same work through the dispatcher and its Python argument
-    handling, and costs more per call than a small kernel (~20 us for a forward and backward at 256 tokens)."""
-
-    def forward(ctx, *args):
-        with torch._C._AutoDispatchBelowAutograd():
-            out = op(*args)
-        setup_context(ctx, args, out)
-        return out
-
-    _eager_autograd[op] = type(
-        f"Eager_{getattr(op, '__name__', 'op')}",
-        (torch.autograd.Function,),
-        {"forward": staticmethod(forward), "backward": staticmethod(backward)},
-    )
-
-
-def _needs_grad(args) -> bool:
-    if not torch.is_grad_enabled():
-        return False
-    for a in args:
-        if isinstance(a, torch.Tensor) and a.requires_grad:
-            return True
-    return False
-
-
-def call(op, *args):
-    """op(*args) for a compiled or Triton op. When no tensor argument needs a gradient, below the autograd layer
-    (the Python autograd kernel that torch.library.register_autograd installs costs ~2 us a call even then, as
-    much as a small kernel itself); when one does, through the op's eager autograd Function if it has one
-    (register_eager_autograd). Under torch.compile, the plain call (the graph sees the op as it is)."""
-    if torch.compiler.is_compiling():
-        return op(*args)
-    if _needs_grad(args):
-        function = _eager_autograd.get(op)
-        return op(*args) if function is None else function.apply(*args)
-    with torch._C._AutoDispatchBelowAutograd():
-        return op(*args)
-
-
 def _warn_once(key: str, message: str) -> None:
     if key not in _warned:
         _warned.add(key)

@@ -11,26 +11,42 @@ from pathlib import Path
 
 import torch
 
+BENCHMARKS = "benchmarks"  # the benchmark suite: the package of that name at the root of a source checkout
+
+
+def _source_checkout() -> Path | None:
+    """The source checkout to run the benchmarks from (a folder with pyproject.toml and benchmarks/harness.py):
+    the one this rlhf_fast is imported from (an editable install, or run from the checkout), else the current
+    directory; None when neither is one."""
+    for root in (Path(__file__).resolve().parent.parent, Path.cwd()):
+        if (root / "pyproject.toml").is_file() and (root / BENCHMARKS / "harness.py").is_file():
+            return root
+    return None
+
 
 def _benchmarks_package():
-    """The benchmarks/ folder as the package rlhf_fast.benchmarks (installed, or beside a source checkout)."""
-    try:
-        return importlib.import_module("rlhf_fast.benchmarks")
-    except ImportError:
-        pass
-    folder = Path(__file__).resolve().parent.parent / "benchmarks"
-    if not (folder / "__init__.py").exists():
+    """The benchmark suite, the package `benchmarks` of the source checkout (the installed package lacks it)."""
+    root = _source_checkout()
+    if root is None:
         sys.exit(
-            "rlhf-fast bench: the benchmarks package is not installed and no benchmarks/ folder is beside "
-            "the rlhf_fast sources; reinstall with `pip install --no-build-isolation -e .`"
+            "rlhf-fast bench: the benchmark suite is not part of the installed package; it is the benchmarks/ "
+            "folder of the rlhf_fast source repository. Clone the repository and run `rlhf-fast bench` from "
+            "its root (or install the clone with `pip install --no-build-isolation -e .`)"
         )
-    spec = importlib.util.spec_from_file_location(
-        "rlhf_fast.benchmarks", folder / "__init__.py", submodule_search_locations=[str(folder)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["rlhf_fast.benchmarks"] = module
-    spec.loader.exec_module(module)
-    return module
+    folder = root / BENCHMARKS
+    package = sys.modules.get(BENCHMARKS)
+    if package is None:
+        spec = importlib.util.spec_from_file_location(
+            BENCHMARKS, folder / "__init__.py", submodule_search_locations=[str(folder)]
+        )
+        package = importlib.util.module_from_spec(spec)
+        sys.modules[BENCHMARKS] = package
+        spec.loader.exec_module(package)
+    elif folder not in [Path(p).resolve() for p in getattr(package, "__path__", [])]:
+        sys.exit(
+            f"rlhf-fast bench: another module named {BENCHMARKS!r} is imported already ({package!r}), not {folder}"
+        )
+    return package
 
 
 def bench_families() -> list[str]:

@@ -14,16 +14,16 @@ from typing import NamedTuple
 
 import torch
 
+from . import _ops, reference
 from . import _validate as check
 from . import backend as _backend
-from . import reference
 from .logprobs import _vocab_chunks
 
 KINDS = reference.F_DIVERGENCES
 
 
 def _kernels(name: str):
-    return _backend.kernels(name, "divergence")
+    return _ops.kernels(name, "divergence")
 
 
 def _check_kind(kind, alpha):
@@ -128,7 +128,7 @@ def f_divergence(
     if name == "torch":
         return reference.f_divergence(logits_p, logits_q, kind, alpha=alpha, temperature=temperature, mask=mask)
     flat_mask = None if mask is None else mask.reshape(-1).contiguous()
-    out, _ = _backend.call(
+    out, _ = _ops.call(
         _kernels(name).f_divergence,
         _rows(logits_p, vocab),
         _rows(logits_q, vocab),
@@ -237,7 +237,7 @@ class _LinearFDivergence(torch.autograd.Function):
         transforms,
         dtype,
     ):
-        ops = _backend.kernels(name, "divergence")
+        ops = _ops.kernels(name, "divergence")
         heads = (_Head(hidden_p, weight_p, bias_p, *transforms[0]), _Head(hidden_q, weight_q, bias_q, *transforms[1]))
         tokens, width = hidden_p.shape[0], chunks[0][1] - chunks[0][0]
         (buffer_a, buffer_b), view = _buffers(2, tokens, width, dtype, hidden_p.device)
@@ -296,7 +296,7 @@ class _LinearFDivergence(torch.autograd.Function):
         hidden_p, weight_p, bias_p, hidden_q, weight_q, bias_q, mask, value, stats = ctx.saved_tensors
         kind, alpha, temperature, name, chunks, transforms, dtype = ctx.options
         heads = (_Head(hidden_p, weight_p, bias_p, *transforms[0]), _Head(hidden_q, weight_q, bias_q, *transforms[1]))
-        ops = _backend.kernels(name, "divergence")
+        ops = _ops.kernels(name, "divergence")
         need = ctx.needs_input_grad
         need_side = (any(need[0:3]), any(need[3:6]))
         grads = [None] * 6
@@ -494,7 +494,7 @@ def linear_f_divergence(
                 (flat_q, weight_q, bias_q, logit_scale[1], softcap[1]),
             )
         ]
-        out = reference.f_divergence(*logits, kind, alpha=alpha, temperature=temperature, mask=mask)
+        out = reference.f_divergence(logits[0], logits[1], kind, alpha=alpha, temperature=temperature, mask=mask)
         return out.view(lead)
     # the kernels take both sides' logits in one dtype: the wider one, float32 where a soft cap is applied
     dtype = torch.promote_types(hidden_p.dtype, hidden_q.dtype)

@@ -13,14 +13,15 @@ gradient on the spot and used for grad_hidden and grad_weight. Three lm-head-siz
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
+from . import _ops, reference
 from . import _validate as check
 from . import backend as _backend
 from . import logprobs as _logprobs
 from . import losses as _losses
-from . import reference
 
 # One (token-chunk x V) block of logits, in the inputs' dtype, holds at most this many bytes.
 CHUNK_BYTES = 128 * 2**20
@@ -106,7 +107,7 @@ class _KernelRows:
     """Row math of the kernel backends: rlhf_fast's log-prob forward and in-place backward over one block."""
 
     def __init__(self, name):
-        self.ops = _backend.kernels(name, "logprobs")
+        self.ops = _ops.kernels(name, "logprobs")
 
     def forward(self, logits, labels, temperature, ignore_index):
         logp, entropy, lse = self.ops.logprobs_forward(logits[None], labels[None], temperature, ignore_index)
@@ -368,7 +369,7 @@ def linear_ppo_policy_loss(
     agg = _losses._check_mode("agg", agg)
     normalizer = _losses._check_divisor("normalizer", normalizer)
     horizon = _losses._check_divisor("horizon", horizon)
-    opts = {
+    opts: dict[str, Any] = {
         "temperature": float(temperature),
         "ignore_index": ignore_index,
         "clip_low": _losses._check_clip("clip_low", clip_low),
@@ -383,7 +384,7 @@ def linear_ppo_policy_loss(
 
     name = _backend.select("linear_ppo_policy_loss", backend, hidden.device)
     rows = _TorchRows() if name == "torch" else _KernelRows(name)
-    opts["kl_value"] = reference.kl_penalty if name == "torch" else _backend.kernels(name, "losses").kl_penalty
+    opts["kl_value"] = reference.kl_penalty if name == "torch" else _ops.kernels(name, "losses").kl_penalty
     compute = torch.float64 if name == "torch" and hidden.dtype == torch.float64 else torch.float32
     shape = (lead[:-1].numel(), lead[-1])
     valid = torch.ones(shape, dtype=torch.bool, device=hidden.device) if mask is None else mask.reshape(shape)

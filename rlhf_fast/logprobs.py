@@ -16,9 +16,9 @@ import os
 
 import torch
 
+from . import _ops, reference
 from . import _validate as check
 from . import backend as _backend
-from . import reference
 
 # linear_logprobs holds one (tokens x vocab-chunk) block of logits at a time, at most this many bytes (with a
 # soft cap, counting its float32 working copies: _chunk_bytes_per_logit).
@@ -30,7 +30,7 @@ CHECK_LABELS_ENV = "RLHF_FAST_CHECK_LABELS"
 
 
 def _kernels(name: str):
-    return _backend.kernels(name, "logprobs")
+    return _ops.kernels(name, "logprobs")
 
 
 def _check_options(temperature, ignore_index):
@@ -122,32 +122,30 @@ def _per_row(grad):
     return None if grad is None else grad.float().contiguous()
 
 
+_LOGPROBS_FORWARD = _ops.SPECS["logprobs"]["logprobs_forward"]
+
+
 class _InplaceBackward(torch.autograd.Function):
-    """logprobs_forward whose backward writes d(logits) over the logits buffer and returns it."""
+    """logprobs_forward whose backward writes d(logits) over the logits buffer and returns it: the op's spec
+    (rlhf_fast._ops) with logprobs_backward_ as its backward op."""
 
     @staticmethod
     def forward(ctx, logits, labels, temperature, ignore_index, name):
-        logp, entropy, lse = _backend.call(_kernels(name).logprobs_forward, logits, labels, temperature, ignore_index)
-        ctx.save_for_backward(logits, labels, lse, entropy)
-        ctx.temperature, ctx.ignore_index, ctx.name = temperature, ignore_index, name
-        ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(lse)
-        return logp, entropy, lse
+        inputs = (logits, labels, temperature, ignore_index)
+        output = _ops.call(_kernels(name).logprobs_forward, *inputs)
+        _LOGPROBS_FORWARD.setup_context(ctx, inputs, output)
+        ctx.name = name
+        return output
 
     @staticmethod
-    def backward(ctx, grad_logp, grad_entropy, _grad_lse):
-        logits, labels, lse, entropy = ctx.saved_tensors
-        _kernels(ctx.name).logprobs_backward_(
-            _per_row(grad_logp) if labels is not None else None,
-            _per_row(grad_entropy),
-            logits,
-            labels,
-            lse,
-            entropy,
-            ctx.temperature,
-            ctx.ignore_index,
-        )
-        return logits, None, None, None, None
+    def backward(ctx, *grads):
+        ops = _kernels(ctx.name)
+
+        def write_over_logits(grad_logp, grad_entropy, logits, *rest):
+            ops.logprobs_backward_(grad_logp, grad_entropy, logits, *rest)
+            return logits
+
+        return *_LOGPROBS_FORWARD.backward(write_over_logits, ctx, *grads), None
 
 
 def _forward(logits, labels, temperature, ignore_index, inplace_backward, name):
@@ -158,7 +156,7 @@ def _forward(logits, labels, temperature, ignore_index, inplace_backward, name):
     if inplace_backward and rows.requires_grad and torch.is_grad_enabled():
         logp, entropy, _ = _InplaceBackward.apply(rows, row_labels, float(temperature), ignore_index, name)
     else:
-        logp, entropy, _ = _backend.call(
+        logp, entropy, _ = _ops.call(
             _kernels(name).logprobs_forward, rows, row_labels, float(temperature), ignore_index
         )
     return (None if labels is None else logp.view(lead)), entropy.view(lead)
@@ -338,7 +336,7 @@ def _chunked_linear_forward(
         logits = _slice_logits(hidden, weight, bias, 0, weight.shape[0])
         if softcap is not None:
             logits = _cap_tanh(logits, logit_scale, softcap).mul_(softcap)
-        logp, entropy, lse = _backend.call(
+        logp, entropy, lse = _ops.call(
             ops.logprobs_forward,
             logits[None],
             labels.contiguous()[None],
@@ -367,48 +365,6 @@ def _chunked_linear_forward(
     entropy = lse - torch.where(share > 0, share * torch.stack(chunk_mean), 0.0).sum(0)
     logp = torch.where(labels == ignore_index, torch.zeros_like(lse), label_logit - lse)
     return logp, entropy, lse
-
-
-# Head-scaling settings of other Hugging Face models (Granite, HyperCLOVA X, MiniCPM3, Falcon-H1, ...), each applied
-# its own way: head_transform refuses a config that sets one rather than give that model's log-probs wrongly.
-_UNREAD_HEAD_SCALES = ("logits_scaling", "output_multiplier", "lm_head_multiplier")
-
-
-def head_transform(config: object) -> dict:
-    """The `linear_logprobs` keywords ``{"logit_scale", "softcap"}`` for a Hugging Face causal LM's head.
-
-    Parameters
-    ----------
-    config : object
-        A Hugging Face model config, or a multimodal one (its ``get_text_config()`` is read).
-
-    Returns
-    -------
-    dict
-        ``{"logit_scale": float, "softcap": float | None}``: the config's ``logit_scale`` (Cohere; absent or
-        None: 1.0) and ``final_logit_softcapping`` (Gemma 2/3; absent or None: no cap), which the models'
-        forward applies to ``lm_head(hidden)`` in that order (scale, then cap). Pass them with ``**`` to
-        `linear_logprobs`, `linear_f_divergence` or the PPO loop's fused head.
-
-    Raises
-    ------
-    ValueError
-        A config that rescales its logits another way (``logits_scaling``, ``output_multiplier`` or
-        ``lm_head_multiplier`` other than 1: Granite, Falcon-H1, ...); compute that model's log-probs from its
-        own logits instead (PPO loop: ``--no-fused-head``).
-    """
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for name in _UNREAD_HEAD_SCALES:
-        value = getattr(text, name, None)
-        if value is not None and value != 1:
-            raise ValueError(
-                f"{type(text).__name__} sets {name}={value}, a rescaling of the logits that "
-                f"head_transform does not read; compute the log-probs from the model's own logits "
-                f"(PPO loop: --no-fused-head)"
-            )
-    scale = getattr(text, "logit_scale", None)
-    cap = getattr(text, "final_logit_softcapping", None)
-    return {"logit_scale": 1.0 if scale is None else float(scale), "softcap": None if cap is None else float(cap)}
 
 
 class _LinearLogprobs(torch.autograd.Function):

@@ -12,16 +12,16 @@ import math
 
 import torch  # annotations
 
+from . import _ops, reference
 from . import _validate as check
 from . import backend as _backend
-from . import reference
 
 KL_KINDS = tuple(reference.KL_KINDS)
 AGG_MODES = reference.AGG_MODES
 
 
 def _kernels(name: str):
-    return _backend.kernels(name, "losses")
+    return _ops.kernels(name, "losses")
 
 
 def _check_kind(kind) -> str:
@@ -99,7 +99,7 @@ def kl_penalty(
     name = _backend.select("kl_penalty", backend, logp.device)
     if name == "torch":
         return reference.kl_penalty(logp, ref_logp, kind)
-    return _backend.call(_kernels(name).kl_penalty, logp.contiguous(), ref_logp.contiguous(), kind)
+    return _ops.call(_kernels(name).kl_penalty, logp.contiguous(), ref_logp.contiguous(), kind)
 
 
 def masked_sum(
@@ -321,7 +321,7 @@ def ppo_policy_loss(
             normalizer=normalizer,
             horizon=horizon,
         )
-    loss, stats = _backend.call(
+    loss, stats = _ops.call(
         _kernels(name).ppo_policy_loss,
         _as_rows(logp),
         _as_rows(old_logp),
@@ -413,7 +413,7 @@ def ppo_value_loss(
             normalizer=normalizer,
             horizon=horizon,
         )
-    loss, stats = _backend.call(
+    loss, stats = _ops.call(
         _kernels(name).ppo_value_loss,
         _as_rows(values),
         _as_rows(old_values),

@@ -20,13 +20,14 @@ with grad enabled, so training a quantized model fails loudly instead of silentl
 from __future__ import annotations
 
 import dataclasses
+from typing import cast
 
 import torch
 from torch import nn
 
+from . import _ops, reference
 from . import _validate as check
 from . import backend as _backend
-from . import reference
 
 SCHEMES = ("int8", "int4", "w8a8")
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -189,7 +190,7 @@ class QuantizedWeight:
         dict
             ``scheme``, ``qweight``, ``scales`` and, for int4, ``zeros`` and ``group_size``.
         """
-        state = {"scheme": self.scheme, "qweight": self.qweight, "scales": self.scales}
+        state: dict[str, object] = {"scheme": self.scheme, "qweight": self.qweight, "scales": self.scales}
         if self.scheme == "int4":
             state.update(zeros=self.zeros, group_size=self.group_size)
         return state
@@ -269,7 +270,7 @@ def quantize_weight(w: torch.Tensor, scheme: str, *, group_size: int = 128) -> Q
 
 
 def _kernels(name: str):
-    return _backend.kernels(name, "quant")
+    return _ops.kernels(name, "quant")
 
 
 def _check_frozen(qw: QuantizedWeight):
@@ -391,6 +392,11 @@ class QuantizedLinear(nn.Module):
     `qmatmul`. Make one from a float layer with `from_linear`.
     """
 
+    qweight: torch.Tensor  # buffers, registered in __init__
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    bias: torch.Tensor | None
+
     def __init__(
         self,
         in_features: int,
@@ -439,9 +445,10 @@ class QuantizedLinear(nn.Module):
         QuantizedLinear
             On the weight's device, with a copy of the bias in its dtype.
         """
-        weight = linear.weight.t() if _is_conv1d(linear) else linear.weight
+        stored = cast(torch.Tensor, linear.weight)
+        weight = stored.t() if _is_conv1d(linear) else stored
         qw = quantize_weight(weight, scheme, group_size=group_size)
-        bias = linear.bias
+        bias = cast("torch.Tensor | None", linear.bias)
         module = cls(
             qw.in_features,
             qw.out_features,
@@ -503,7 +510,7 @@ def _is_conv1d(module: nn.Module) -> bool:
 
 
 def _in_features(module: nn.Module) -> int:
-    return module.weight.shape[0] if _is_conv1d(module) else module.in_features
+    return cast(torch.Tensor, module.weight).shape[0] if _is_conv1d(module) else cast(int, module.in_features)
 
 
 def _skipped(name: str, skip) -> bool:

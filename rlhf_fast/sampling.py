@@ -15,9 +15,9 @@ import math
 
 import torch
 
+from . import _ops, reference
 from . import _validate as check
 from . import backend as _backend
-from . import reference
 from .logprobs import LINEAR_CHUNK_BYTES, _as_rows, _check_logits, _vocab_chunks
 
 LOGPROB_KINDS = ("filtered", "full")
@@ -143,7 +143,7 @@ def sample(
         )
     else:
         rows = _as_rows(logits)
-        tokens, kept, full = _backend.kernels(name, "sampling").sample(
+        tokens, kept, full = _ops.kernels(name, "sampling").sample(
             rows,
             uniforms.reshape(rows.shape[:2]),
             float(temperature),

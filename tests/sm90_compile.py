@@ -39,7 +39,7 @@ def missing_toolchain() -> str | None:
     try:
         from triton.backends.nvidia.compiler import get_ptxas
 
-        get_ptxas(90).path  # raises when neither TRITON_PTXAS_PATH nor the bundled binary exists
+        _ = get_ptxas(90).path  # raises when neither TRITON_PTXAS_PATH nor the bundled binary exists
     except (ImportError, RuntimeError) as exc:
         return f"cannot compile Triton kernels for sm_90: {type(exc).__name__}: {exc}"
     return None

@@ -1,11 +1,17 @@
 import csv
+import os
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
-def _cli(*args, timeout=300):
+def _cli(*args, timeout=300, **options):
     return subprocess.run(
-        [sys.executable, "-m", "rlhf_fast.cli", *args], capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "rlhf_fast.cli", *args], capture_output=True, text=True, timeout=timeout, **options
     )
 
 
@@ -49,6 +55,21 @@ def test_bench_quick_writes_long_format_rows(tmp_path):
 def test_bench_rejects_unknown_family():
     out = _cli("bench", "--quick", "--family", "nope", "--no-save")
     assert out.returncode != 0 and "unknown --family nope" in out.stderr
+
+
+def test_bench_finds_the_checkout_of_the_package_from_elsewhere(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    out = _cli("bench", "--quick", "--family", "nope", "--no-save", cwd=tmp_path, env=env)
+    assert out.returncode != 0 and "unknown --family nope" in out.stderr  # the suite was found: its families
+
+
+def test_bench_outside_a_checkout_says_how_to_get_the_suite(tmp_path, monkeypatch):
+    from rlhf_fast import cli
+
+    monkeypatch.setattr(cli, "__file__", str(tmp_path / "site-packages" / "rlhf_fast" / "cli.py"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="Clone the repository and run `rlhf-fast bench` from its root"):
+        cli._benchmarks_package()
 
 
 def test_help_of_every_command():

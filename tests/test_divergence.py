@@ -6,6 +6,7 @@ import torch
 from conftest import device_backend_pairs
 
 import rlhf_fast as rf
+from rlhf_fast import _ops
 from rlhf_fast import reference as ref
 
 PAIRS = device_backend_pairs()
@@ -116,7 +117,7 @@ def test_identical_inputs_give_zero(device, name):
 def test_power_kinds_save_the_s_of_their_value(device, name):
     # The backward's S = sum P^e Q^(1-e) (saved in stats) and the value scale * (S - 1) come from one expm1, so
     # that they agree to rounding whatever the exp of the device (with nvcc's fast math, expf and expm1f differ).
-    ops = rf.backend.kernels(name, "divergence")
+    ops = _ops.kernels(name, "divergence")
     vocab = _vocab(device, name)
     p = _logits(4, vocab, torch.float32, device)
     for q in (_logits(4, vocab, torch.float32, device), p + 0.01 * torch.randn_like(p)):
@@ -288,7 +289,7 @@ def test_opcheck_compiled_ops():
 def test_second_pass_sums_over_column_blocks(device, name, kind):
     """f_divergence_second_pass (linear_f_divergence's second pass) over blocks of columns, against the rows'
     log-normalisers, adds up to the forward's value and statistic; masked rows give 0."""
-    ops = rf.backend.kernels(name, "divergence")
+    ops = _ops.kernels(name, "divergence")
     vocab = _vocab(device, name)
     p, q = _logits(6, vocab, torch.float32, device), _logits(6, vocab, torch.float32, device)
     mask = _holes(6, device)

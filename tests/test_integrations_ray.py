@@ -3,8 +3,8 @@
 Unit tests of the runtime_env merge and of setup_worker / runtime_env_hook in this process; then one real local
 Ray cluster (not local mode) started with rf_verl's and rf_openrlhf's runtime envs over a user's own (its hook
 imports OpenRLHF with the GPU-only stand-ins, and must run before ours), in which an actor's worker process has
-verl and OpenRLHF patched and runs our kernels with their results; and two launcher drivers in subprocesses (a plain ray.init,
-RAY_RUNTIME_ENV_HOOK exported), one with RLHF_FAST_PATCH=verl (driver and actor patched) and one without
+verl and OpenRLHF patched and runs our kernels with their results; and two launcher drivers in subprocesses (a
+plain ray.init, RAY_RUNTIME_ENV_HOOK exported), one with RLHF_FAST_PATCH=verl (driver and actor patched) and one without
 (neither). The drivers start with the cluster and run beside the first tests.
 """
 

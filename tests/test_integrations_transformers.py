@@ -1,6 +1,9 @@
-"""rlhf_fast.integrations.transformers: generate's warpers + multinomial replaced by rf.sample, with the same law."""
+"""rlhf_fast.integrations.transformers: generate's warpers + multinomial replaced by rf.sample, with the same law;
+head_transform."""
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -136,3 +139,28 @@ def test_generate_runs_patched_and_is_seeded():
     torch.manual_seed(3)
     unpatched = model.generate(prompt, **kwargs)  # runs HF's own path again
     assert unpatched.shape[0] == 2 and not math.isnan(float(unpatched.float().sum()))
+
+
+def test_head_transform_reads_hugging_face_configs():
+    from transformers import CohereConfig, Gemma2Config, Gemma3Config, GraniteConfig, LlamaConfig
+
+    head_transform = rf_transformers.head_transform
+    assert head_transform(Gemma2Config(final_logit_softcapping=30.0)) == {"logit_scale": 1.0, "softcap": 30.0}
+    assert head_transform(CohereConfig(logit_scale=0.0625)) == {"logit_scale": 0.0625, "softcap": None}
+    assert head_transform(CohereConfig(logit_scale=None)) == {"logit_scale": 1.0, "softcap": None}
+    assert head_transform(LlamaConfig()) == {"logit_scale": 1.0, "softcap": None}
+    gemma3 = Gemma3Config(text_config={"final_logit_softcapping": 20.0})  # multimodal: read from its text config
+    assert head_transform(gemma3) == {"logit_scale": 1.0, "softcap": 20.0}
+    assert head_transform(GraniteConfig(logits_scaling=1.0)) == {"logit_scale": 1.0, "softcap": None}
+    with pytest.raises(ValueError, match="logits_scaling"):
+        head_transform(GraniteConfig(logits_scaling=8.0))
+
+
+def test_import_is_cheap():
+    # the PPO loop imports this module for head_transform: no transformers, no peer trainer until patch()
+    code = (
+        "import sys, rlhf_fast.integrations.transformers; "
+        "print([m for m in ('transformers', 'trl', 'verl', 'openrlhf') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr

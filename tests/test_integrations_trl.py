@@ -180,15 +180,11 @@ def test_fused_lm_head(dtype, temperature, logit_scale, outputs):
         )
 
     reference = head_reference(temperature, logit_scale)
-    ref = lambda h, w, b: (
-        reference(h, w, b, targets)[:1]
-        + (  # noqa: E731
-            (reference(h, w, b, targets)[1] if "entropy" in outputs else None),
-            None,
-            None,
-            None,
-        )
-    )
+
+    def ref(h, w, b):
+        entropy = reference(h, w, b, targets)[1] if "entropy" in outputs else None
+        return reference(h, w, b, targets)[:1] + (entropy, None, None, None)
+
     check_against_trl(call, [hidden, weight, bias], dtype, reference=ref)
 
 

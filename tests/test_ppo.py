@@ -639,15 +639,18 @@ def test_generation_with_last_logits_only_equals_full_logits(monkeypatch):
     tokenizer = tasks.CharTokenizer()
     policy = models.tiny_llama(tokenizer.vocab_size, PPOConfig(hidden_size=32, num_layers=1, num_heads=2))
     ids, mask = encode_prompts(tokenizer, ["12=", "3456=", "7="], "cpu")
-    sample = lambda: models.generate(
-        policy,
-        ids,
-        mask,
-        max_new_tokens=6,
-        eos_token_id=1,
-        pad_token_id=0,  # noqa
-        generator=torch.Generator().manual_seed(3),
-    )
+
+    def sample():
+        return models.generate(
+            policy,
+            ids,
+            mask,
+            max_new_tokens=6,
+            eos_token_id=1,
+            pad_token_id=0,
+            generator=torch.Generator().manual_seed(3),
+        )
+
     assert models._last_logits_kwarg(policy) == {"logits_to_keep": 1}
     last_only = sample()
     monkeypatch.setattr(models, "_last_logits_kwarg", lambda model: {})

@@ -236,6 +236,22 @@ def test_linear_sample_flat_rows_fall_back_exactly(monkeypatch):
     _assert_matches_distribution(tokens, probs)
 
 
+@pytest.mark.skipif(rf.backend.compiled() is None, reason="compiled library not built")
+def test_opcheck_compiled_op():
+    uniforms = torch.rand(2, 3, dtype=torch.float64)
+    logits = _logits(6, 50, seed=5).reshape(2, 3, 50)
+    strided = _logits(8, 50, seed=6).reshape(2, 4, 50)[:, 1:]
+    masked = logits.clone()
+    masked[0, 0, :45] = -math.inf
+    for args in [
+        (logits, uniforms, 1.0, 0, 1.0, 0.0),
+        (logits.bfloat16(), uniforms, 0.7, 5, 0.9, 0.05),
+        (strided, uniforms, 1.3, 0, 0.8, 0.0),
+        (masked, uniforms, 1.0, 3, 1.0, 0.1),
+    ]:
+        torch.library.opcheck(torch.ops.rlhf_fast.sample.default, args)
+
+
 @pytest.mark.parametrize("filters", FILTERS + [dict(top_k=3, top_p=0.5, min_p=0.3)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_kernel_equals_reference_draw(filters, dtype):

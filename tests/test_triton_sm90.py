@@ -4,8 +4,9 @@ the shared memory it has; and every launcher runs on its tensors' device, not ju
 The interpreter that runs the Triton kernels in CPU CI accepts code the GPU compiler rejects and says nothing of
 registers or shared memory, so tests/sm90_compile.py builds each kernel for sm_90 at the launch configuration its
 own launcher picks for the shapes of a real run (vocab 151936, lm_head 16384 x 4096 plain and with a logit scale
-and soft cap, qmatmul 4096 x 4096 at M = 1, 16, 256, 8192; float32 and bfloat16 inputs), in a subprocess without TRITON_INTERPRET and with an empty
-Triton cache. No GPU needed; skipped only where Triton's nvidia backend or ptxas is missing.
+and soft cap, qmatmul 4096 x 4096 at M = 1, 16, 256, 8192; float32 and bfloat16 inputs), in a subprocess without
+TRITON_INTERPRET and with an empty Triton cache. No GPU needed; skipped only where Triton's nvidia backend or ptxas
+is missing.
 """
 
 import json

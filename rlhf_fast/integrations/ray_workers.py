@@ -18,14 +18,13 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Callable, Iterable, Mapping
-from typing import Union
 
 # Comma-separated peers to patch in every worker process (and, through runtime_env_hook, in the driver).
 ENV_VAR = "RLHF_FAST_PATCH"
 PEERS = ("verl", "openrlhf", "trl")
 HOOK = f"{__name__}.setup_worker"
 
-SetupHook = Union[str, Callable[[], object]]
+SetupHook = str | Callable[[], object]
 
 
 def _peers(names: Iterable[str], what: str) -> tuple[str, ...]:

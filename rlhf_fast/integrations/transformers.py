@@ -14,6 +14,9 @@ with typical-p, epsilon or eta warpers, `min_tokens_to_keep` > 1, and a transfor
 longer calls `torch.multinomial` (the version guard says so). The random numbers come from torch's global
 generator, as `torch.multinomial` takes them: the same seed gives the same text, but not the same text as
 unpatched.
+
+`head_transform(model.config)` gives the `linear_logprobs` keywords for the head of a Hugging Face model (its
+logit scale and soft cap). Importing this module imports no transformers: only `patch()` does.
 """
 
 from __future__ import annotations
@@ -32,6 +35,47 @@ from ._patching import Adapter
 
 PINNED = "5"
 _GENERATION = "transformers.generation.utils"
+
+# Head-scaling settings of other Hugging Face models (Granite, HyperCLOVA X, MiniCPM3, Falcon-H1, ...), each applied
+# its own way: head_transform refuses a config that sets one rather than give that model's log-probs wrongly.
+_UNREAD_HEAD_SCALES = ("logits_scaling", "output_multiplier", "lm_head_multiplier")
+
+
+def head_transform(config: object) -> dict:
+    """The `linear_logprobs` keywords ``{"logit_scale", "softcap"}`` for a Hugging Face causal LM's head.
+
+    Parameters
+    ----------
+    config : object
+        A Hugging Face model config, or a multimodal one (its ``get_text_config()`` is read).
+
+    Returns
+    -------
+    dict
+        ``{"logit_scale": float, "softcap": float | None}``: the config's ``logit_scale`` (Cohere; absent or
+        None: 1.0) and ``final_logit_softcapping`` (Gemma 2/3; absent or None: no cap), which the models'
+        forward applies to ``lm_head(hidden)`` in that order (scale, then cap). Pass them with ``**`` to
+        `linear_logprobs`, `linear_f_divergence` or the PPO loop's fused head.
+
+    Raises
+    ------
+    ValueError
+        A config that rescales its logits another way (``logits_scaling``, ``output_multiplier`` or
+        ``lm_head_multiplier`` other than 1: Granite, Falcon-H1, ...); compute that model's log-probs from its
+        own logits instead (PPO loop: ``--no-fused-head``).
+    """
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in _UNREAD_HEAD_SCALES:
+        value = getattr(text, name, None)
+        if value is not None and value != 1:
+            raise ValueError(
+                f"{type(text).__name__} sets {name}={value}, a rescaling of the logits that "
+                f"head_transform does not read; compute the log-probs from the model's own logits "
+                f"(PPO loop: --no-fused-head)"
+            )
+    scale = getattr(text, "logit_scale", None)
+    cap = getattr(text, "final_logit_softcapping", None)
+    return {"logit_scale": 1.0 if scale is None else float(scale), "softcap": None if cap is None else float(cap)}
 
 
 class FusedSampling:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import rlhf_fast as rf
-from rlhf_fast.logprobs import head_transform
+from rlhf_fast.integrations.transformers import head_transform
 
 from . import precision, sharding
 
@@ -177,11 +177,11 @@ class LogProbModel(nn.Module):
     that DistributedDataParallel sees the whole computation.
 
     fused=True feeds the trunk's hidden states and the lm-head weight to `linear_logprobs` (the full logits are
-    never formed), with the logit scale / soft cap of the model's config (rlhf_fast.logprobs.head_transform:
-    Cohere, Gemma 2/3), or with `policy_loss` given to `linear_ppo_policy_loss` (`fuses_policy_loss`: not with a
-    soft cap, which that op does not apply; a logit scale folds into its temperature). fused=False runs the
-    model's own head and `logprobs`. autocast: the forward runs under autocast to this dtype (the fused head too,
-    in that dtype); None: in the model's own dtype."""
+    never formed), with the logit scale / soft cap of the model's config (`head_transform` of
+    rlhf_fast.integrations.transformers: Cohere, Gemma 2/3), or with `policy_loss` given to `linear_ppo_policy_loss`
+    (`fuses_policy_loss`: not with a soft cap, which that op does not apply; a logit scale folds into its
+    temperature). fused=False runs the model's own head and `logprobs`. autocast: the forward runs under autocast
+    to this dtype (the fused head too, in that dtype); None: in the model's own dtype."""
 
     def __init__(self, model, ops, *, fused: bool, temperature: float, autocast: torch.dtype | None = None):
         super().__init__()

@@ -44,8 +44,8 @@ def shard(
 ) -> nn.Module:
     """fully_shard on every decoder layer of `root`, then on `root` (in place; returns it). Trainable models keep
     their root group gathered from the forward to the backward (as FSDP2 does for a root by default); frozen
-    ones free everything after each forward. param_dtype (trainable only): MixedPrecisionPolicy(param_dtype, reduce_dtype
-    float32) — float32 shards and optimiser state, the forward on gathered `param_dtype` weights.
+    ones free everything after each forward. param_dtype (trainable only): MixedPrecisionPolicy(param_dtype,
+    reduce_dtype float32) — float32 shards and optimiser state, the forward on gathered `param_dtype` weights.
     forward_methods: other methods of `root` that run its submodules and so must gather like `forward`."""
     classes = layer_classes(root)
     layers = [m for m in root.modules() if type(m).__name__ in classes]

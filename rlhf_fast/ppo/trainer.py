@@ -462,10 +462,8 @@ def training_steps(cfg: PPOConfig):
 
     state = torch.load(checkpoint_dir / "state.pt", map_location=device, weights_only=False) if resumed else None
     if state is not None and cfg.fsdp != ("sharded" in state):
-        raise SetupError(
-            f"--resume {cfg.resume}: its checkpoint was written {'with' if 'sharded' in state else 'without'}"
-            f" --fsdp; resume it the same way"
-        )
+        written = "with" if "sharded" in state else "without"
+        raise SetupError(f"--resume {cfg.resume}: its checkpoint was written {written} --fsdp; resume it the same way")
     # The reference and the critic start as copies of the policy, built before the models are sharded; they take
     # the policy's weights after its warm-up (sharded models copy their local shards).
     reference = models.frozen_copy(policy, precision.DTYPES[cfg.dtype])

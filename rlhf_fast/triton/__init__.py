@@ -1,5 +1,6 @@
 """Triton kernels, one module per family. Imported lazily: importing triton costs time and needs a GPU or
-TRITON_INTERPRET=1 (set before the first call) to run."""
+TRITON_INTERPRET=1 (set before the first call) to run. Nothing here registers autograd: dispatch gives a
+module's triton_ops the autograd of their op specs when it first loads the module."""
 
 from __future__ import annotations
 

@@ -179,12 +179,3 @@ def masked_moments(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         x, mask if mask is not None else x, partial, x.numel(), HAS_MASK=mask is not None, BLOCK=MOMENTS_BLOCK
     )
     return partial.double().sum(0)
-
-
-def _register_autograd():
-    from .._ops import register_triton_autograd
-
-    register_triton_autograd(__import__(__name__, fromlist=["gae"]))
-
-
-_register_autograd()

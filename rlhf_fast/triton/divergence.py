@@ -393,12 +393,3 @@ def f_divergence_backward(
             num_warps=8,
         )
     return grad_p, grad_q
-
-
-def _register_autograd():
-    from .._ops import register_triton_divergence_autograd
-
-    register_triton_divergence_autograd(__import__(__name__, fromlist=["f_divergence"]))
-
-
-_register_autograd()

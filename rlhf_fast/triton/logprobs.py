@@ -412,12 +412,3 @@ def linear_logprobs_forward(
     entropy = torch.log(total) - weighted / total
     logp = torch.where(labels == ignore_index, torch.zeros_like(lse), label_logit - lse)
     return logp, entropy, lse
-
-
-def _register_autograd():
-    from .._ops import register_logprobs_triton_autograd
-
-    register_logprobs_triton_autograd(__import__(__name__, fromlist=["logprobs_forward"]))
-
-
-_register_autograd()

@@ -461,12 +461,3 @@ def ppo_value_loss_backward(
 ) -> torch.Tensor:
     """d loss / d values in values' dtype."""
     return _backward(grad_loss, values, old_values, returns, mask, stats, (clip, 0.0, 0.0), False, False, agg)
-
-
-def _register_autograd():
-    from .._ops import register_losses_triton_autograd
-
-    register_losses_triton_autograd(__import__(__name__, fromlist=["kl_penalty"]))
-
-
-_register_autograd()

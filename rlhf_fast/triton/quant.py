@@ -349,12 +349,3 @@ def qmatmul_w8a8(
 ) -> torch.Tensor:
     """Same contract as torch.ops.rlhf_fast.qmatmul_w8a8."""
     return _run(x, qweight, scales, None, 1, bias, "w8a8")
-
-
-def _register_autograd():
-    from .._ops import register_triton_quant_autograd
-
-    register_triton_quant_autograd(__import__(__name__, fromlist=["qmatmul_int8"]))
-
-
-_register_autograd()

@@ -1,7 +1,8 @@
-"""`python -m rlhf_fast.ppo.stepper CONFIG_JSON`: one training run, advanced by one PPO step per line read from
-stdin. After each step it writes one line `STEP <json>` to stdout: the step's metrics row and the process's
-peak resident memory so far (`peak_rss_mb`, set-up and warm-up included). A benchmark runs two of these (kernels
-off and on) and steps them in turn, so both see the same machine load and each has its own peak memory.
+"""`python benchmarks/stepper.py CONFIG_JSON`: one PPO training run, advanced by one step per line read from stdin.
+
+After each step it writes one line `STEP <json>` to stdout: the step's metrics row and the process's peak
+resident memory so far (`peak_rss_mb`, set-up and warm-up included). bench_ppo.py runs two of these (kernels off
+and on) and steps them in turn, so both see the same machine load and each has its own peak memory.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ import json
 import resource
 import sys
 
-from .config import PPOConfig
-from .trainer import training_steps
+from rlhf_fast.ppo.config import PPOConfig
+from rlhf_fast.ppo.trainer import training_steps
 
 PREFIX = "STEP "
 
