@@ -471,6 +471,7 @@ def training_steps(cfg: PPOConfig):
     critic = (
         precision.critic(rm_critic or models.ValueModel.from_policy(policy), cfg, device) if cfg.algo == "ppo" else None
     )
+    ddp_devices = [device.index] if device.type == "cuda" else None  # DDP replicas (torchrun without --fsdp)
     train_policy: nn.Module = policy_lp
     train_critic: nn.Module | None = critic
     if cfg.fsdp:
@@ -484,7 +485,7 @@ def training_steps(cfg: PPOConfig):
         if isinstance(score, models.RewardModel):
             sharding.shard(score.model, trainable=False)
     elif d.world > 1:
-        train_policy = DistributedDataParallel(policy_lp, device_ids=[device.index] if device.type == "cuda" else None)
+        train_policy = DistributedDataParallel(policy_lp, device_ids=ddp_devices)
 
     if state is None:
         warmup_start = time.perf_counter()
@@ -504,7 +505,7 @@ def training_steps(cfg: PPOConfig):
             critic.freeze_embedding(score.model if isinstance(score, models.RewardModel) and rm_critic else reference)
         models.quantize(reference, cfg.ref_quant, cfg.quant_group_size)
         if d.world > 1 and critic is not None:
-            train_critic = DistributedDataParallel(critic, device_ids=[device.index] if device.type == "cuda" else None)
+            train_critic = DistributedDataParallel(critic, device_ids=ddp_devices)
     full_kl = kl_full.FullVocabKL(cfg, ops, ref_lp)
 
     policy_opt = optim.adamw(policy.parameters(), lr=cfg.lr)
